@@ -1,0 +1,359 @@
+package idempotency
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// RedisClient is the part of the go-redis v9 API that [RedisStore] uses.
+// *redis.Client (single node and Sentinel failover), *redis.ClusterClient,
+// *redis.Ring and every redis.UniversalClient satisfy it.
+type RedisClient interface {
+	SetArgs(ctx context.Context, key string, value any, a redis.SetArgs) *redis.StatusCmd
+	redis.Scripter
+}
+
+// RedisStore is a [Store] in Redis (7.0 or later), shared by every process
+// that uses the same Redis and prefix.
+//
+// Each record is one string value under one key. Acquire is a single
+// SET key value NX PX lease GET: one round trip that either claims the key
+// or returns the record already there, and that stays correct when go-redis
+// retries it after a read timeout (the retry sees our own value and counts
+// as acquired). Extend, Complete and Release are Lua scripts that change
+// the key only while the owner token still holds it. Keys carry a hash tag,
+// so the store works on Redis Cluster.
+//
+// The guarantees need Redis to keep what it acknowledged: run it with
+// maxmemory-policy noeviction (an evicting policy silently drops records;
+// under noeviction a full Redis answers errors, which the middleware turns
+// into 503). Replication is asynchronous, so a failover can lose the most
+// recent claims and records.
+//
+// A RedisStore is safe for concurrent use; create it with [NewRedisStore].
+type RedisStore struct {
+	client RedisClient
+	prefix string
+}
+
+// DefaultRedisPrefix starts every key the store writes.
+const DefaultRedisPrefix = "idem:"
+
+// RedisOption configures a [RedisStore].
+type RedisOption func(*RedisStore) error
+
+// WithRedisPrefix sets the prefix of every key the store writes, to keep
+// several applications or environments apart in one Redis. It must not
+// contain braces, which would change the key's hash slot on Redis Cluster.
+// Default: [DefaultRedisPrefix], "idem:".
+func WithRedisPrefix(prefix string) RedisOption {
+	return func(s *RedisStore) error {
+		if strings.ContainsAny(prefix, "{}") {
+			return fmt.Errorf("idempotency: redis prefix %q contains a brace", prefix)
+		}
+		s.prefix = prefix
+		return nil
+	}
+}
+
+// NewRedisStore returns a RedisStore that talks to Redis through client.
+func NewRedisStore(client RedisClient, opts ...RedisOption) (*RedisStore, error) {
+	if client == nil {
+		return nil, errors.New("idempotency: redis client is nil")
+	}
+	s := &RedisStore{client: client, prefix: DefaultRedisPrefix}
+	for _, opt := range opts {
+		if err := opt(s); err != nil {
+			return nil, err
+		}
+	}
+	return s, nil
+}
+
+var _ Store = (*RedisStore)(nil)
+
+// redisKey maps a record key to a Redis key: the prefix, then a hash of the
+// record key as the hash tag. Hashing keeps client input out of Redis key
+// names and out of slot selection, and bounds the key's length.
+func (s *RedisStore) redisKey(key string) string {
+	sum := sha256.Sum256([]byte(key))
+	return s.prefix + "{" + hex.EncodeToString(sum[:16]) + "}"
+}
+
+// Acquire implements [Store] in one round trip.
+func (s *RedisStore) Acquire(ctx context.Context, key string, claim Record, lease time.Duration) (*Record, error) {
+	if err := validateClaim(&claim, lease); err != nil {
+		return nil, err
+	}
+	value := encodeRecord(&claim)
+	previous, err := s.client.SetArgs(ctx, s.redisKey(key), value, redis.SetArgs{Mode: "NX", TTL: lease, Get: true}).Result()
+	switch {
+	case errors.Is(err, redis.Nil):
+		return nil, nil
+	case err != nil:
+		return nil, fmt.Errorf("idempotency: redis acquire: %w", err)
+	case previous == value:
+		// go-redis retried the command after our first attempt had already
+		// stored the claim: it is ours.
+		return nil, nil
+	}
+	rec, err := decodeRecord([]byte(previous))
+	if err != nil {
+		return nil, fmt.Errorf("idempotency: redis acquire: %w", err)
+	}
+	return rec, nil
+}
+
+// The scripts compare the stored value's owner prefix (see ownerPrefix)
+// with the caller's, so they act only for the token that holds the key.
+var (
+	redisExtend = redis.NewScript(`
+local v = redis.call('GET', KEYS[1])
+if v and string.sub(v, 1, #ARGV[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0`)
+
+	redisComplete = redis.NewScript(`
+local v = redis.call('GET', KEYS[1])
+if v and string.sub(v, 1, #ARGV[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0`)
+
+	redisRelease = redis.NewScript(`
+local v = redis.call('GET', KEYS[1])
+if v and string.sub(v, 1, #ARGV[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0`)
+)
+
+// Extend implements [Store].
+func (s *RedisStore) Extend(ctx context.Context, key, token string, lease time.Duration) error {
+	if lease <= 0 {
+		return fmt.Errorf("idempotency: lease %v is not positive", lease)
+	}
+	return s.runOwned(ctx, "extend", redisExtend, key, token, milliseconds(lease))
+}
+
+// Complete implements [Store].
+func (s *RedisStore) Complete(ctx context.Context, key, token string, rec Record, ttl time.Duration) error {
+	if err := validateCompletion(&rec, ttl); err != nil {
+		return err
+	}
+	rec.Token = ""
+	return s.runOwned(ctx, "complete", redisComplete, key, token, encodeRecord(&rec), milliseconds(ttl))
+}
+
+// Release implements [Store].
+func (s *RedisStore) Release(ctx context.Context, key, token string) error {
+	return s.runOwned(ctx, "release", redisRelease, key, token)
+}
+
+func (s *RedisStore) runOwned(ctx context.Context, op string, script *redis.Script, key, token string, args ...any) error {
+	if token == "" {
+		return ErrLeaseLost
+	}
+	argv := append([]any{ownerPrefix(token)}, args...)
+	n, err := script.Run(ctx, s.client, []string{s.redisKey(key)}, argv...).Int64()
+	switch {
+	case err != nil:
+		return fmt.Errorf("idempotency: redis %s: %w", op, err)
+	case n == 0:
+		return ErrLeaseLost
+	case n == 1:
+		return nil
+	default:
+		return fmt.Errorf("idempotency: redis %s: unexpected reply %d", op, n)
+	}
+}
+
+// milliseconds rounds d up, so a sub-millisecond duration is not zero,
+// which Redis would reject.
+func milliseconds(d time.Duration) int64 {
+	return int64((d + time.Millisecond - 1) / time.Millisecond)
+}
+
+// Record encoding, version 1. One value per record, compact, binary-safe:
+//
+//	in flight: 0x01 'F' token fingerprint createdAt
+//	completed: 0x01 'C' fingerprint createdAt status flags headers body
+//
+// Strings and the body are uvarint-length-prefixed; createdAt is a varint of
+// Unix milliseconds; headers are a uvarint count of names, each followed by
+// a uvarint count of values. The in-flight prefix up to the end of the token
+// identifies the owner, which is what the scripts compare.
+const (
+	recordVersion   = 0x01
+	stateInFlight   = 'F'
+	stateCompleted  = 'C'
+	flagBodyOmitted = 0x01
+)
+
+func ownerPrefix(token string) string {
+	b := []byte{recordVersion, stateInFlight}
+	b = appendString(b, token)
+	return string(b)
+}
+
+func encodeRecord(rec *Record) string {
+	if rec.InFlight() {
+		b := []byte(ownerPrefix(rec.Token))
+		b = appendString(b, rec.Fingerprint)
+		b = binary.AppendVarint(b, rec.CreatedAt.UnixMilli())
+		return string(b)
+	}
+	resp := rec.Response
+	size := 32 + len(rec.Fingerprint) + len(resp.Body)
+	for name, values := range resp.Header {
+		size += 2 + len(name)
+		for _, v := range values {
+			size += 2 + len(v)
+		}
+	}
+	b := make([]byte, 0, size)
+	b = append(b, recordVersion, stateCompleted)
+	b = appendString(b, rec.Fingerprint)
+	b = binary.AppendVarint(b, rec.CreatedAt.UnixMilli())
+	b = binary.AppendUvarint(b, uint64(resp.StatusCode))
+	var flags byte
+	if resp.BodyOmitted {
+		flags |= flagBodyOmitted
+	}
+	b = append(b, flags)
+	b = binary.AppendUvarint(b, uint64(len(resp.Header)))
+	for name, values := range resp.Header {
+		b = appendString(b, name)
+		b = binary.AppendUvarint(b, uint64(len(values)))
+		for _, v := range values {
+			b = appendString(b, v)
+		}
+	}
+	b = appendString(b, string(resp.Body))
+	return string(b)
+}
+
+func appendString(b []byte, s string) []byte {
+	b = binary.AppendUvarint(b, uint64(len(s)))
+	return append(b, s...)
+}
+
+var errCorruptRecord = errors.New("idempotency: corrupt record")
+
+// decodeRecord parses a stored value. It never panics: the value comes from
+// a server and may be anything.
+func decodeRecord(b []byte) (*Record, error) {
+	d := decoder{b: b}
+	if d.byte() != recordVersion {
+		return nil, fmt.Errorf("%w: unknown version", errCorruptRecord)
+	}
+	rec := &Record{}
+	switch d.byte() {
+	case stateInFlight:
+		rec.Token = d.string()
+		rec.Fingerprint = d.string()
+		rec.CreatedAt = d.time()
+	case stateCompleted:
+		rec.Fingerprint = d.string()
+		rec.CreatedAt = d.time()
+		resp := &Response{StatusCode: int(d.uvarint(999))}
+		if resp.StatusCode < 100 {
+			d.fail("bad status")
+		}
+		resp.BodyOmitted = d.byte()&flagBodyOmitted != 0
+		// Each header takes at least two bytes, which bounds the count
+		// before anything is allocated.
+		if n := d.uvarint(uint64(len(d.b))); n > 0 {
+			resp.Header = make(http.Header, n)
+			for i := uint64(0); i < n && d.err == nil; i++ {
+				name := d.string()
+				values := make([]string, d.uvarint(uint64(len(d.b))))
+				for i := range values {
+					values[i] = d.string()
+				}
+				resp.Header[name] = values
+			}
+		}
+		if body := d.string(); body != "" {
+			resp.Body = []byte(body)
+		}
+		rec.Response = resp
+	default:
+		return nil, fmt.Errorf("%w: unknown state", errCorruptRecord)
+	}
+	if d.err != nil {
+		return nil, d.err
+	}
+	if len(d.b) != 0 {
+		return nil, fmt.Errorf("%w: %d trailing bytes", errCorruptRecord, len(d.b))
+	}
+	return rec, nil
+}
+
+// decoder reads from b; after the first error every read returns a zero
+// value and err keeps that first error.
+type decoder struct {
+	b   []byte
+	err error
+}
+
+func (d *decoder) fail(what string) {
+	if d.err == nil {
+		d.err = fmt.Errorf("%w: %s", errCorruptRecord, what)
+	}
+	d.b = nil
+}
+
+func (d *decoder) byte() byte {
+	if len(d.b) == 0 {
+		d.fail("truncated")
+		return 0
+	}
+	c := d.b[0]
+	d.b = d.b[1:]
+	return c
+}
+
+func (d *decoder) uvarint(limit uint64) uint64 {
+	v, n := binary.Uvarint(d.b)
+	if n <= 0 || v > limit {
+		d.fail("bad length")
+		return 0
+	}
+	d.b = d.b[n:]
+	return v
+}
+
+func (d *decoder) string() string {
+	v, n := binary.Uvarint(d.b)
+	if n <= 0 || v > uint64(len(d.b)-n) {
+		d.fail("bad length")
+		return ""
+	}
+	s := string(d.b[n : n+int(v)])
+	d.b = d.b[n+int(v):]
+	return s
+}
+
+func (d *decoder) time() time.Time {
+	v, n := binary.Varint(d.b)
+	if n <= 0 {
+		d.fail("bad time")
+		return time.Time{}
+	}
+	d.b = d.b[n:]
+	return time.UnixMilli(v)
+}
