@@ -1,0 +1,372 @@
+// Package storetest is the conformance suite every idempotency.Store must
+// pass: the claim protocol, owner checks, TTLs and concurrency.
+package storetest
+
+import (
+	"context"
+	"crypto/rand"
+	"errors"
+	"net/http"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/seed70ea8305/idempotency"
+)
+
+// Harness is one store under test.
+type Harness struct {
+	// Store is fresh for each call of the factory, or at least shares no
+	// keys with other calls.
+	Store idempotency.Store
+	// Advance moves the store's clock forward by d: a fake clock, Redis'
+	// FastForward, or a plain sleep for a real server.
+	Advance func(d time.Duration)
+}
+
+// Run runs the suite against the stores newHarness returns, one per subtest.
+func Run(t *testing.T, newHarness func(t *testing.T) Harness) {
+	tests := []struct {
+		name string
+		run  func(t *testing.T, h Harness)
+	}{
+		{"AcquireFreeKey", testAcquireFreeKey},
+		{"AcquireHeldKeyReturnsClaim", testAcquireHeldKey},
+		{"CompleteStoresResponse", testComplete},
+		{"CompleteKeepsForTTL", testCompleteTTL},
+		{"ReleaseFreesKey", testRelease},
+		{"LeaseExpiryFreesKey", testLeaseExpiry},
+		{"ExtendKeepsLease", testExtend},
+		{"StaleOwnerCannotWrite", testStaleOwner},
+		{"WrongTokenChangesNothing", testWrongToken},
+		{"CompletedRecordIsNotOwned", testCompletedNotOwned},
+		{"KeysAreIndependent", testKeysIndependent},
+		{"UnusualKeys", testUnusualKeys},
+		{"BinaryBodyAndHeaders", testBinaryResponse},
+		{"InvalidArguments", testInvalidArguments},
+		{"CancelledContext", testCancelledContext},
+		{"ConcurrentAcquireHasOneWinner", testConcurrentAcquire},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			tt.run(t, newHarness(t))
+		})
+	}
+}
+
+const (
+	lease = 200 * time.Millisecond
+	ttl   = 2 * time.Second
+)
+
+func claim(fingerprint string) idempotency.Record {
+	return idempotency.Record{
+		Token:       rand.Text(),
+		Fingerprint: fingerprint,
+		CreatedAt:   time.UnixMilli(time.Now().UnixMilli()),
+	}
+}
+
+func done(fingerprint string, status int, body string) idempotency.Record {
+	return idempotency.Record{
+		Fingerprint: fingerprint,
+		CreatedAt:   time.UnixMilli(time.Now().UnixMilli()),
+		Response: &idempotency.Response{
+			StatusCode: status,
+			Header:     http.Header{"Content-Type": {"application/json"}, "X-Multi": {"a", "b"}},
+			Body:       []byte(body),
+		},
+	}
+}
+
+func key(t *testing.T) string { return t.Name() + ":" + rand.Text() }
+
+func acquire(t *testing.T, s idempotency.Store, k string, c idempotency.Record) *idempotency.Record {
+	t.Helper()
+	existing, err := s.Acquire(context.Background(), k, c, lease)
+	require.NoError(t, err)
+	return existing
+}
+
+func testAcquireFreeKey(t *testing.T, h Harness) {
+	k := key(t)
+	require.Nil(t, acquire(t, h.Store, k, claim("fp")), "a free key is acquired")
+}
+
+func testAcquireHeldKey(t *testing.T, h Harness) {
+	k := key(t)
+	first := claim("fp-1")
+	require.Nil(t, acquire(t, h.Store, k, first))
+
+	existing := acquire(t, h.Store, k, claim("fp-2"))
+	require.NotNil(t, existing, "a held key is not acquired again")
+	assert.True(t, existing.InFlight())
+	assert.Equal(t, first.Token, existing.Token)
+	assert.Equal(t, "fp-1", existing.Fingerprint, "the first claim's fingerprint is kept")
+	assert.True(t, first.CreatedAt.Equal(existing.CreatedAt), "created %v, got %v", first.CreatedAt, existing.CreatedAt)
+}
+
+func testComplete(t *testing.T, h Harness) {
+	ctx := context.Background()
+	k := key(t)
+	c := claim("fp")
+	require.Nil(t, acquire(t, h.Store, k, c))
+	want := done("fp", http.StatusCreated, `{"id":"v_1"}`)
+	require.NoError(t, h.Store.Complete(ctx, k, c.Token, want, ttl))
+
+	got := acquire(t, h.Store, k, claim("fp"))
+	require.NotNil(t, got)
+	assert.False(t, got.InFlight())
+	assert.Empty(t, got.Token, "a completed record has no owner")
+	assert.Equal(t, "fp", got.Fingerprint)
+	assert.True(t, want.CreatedAt.Equal(got.CreatedAt))
+	assert.Equal(t, http.StatusCreated, got.Response.StatusCode)
+	assert.Equal(t, want.Response.Header, got.Response.Header)
+	assert.Equal(t, `{"id":"v_1"}`, string(got.Response.Body))
+	assert.False(t, got.Response.BodyOmitted)
+
+	// The store keeps its own copy.
+	got.Response.Body[0] = 'X'
+	got.Response.Header.Set("Content-Type", "changed")
+	again := acquire(t, h.Store, k, claim("fp"))
+	assert.Equal(t, `{"id":"v_1"}`, string(again.Response.Body))
+	assert.Equal(t, "application/json", again.Response.Header.Get("Content-Type"))
+}
+
+func testCompleteTTL(t *testing.T, h Harness) {
+	ctx := context.Background()
+	k := key(t)
+	c := claim("fp")
+	require.Nil(t, acquire(t, h.Store, k, c))
+	require.NoError(t, h.Store.Complete(ctx, k, c.Token, done("fp", 200, "ok"), ttl))
+
+	h.Advance(lease * 2)
+	require.NotNil(t, acquire(t, h.Store, k, claim("fp")), "the record outlives the lease")
+	h.Advance(ttl)
+	require.Nil(t, acquire(t, h.Store, k, claim("fp")), "the record is gone after its TTL")
+}
+
+func testRelease(t *testing.T, h Harness) {
+	ctx := context.Background()
+	k := key(t)
+	c := claim("fp")
+	require.Nil(t, acquire(t, h.Store, k, c))
+	require.NoError(t, h.Store.Release(ctx, k, c.Token))
+	require.Nil(t, acquire(t, h.Store, k, claim("other")), "a released key can be claimed, even for another request")
+	assert.ErrorIs(t, h.Store.Release(ctx, k, c.Token), idempotency.ErrLeaseLost, "a second release by the old owner")
+}
+
+func testLeaseExpiry(t *testing.T, h Harness) {
+	k := key(t)
+	require.Nil(t, acquire(t, h.Store, k, claim("fp")))
+	h.Advance(lease + 50*time.Millisecond)
+	require.Nil(t, acquire(t, h.Store, k, claim("fp")), "an expired lease frees the key")
+}
+
+func testExtend(t *testing.T, h Harness) {
+	ctx := context.Background()
+	k := key(t)
+	c := claim("fp")
+	require.Nil(t, acquire(t, h.Store, k, c))
+	for range 3 {
+		h.Advance(lease / 2)
+		require.NoError(t, h.Store.Extend(ctx, k, c.Token, lease))
+	}
+	existing := acquire(t, h.Store, k, claim("fp"))
+	require.NotNil(t, existing, "extended past the original lease, the key is still held")
+	assert.Equal(t, c.Token, existing.Token)
+	require.NoError(t, h.Store.Complete(ctx, k, c.Token, done("fp", 200, "ok"), ttl))
+}
+
+func testStaleOwner(t *testing.T, h Harness) {
+	ctx := context.Background()
+	k := key(t)
+	stale := claim("fp")
+	require.Nil(t, acquire(t, h.Store, k, stale))
+	h.Advance(lease + 50*time.Millisecond)
+	fresh := claim("fp")
+	require.Nil(t, acquire(t, h.Store, k, fresh), "the new owner takes the lapsed key")
+
+	assert.ErrorIs(t, h.Store.Extend(ctx, k, stale.Token, lease), idempotency.ErrLeaseLost)
+	assert.ErrorIs(t, h.Store.Complete(ctx, k, stale.Token, done("fp", 200, "stale"), ttl), idempotency.ErrLeaseLost)
+	assert.ErrorIs(t, h.Store.Release(ctx, k, stale.Token), idempotency.ErrLeaseLost)
+
+	existing := acquire(t, h.Store, k, claim("fp"))
+	require.NotNil(t, existing)
+	assert.Equal(t, fresh.Token, existing.Token, "the new owner's claim survived the stale owner's writes")
+
+	require.NoError(t, h.Store.Complete(ctx, k, fresh.Token, done("fp", 201, "fresh"), ttl))
+	assert.ErrorIs(t, h.Store.Complete(ctx, k, stale.Token, done("fp", 200, "stale"), ttl), idempotency.ErrLeaseLost)
+	got := acquire(t, h.Store, k, claim("fp"))
+	require.NotNil(t, got.Response)
+	assert.Equal(t, "fresh", string(got.Response.Body))
+}
+
+func testWrongToken(t *testing.T, h Harness) {
+	ctx := context.Background()
+	k := key(t)
+	c := claim("fp")
+	require.Nil(t, acquire(t, h.Store, k, c))
+	for _, token := range []string{"", "not-the-token", c.Token[:len(c.Token)-1], c.Token + "x"} {
+		assert.ErrorIs(t, h.Store.Extend(ctx, k, token, lease), idempotency.ErrLeaseLost, "extend with %q", token)
+		assert.ErrorIs(t, h.Store.Complete(ctx, k, token, done("fp", 200, "x"), ttl), idempotency.ErrLeaseLost, "complete with %q", token)
+		assert.ErrorIs(t, h.Store.Release(ctx, k, token), idempotency.ErrLeaseLost, "release with %q", token)
+	}
+	existing := acquire(t, h.Store, k, claim("fp"))
+	require.NotNil(t, existing)
+	assert.Equal(t, c.Token, existing.Token)
+
+	// Nothing is created for a key nobody holds.
+	missing := key(t)
+	assert.ErrorIs(t, h.Store.Complete(ctx, missing, c.Token, done("fp", 200, "x"), ttl), idempotency.ErrLeaseLost)
+	assert.ErrorIs(t, h.Store.Extend(ctx, missing, c.Token, lease), idempotency.ErrLeaseLost)
+	require.Nil(t, acquire(t, h.Store, missing, claim("fp")))
+}
+
+func testCompletedNotOwned(t *testing.T, h Harness) {
+	ctx := context.Background()
+	k := key(t)
+	c := claim("fp")
+	require.Nil(t, acquire(t, h.Store, k, c))
+	require.NoError(t, h.Store.Complete(ctx, k, c.Token, done("fp", 200, "first"), ttl))
+
+	assert.ErrorIs(t, h.Store.Complete(ctx, k, c.Token, done("fp", 200, "second"), ttl), idempotency.ErrLeaseLost)
+	assert.ErrorIs(t, h.Store.Release(ctx, k, c.Token), idempotency.ErrLeaseLost, "a completed record cannot be released")
+	assert.ErrorIs(t, h.Store.Extend(ctx, k, c.Token, lease), idempotency.ErrLeaseLost)
+	got := acquire(t, h.Store, k, claim("fp"))
+	require.NotNil(t, got)
+	assert.Equal(t, "first", string(got.Response.Body))
+}
+
+func testKeysIndependent(t *testing.T, h Harness) {
+	ctx := context.Background()
+	a, b := key(t), key(t)
+	ca, cb := claim("a"), claim("b")
+	require.Nil(t, acquire(t, h.Store, a, ca))
+	require.Nil(t, acquire(t, h.Store, b, cb))
+	require.NoError(t, h.Store.Complete(ctx, a, ca.Token, done("a", 200, "A"), ttl))
+	require.NoError(t, h.Store.Release(ctx, b, cb.Token))
+	got := acquire(t, h.Store, a, claim("a"))
+	require.NotNil(t, got)
+	assert.Equal(t, "A", string(got.Response.Body))
+	assert.ErrorIs(t, h.Store.Complete(ctx, a, cb.Token, done("b", 200, "B"), ttl), idempotency.ErrLeaseLost, "b's token does not own a")
+}
+
+func testUnusualKeys(t *testing.T, h Harness) {
+	ctx := context.Background()
+	base := key(t)
+	keys := []string{
+		base + "{braces}", base + "}{", base + "{", base + " spaces and\ttabs",
+		base + "\x00nul", base + "ünïcødé", base + strings.Repeat("k", 1000), base + "*?[glob]",
+	}
+	for i, k := range keys {
+		c := claim("fp")
+		require.Nil(t, acquire(t, h.Store, k, c), "key %d", i)
+		require.NoError(t, h.Store.Complete(ctx, k, c.Token, done("fp", 200, k), ttl), "key %d", i)
+	}
+	for i, k := range keys {
+		got := acquire(t, h.Store, k, claim("fp"))
+		require.NotNil(t, got, "key %d", i)
+		assert.Equal(t, k, string(got.Response.Body), "key %d keeps its own record", i)
+	}
+}
+
+func testBinaryResponse(t *testing.T, h Harness) {
+	ctx := context.Background()
+	k := key(t)
+	c := claim("fp")
+	require.Nil(t, acquire(t, h.Store, k, c))
+	body := make([]byte, 256*1024)
+	for i := range body {
+		body[i] = byte(i * 7)
+	}
+	rec := idempotency.Record{
+		Fingerprint: "fp",
+		CreatedAt:   time.UnixMilli(time.Now().UnixMilli()),
+		Response: &idempotency.Response{
+			StatusCode: 299,
+			Header:     http.Header{"Set-Cookie": {"a=1", "b=2"}, "X-Empty": {""}, "X-Binary": {"\x00\xff"}},
+			Body:       body,
+		},
+	}
+	require.NoError(t, h.Store.Complete(ctx, k, c.Token, rec, ttl))
+	got := acquire(t, h.Store, k, claim("fp"))
+	require.NotNil(t, got)
+	assert.Equal(t, 299, got.Response.StatusCode)
+	assert.Equal(t, rec.Response.Header, got.Response.Header)
+	assert.Equal(t, body, got.Response.Body)
+
+	k2 := key(t)
+	c2 := claim("fp")
+	require.Nil(t, acquire(t, h.Store, k2, c2))
+	omitted := idempotency.Record{Fingerprint: "fp", Response: &idempotency.Response{StatusCode: 200, BodyOmitted: true}}
+	require.NoError(t, h.Store.Complete(ctx, k2, c2.Token, omitted, ttl))
+	got = acquire(t, h.Store, k2, claim("fp"))
+	require.NotNil(t, got)
+	assert.True(t, got.Response.BodyOmitted)
+	assert.Empty(t, got.Response.Body)
+}
+
+func testInvalidArguments(t *testing.T, h Harness) {
+	ctx := context.Background()
+	k := key(t)
+	_, err := h.Store.Acquire(ctx, k, idempotency.Record{Fingerprint: "fp"}, lease)
+	assert.Error(t, err, "a claim without a token")
+	_, err = h.Store.Acquire(ctx, k, claim("fp"), 0)
+	assert.Error(t, err, "a zero lease")
+	_, err = h.Store.Acquire(ctx, k, done("fp", 200, "x"), lease)
+	assert.Error(t, err, "a completed record as a claim")
+	require.Nil(t, acquire(t, h.Store, k, claim("fp")), "invalid calls stored nothing")
+
+	k2 := key(t)
+	c := claim("fp")
+	require.Nil(t, acquire(t, h.Store, k2, c))
+	assert.Error(t, h.Store.Complete(ctx, k2, c.Token, claim("fp"), ttl), "completing without a response")
+	assert.Error(t, h.Store.Complete(ctx, k2, c.Token, done("fp", 200, "x"), 0), "a zero TTL")
+	existing := acquire(t, h.Store, k2, claim("fp"))
+	require.NotNil(t, existing)
+	assert.True(t, existing.InFlight(), "invalid completions changed nothing")
+}
+
+func testCancelledContext(t *testing.T, h Harness) {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	k := key(t)
+	_, err := h.Store.Acquire(ctx, k, claim("fp"), lease)
+	require.Error(t, err)
+	assert.True(t, errors.Is(err, context.Canceled), "got %v", err)
+	require.Nil(t, acquire(t, h.Store, k, claim("fp")), "a cancelled acquire claimed nothing")
+}
+
+func testConcurrentAcquire(t *testing.T, h Harness) {
+	const n = 50
+	k := key(t)
+	var winners atomic.Int32
+	var wg sync.WaitGroup
+	errs := make(chan error, n)
+	for range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			existing, err := h.Store.Acquire(context.Background(), k, claim("fp"), 5*time.Second)
+			if err != nil {
+				errs <- err
+				return
+			}
+			if existing == nil {
+				winners.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		require.NoError(t, err)
+	}
+	assert.Equal(t, int32(1), winners.Load(), "exactly one of %d concurrent claims wins", n)
+}

@@ -1,0 +1,41 @@
+package idempotency_test
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/seed70ea8305/idempotency"
+	"github.com/seed70ea8305/idempotency/internal/storetest"
+)
+
+func TestStoreConformance(t *testing.T) {
+	for _, kind := range storeKinds {
+		t.Run(kind.name, func(t *testing.T) {
+			storetest.Run(t, func(t *testing.T) storetest.Harness {
+				store, advance := kind.new(t)
+				return storetest.Harness{Store: store, Advance: advance}
+			})
+		})
+	}
+}
+
+func TestMemoryStorePurgesExpiredRecords(t *testing.T) {
+	ctx := context.Background()
+	clock := newFakeClock()
+	store := idempotency.NewMemoryStore(idempotency.WithMemoryClock(clock.Now))
+	for i := range 1000 {
+		claim := idempotency.Record{Token: "t", Fingerprint: "fp"}
+		_, err := store.Acquire(ctx, string(rune('a'+i%26))+time.Duration(i).String(), claim, time.Second)
+		require.NoError(t, err)
+	}
+	require.Equal(t, 1000, store.Len())
+
+	clock.Advance(2 * time.Minute)
+	_, err := store.Acquire(ctx, "new", idempotency.Record{Token: "t"}, time.Second)
+	require.NoError(t, err)
+	assert.Equal(t, 1, store.Len(), "expired records are purged; only the new claim is left")
+}
