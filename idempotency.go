@@ -497,6 +497,9 @@ func (m *Middleware) serve(w http.ResponseWriter, r *http.Request, next http.Han
 	ctx, cancel := context.WithTimeout(r.Context(), m.cfg.storeTimeout)
 	existing, err := m.store.Acquire(ctx, storeKey, Record{Token: token, Fingerprint: fingerprint, CreatedAt: time.Now()}, m.cfg.lease)
 	cancel()
+	if err != nil {
+		err = fmt.Errorf("%w: %w", ErrStoreUnavailable, err)
+	}
 	switch {
 	case err != nil && m.cfg.failOpen:
 		ev.Err = err
@@ -510,7 +513,7 @@ func (m *Middleware) serve(w http.ResponseWriter, r *http.Request, next http.Han
 	case err != nil:
 		ev.Err = err
 		m.log(r.Context(), "idempotency: store failed, request refused", ev)
-		m.reject(w, r, ev, OutcomeStoreError, fmt.Errorf("%w: %w", ErrStoreUnavailable, err))
+		m.reject(w, r, ev, OutcomeStoreError, err)
 	// The fingerprint is compared before the in-flight state, so a
 	// different request under a running key learns of its mistake (422)
 	// instead of being told to retry (409).

@@ -91,3 +91,19 @@ func connect[C redis.UniversalClient](t testing.TB, client C) C {
 	}
 	return client
 }
+
+// ClientFor returns a client for addr without checking that anything
+// answers there: for tests that point it at a dead or faulty address. Its
+// timeouts are short so such tests end quickly.
+func ClientFor(t testing.TB, addr string) *redis.Client {
+	client := redis.NewClient(&redis.Options{
+		Addr:                     addr,
+		DialTimeout:              200 * time.Millisecond,
+		ReadTimeout:              200 * time.Millisecond,
+		WriteTimeout:             200 * time.Millisecond,
+		MaxRetries:               1,
+		MaintNotificationsConfig: quiet,
+	})
+	t.Cleanup(func() { client.Close() })
+	return client
+}

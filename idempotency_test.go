@@ -1,0 +1,798 @@
+package idempotency_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/seed70ea8305/idempotency"
+	"github.com/seed70ea8305/idempotency/internal/redistest"
+)
+
+// counted is a handler that counts its executions.
+type counted struct {
+	calls atomic.Int32
+	serve func(w http.ResponseWriter, r *http.Request)
+}
+
+func (c *counted) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	c.calls.Add(1)
+	c.serve(w, r)
+}
+
+// createVenue answers like a typical create endpoint: 201, a Location
+// header and a JSON body that differs per execution.
+func createVenue() *counted {
+	c := &counted{}
+	c.serve = func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("Location", "/venues/1")
+		w.WriteHeader(http.StatusCreated)
+		fmt.Fprintf(w, `{"execution":%d,"request":%s}`, c.calls.Load(), body)
+	}
+	return c
+}
+
+// observed collects the events the middleware reports.
+type observed struct {
+	mu     sync.Mutex
+	events []idempotency.Event
+}
+
+func (o *observed) observe(_ context.Context, e idempotency.Event) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.events = append(o.events, e)
+}
+
+func (o *observed) outcomes() []idempotency.Outcome {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	var out []idempotency.Outcome
+	for _, e := range o.events {
+		out = append(out, e.Outcome)
+	}
+	return out
+}
+
+func (o *observed) last() idempotency.Event {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return o.events[len(o.events)-1]
+}
+
+func newMiddleware(t testing.TB, store idempotency.Store, opts ...idempotency.Option) *idempotency.Middleware {
+	t.Helper()
+	m, err := idempotency.New(store, opts...)
+	require.NoError(t, err)
+	return m
+}
+
+func post(key, body string) *http.Request {
+	r := httptest.NewRequest(http.MethodPost, "/venues", strings.NewReader(body))
+	r.Header.Set("Content-Type", "application/json")
+	if key != "" {
+		r.Header.Set("Idempotency-Key", key)
+	}
+	return r
+}
+
+func serve(h http.Handler, r *http.Request) *httptest.ResponseRecorder {
+	w := httptest.NewRecorder()
+	h.ServeHTTP(w, r)
+	return w
+}
+
+type problemBody struct {
+	Type   string `json:"type"`
+	Title  string `json:"title"`
+	Status int    `json:"status"`
+	Detail string `json:"detail"`
+}
+
+// requireProblem checks an RFC 9457 error answer and returns its body.
+func requireProblem(t *testing.T, w *httptest.ResponseRecorder, status int) problemBody {
+	t.Helper()
+	require.Equal(t, status, w.Code, "body: %s", w.Body)
+	assert.Equal(t, "application/problem+json", w.Header().Get("Content-Type"))
+	var p problemBody
+	require.NoError(t, json.Unmarshal(w.Body.Bytes(), &p), "body: %s", w.Body)
+	assert.Equal(t, status, p.Status)
+	assert.NotEmpty(t, p.Title)
+	assert.True(t, strings.HasPrefix(p.Type, "https://"), "type %q is a URI", p.Type)
+	assert.Empty(t, w.Header().Get("X-Idempotent-Replayed"))
+	return p
+}
+
+func TestMiddleware(t *testing.T) {
+	for _, kind := range storeKinds {
+		t.Run(kind.name, func(t *testing.T) {
+			testMiddleware(t, func(t *testing.T) idempotency.Store {
+				store, _ := kind.new(t)
+				return store
+			})
+		})
+	}
+}
+
+func testMiddleware(t *testing.T, newStore func(t *testing.T) idempotency.Store) {
+	t.Run("OtherMethodsPassThrough", func(t *testing.T) {
+		store := newStore(t)
+		handler := createVenue()
+		h := newMiddleware(t, store).Handler(handler)
+		for _, method := range []string{http.MethodGet, http.MethodHead, http.MethodPut, http.MethodDelete, http.MethodOptions} {
+			r := httptest.NewRequest(method, "/venues", nil)
+			r.Header.Set("Idempotency-Key", "k") // ignored: not a protected method
+			w := serve(h, r)
+			assert.Equal(t, http.StatusCreated, w.Code, method)
+			assert.Empty(t, w.Header().Get("X-Idempotent-Replayed"), method)
+		}
+		assert.Equal(t, int32(5), handler.calls.Load(), "every call ran the handler")
+	})
+
+	t.Run("FirstRequestRunsAndRetryReplays", func(t *testing.T) {
+		handler := createVenue()
+		h := newMiddleware(t, newStore(t)).Handler(handler)
+
+		first := serve(h, post("key-1", `{"name":"Hall"}`))
+		require.Equal(t, http.StatusCreated, first.Code)
+		assert.Empty(t, first.Header().Get("X-Idempotent-Replayed"), "the original is not marked")
+		assert.Equal(t, `{"execution":1,"request":{"name":"Hall"}}`, first.Body.String())
+
+		for range 3 {
+			retry := serve(h, post("key-1", `{"name":"Hall"}`))
+			require.Equal(t, http.StatusCreated, retry.Code)
+			assert.Equal(t, "true", retry.Header().Get("X-Idempotent-Replayed"))
+			assert.Equal(t, "application/json", retry.Header().Get("Content-Type"))
+			assert.Equal(t, "/venues/1", retry.Header().Get("Location"))
+			assert.Equal(t, first.Body.String(), retry.Body.String())
+		}
+		assert.Equal(t, int32(1), handler.calls.Load())
+	})
+
+	t.Run("QuotedAndBareKeysAreOneKey", func(t *testing.T) {
+		handler := createVenue()
+		h := newMiddleware(t, newStore(t)).Handler(handler)
+		require.Equal(t, http.StatusCreated, serve(h, post(`"8e03978e-40d5-43e8-bc93-6894a57f9324"`, `{}`)).Code)
+		retry := serve(h, post(`8e03978e-40d5-43e8-bc93-6894a57f9324`, `{}`))
+		assert.Equal(t, "true", retry.Header().Get("X-Idempotent-Replayed"))
+		assert.Equal(t, int32(1), handler.calls.Load())
+	})
+
+	t.Run("MissingKey", func(t *testing.T) {
+		handler := createVenue()
+		h := newMiddleware(t, newStore(t)).Handler(handler)
+		p := requireProblem(t, serve(h, post("", `{}`)), http.StatusBadRequest)
+		assert.Contains(t, p.Type, "ErrKeyMissing")
+		assert.Equal(t, int32(0), handler.calls.Load())
+	})
+
+	t.Run("OptionalKey", func(t *testing.T) {
+		handler := createVenue()
+		h := newMiddleware(t, newStore(t), idempotency.WithKeyOptional()).Handler(handler)
+		assert.Equal(t, http.StatusCreated, serve(h, post("", `{}`)).Code)
+		assert.Equal(t, http.StatusCreated, serve(h, post("", `{}`)).Code)
+		assert.Equal(t, int32(2), handler.calls.Load(), "without a key nothing is deduplicated")
+	})
+
+	t.Run("MalformedKeys", func(t *testing.T) {
+		store := newStore(t)
+		handler := createVenue()
+		h := newMiddleware(t, store).Handler(handler)
+		cases := map[string][]string{
+			"empty":           {""},
+			"empty quoted":    {`""`},
+			"too long":        {strings.Repeat("k", 256)},
+			"too long quoted": {`"` + strings.Repeat("k", 256) + `"`},
+			"control":         {"abc\x01"},
+			"non-ASCII":       {"clé"},
+			"several headers": {"a", "b"},
+			"list":            {"a, b"},
+			"unterminated":    {`"abc`},
+			"after quote":     {`"abc"def`},
+			"bad escape":      {`"a\b"`},
+			"inner space":     {"a b"},
+		}
+		for name, values := range cases {
+			t.Run(name, func(t *testing.T) {
+				r := post("", `{}`)
+				r.Header["Idempotency-Key"] = values
+				p := requireProblem(t, serve(h, r), http.StatusBadRequest)
+				assert.Contains(t, p.Type, "ErrKeyInvalid")
+				assert.NotEmpty(t, p.Detail, "the client is told what is wrong")
+			})
+		}
+		assert.Equal(t, int32(0), handler.calls.Load())
+
+		// The longest valid key works, and nothing was stored for the bad ones.
+		longest := strings.Repeat("k", 255)
+		assert.Equal(t, http.StatusCreated, serve(h, post(longest, `{}`)).Code)
+		assert.Equal(t, int32(1), handler.calls.Load())
+	})
+
+	t.Run("BodyTooLarge", func(t *testing.T) {
+		handler := createVenue()
+		h := newMiddleware(t, newStore(t), idempotency.WithMaxBodyBytes(16)).Handler(handler)
+		big := `{"name":"a very long venue name"}`
+		p := requireProblem(t, serve(h, post("k", big)), http.StatusRequestEntityTooLarge)
+		assert.Contains(t, p.Type, "ErrBodyTooLarge")
+
+		// Also when the length is not announced up front.
+		r := post("k", "")
+		r.Body = io.NopCloser(strings.NewReader(big))
+		r.ContentLength = -1
+		requireProblem(t, serve(h, r), http.StatusRequestEntityTooLarge)
+		assert.Equal(t, int32(0), handler.calls.Load())
+
+		// Nothing was stored: the key is free for a valid request.
+		assert.Equal(t, http.StatusCreated, serve(h, post("k", `{"a":1}`)).Code)
+		assert.Equal(t, int32(1), handler.calls.Load())
+	})
+
+	t.Run("DifferentPayloadIs422", func(t *testing.T) {
+		handler := createVenue()
+		obs := &observed{}
+		h := newMiddleware(t, newStore(t), idempotency.WithObserver(obs.observe)).Handler(handler)
+		require.Equal(t, http.StatusCreated, serve(h, post("k", `{"name":"Hall"}`)).Code)
+
+		p := requireProblem(t, serve(h, post("k", `{"name":"Other"}`)), http.StatusUnprocessableEntity)
+		assert.Contains(t, p.Type, "ErrFingerprintMismatch")
+		other := httptest.NewRequest(http.MethodPost, "/other-path", strings.NewReader(`{"name":"Hall"}`))
+		other.Header.Set("Idempotency-Key", "k")
+		requireProblem(t, serve(h, other), http.StatusUnprocessableEntity)
+		assert.Equal(t, int32(1), handler.calls.Load())
+		assert.Equal(t, idempotency.OutcomeMismatch, obs.last().Outcome)
+
+		// The original is still replayed.
+		assert.Equal(t, "true", serve(h, post("k", `{"name":"Hall"}`)).Header().Get("X-Idempotent-Replayed"))
+	})
+
+	t.Run("InFlightIs409AndMismatchWins", func(t *testing.T) {
+		entered, release := make(chan struct{}), make(chan struct{})
+		handler := &counted{serve: func(w http.ResponseWriter, r *http.Request) {
+			close(entered)
+			<-release
+			w.WriteHeader(http.StatusCreated)
+		}}
+		h := newMiddleware(t, newStore(t)).Handler(handler)
+		done := make(chan *httptest.ResponseRecorder)
+		go func() { done <- serve(h, post("k", `{"n":1}`)) }()
+		<-entered
+
+		w := serve(h, post("k", `{"n":1}`))
+		p := requireProblem(t, w, http.StatusConflict)
+		assert.Contains(t, p.Type, "ErrKeyInUse")
+		assert.Equal(t, "1", w.Header().Get("Retry-After"))
+
+		// A different payload is told so at once, even while the first runs.
+		requireProblem(t, serve(h, post("k", `{"n":2}`)), http.StatusUnprocessableEntity)
+
+		close(release)
+		assert.Equal(t, http.StatusCreated, (<-done).Code)
+		assert.Equal(t, "true", serve(h, post("k", `{"n":1}`)).Header().Get("X-Idempotent-Replayed"))
+		assert.Equal(t, int32(1), handler.calls.Load())
+	})
+
+	t.Run("RetryableFailuresReleaseTheKey", func(t *testing.T) {
+		for _, status := range []int{500, 502, 503, 429, 408} {
+			t.Run(fmt.Sprint(status), func(t *testing.T) {
+				fail := true
+				handler := &counted{serve: func(w http.ResponseWriter, r *http.Request) {
+					if fail {
+						http.Error(w, "boom", status)
+						return
+					}
+					w.WriteHeader(http.StatusCreated)
+				}}
+				obs := &observed{}
+				h := newMiddleware(t, newStore(t), idempotency.WithObserver(obs.observe)).Handler(handler)
+				assert.Equal(t, status, serve(h, post("k", `{}`)).Code)
+				assert.Equal(t, idempotency.OutcomeReleased, obs.last().Outcome)
+				fail = false
+				retry := serve(h, post("k", `{}`))
+				assert.Equal(t, http.StatusCreated, retry.Code)
+				assert.Empty(t, retry.Header().Get("X-Idempotent-Replayed"))
+				assert.Equal(t, int32(2), handler.calls.Load(), "the retry ran the handler again")
+			})
+		}
+	})
+
+	t.Run("ClientErrorsAreStored", func(t *testing.T) {
+		handler := &counted{serve: func(w http.ResponseWriter, r *http.Request) {
+			http.Error(w, "slug taken", http.StatusConflict)
+		}}
+		h := newMiddleware(t, newStore(t)).Handler(handler)
+		assert.Equal(t, http.StatusConflict, serve(h, post("k", `{}`)).Code)
+		retry := serve(h, post("k", `{}`))
+		assert.Equal(t, http.StatusConflict, retry.Code)
+		assert.Equal(t, "true", retry.Header().Get("X-Idempotent-Replayed"))
+		assert.Equal(t, "slug taken\n", retry.Body.String())
+		assert.Equal(t, int32(1), handler.calls.Load())
+	})
+
+	t.Run("ServerErrorsStoredWhenAsked", func(t *testing.T) {
+		handler := &counted{serve: func(w http.ResponseWriter, r *http.Request) {
+			http.Error(w, "boom", http.StatusInternalServerError)
+		}}
+		never := func(int) bool { return false }
+		h := newMiddleware(t, newStore(t), idempotency.WithRetryableStatus(never)).Handler(handler)
+		serve(h, post("k", `{}`))
+		retry := serve(h, post("k", `{}`))
+		assert.Equal(t, http.StatusInternalServerError, retry.Code)
+		assert.Equal(t, "true", retry.Header().Get("X-Idempotent-Replayed"))
+		assert.Equal(t, int32(1), handler.calls.Load())
+	})
+
+	t.Run("PanicReleasesAndRepanics", func(t *testing.T) {
+		shouldPanic := true
+		handler := &counted{serve: func(w http.ResponseWriter, r *http.Request) {
+			if shouldPanic {
+				panic("handler bug")
+			}
+			w.WriteHeader(http.StatusCreated)
+		}}
+		obs := &observed{}
+		h := newMiddleware(t, newStore(t), idempotency.WithObserver(obs.observe)).Handler(handler)
+		assert.PanicsWithValue(t, "handler bug", func() { serve(h, post("k", `{}`)) })
+		assert.Equal(t, idempotency.OutcomeReleased, obs.last().Outcome)
+		shouldPanic = false
+		assert.Equal(t, http.StatusCreated, serve(h, post("k", `{}`)).Code)
+		assert.Equal(t, int32(2), handler.calls.Load())
+	})
+
+	t.Run("CancelledBeforeWritingReleases", func(t *testing.T) {
+		handler := &counted{serve: func(w http.ResponseWriter, r *http.Request) {
+			if r.Header.Get("X-Attempt") == "1" {
+				<-r.Context().Done()
+				return
+			}
+			w.WriteHeader(http.StatusCreated)
+		}}
+		h := newMiddleware(t, newStore(t)).Handler(handler)
+		ctx, cancel := context.WithCancel(context.Background())
+		r := post("k", `{}`).WithContext(ctx)
+		r.Header.Set("X-Attempt", "1")
+		time.AfterFunc(20*time.Millisecond, cancel)
+		serve(h, r)
+
+		retry := serve(h, post("k", `{}`))
+		assert.Equal(t, http.StatusCreated, retry.Code)
+		assert.Empty(t, retry.Header().Get("X-Idempotent-Replayed"))
+		assert.Equal(t, int32(2), handler.calls.Load())
+	})
+
+	t.Run("ScopesAreSeparate", func(t *testing.T) {
+		handler := createVenue()
+		tenant := func(r *http.Request) string { return r.Header.Get("X-Tenant-ID") }
+		h := newMiddleware(t, newStore(t), idempotency.WithScope(tenant)).Handler(handler)
+		req := func(tenant string) *http.Request {
+			r := post("shared-key", `{}`)
+			r.Header.Set("X-Tenant-ID", tenant)
+			return r
+		}
+		a := serve(h, req("acme"))
+		b := serve(h, req("globex"))
+		assert.Empty(t, b.Header().Get("X-Idempotent-Replayed"), "another tenant's response is never replayed")
+		assert.NotEqual(t, a.Body.String(), b.Body.String())
+		assert.Equal(t, int32(2), handler.calls.Load())
+		assert.Equal(t, a.Body.String(), serve(h, req("acme")).Body.String())
+		assert.Equal(t, int32(2), handler.calls.Load())
+	})
+
+	t.Run("ClaimInContext", func(t *testing.T) {
+		var got idempotency.Claim
+		handler := &counted{serve: func(w http.ResponseWriter, r *http.Request) {
+			got, _ = idempotency.ClaimFromContext(r.Context())
+		}}
+		tenant := func(r *http.Request) string { return "acme" }
+		h := newMiddleware(t, newStore(t), idempotency.WithScope(tenant)).Handler(handler)
+		serve(h, post(`"the-key"`, `{}`))
+		assert.Equal(t, "http", got.Kind)
+		assert.Equal(t, "acme", got.Scope)
+		assert.Equal(t, "the-key", got.Key)
+		assert.Len(t, got.Fingerprint, 64)
+	})
+
+	t.Run("ReplayHeaderName", func(t *testing.T) {
+		h := newMiddleware(t, newStore(t), idempotency.WithReplayHeader("Idempotent-Replayed")).Handler(createVenue())
+		serve(h, post("k", `{}`))
+		retry := serve(h, post("k", `{}`))
+		assert.Equal(t, "true", retry.Header().Get("Idempotent-Replayed"))
+		assert.Empty(t, retry.Header().Get("X-Idempotent-Replayed"))
+	})
+
+	t.Run("ImplicitOKIsStored", func(t *testing.T) {
+		handler := &counted{serve: func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("X-Done", "yes")
+		}}
+		h := newMiddleware(t, newStore(t)).Handler(handler)
+		assert.Equal(t, http.StatusOK, serve(h, post("k", `{}`)).Code)
+		retry := serve(h, post("k", `{}`))
+		assert.Equal(t, http.StatusOK, retry.Code)
+		assert.Equal(t, "yes", retry.Header().Get("X-Done"))
+		assert.Equal(t, "true", retry.Header().Get("X-Idempotent-Replayed"))
+		assert.Equal(t, int32(1), handler.calls.Load())
+	})
+
+	t.Run("HeadersSnapshotAtWriteHeader", func(t *testing.T) {
+		h := newMiddleware(t, newStore(t)).Handler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("X-Before", "1")
+			w.WriteHeader(http.StatusAccepted)
+			w.Header().Set("X-After", "1") // too late: not sent, so not replayed
+			w.WriteHeader(http.StatusTeapot) // superfluous: ignored
+			io.WriteString(w, "body")
+		}))
+		serve(h, post("k", `{}`))
+		retry := serve(h, post("k", `{}`))
+		assert.Equal(t, http.StatusAccepted, retry.Code)
+		assert.Equal(t, "1", retry.Header().Get("X-Before"))
+		assert.Empty(t, retry.Header().Get("X-After"))
+		assert.Equal(t, "body", retry.Body.String())
+	})
+
+	t.Run("IOCopyIsCaptured", func(t *testing.T) {
+		payload := strings.Repeat("streamed ", 2000)
+		h := newMiddleware(t, newStore(t)).Handler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			io.Copy(w, strings.NewReader(payload))
+			io.Copy(w, io.LimitReader(strings.NewReader(payload), 9)) // not a WriterTo
+		}))
+		assert.Equal(t, payload+"streamed ", serve(h, post("k", `{}`)).Body.String())
+		assert.Equal(t, payload+"streamed ", serve(h, post("k", `{}`)).Body.String())
+	})
+
+	t.Run("ResponseOverTheCap", func(t *testing.T) {
+		large := strings.Repeat("x", 100)
+		handler := &counted{serve: func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Type", "text/plain")
+			w.WriteHeader(http.StatusCreated)
+			io.WriteString(w, large[:60])
+			io.WriteString(w, large[60:])
+		}}
+		obs := &observed{}
+		h := newMiddleware(t, newStore(t), idempotency.WithMaxStoredBytes(64), idempotency.WithObserver(obs.observe)).Handler(handler)
+		first := serve(h, post("k", `{}`))
+		assert.Equal(t, large, first.Body.String(), "the first client gets the whole response")
+		assert.Equal(t, idempotency.OutcomeExecuted, obs.last().Outcome)
+
+		retry := serve(h, post("k", `{}`))
+		assert.Equal(t, int32(1), handler.calls.Load(), "the retry does not run the handler again")
+		assert.Equal(t, http.StatusCreated, retry.Code)
+		assert.Equal(t, "true", retry.Header().Get("X-Idempotent-Replayed"))
+		assert.Equal(t, "text/plain", retry.Header().Get("Content-Type"))
+		assert.Equal(t, "0", retry.Header().Get("Content-Length"))
+		assert.Empty(t, retry.Body.String())
+	})
+
+	t.Run("CanonicalJSON", func(t *testing.T) {
+		handler := createVenue()
+		fp := idempotency.Fingerprinter{CanonicalJSON: true}
+		h := newMiddleware(t, newStore(t), idempotency.WithFingerprint(fp.Fingerprint)).Handler(handler)
+		require.Equal(t, http.StatusCreated, serve(h, post("k", `{"a":1,"b":[1,2]}`)).Code)
+		retry := serve(h, post("k", " {\n \"b\": [1, 2],\n \"a\": 1\n}\n"))
+		assert.Equal(t, "true", retry.Header().Get("X-Idempotent-Replayed"), "key order and whitespace do not matter")
+		requireProblem(t, serve(h, post("k", `{"a":2,"b":[1,2]}`)), http.StatusUnprocessableEntity)
+
+		p := requireProblem(t, serve(h, post("other", `{"a":`)), http.StatusBadRequest)
+		assert.Contains(t, p.Type, "ErrInvalidJSON")
+		assert.Equal(t, int32(1), handler.calls.Load())
+		assert.Equal(t, http.StatusCreated, serve(h, post("other", `{"a":2}`)).Code, "broken JSON stored nothing")
+	})
+
+	t.Run("FingerprintHeaders", func(t *testing.T) {
+		handler := createVenue()
+		fp := idempotency.Fingerprinter{Headers: []string{"stripe-account"}}
+		h := newMiddleware(t, newStore(t), idempotency.WithFingerprint(fp.Fingerprint)).Handler(handler)
+		req := func(account string) *http.Request {
+			r := post("k", `{}`)
+			r.Header.Set("Stripe-Account", account)
+			return r
+		}
+		serve(h, req("acct_1"))
+		assert.Equal(t, "true", serve(h, req("acct_1")).Header().Get("X-Idempotent-Replayed"))
+		requireProblem(t, serve(h, req("acct_2")), http.StatusUnprocessableEntity)
+	})
+}
+
+func TestStoreFailureFailsClosed(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		store func(t *testing.T) idempotency.Store
+	}{
+		{"closed port", func(t *testing.T) idempotency.Store {
+			return newRedisStore(t, redistest.ClientFor(t, closedAddr(t)))
+		}},
+		{"redis error", func(t *testing.T) idempotency.Store {
+			mr, client := redistest.Miniredis(t)
+			mr.SetError("OOM command not allowed when used memory > 'maxmemory'.")
+			return newRedisStore(t, client)
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			handler := createVenue()
+			obs := &observed{}
+			h := newMiddleware(t, tc.store(t), idempotency.WithObserver(obs.observe),
+				idempotency.WithStoreTimeout(time.Second)).Handler(handler)
+			start := time.Now()
+			w := serve(h, post("k", `{}`))
+			p := requireProblem(t, w, http.StatusServiceUnavailable)
+			assert.Less(t, time.Since(start), 2*time.Second)
+			assert.Equal(t, "1", w.Header().Get("Retry-After"))
+			assert.Contains(t, p.Type, "ErrStoreUnavailable")
+			assert.Empty(t, p.Detail, "internal errors stay internal")
+			assert.NotContains(t, w.Body.String(), "OOM")
+			assert.Equal(t, int32(0), handler.calls.Load(), "no handler runs unprotected")
+			assert.Equal(t, idempotency.OutcomeStoreError, obs.last().Outcome)
+			assert.ErrorIs(t, obs.last().Err, idempotency.ErrStoreUnavailable)
+		})
+	}
+
+	t.Run("fail open", func(t *testing.T) {
+		mr, client := redistest.Miniredis(t)
+		mr.SetError("ERR injected")
+		handler := createVenue()
+		obs := &observed{}
+		h := newMiddleware(t, newRedisStore(t, client), idempotency.WithFailOpen(), idempotency.WithObserver(obs.observe)).Handler(handler)
+		w := serve(h, post("k", `{"name":"Hall"}`))
+		assert.Equal(t, http.StatusCreated, w.Code)
+		assert.Contains(t, w.Body.String(), `"request":{"name":"Hall"}`, "the handler sees the body")
+		assert.Equal(t, int32(1), handler.calls.Load())
+		ev := obs.last()
+		assert.Equal(t, idempotency.OutcomeFailOpen, ev.Outcome)
+		assert.Equal(t, http.StatusCreated, ev.Status)
+		assert.ErrorContains(t, ev.Err, "injected")
+
+		mr.SetError("")
+		serve(h, post("k", `{"name":"Hall"}`))
+		assert.Equal(t, int32(2), handler.calls.Load(), "nothing was stored while the store failed")
+	})
+}
+
+// closedAddr returns a loopback address nothing listens on.
+func closedAddr(t *testing.T) string {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	addr := l.Addr().String()
+	l.Close()
+	return addr
+}
+
+func TestClientDisconnectStillStores(t *testing.T) {
+	for _, kind := range storeKinds {
+		t.Run(kind.name, func(t *testing.T) {
+			store, _ := kind.new(t)
+			gone := make(chan struct{})
+			handler := &counted{serve: func(w http.ResponseWriter, r *http.Request) {
+				<-r.Context().Done() // the client hangs up while the work runs...
+				close(gone)
+				w.WriteHeader(http.StatusCreated) // ...and the work completes anyway
+				io.WriteString(w, `{"id":"v_1"}`)
+			}}
+			srv := httptest.NewServer(newMiddleware(t, store).Handler(handler))
+			defer srv.Close()
+
+			ctx, cancel := context.WithCancel(context.Background())
+			req, err := http.NewRequestWithContext(ctx, http.MethodPost, srv.URL, strings.NewReader(`{}`))
+			require.NoError(t, err)
+			req.Header.Set("Idempotency-Key", "k")
+			time.AfterFunc(50*time.Millisecond, cancel)
+			_, err = srv.Client().Do(req)
+			require.ErrorIs(t, err, context.Canceled)
+			<-gone
+
+			// The store write happens after the handler returns; poll for it.
+			var retry *http.Response
+			require.Eventually(t, func() bool {
+				req, _ := http.NewRequest(http.MethodPost, srv.URL, strings.NewReader(`{}`))
+				req.Header.Set("Idempotency-Key", "k")
+				resp, err := srv.Client().Do(req)
+				if err != nil || resp.StatusCode == http.StatusConflict {
+					return false
+				}
+				retry = resp
+				return true
+			}, 5*time.Second, 10*time.Millisecond)
+			body, _ := io.ReadAll(retry.Body)
+			retry.Body.Close()
+			assert.Equal(t, http.StatusCreated, retry.StatusCode)
+			assert.Equal(t, "true", retry.Header.Get("X-Idempotent-Replayed"))
+			assert.Equal(t, `{"id":"v_1"}`, string(body))
+			assert.Equal(t, int32(1), handler.calls.Load())
+		})
+	}
+}
+
+// TestLeaseExpiryStaleOwnerLoses: the first owner's lease lapses while its
+// handler still runs (the clock jumps; no renewal fires in time); a retry
+// takes the key and completes; the first owner's late response must not
+// overwrite the retry's record.
+func TestLeaseExpiryStaleOwnerLoses(t *testing.T) {
+	for _, kind := range storeKinds[:2] { // fake clocks only
+		t.Run(kind.name, func(t *testing.T) {
+			store, advance := kind.new(t)
+			entered, finish := make(chan struct{}), make(chan struct{})
+			var n atomic.Int32
+			handler := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				if n.Add(1) == 1 {
+					close(entered)
+					<-finish
+				}
+				fmt.Fprintf(w, "attempt %d", n.Load())
+			})
+			obs := &observed{}
+			h := newMiddleware(t, store, idempotency.WithLease(time.Minute), idempotency.WithObserver(obs.observe)).Handler(handler)
+
+			firstDone := make(chan *httptest.ResponseRecorder)
+			go func() { firstDone <- serve(h, post("k", `{}`)) }()
+			<-entered
+			advance(2 * time.Minute)
+
+			second := serve(h, post("k", `{}`))
+			assert.Equal(t, "attempt 2", second.Body.String(), "the lapsed key was taken over")
+			close(finish)
+			first := <-firstDone
+			assert.Equal(t, "attempt 2", first.Body.String()) // n was 2 when the first wrote
+			assert.Equal(t, idempotency.OutcomeLeaseLost, obs.last().Outcome)
+
+			retry := serve(h, post("k", `{}`))
+			assert.Equal(t, "true", retry.Header().Get("X-Idempotent-Replayed"))
+			assert.Equal(t, "attempt 2", retry.Body.String(), "the second owner's record stands")
+		})
+	}
+}
+
+// TestConcurrentDuplicates fires 50 requests with one key at once: the
+// handler must run exactly once and every other answer be 409 or a replay.
+func TestConcurrentDuplicates(t *testing.T) {
+	for _, kind := range storeKinds {
+		t.Run(kind.name, func(t *testing.T) {
+			store, _ := kind.new(t)
+			handler := &counted{serve: func(w http.ResponseWriter, r *http.Request) {
+				time.Sleep(20 * time.Millisecond)
+				w.WriteHeader(http.StatusCreated)
+				io.WriteString(w, "created")
+			}}
+			h := newMiddleware(t, store).Handler(handler)
+			const n = 50
+			var wg sync.WaitGroup
+			var created, replayed, conflicts atomic.Int32
+			start := make(chan struct{})
+			for range n {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					<-start
+					w := serve(h, post("same-key", `{"name":"Hall"}`))
+					switch {
+					case w.Code == http.StatusConflict:
+						conflicts.Add(1)
+					case w.Code == http.StatusCreated && w.Header().Get("X-Idempotent-Replayed") == "true":
+						assert.Equal(t, "created", w.Body.String())
+						replayed.Add(1)
+					case w.Code == http.StatusCreated:
+						created.Add(1)
+					default:
+						t.Errorf("unexpected answer %d: %s", w.Code, w.Body)
+					}
+				}()
+			}
+			close(start)
+			wg.Wait()
+			assert.Equal(t, int32(1), handler.calls.Load(), "the handler ran exactly once")
+			assert.Equal(t, int32(1), created.Load())
+			assert.Equal(t, int32(n-1), replayed.Load()+conflicts.Load())
+			t.Logf("%d conflicts, %d replays", conflicts.Load(), replayed.Load())
+		})
+	}
+}
+
+func TestNewRejectsInvalidOptions(t *testing.T) {
+	store := idempotency.NewMemoryStore()
+	for name, opt := range map[string]idempotency.Option{
+		"no methods":         idempotency.WithMethods(),
+		"lower-case method":  idempotency.WithMethods("post"),
+		"empty key header":   idempotency.WithKeyHeader(" "),
+		"empty replay":       idempotency.WithReplayHeader(""),
+		"zero body limit":    idempotency.WithMaxBodyBytes(0),
+		"negative stored":    idempotency.WithMaxStoredBytes(-1),
+		"tiny lease":         idempotency.WithLease(time.Microsecond),
+		"tiny ttl":           idempotency.WithTTL(time.Millisecond),
+		"lease over ttl":     idempotency.WithLease(48 * time.Hour),
+		"zero store timeout": idempotency.WithStoreTimeout(0),
+		"nil scope":          idempotency.WithScope(nil),
+		"nil fingerprint":    idempotency.WithFingerprint(nil),
+		"nil retryable":      idempotency.WithRetryableStatus(nil),
+		"nil error handler":  idempotency.WithErrorHandler(nil),
+	} {
+		_, err := idempotency.New(store, opt)
+		assert.Error(t, err, name)
+	}
+	_, err := idempotency.New(nil)
+	assert.Error(t, err)
+}
+
+func TestCustomErrorHandler(t *testing.T) {
+	var got error
+	h := newMiddleware(t, idempotency.NewMemoryStore(), idempotency.WithErrorHandler(func(w http.ResponseWriter, r *http.Request, err error) {
+		got = err
+		w.WriteHeader(idempotency.StatusCode(err))
+	})).Handler(createVenue())
+	w := serve(h, post("", `{}`))
+	assert.Equal(t, http.StatusBadRequest, w.Code)
+	assert.ErrorIs(t, got, idempotency.ErrKeyMissing)
+}
+
+func TestResponseControllerThroughRecorder(t *testing.T) {
+	var flushErr, hijackErr, deadlineErr error
+	h := newMiddleware(t, idempotency.NewMemoryStore()).Handler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		rc := http.NewResponseController(w)
+		io.WriteString(w, "part 1;")
+		flushErr = rc.Flush()
+		_, _, hijackErr = rc.Hijack()
+		deadlineErr = rc.SetWriteDeadline(time.Now().Add(time.Minute))
+		io.WriteString(w, "part 2")
+	}))
+	srv := httptest.NewServer(h)
+	defer srv.Close()
+	req, _ := http.NewRequest(http.MethodPost, srv.URL, strings.NewReader(`{}`))
+	req.Header.Set("Idempotency-Key", "k")
+	resp, err := srv.Client().Do(req)
+	require.NoError(t, err)
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	assert.Equal(t, "part 1;part 2", string(body))
+	assert.NoError(t, flushErr, "Flush writes through")
+	assert.ErrorIs(t, hijackErr, http.ErrNotSupported, "Hijack is refused: it cannot be recorded")
+	assert.NoError(t, deadlineErr, "deadlines reach the connection through Unwrap")
+
+	req, _ = http.NewRequest(http.MethodPost, srv.URL, strings.NewReader(`{}`))
+	req.Header.Set("Idempotency-Key", "k")
+	resp, err = srv.Client().Do(req)
+	require.NoError(t, err)
+	body, _ = io.ReadAll(resp.Body)
+	resp.Body.Close()
+	assert.Equal(t, "part 1;part 2", string(body), "a flushed response replays whole")
+	assert.Equal(t, "true", resp.Header.Get("X-Idempotent-Replayed"))
+}
+
+func TestParseKey(t *testing.T) {
+	for in, want := range map[string]string{
+		`abc`:             "abc",
+		`"abc"`:           "abc",
+		` "abc" `:         "abc",
+		`"a b,c"`:         "a b,c",
+		`"a\"b\\c"`:       `a"b\c`,
+		`8e03978e-40d5`:   "8e03978e-40d5",
+		`key;with=params`: "key;with=params",
+	} {
+		got, err := idempotency.ParseKey(in)
+		require.NoError(t, err, in)
+		assert.Equal(t, want, got, in)
+	}
+	for _, in := range []string{"", `""`, `"`, `"abc`, `"ab"c`, `a,b`, `a"b`, "a\x7f", "ab\x00"} {
+		_, err := idempotency.ParseKey(in)
+		assert.ErrorIs(t, err, idempotency.ErrKeyInvalid, "%q", in)
+	}
+}
+
+func TestWriteErrorHidesInternalErrors(t *testing.T) {
+	w := httptest.NewRecorder()
+	idempotency.WriteError(w, httptest.NewRequest(http.MethodPost, "/", nil), errors.New("dial tcp 10.0.0.7:6379: secret detail"))
+	assert.Equal(t, http.StatusInternalServerError, w.Code)
+	assert.NotContains(t, w.Body.String(), "secret")
+	assert.True(t, bytes.HasPrefix(w.Body.Bytes(), []byte(`{"type":`)))
+}
