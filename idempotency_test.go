@@ -433,7 +433,7 @@ func testMiddleware(t *testing.T, newStore func(t *testing.T) idempotency.Store)
 		h := newMiddleware(t, newStore(t)).Handler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			w.Header().Set("X-Before", "1")
 			w.WriteHeader(http.StatusAccepted)
-			w.Header().Set("X-After", "1") // too late: not sent, so not replayed
+			w.Header().Set("X-After", "1")   // too late: not sent, so not replayed
 			w.WriteHeader(http.StatusTeapot) // superfluous: ignored
 			io.WriteString(w, "body")
 		}))
