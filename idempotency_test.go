@@ -796,3 +796,76 @@ func TestWriteErrorHidesInternalErrors(t *testing.T) {
 	assert.NotContains(t, w.Body.String(), "secret")
 	assert.True(t, bytes.HasPrefix(w.Body.Bytes(), []byte(`{"type":`)))
 }
+
+// TestLeaseRenewedWhileHandlerRuns: a handler that runs for several leases
+// keeps its key; no duplicate gets in meanwhile.
+func TestLeaseRenewedWhileHandlerRuns(t *testing.T) {
+	stores := map[string]func(t *testing.T) idempotency.Store{
+		"memory": func(*testing.T) idempotency.Store { return idempotency.NewMemoryStore() }, // real clock
+		"redis": func(t *testing.T) idempotency.Store { // miniredis expires keys only when told to
+			return newRedisStore(t, redistest.Client(t))
+		},
+	}
+	for name, newStore := range stores {
+		t.Run(name, func(t *testing.T) {
+			store := newStore(t)
+			const lease = 150 * time.Millisecond
+			entered := make(chan struct{})
+			handler := &counted{serve: func(w http.ResponseWriter, r *http.Request) {
+				close(entered)
+				time.Sleep(4 * lease)
+				assert.NoError(t, r.Context().Err(), "the handler's context stays live")
+				w.WriteHeader(http.StatusCreated)
+			}}
+			h := newMiddleware(t, store, idempotency.WithLease(lease)).Handler(handler)
+			done := make(chan int)
+			go func() { done <- serve(h, post("k", `{}`)).Code }()
+			<-entered
+			deadline := time.Now().Add(3 * lease)
+			for time.Now().Before(deadline) {
+				w := serve(h, post("k", `{}`))
+				require.Equal(t, http.StatusConflict, w.Code, "the key stays claimed while the handler runs")
+				time.Sleep(lease / 5)
+			}
+			assert.Equal(t, http.StatusCreated, <-done)
+			assert.Equal(t, int32(1), handler.calls.Load())
+		})
+	}
+}
+
+// TestLeaseLostCancelsHandler: when renewal finds the key taken over, the
+// handler's context is cancelled with ErrLeaseLost and nothing is stored
+// over the new owner's record.
+func TestLeaseLostCancelsHandler(t *testing.T) {
+	clock := newFakeClock()
+	store := idempotency.NewMemoryStore(idempotency.WithMemoryClock(clock.Now))
+	entered := make(chan struct{})
+	var cause error
+	var n atomic.Int32
+	handler := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if n.Add(1) == 1 {
+			close(entered)
+			<-r.Context().Done()
+			cause = context.Cause(r.Context())
+			return
+		}
+		w.WriteHeader(http.StatusCreated)
+		io.WriteString(w, "second owner")
+	})
+	obs := &observed{}
+	h := newMiddleware(t, store, idempotency.WithLease(60*time.Millisecond), idempotency.WithObserver(obs.observe)).Handler(handler)
+	firstDone := make(chan *httptest.ResponseRecorder)
+	go func() { firstDone <- serve(h, post("k", `{}`)) }()
+	<-entered
+	clock.Advance(time.Minute) // the first lease lapses...
+	second := serve(h, post("k", `{}`))
+	require.Equal(t, http.StatusCreated, second.Code) // ...and a retry takes the key
+
+	first := <-firstDone
+	assert.ErrorIs(t, cause, idempotency.ErrLeaseLost, "the first handler learned why it was stopped")
+	requireProblem(t, first, http.StatusServiceUnavailable)
+
+	retry := serve(h, post("k", `{}`))
+	assert.Equal(t, "second owner", retry.Body.String(), "the new owner's record stands")
+	assert.Equal(t, "true", retry.Header().Get("X-Idempotent-Replayed"))
+}
