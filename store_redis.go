@@ -263,7 +263,9 @@ func decodeRecord(b []byte) (*Record, error) {
 	rec := &Record{}
 	switch d.byte() {
 	case stateInFlight:
-		rec.Token = d.string()
+		if rec.Token = d.string(); rec.Token == "" {
+			d.fail("no owner token")
+		}
 		rec.Fingerprint = d.string()
 		rec.CreatedAt = d.time()
 	case stateCompleted:
@@ -327,9 +329,11 @@ func (d *decoder) byte() byte {
 	return c
 }
 
+// uvarint reads a minimally encoded uvarint: one value, one encoding, so
+// a decoded owner token re-encodes to the bytes the scripts compare.
 func (d *decoder) uvarint(limit uint64) uint64 {
 	v, n := binary.Uvarint(d.b)
-	if n <= 0 || v > limit {
+	if n <= 0 || n != uvarintLen(v) || v > limit {
 		d.fail("bad length")
 		return 0
 	}
@@ -338,14 +342,21 @@ func (d *decoder) uvarint(limit uint64) uint64 {
 }
 
 func (d *decoder) string() string {
-	v, n := binary.Uvarint(d.b)
-	if n <= 0 || v > uint64(len(d.b)-n) {
+	n := d.uvarint(uint64(len(d.b)))
+	if n > uint64(len(d.b)) {
 		d.fail("bad length")
+	}
+	if d.err != nil {
 		return ""
 	}
-	s := string(d.b[n : n+int(v)])
-	d.b = d.b[n+int(v):]
+	s := string(d.b[:n])
+	d.b = d.b[n:]
 	return s
+}
+
+func uvarintLen(v uint64) int {
+	var buf [binary.MaxVarintLen64]byte
+	return binary.PutUvarint(buf[:], v)
 }
 
 func (d *decoder) time() time.Time {
