@@ -60,16 +60,6 @@ func (o *observed) observe(_ context.Context, e idempotency.Event) {
 	o.events = append(o.events, e)
 }
 
-func (o *observed) outcomes() []idempotency.Outcome {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	var out []idempotency.Outcome
-	for _, e := range o.events {
-		out = append(out, e.Outcome)
-	}
-	return out
-}
-
 func (o *observed) last() idempotency.Event {
 	o.mu.Lock()
 	defer o.mu.Unlock()

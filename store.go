@@ -1,8 +1,9 @@
 package idempotency
 
 import (
-	"bytes"
 	"context"
+	"encoding/binary"
+	"errors"
 	"fmt"
 	"net/http"
 	"sync"
@@ -79,17 +80,6 @@ type Response struct {
 	BodyOmitted bool
 }
 
-func (r *Record) clone() *Record {
-	c := *r
-	if r.Response != nil {
-		resp := *r.Response
-		resp.Header = r.Response.Header.Clone()
-		resp.Body = bytes.Clone(r.Response.Body)
-		c.Response = &resp
-	}
-	return &c
-}
-
 func validateClaim(claim *Record, lease time.Duration) error {
 	switch {
 	case claim.Token == "":
@@ -124,12 +114,16 @@ type MemoryStore struct {
 
 	mu        sync.Mutex
 	records   map[string]memoryEntry
-	nextSweep time.Time
+	nextSweep int64 // Unix nanoseconds
 }
 
+// memoryEntry holds a record in its encoded form: one pointer-free string
+// instead of a tree of maps and slices, so a store holding millions of
+// records costs the garbage collector almost nothing to scan.
 type memoryEntry struct {
-	rec     *Record
-	expires time.Time
+	value   string
+	token   string // the owner while in flight
+	expires int64  // Unix nanoseconds
 }
 
 // memorySweepInterval bounds how long expired records may linger; a sweep
@@ -169,15 +163,18 @@ func (s *MemoryStore) Acquire(ctx context.Context, key string, claim Record, lea
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
+	value := encodeRecord(&claim)
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	now := s.now()
+	now := s.now().UnixNano()
 	s.sweepLocked(now)
-	if e, ok := s.records[key]; ok && now.Before(e.expires) {
-		return e.rec.clone(), nil
+	e, ok := s.records[key]
+	if !ok || now >= e.expires {
+		s.records[key] = memoryEntry{value: value, token: claim.Token, expires: now + int64(lease)}
+		s.mu.Unlock()
+		return nil, nil
 	}
-	s.records[key] = memoryEntry{rec: claim.clone(), expires: now.Add(lease)}
-	return nil, nil
+	s.mu.Unlock()
+	return decodeRecord([]byte(e.value))
 }
 
 // Extend implements [Store].
@@ -185,9 +182,9 @@ func (s *MemoryStore) Extend(ctx context.Context, key, token string, lease time.
 	if lease <= 0 {
 		return fmt.Errorf("idempotency: lease %v is not positive", lease)
 	}
-	return s.withOwned(ctx, key, token, func(now time.Time, e *memoryEntry) {
-		e.expires = now.Add(lease)
-		s.records[key] = *e
+	return s.withOwned(ctx, key, token, func(now int64, e memoryEntry) {
+		e.expires = now + int64(lease)
+		s.records[key] = e
 	})
 }
 
@@ -197,33 +194,33 @@ func (s *MemoryStore) Complete(ctx context.Context, key, token string, rec Recor
 		return err
 	}
 	rec.Token = ""
-	stored := rec.clone()
-	return s.withOwned(ctx, key, token, func(now time.Time, _ *memoryEntry) {
-		s.records[key] = memoryEntry{rec: stored, expires: now.Add(ttl)}
+	value := encodeRecord(&rec)
+	return s.withOwned(ctx, key, token, func(now int64, _ memoryEntry) {
+		s.records[key] = memoryEntry{value: value, expires: now + int64(ttl)}
 	})
 }
 
 // Release implements [Store].
 func (s *MemoryStore) Release(ctx context.Context, key, token string) error {
-	return s.withOwned(ctx, key, token, func(time.Time, *memoryEntry) {
+	return s.withOwned(ctx, key, token, func(int64, memoryEntry) {
 		delete(s.records, key)
 	})
 }
 
 // withOwned runs change under the lock if token owns a live in-flight record
 // under key.
-func (s *MemoryStore) withOwned(ctx context.Context, key, token string, change func(now time.Time, e *memoryEntry)) error {
+func (s *MemoryStore) withOwned(ctx context.Context, key, token string, change func(now int64, e memoryEntry)) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	now := s.now()
+	now := s.now().UnixNano()
 	e, ok := s.records[key]
-	if !ok || !now.Before(e.expires) || !e.rec.InFlight() || e.rec.Token != token || token == "" {
+	if !ok || now >= e.expires || e.token == "" || e.token != token {
 		return ErrLeaseLost
 	}
-	change(now, &e)
+	change(now, e)
 	return nil
 }
 
@@ -235,14 +232,196 @@ func (s *MemoryStore) Len() int {
 	return len(s.records)
 }
 
-func (s *MemoryStore) sweepLocked(now time.Time) {
-	if now.Before(s.nextSweep) {
+func (s *MemoryStore) sweepLocked(now int64) {
+	if now < s.nextSweep {
 		return
 	}
-	s.nextSweep = now.Add(memorySweepInterval)
+	s.nextSweep = now + int64(memorySweepInterval)
 	for k, e := range s.records {
-		if !now.Before(e.expires) {
+		if now >= e.expires {
 			delete(s.records, k)
 		}
 	}
+}
+
+// Record encoding, version 1. One value per record, compact, binary-safe:
+//
+//	in flight: 0x01 'F' token fingerprint createdAt
+//	completed: 0x01 'C' fingerprint createdAt status flags headers body
+//
+// Strings and the body are uvarint-length-prefixed; createdAt is a varint of
+// Unix milliseconds; headers are a uvarint count of names, each followed by
+// a uvarint count of values. The in-flight prefix up to the end of the token
+// identifies the owner, which is what the scripts compare.
+const (
+	recordVersion   = 0x01
+	stateInFlight   = 'F'
+	stateCompleted  = 'C'
+	flagBodyOmitted = 0x01
+)
+
+func ownerPrefix(token string) string {
+	b := []byte{recordVersion, stateInFlight}
+	b = appendString(b, token)
+	return string(b)
+}
+
+func encodeRecord(rec *Record) string {
+	if rec.InFlight() {
+		b := []byte(ownerPrefix(rec.Token))
+		b = appendString(b, rec.Fingerprint)
+		b = binary.AppendVarint(b, rec.CreatedAt.UnixMilli())
+		return string(b)
+	}
+	resp := rec.Response
+	size := 32 + len(rec.Fingerprint) + len(resp.Body)
+	for name, values := range resp.Header {
+		size += 2 + len(name)
+		for _, v := range values {
+			size += 2 + len(v)
+		}
+	}
+	b := make([]byte, 0, size)
+	b = append(b, recordVersion, stateCompleted)
+	b = appendString(b, rec.Fingerprint)
+	b = binary.AppendVarint(b, rec.CreatedAt.UnixMilli())
+	b = binary.AppendUvarint(b, uint64(resp.StatusCode))
+	var flags byte
+	if resp.BodyOmitted {
+		flags |= flagBodyOmitted
+	}
+	b = append(b, flags)
+	b = binary.AppendUvarint(b, uint64(len(resp.Header)))
+	for name, values := range resp.Header {
+		b = appendString(b, name)
+		b = binary.AppendUvarint(b, uint64(len(values)))
+		for _, v := range values {
+			b = appendString(b, v)
+		}
+	}
+	b = appendString(b, string(resp.Body))
+	return string(b)
+}
+
+func appendString(b []byte, s string) []byte {
+	b = binary.AppendUvarint(b, uint64(len(s)))
+	return append(b, s...)
+}
+
+var errCorruptRecord = errors.New("idempotency: corrupt record")
+
+// decodeRecord parses a stored value. It never panics: the value comes from
+// a server and may be anything.
+func decodeRecord(b []byte) (*Record, error) {
+	d := decoder{b: b}
+	if d.byte() != recordVersion {
+		return nil, fmt.Errorf("%w: unknown version", errCorruptRecord)
+	}
+	rec := &Record{}
+	switch d.byte() {
+	case stateInFlight:
+		if rec.Token = d.string(); rec.Token == "" {
+			d.fail("no owner token")
+		}
+		rec.Fingerprint = d.string()
+		rec.CreatedAt = d.time()
+	case stateCompleted:
+		rec.Fingerprint = d.string()
+		rec.CreatedAt = d.time()
+		resp := &Response{StatusCode: int(d.uvarint(999))}
+		if resp.StatusCode < 100 {
+			d.fail("bad status")
+		}
+		resp.BodyOmitted = d.byte()&flagBodyOmitted != 0
+		// Each header takes at least two bytes, which bounds the count
+		// before anything is allocated.
+		if n := d.uvarint(uint64(len(d.b))); n > 0 {
+			resp.Header = make(http.Header, n)
+			for i := uint64(0); i < n && d.err == nil; i++ {
+				name := d.string()
+				values := make([]string, d.uvarint(uint64(len(d.b))))
+				for i := range values {
+					values[i] = d.string()
+				}
+				resp.Header[name] = values
+			}
+		}
+		if body := d.string(); body != "" {
+			resp.Body = []byte(body)
+		}
+		rec.Response = resp
+	default:
+		return nil, fmt.Errorf("%w: unknown state", errCorruptRecord)
+	}
+	if d.err != nil {
+		return nil, d.err
+	}
+	if len(d.b) != 0 {
+		return nil, fmt.Errorf("%w: %d trailing bytes", errCorruptRecord, len(d.b))
+	}
+	return rec, nil
+}
+
+// decoder reads from b; after the first error every read returns a zero
+// value and err keeps that first error.
+type decoder struct {
+	b   []byte
+	err error
+}
+
+func (d *decoder) fail(what string) {
+	if d.err == nil {
+		d.err = fmt.Errorf("%w: %s", errCorruptRecord, what)
+	}
+	d.b = nil
+}
+
+func (d *decoder) byte() byte {
+	if len(d.b) == 0 {
+		d.fail("truncated")
+		return 0
+	}
+	c := d.b[0]
+	d.b = d.b[1:]
+	return c
+}
+
+// uvarint reads a minimally encoded uvarint: one value, one encoding, so
+// a decoded owner token re-encodes to the bytes the scripts compare.
+func (d *decoder) uvarint(limit uint64) uint64 {
+	v, n := binary.Uvarint(d.b)
+	if n <= 0 || n != uvarintLen(v) || v > limit {
+		d.fail("bad length")
+		return 0
+	}
+	d.b = d.b[n:]
+	return v
+}
+
+func (d *decoder) string() string {
+	n := d.uvarint(uint64(len(d.b)))
+	if n > uint64(len(d.b)) {
+		d.fail("bad length")
+	}
+	if d.err != nil {
+		return ""
+	}
+	s := string(d.b[:n])
+	d.b = d.b[n:]
+	return s
+}
+
+func uvarintLen(v uint64) int {
+	var buf [binary.MaxVarintLen64]byte
+	return binary.PutUvarint(buf[:], v)
+}
+
+func (d *decoder) time() time.Time {
+	v, n := binary.Varint(d.b)
+	if n <= 0 {
+		d.fail("bad time")
+		return time.Time{}
+	}
+	d.b = d.b[n:]
+	return time.UnixMilli(v)
 }
