@@ -494,9 +494,18 @@ func (m *Middleware) serve(w http.ResponseWriter, r *http.Request, next http.Han
 	storeKey := claim.recordKey()
 	token := rand.Text()
 
-	ctx, cancel := context.WithTimeout(r.Context(), m.cfg.storeTimeout)
-	existing, err := m.store.Acquire(ctx, storeKey, Record{Token: token, Fingerprint: fingerprint, CreatedAt: time.Now()}, m.cfg.lease)
-	cancel()
+	claimRecord := Record{Token: token, Fingerprint: fingerprint, CreatedAt: time.Now()}
+	existing, err := bounded(r.Context(), m.cfg.storeTimeout,
+		func(ctx context.Context) (*Record, error) {
+			return m.store.Acquire(ctx, storeKey, claimRecord, m.cfg.lease)
+		},
+		func(existing *Record, err error) {
+			// The claim landed after we answered 503: free it, or the
+			// client's retry would meet 409 until the lease lapsed.
+			if err == nil && existing == nil {
+				m.storeWrite(r.Context(), func(ctx context.Context) error { return m.store.Release(ctx, storeKey, token) })
+			}
+		})
 	if err != nil {
 		err = fmt.Errorf("%w: %w", ErrStoreUnavailable, err)
 	}
@@ -577,13 +586,10 @@ func (m *Middleware) execute(w http.ResponseWriter, r *http.Request, next http.H
 		return
 	}
 
-	storeCtx, cancelStore := context.WithTimeout(context.WithoutCancel(r.Context()), m.cfg.storeTimeout)
-	defer cancelStore()
-	err := m.store.Complete(storeCtx, storeKey, token, Record{
-		Fingerprint: claim.Fingerprint,
-		CreatedAt:   start,
-		Response:    rec.response(),
-	}, m.cfg.ttl)
+	completed := Record{Fingerprint: claim.Fingerprint, CreatedAt: start, Response: rec.response()}
+	err := m.storeWrite(r.Context(), func(ctx context.Context) error {
+		return m.store.Complete(ctx, storeKey, token, completed, m.cfg.ttl)
+	})
 	switch {
 	case errors.Is(err, ErrLeaseLost):
 		ev.Outcome, ev.Err = OutcomeLeaseLost, err
@@ -620,9 +626,9 @@ func (m *Middleware) renewLease(ctx context.Context, cancel context.CancelCauseF
 				return
 			case <-ticker.C:
 			}
-			extendCtx, cancelExtend := context.WithTimeout(context.WithoutCancel(ctx), min(m.cfg.storeTimeout, interval))
-			err := m.store.Extend(extendCtx, storeKey, token, m.cfg.lease)
-			cancelExtend()
+			_, err := bounded(context.WithoutCancel(ctx), min(m.cfg.storeTimeout, interval), func(ctx context.Context) (struct{}, error) {
+				return struct{}{}, m.store.Extend(ctx, storeKey, token, m.cfg.lease)
+			}, nil)
 			switch {
 			case err == nil:
 				renewed = time.Now()
@@ -645,14 +651,22 @@ func (m *Middleware) renewLease(ctx context.Context, cancel context.CancelCauseF
 // request's cancellation: a client that hung up must not leave the key
 // claimed until the lease lapses.
 func (m *Middleware) release(ctx context.Context, storeKey, token string, ev Event, cause error) {
-	storeCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), m.cfg.storeTimeout)
-	defer cancel()
 	ev.Outcome, ev.Err = OutcomeReleased, cause
-	if err := m.store.Release(storeCtx, storeKey, token); err != nil && !errors.Is(err, ErrLeaseLost) {
+	err := m.storeWrite(ctx, func(ctx context.Context) error { return m.store.Release(ctx, storeKey, token) })
+	if err != nil && !errors.Is(err, ErrLeaseLost) {
 		ev.Outcome, ev.Err = OutcomeStoreError, errors.Join(cause, err)
 		m.log(ctx, "idempotency: releasing the key failed; it frees itself when the lease lapses", ev)
 	}
 	m.observe(ctx, ev)
+}
+
+// storeWrite runs a store write that must outlive the request: detached
+// from its cancellation, bounded by the store timeout.
+func (m *Middleware) storeWrite(ctx context.Context, write func(context.Context) error) error {
+	_, err := bounded(context.WithoutCancel(ctx), m.cfg.storeTimeout, func(ctx context.Context) (struct{}, error) {
+		return struct{}{}, write(ctx)
+	}, nil)
+	return err
 }
 
 func (m *Middleware) replay(w http.ResponseWriter, resp *Response) {

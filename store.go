@@ -80,6 +80,52 @@ type Response struct {
 	BodyOmitted bool
 }
 
+// bounded runs call with ctx limited to timeout, and returns by that
+// deadline even when call does not: go-redis, for one, reads with its own
+// ReadTimeout and ignores the context's deadline unless the client has
+// ContextTimeoutEnabled. A call given up on runs to its end in the
+// background; its result then goes to abandoned, if that is not nil.
+func bounded[T any](ctx context.Context, timeout time.Duration, call func(context.Context) (T, error), abandoned func(T, error)) (T, error) {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	var (
+		mu       sync.Mutex
+		finished = make(chan struct{})
+		gaveUp   bool
+		value    T
+		err      error
+	)
+	go func() {
+		defer cancel()
+		v, e := call(ctx)
+		mu.Lock()
+		if gaveUp {
+			mu.Unlock()
+			if abandoned != nil {
+				abandoned(v, e)
+			}
+			return
+		}
+		value, err = v, e
+		close(finished)
+		mu.Unlock()
+	}()
+	select {
+	case <-finished:
+		return value, err
+	case <-ctx.Done():
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	select {
+	case <-finished: // finished while we took the lock
+		return value, err
+	default:
+		gaveUp = true
+		var zero T
+		return zero, fmt.Errorf("idempotency: store call abandoned: %w", context.Cause(ctx))
+	}
+}
+
 func validateClaim(claim *Record, lease time.Duration) error {
 	switch {
 	case claim.Token == "":
