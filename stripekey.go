@@ -51,8 +51,14 @@ func StripeKey(ctx context.Context, operation string) (string, error) {
 // StripeKeyFrom("payout-job", jobID, "transfer:3"). Parts are
 // length-prefixed before hashing, so ("a", "bc") and ("ab", "c") give
 // different keys. [StripeKey] is StripeKeyFrom(kind, scope, key, operation)
-// over the request's claim. The result is "idem_" followed by a hex SHA-256,
-// 69 characters.
+// over the request's claim.
+//
+// The result, 69 characters, is "idem_" followed by the lower-case hex
+// SHA-256 of L("idempotency-stripe-key-v1"), the number of parts as a
+// big-endian uint64, then L(part) for each part, where L(s) is len(s) as a
+// big-endian uint64 followed by the bytes of s. The derivation is part of
+// the API and does not change between versions: a retry that spans an
+// upgrade, or that another service derives, gets the same key.
 func StripeKeyFrom(parts ...string) string {
 	h := sha256.New()
 	writeField(h, "idempotency-stripe-key-v1")
