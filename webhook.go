@@ -62,9 +62,13 @@ const (
 	// DefaultWebhookMaxBodyBytes caps the payload read; Stripe's events
 	// are a few KiB.
 	DefaultWebhookMaxBodyBytes = 64 << 10
-	// WebhookSignatureHeader is the request header Stripe signs events in.
-	WebhookSignatureHeader = "Stripe-Signature"
+)
 
+// WebhookSignatureHeader is the request header that carries Stripe's
+// signature of a delivery.
+const WebhookSignatureHeader = "Stripe-Signature"
+
+const (
 	webhookRecordKind  = "stripe-webhook"
 	webhookReceived    = `{"received":true}`
 	webhookContentType = "application/json"
@@ -239,8 +243,8 @@ func WithWebhookClock(now func() time.Time) WebhookOption {
 	}
 }
 
-// WebhookHandler receives Stripe webhooks and runs a [WebhookFunc] exactly
-// once per event, however often Stripe delivers it:
+// WebhookHandler receives Stripe webhooks and runs a [WebhookFunc] once per
+// event, however often Stripe delivers it:
 //
 //   - it reads the body (up to [WithWebhookMaxBodyBytes]) and verifies its
 //     Stripe-Signature before parsing anything; a bad delivery gets 400 and
@@ -253,6 +257,13 @@ func WithWebhookClock(now func() time.Time) WebhookOption {
 //     [WithWebhookTTL] and Stripe gets 200 {"received":true}; when it fails
 //     or panics, the claim is released and Stripe gets 500, so its next
 //     delivery processes the event again.
+//
+// While a delivery's claim holds (see [WithWebhookLease]), no other
+// delivery of the event runs the function; once it succeeded for an event,
+// no later delivery runs it again, as long as the success was recorded. If the process dies, or loses its claim,
+// between the function's return and that record, a later delivery runs the
+// function again; keep its external effects idempotent too, for Stripe
+// calls with [StripeKey].
 //
 // The store keeps a processing status per event (in flight while the
 // function runs, then processed). Failed attempts are not kept: the
