@@ -22,11 +22,11 @@ import (
 	"github.com/seed70ea8305/idempotency/internal/fakestripe"
 )
 
-// connectService is the venue service's onboarding endpoint in miniature:
+// stripeConnectService is the venue service's onboarding endpoint in miniature:
 // it creates a Connect account for a venue, then writes to its database,
 // which fails on the first attempt. stripeKey chooses the Stripe
 // idempotency key.
-func connectService(t *testing.T, store idempotency.Store, sc *client.API, stripeKey func(r *http.Request, venueID string) (string, error)) (url string, attempts *atomic.Int64) {
+func stripeConnectService(t *testing.T, store idempotency.Store, sc *client.API, stripeKey func(r *http.Request, venueID string) (string, error)) (url string, attempts *atomic.Int64) {
 	t.Helper()
 	attempts = &atomic.Int64{}
 	mw, err := idempotency.New(store)
@@ -64,8 +64,8 @@ func connectService(t *testing.T, store idempotency.Store, sc *client.API, strip
 	return srv.URL, attempts
 }
 
-// connect is the client's call, always with the same Idempotency-Key.
-func connect(t *testing.T, url string) (status int, body, replayed string) {
+// stripeConnect is the client's call, always with the same Idempotency-Key.
+func stripeConnect(t *testing.T, url string) (status int, body, replayed string) {
 	t.Helper()
 	req, err := http.NewRequest(http.MethodPost, url+"/venues/venue-42/connect", strings.NewReader(`{"plan":"standard"}`))
 	require.NoError(t, err)
@@ -83,15 +83,15 @@ func TestStripeKeyRetriedRequestCreatesOneConnectAccount(t *testing.T) {
 	whForEachStore(t, func(t *testing.T, store idempotency.Store) {
 		fake, srv := fakestripe.NewServer()
 		t.Cleanup(srv.Close)
-		url, attempts := connectService(t, store, fakestripe.NewClient(srv.URL, fakestripe.TestAPIKey),
+		url, attempts := stripeConnectService(t, store, fakestripe.NewClient(srv.URL, fakestripe.TestAPIKey),
 			func(r *http.Request, _ string) (string, error) {
 				return idempotency.StripeKey(r.Context(), "accounts.create")
 			})
 
-		status, _, _ := connect(t, url)
+		status, _, _ := stripeConnect(t, url)
 		assert.Equal(t, http.StatusInternalServerError, status, "the first attempt fails after creating the account")
 
-		status, body, replayed := connect(t, url)
+		status, body, replayed := stripeConnect(t, url)
 		assert.Equal(t, http.StatusCreated, status)
 		assert.Empty(t, replayed, "the retry ran the handler again")
 		var created struct {
@@ -99,7 +99,7 @@ func TestStripeKeyRetriedRequestCreatesOneConnectAccount(t *testing.T) {
 		}
 		require.NoError(t, json.Unmarshal([]byte(body), &created))
 
-		status, again, replayed := connect(t, url)
+		status, again, replayed := stripeConnect(t, url)
 		assert.Equal(t, http.StatusCreated, status)
 		assert.Equal(t, "true", replayed)
 		assert.JSONEq(t, body, again)
@@ -122,14 +122,14 @@ func TestAuditTimestampKeyCreatesTwoConnectAccounts(t *testing.T) {
 	var clock atomic.Int64
 	clock.Store(time.Date(2025, 11, 27, 10, 0, 0, 0, time.UTC).UnixMilli())
 	dateNow := func() int64 { return clock.Add(1500) } // each attempt 1.5 s after the previous
-	url, attempts := connectService(t, idempotency.NewMemoryStore(), fakestripe.NewClient(srv.URL, fakestripe.TestAPIKey),
+	url, attempts := stripeConnectService(t, idempotency.NewMemoryStore(), fakestripe.NewClient(srv.URL, fakestripe.TestAPIKey),
 		func(_ *http.Request, venueID string) (string, error) {
 			return fmt.Sprintf("connect:%s:%d", venueID, dateNow()), nil
 		})
 
-	status, _, _ := connect(t, url)
+	status, _, _ := stripeConnect(t, url)
 	assert.Equal(t, http.StatusInternalServerError, status)
-	status, _, _ = connect(t, url)
+	status, _, _ = stripeConnect(t, url)
 	assert.Equal(t, http.StatusCreated, status)
 
 	assert.EqualValues(t, 2, attempts.Load())

@@ -18,9 +18,9 @@ import (
 
 var stripeKeyPattern = regexp.MustCompile(`^idem_[0-9a-f]{64}$`)
 
-// claimContext serves one request through the middleware and returns the
+// stripeClaimContext serves one request through the middleware and returns the
 // context its handler saw.
-func claimContext(t *testing.T, scope, key string) context.Context {
+func stripeClaimContext(t *testing.T, scope, key string) context.Context {
 	t.Helper()
 	mw, err := idempotency.New(idempotency.NewMemoryStore(),
 		idempotency.WithScope(func(*http.Request) string { return scope }))
@@ -37,7 +37,7 @@ func claimContext(t *testing.T, scope, key string) context.Context {
 }
 
 func TestStripeKeyInsideARequest(t *testing.T) {
-	ctx := claimContext(t, "tenant-a", "8e03978e-40d5-43e8-bc93-6894a57f9324")
+	ctx := stripeClaimContext(t, "tenant-a", "8e03978e-40d5-43e8-bc93-6894a57f9324")
 	key, err := idempotency.StripeKey(ctx, "accounts.create")
 	require.NoError(t, err)
 	assert.Regexp(t, stripeKeyPattern, key)
@@ -46,15 +46,15 @@ func TestStripeKeyInsideARequest(t *testing.T) {
 	assert.Equal(t, idempotency.StripeKeyFrom("http", "tenant-a", "8e03978e-40d5-43e8-bc93-6894a57f9324", "accounts.create"), key)
 
 	// A retry of the request, served anew, derives the same key.
-	again, err := idempotency.StripeKey(claimContext(t, "tenant-a", "8e03978e-40d5-43e8-bc93-6894a57f9324"), "accounts.create")
+	again, err := idempotency.StripeKey(stripeClaimContext(t, "tenant-a", "8e03978e-40d5-43e8-bc93-6894a57f9324"), "accounts.create")
 	require.NoError(t, err)
 	assert.Equal(t, key, again)
 
 	// Other operation, scope or client key: other Stripe key.
 	others := map[string]context.Context{
 		"operation": ctx,
-		"scope":     claimContext(t, "tenant-b", "8e03978e-40d5-43e8-bc93-6894a57f9324"),
-		"key":       claimContext(t, "tenant-a", "another-key"),
+		"scope":     stripeClaimContext(t, "tenant-b", "8e03978e-40d5-43e8-bc93-6894a57f9324"),
+		"key":       stripeClaimContext(t, "tenant-a", "another-key"),
 	}
 	for name, c := range others {
 		op := "accounts.create"
@@ -72,13 +72,13 @@ func TestStripeKeyOutsideARequest(t *testing.T) {
 	assert.ErrorIs(t, err, idempotency.ErrNoClaim)
 	assert.Empty(t, key)
 
-	_, err = idempotency.StripeKey(claimContext(t, "", "k"), "")
+	_, err = idempotency.StripeKey(stripeClaimContext(t, "", "k"), "")
 	assert.Error(t, err)
 	assert.False(t, errors.Is(err, idempotency.ErrNoClaim))
 }
 
 func TestSetStripeKey(t *testing.T) {
-	ctx := claimContext(t, "", "venue-42-onboarding")
+	ctx := stripeClaimContext(t, "", "venue-42-onboarding")
 	params := &stripe.AccountParams{Type: stripe.String("express")}
 	require.NoError(t, idempotency.SetStripeKey(ctx, params, "accounts.create"))
 	require.NotNil(t, params.IdempotencyKey)
