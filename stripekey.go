@@ -1,0 +1,104 @@
+package idempotency
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"reflect"
+)
+
+// ErrNoClaim: [StripeKey] or [SetStripeKey] was called with a context that
+// belongs to no idempotent request or webhook event, so there is nothing
+// durable to derive a key from. Use [StripeKeyFrom] with explicit parts
+// outside requests.
+var ErrNoClaim = errors.New("idempotency: no idempotent request in context")
+
+// stripeKeyPrefix starts every derived key; the hex SHA-256 after it makes
+// keys 69 characters long, well within Stripe's 255.
+const stripeKeyPrefix = "idem_"
+
+// StripeKey derives the idempotency key for one outgoing Stripe call made
+// while serving an idempotent request or webhook event: a handler wrapped
+// by [Middleware.Handler] or a [WebhookFunc]. operation names the call
+// within that work, for example "accounts.create" or "transfer:3"; use a
+// different name for every call the work makes.
+//
+// The key depends only on the claim in ctx (kind, scope and key: the
+// client's Idempotency-Key or the event id) and on operation, so a retry of
+// the request, served by any process, sends Stripe the same key and gets
+// the object created by the first attempt instead of a second one. Stripe
+// rejects a key reused with different parameters, so the parameters of a
+// call must be the same on every attempt too.
+//
+// The key is "idem_" followed by a hex SHA-256 (69 characters); it does not
+// reveal the client's key. The error wraps [ErrNoClaim] when ctx carries no
+// claim; an empty operation is an error too.
+func StripeKey(ctx context.Context, operation string) (string, error) {
+	if operation == "" {
+		return "", errors.New("idempotency: StripeKey needs an operation name")
+	}
+	claim, ok := ClaimFromContext(ctx)
+	if !ok {
+		return "", fmt.Errorf("%w: cannot derive a Stripe idempotency key for %q", ErrNoClaim, operation)
+	}
+	return StripeKeyFrom(claim.Kind, claim.Scope, claim.Key, operation), nil
+}
+
+// StripeKeyFrom derives a Stripe idempotency key from explicit parts, for
+// work that is not an idempotent request, such as a background job:
+// StripeKeyFrom("payout-job", jobID, "transfer:3"). Parts are
+// length-prefixed before hashing, so ("a", "bc") and ("ab", "c") give
+// different keys. [StripeKey] is StripeKeyFrom(kind, scope, key, operation)
+// over the request's claim.
+//
+// The result, 69 characters, is "idem_" followed by the lower-case hex
+// SHA-256 of L("idempotency-stripe-key-v1"), the number of parts as a
+// big-endian uint64, then L(part) for each part, where L(s) is len(s) as a
+// big-endian uint64 followed by the bytes of s. The derivation is part of
+// the API and does not change between versions: a retry that spans an
+// upgrade, or that another service derives, gets the same key.
+func StripeKeyFrom(parts ...string) string {
+	h := sha256.New()
+	writeField(h, "idempotency-stripe-key-v1")
+	writeLength(h, len(parts))
+	for _, p := range parts {
+		writeField(h, p)
+	}
+	return stripeKeyPrefix + hex.EncodeToString(h.Sum(nil))
+}
+
+// SetStripeKey derives the key for operation with [StripeKey] and sets it
+// on params, in one call. params is any stripe-go v76 parameter struct:
+// *stripe.Params and every *stripe.XxxParams that embeds it.
+//
+//	params := &stripe.AccountParams{Type: stripe.String("express")}
+//	if err := idempotency.SetStripeKey(r.Context(), params, "accounts.create"); err != nil {
+//		return err
+//	}
+//	acct, err := sc.Accounts.New(params)
+//
+// It leaves params alone and returns StripeKey's error when there is no
+// claim in ctx, and an error when params is nil.
+func SetStripeKey(ctx context.Context, params interface{ SetIdempotencyKey(string) }, operation string) error {
+	if isNil(params) {
+		return errors.New("idempotency: SetStripeKey needs params")
+	}
+	key, err := StripeKey(ctx, operation)
+	if err != nil {
+		return err
+	}
+	params.SetIdempotencyKey(key)
+	return nil
+}
+
+// isNil reports whether v is nil or a nil pointer, whose SetIdempotencyKey
+// would panic.
+func isNil(v any) bool {
+	if v == nil {
+		return true
+	}
+	rv := reflect.ValueOf(v)
+	return rv.Kind() == reflect.Pointer && rv.IsNil()
+}
