@@ -1,0 +1,397 @@
+package main
+
+// End-to-end tests: build the real binary, start it on a free port, drive
+// it over HTTP, stop it with SIGTERM.
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptrace"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"github.com/stripe/stripe-go/v76"
+
+	"github.com/seed70ea8305/idempotency"
+	"github.com/seed70ea8305/idempotency/internal/redistest"
+)
+
+var binary string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "venue-service-e2e")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	binary = filepath.Join(dir, "venue-service")
+	build := exec.Command("go", "build", "-o", binary, ".")
+	build.Stdout, build.Stderr = os.Stderr, os.Stderr
+	if err := build.Run(); err != nil {
+		fmt.Fprintln(os.Stderr, "building venue-service:", err)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// process is one running venue-service.
+type process struct {
+	t    *testing.T
+	cmd  *exec.Cmd
+	url  string
+	done chan error
+
+	mu  sync.Mutex
+	log bytes.Buffer
+}
+
+var listeningLine = regexp.MustCompile(`msg="venue-service listening" addr=(http://\S+)`)
+
+// start runs the binary with env added to the test's environment, on a free
+// port, and waits for its startup line.
+func start(t *testing.T, env ...string) *process {
+	t.Helper()
+	cmd := exec.Command(binary, "-addr", "127.0.0.1:0")
+	cmd.Env = append(os.Environ(), env...)
+	stderr, err := cmd.StderrPipe()
+	require.NoError(t, err)
+	require.NoError(t, cmd.Start())
+	p := &process{t: t, cmd: cmd, done: make(chan error, 1)}
+	found := make(chan string, 1)
+	go func() {
+		sc := bufio.NewScanner(stderr)
+		for sc.Scan() {
+			line := sc.Text()
+			p.mu.Lock()
+			p.log.WriteString(line + "\n")
+			p.mu.Unlock()
+			if m := listeningLine.FindStringSubmatch(line); m != nil {
+				found <- m[1]
+			}
+		}
+		p.done <- cmd.Wait()
+	}()
+	t.Cleanup(func() {
+		if cmd.ProcessState == nil {
+			cmd.Process.Kill()
+		}
+		if t.Failed() {
+			t.Logf("venue-service log:\n%s", p.logText())
+		}
+	})
+	select {
+	case p.url = <-found:
+	case err := <-p.done:
+		t.Fatalf("venue-service exited before listening: %v\n%s", err, p.logText())
+	case <-time.After(20 * time.Second):
+		t.Fatalf("venue-service did not start:\n%s", p.logText())
+	}
+	return p
+}
+
+func (p *process) logText() string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.log.String()
+}
+
+// stop sends SIGTERM and waits for a clean exit.
+func (p *process) stop() {
+	p.t.Helper()
+	require.NoError(p.t, p.cmd.Process.Signal(syscall.SIGTERM))
+	select {
+	case err := <-p.done:
+		require.NoError(p.t, err, "venue-service exits 0 on SIGTERM")
+	case <-time.After(20 * time.Second):
+		p.t.Fatal("venue-service did not stop")
+	}
+}
+
+type response struct {
+	status int
+	header http.Header
+	body   []byte
+}
+
+func (r response) json(t *testing.T, v any) {
+	t.Helper()
+	require.NoError(t, json.Unmarshal(r.body, v), "body: %s", r.body)
+}
+
+func do(t *testing.T, method, url, body string, header ...string) response {
+	t.Helper()
+	req, err := http.NewRequest(method, url, strings.NewReader(body))
+	require.NoError(t, err)
+	if body != "" {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	for i := 0; i+1 < len(header); i += 2 {
+		req.Header.Set(header[i], header[i+1])
+	}
+	resp, err := http.DefaultClient.Do(req)
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	require.NoError(t, err)
+	return response{resp.StatusCode, resp.Header, b}
+}
+
+func (p *process) createVenue(key, body string, header ...string) response {
+	return do(p.t, http.MethodPost, p.url+"/venues", body, append([]string{"Idempotency-Key", key}, header...)...)
+}
+
+type stats struct {
+	VenuesCreated          int `json:"venues_created"`
+	StripeAccountsCreated  int `json:"stripe_accounts_created"`
+	WebhookEventsProcessed int `json:"webhook_events_processed"`
+	WebhookEventsDuplicate int `json:"webhook_events_duplicate"`
+}
+
+func (p *process) stats() stats {
+	var s stats
+	r := do(p.t, http.MethodGet, p.url+"/stats", "")
+	require.Equal(p.t, http.StatusOK, r.status)
+	r.json(p.t, &s)
+	return s
+}
+
+func uniqueKey() string { return "key-" + rand.Text() }
+
+func TestHealthAndStartupLine(t *testing.T) {
+	p := start(t)
+	assert.Equal(t, http.StatusOK, do(t, http.MethodGet, p.url+"/healthz", "").status)
+	assert.Contains(t, p.logText(), "store=memory")
+	assert.Contains(t, p.logText(), "in-process fake")
+	assert.Contains(t, p.logText(), "whsec_dev_secret (development default)")
+	p.stop()
+}
+
+func TestCreateRetryAndMismatch(t *testing.T) {
+	p := start(t)
+	key := uniqueKey()
+	first := p.createVenue(key, `{"name":"Concert Hall","slug":"concert-hall"}`)
+	require.Equal(t, http.StatusCreated, first.status, "%s", first.body)
+	var venue Venue
+	first.json(t, &venue)
+	assert.Equal(t, "concert-hall", venue.Slug)
+	assert.True(t, strings.HasPrefix(venue.StripeAccountID, "acct_"), venue.StripeAccountID)
+
+	// Key order and whitespace do not matter: the example fingerprints
+	// canonical JSON.
+	retry := p.createVenue(key, `{ "slug": "concert-hall", "name": "Concert Hall" }`)
+	assert.Equal(t, http.StatusCreated, retry.status)
+	assert.Equal(t, "true", retry.header.Get("X-Idempotent-Replayed"))
+	assert.Equal(t, first.body, retry.body)
+
+	other := p.createVenue(key, `{"name":"Other","slug":"other"}`)
+	assert.Equal(t, http.StatusUnprocessableEntity, other.status)
+	assert.Equal(t, "application/problem+json", other.header.Get("Content-Type"))
+
+	var list []Venue
+	do(t, http.MethodGet, p.url+"/venues", "").json(t, &list)
+	assert.Equal(t, []Venue{venue}, list)
+	assert.Equal(t, stats{VenuesCreated: 1, StripeAccountsCreated: 1}, p.stats())
+	assert.Contains(t, p.logText(), "outcome=replayed", "replays are audit-logged")
+	p.stop()
+}
+
+func TestBadInput(t *testing.T) {
+	p := start(t)
+	for name, tc := range map[string]struct {
+		key, body string
+		status    int
+	}{
+		"missing key":    {"", `{"name":"a","slug":"a"}`, http.StatusBadRequest},
+		"malformed key":  {strings.Repeat("k", 300), `{"name":"a","slug":"a"}`, http.StatusBadRequest},
+		"broken JSON":    {uniqueKey(), `{"name":`, http.StatusBadRequest},
+		"missing field":  {uniqueKey(), `{"name":"a"}`, http.StatusBadRequest},
+		"unknown field":  {uniqueKey(), `{"name":"a","slug":"a","x":1}`, http.StatusBadRequest},
+		"oversized body": {uniqueKey(), `{"name":"` + strings.Repeat("a", 2<<20) + `"}`, http.StatusRequestEntityTooLarge},
+	} {
+		r := p.createVenue(tc.key, tc.body)
+		assert.Equal(t, tc.status, r.status, "%s: %s", name, r.body)
+		assert.Equal(t, "application/problem+json", r.header.Get("Content-Type"), name)
+	}
+	assert.Equal(t, stats{}, p.stats(), "bad input created nothing")
+	p.stop()
+}
+
+func TestSlugTakenByAnotherVenue(t *testing.T) {
+	p := start(t)
+	require.Equal(t, http.StatusCreated, p.createVenue(uniqueKey(), `{"name":"A","slug":"hall"}`).status)
+	r := p.createVenue(uniqueKey(), `{"name":"B","slug":"hall"}`)
+	assert.Equal(t, http.StatusConflict, r.status)
+	assert.Contains(t, string(r.body), "Slug taken")
+	p.stop()
+}
+
+func TestConcurrentDuplicates(t *testing.T) {
+	p := start(t, "FAKE_STRIPE_LATENCY=300ms")
+	key := uniqueKey()
+	const n = 10
+	var wg sync.WaitGroup
+	statuses := make(chan int, n)
+	for range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			statuses <- p.createVenue(key, `{"name":"Hall","slug":"hall"}`).status
+		}()
+	}
+	wg.Wait()
+	close(statuses)
+	count := map[int]int{}
+	for s := range statuses {
+		count[s]++
+	}
+	assert.Equal(t, 1, count[http.StatusCreated], "statuses: %v", count)
+	assert.Equal(t, n-1, count[http.StatusConflict], "statuses: %v", count)
+	assert.Equal(t, stats{VenuesCreated: 1, StripeAccountsCreated: 1}, p.stats())
+	p.stop()
+}
+
+// TestChaosRetryReusesStripeAccount: the first creation fails with 500
+// after Stripe created the account; the client's retry with the same key
+// gets that same account back from Stripe, so there is one, not two.
+func TestChaosRetryReusesStripeAccount(t *testing.T) {
+	p := start(t, "CHAOS_FAIL_AFTER_STRIPE=2")
+	key := uniqueKey()
+	body := `{"name":"Hall","slug":"hall"}`
+	assert.Equal(t, http.StatusInternalServerError, p.createVenue(key, body).status)
+	assert.Equal(t, http.StatusInternalServerError, p.createVenue(key, body).status)
+	r := p.createVenue(key, body)
+	require.Equal(t, http.StatusCreated, r.status, "%s", r.body)
+	assert.Equal(t, stats{VenuesCreated: 1, StripeAccountsCreated: 1}, p.stats())
+	p.stop()
+}
+
+func TestWebhookProcessedOnce(t *testing.T) {
+	p := start(t)
+	created := p.createVenue(uniqueKey(), `{"name":"Hall","slug":"hall"}`)
+	require.Equal(t, http.StatusCreated, created.status)
+	var venue Venue
+	created.json(t, &venue)
+
+	payload := fmt.Sprintf(`{"id":"evt_%s","object":"event","type":"account.updated","api_version":%q,"created":%d,`+
+		`"data":{"object":{"id":%q,"object":"account","charges_enabled":true}}}`,
+		rand.Text(), stripe.APIVersion, time.Now().Unix(), venue.StripeAccountID)
+	signature := signWithBinary(t, payload)
+	send := func(sig string) response {
+		return do(t, http.MethodPost, p.url+"/webhooks/stripe", payload, "Stripe-Signature", sig)
+	}
+	first := send(signature)
+	assert.Equal(t, http.StatusOK, first.status, "%s", first.body)
+	second := send(signature)
+	assert.Equal(t, http.StatusOK, second.status)
+	assert.Equal(t, "true", second.header.Get("X-Idempotent-Replayed"))
+	bad := send(idempotency.SignWebhookPayload([]byte(payload), "whsec_wrong", time.Now()))
+	assert.Equal(t, http.StatusBadRequest, bad.status)
+	assert.Equal(t, "application/problem+json", bad.header.Get("Content-Type"))
+
+	var list []Venue
+	do(t, http.MethodGet, p.url+"/venues", "").json(t, &list)
+	require.Len(t, list, 1)
+	assert.True(t, list[0].ChargesEnabled, "account.updated enabled charges on the venue")
+	assert.Equal(t, stats{VenuesCreated: 1, StripeAccountsCreated: 1, WebhookEventsProcessed: 1, WebhookEventsDuplicate: 1}, p.stats())
+	p.stop()
+}
+
+// signWithBinary signs payload with the binary's sign subcommand, as the
+// README shows.
+func signWithBinary(t *testing.T, payload string) string {
+	t.Helper()
+	cmd := exec.Command(binary, "sign")
+	cmd.Stdin = strings.NewReader(payload)
+	out, err := cmd.Output()
+	require.NoError(t, err)
+	return strings.TrimSpace(string(out))
+}
+
+func TestGracefulShutdownFinishesInFlight(t *testing.T) {
+	p := start(t, "FAKE_STRIPE_LATENCY=700ms")
+	sent := make(chan struct{})
+	result := make(chan *http.Response, 1)
+	go func() {
+		trace := &httptrace.ClientTrace{WroteRequest: func(httptrace.WroteRequestInfo) { close(sent) }}
+		ctx := httptrace.WithClientTrace(context.Background(), trace)
+		req, _ := http.NewRequestWithContext(ctx, http.MethodPost, p.url+"/venues", strings.NewReader(`{"name":"Hall","slug":"hall"}`))
+		req.Header.Set("Idempotency-Key", uniqueKey())
+		resp, err := http.DefaultClient.Do(req)
+		assert.NoError(t, err)
+		result <- resp
+	}()
+	<-sent
+	time.Sleep(100 * time.Millisecond) // the server has read the request and is in the Stripe call
+	require.NoError(t, p.cmd.Process.Signal(syscall.SIGTERM))
+	resp := <-result
+	require.NotNil(t, resp)
+	resp.Body.Close()
+	assert.Equal(t, http.StatusCreated, resp.StatusCode, "the in-flight request finished")
+	require.NoError(t, <-p.done)
+	assert.Contains(t, p.logText(), "stopped cleanly")
+}
+
+func TestBadConfiguration(t *testing.T) {
+	for _, env := range []string{"FAKE_STRIPE_LATENCY=soon", "CHAOS_FAIL_AFTER_STRIPE=-1", "REDIS_URL=ftp://nowhere"} {
+		cmd := exec.Command(binary, "-addr", "127.0.0.1:0")
+		cmd.Env = append(os.Environ(), env)
+		out, err := cmd.CombinedOutput()
+		assert.Error(t, err, env)
+		assert.NotContains(t, string(out), "listening", env)
+	}
+}
+
+// redisURL returns the real Redis for the tests that need one.
+func redisURL(t *testing.T) string {
+	opt := redistest.Options(t) // skips when the variable is unset
+	return fmt.Sprintf("redis://%s/%d", opt.Addr, opt.DB)
+}
+
+func TestTwoProcessesShareRedis(t *testing.T) {
+	url := redisURL(t)
+	a := start(t, "REDIS_URL="+url)
+	b := start(t, "REDIS_URL="+url)
+	assert.Contains(t, a.logText(), "store=\"redis ")
+	key := uniqueKey()
+	first := a.createVenue(key, `{"name":"Hall","slug":"hall"}`)
+	require.Equal(t, http.StatusCreated, first.status)
+	retry := b.createVenue(key, `{"name":"Hall","slug":"hall"}`)
+	assert.Equal(t, http.StatusCreated, retry.status)
+	assert.Equal(t, "true", retry.header.Get("X-Idempotent-Replayed"), "the other instance replays the first's response")
+	assert.Equal(t, first.body, retry.body)
+	assert.Equal(t, 0, b.stats().VenuesCreated, "the second instance did no work")
+	a.stop()
+	b.stop()
+}
+
+func TestRestartStillReplays(t *testing.T) {
+	url := redisURL(t)
+	key := uniqueKey()
+	a := start(t, "REDIS_URL="+url)
+	first := a.createVenue(key, `{"name":"Hall","slug":"hall"}`)
+	require.Equal(t, http.StatusCreated, first.status)
+	a.stop()
+
+	again := start(t, "REDIS_URL="+url)
+	retry := again.createVenue(key, `{"name":"Hall","slug":"hall"}`)
+	assert.Equal(t, "true", retry.header.Get("X-Idempotent-Replayed"))
+	assert.Equal(t, first.body, retry.body)
+	again.stop()
+}

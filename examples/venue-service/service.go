@@ -1,0 +1,262 @@
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"strings"
+	"sync"
+	"sync/atomic"
+
+	"github.com/stripe/stripe-go/v76"
+	"github.com/stripe/stripe-go/v76/client"
+
+	"github.com/seed70ea8305/idempotency"
+)
+
+// Venue is what the service stores and returns.
+type Venue struct {
+	ID              string `json:"id"`
+	Name            string `json:"name"`
+	Slug            string `json:"slug"`
+	StripeAccountID string `json:"stripe_account_id"`
+	ChargesEnabled  bool   `json:"charges_enabled"`
+}
+
+// service holds the venues and the counters behind GET /stats. Venues live
+// in memory: the example is about idempotency, not persistence.
+type service struct {
+	stripe *client.API
+	logger *slog.Logger
+	chaos  atomic.Int64 // venue creations left to fail after the Stripe call
+
+	mu             sync.Mutex
+	venues         []*Venue
+	bySlug         map[string]*Venue
+	stripeAccounts map[string]bool // distinct accounts Stripe returned
+
+	venuesCreated     atomic.Int64
+	webhooksProcessed atomic.Int64
+	webhookDuplicates atomic.Int64
+}
+
+func newService(stripeClient *client.API, chaosFailAfterStripe int, logger *slog.Logger) *service {
+	s := &service{
+		stripe:         stripeClient,
+		logger:         logger,
+		bySlug:         make(map[string]*Venue),
+		stripeAccounts: make(map[string]bool),
+	}
+	s.chaos.Store(int64(chaosFailAfterStripe))
+	return s
+}
+
+// routes wires the handlers, the idempotency middleware and the webhook
+// helper onto one mux.
+func (s *service) routes(store idempotency.Store, webhookSecret string) (http.Handler, error) {
+	mw, err := idempotency.New(store,
+		idempotency.WithScope(func(r *http.Request) string { return r.Header.Get("X-Tenant-ID") }),
+		idempotency.WithFingerprint(idempotency.Fingerprinter{CanonicalJSON: true}.Fingerprint),
+		idempotency.WithLogger(s.logger),
+		idempotency.WithObserver(s.auditReplay),
+	)
+	if err != nil {
+		return nil, err
+	}
+	webhooks, err := idempotency.NewWebhookHandler(store, []string{webhookSecret}, s.handleEvent,
+		idempotency.WithWebhookLogger(s.logger),
+		idempotency.WithWebhookObserver(s.countWebhook),
+	)
+	if err != nil {
+		return nil, err
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+	})
+	mux.Handle("POST /venues", mw.Handler(http.HandlerFunc(s.createVenue)))
+	mux.HandleFunc("GET /venues", s.listVenues)
+	mux.Handle("POST /webhooks/stripe", webhooks)
+	mux.HandleFunc("GET /stats", s.stats)
+	return mux, nil
+}
+
+// createVenue creates the venue's Stripe Connect account, then the venue.
+// The Stripe call carries a key derived from this request's Idempotency-Key,
+// so when a failure after the call makes the client retry, Stripe returns
+// the account it created the first time instead of creating another.
+func (s *service) createVenue(w http.ResponseWriter, r *http.Request) {
+	var in struct {
+		Name string `json:"name"`
+		Slug string `json:"slug"`
+	}
+	dec := json.NewDecoder(r.Body)
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&in); err != nil {
+		writeProblem(w, http.StatusBadRequest, "Malformed JSON body", "the body must be a JSON object with name and slug")
+		return
+	}
+	in.Name, in.Slug = strings.TrimSpace(in.Name), strings.TrimSpace(in.Slug)
+	if in.Name == "" || in.Slug == "" {
+		writeProblem(w, http.StatusBadRequest, "Missing field", "name and slug are required")
+		return
+	}
+	if s.slugTaken(in.Slug) {
+		writeProblem(w, http.StatusConflict, "Slug taken", fmt.Sprintf("another venue already uses the slug %q", in.Slug))
+		return
+	}
+
+	params := &stripe.AccountParams{
+		Type:     stripe.String(string(stripe.AccountTypeExpress)),
+		Metadata: map[string]string{"venue_slug": in.Slug},
+	}
+	params.Context = r.Context()
+	if err := idempotency.SetStripeKey(r.Context(), params, "accounts.create"); err != nil {
+		s.logger.ErrorContext(r.Context(), "deriving the Stripe idempotency key", "error", err)
+		writeProblem(w, http.StatusInternalServerError, "Internal error", "")
+		return
+	}
+	account, err := s.stripe.Accounts.New(params)
+	if err != nil {
+		// 502: retryable, so the middleware frees the key for the retry.
+		s.logger.WarnContext(r.Context(), "creating the Stripe account failed", "error", err)
+		writeProblem(w, http.StatusBadGateway, "Stripe unavailable", "creating the payment account failed; retry with the same Idempotency-Key")
+		return
+	}
+	s.mu.Lock()
+	s.stripeAccounts[account.ID] = true
+	s.mu.Unlock()
+
+	if s.injectFailure() {
+		s.logger.WarnContext(r.Context(), "chaos: failing after the Stripe call", "stripe_account_id", account.ID)
+		writeProblem(w, http.StatusInternalServerError, "Injected failure", "CHAOS_FAIL_AFTER_STRIPE: the venue was not saved; retry with the same Idempotency-Key")
+		return
+	}
+
+	venue, err := s.saveVenue(in.Name, in.Slug, account.ID)
+	if err != nil {
+		writeProblem(w, http.StatusConflict, "Slug taken", err.Error())
+		return
+	}
+	w.Header().Set("Location", "/venues/"+venue.ID)
+	writeJSON(w, http.StatusCreated, venue)
+}
+
+// injectFailure reports whether this creation is one of the first
+// CHAOS_FAIL_AFTER_STRIPE, which fail after the Stripe call.
+func (s *service) injectFailure() bool {
+	for {
+		n := s.chaos.Load()
+		if n <= 0 {
+			return false
+		}
+		if s.chaos.CompareAndSwap(n, n-1) {
+			return true
+		}
+	}
+}
+
+func (s *service) slugTaken(slug string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.bySlug[slug] != nil
+}
+
+func (s *service) saveVenue(name, slug, accountID string) (Venue, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.bySlug[slug] != nil {
+		return Venue{}, fmt.Errorf("another venue already uses the slug %q", slug)
+	}
+	v := &Venue{ID: "ven_" + strings.ToLower(rand.Text()[:16]), Name: name, Slug: slug, StripeAccountID: accountID}
+	s.venues = append(s.venues, v)
+	s.bySlug[slug] = v
+	s.venuesCreated.Add(1)
+	return *v, nil
+}
+
+func (s *service) listVenues(w http.ResponseWriter, r *http.Request) {
+	s.mu.Lock()
+	out := make([]Venue, 0, len(s.venues))
+	for _, v := range s.venues {
+		out = append(out, *v)
+	}
+	s.mu.Unlock()
+	writeJSON(w, http.StatusOK, out)
+}
+
+// handleEvent is the webhook function: the library has verified the
+// signature and guarantees it runs once per event ID.
+func (s *service) handleEvent(ctx context.Context, event stripe.Event) error {
+	s.webhooksProcessed.Add(1)
+	if event.Type != stripe.EventTypeAccountUpdated {
+		return nil // acknowledged: not an event this service acts on
+	}
+	var account stripe.Account
+	if err := json.Unmarshal(event.Data.Raw, &account); err != nil {
+		return fmt.Errorf("account.updated %s: %w", event.ID, err)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, v := range s.venues {
+		if v.StripeAccountID == account.ID {
+			v.ChargesEnabled = account.ChargesEnabled
+			return nil
+		}
+	}
+	s.logger.InfoContext(ctx, "account.updated for an account no venue uses", "event", event.ID, "stripe_account_id", account.ID)
+	return nil
+}
+
+func (s *service) stats(w http.ResponseWriter, r *http.Request) {
+	s.mu.Lock()
+	accounts := len(s.stripeAccounts)
+	s.mu.Unlock()
+	writeJSON(w, http.StatusOK, map[string]int64{
+		"venues_created":           s.venuesCreated.Load(),
+		"stripe_accounts_created":  int64(accounts),
+		"webhook_events_processed": s.webhooksProcessed.Load(),
+		"webhook_events_duplicate": s.webhookDuplicates.Load(),
+	})
+}
+
+// auditReplay is the middleware's observer: an audit log of replays and of
+// requests turned away.
+func (s *service) auditReplay(ctx context.Context, e idempotency.Event) {
+	switch e.Outcome {
+	case idempotency.OutcomeReplayed, idempotency.OutcomeInFlight, idempotency.OutcomeMismatch:
+		s.logger.InfoContext(ctx, "idempotency", "outcome", e.Outcome, "tenant", e.Scope, "key", e.Key,
+			"method", e.Method, "path", e.Path, "status", e.Status)
+	}
+}
+
+func (s *service) countWebhook(ctx context.Context, e idempotency.Event) {
+	if e.Outcome == idempotency.OutcomeReplayed {
+		s.webhookDuplicates.Add(1)
+	}
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	body, err := json.Marshal(v)
+	if err != nil {
+		http.Error(w, "encoding the response failed", http.StatusInternalServerError)
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	w.Write(append(body, '\n'))
+}
+
+func writeProblem(w http.ResponseWriter, status int, title, detail string) {
+	p := map[string]any{"type": "about:blank", "title": title, "status": status}
+	if detail != "" {
+		p["detail"] = detail
+	}
+	body, _ := json.Marshal(p)
+	w.Header().Set("Content-Type", "application/problem+json")
+	w.WriteHeader(status)
+	w.Write(append(body, '\n'))
+}
