@@ -2,10 +2,12 @@ package idempotency_test
 
 import (
 	"context"
+	"fmt"
 	"net/http"
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/redis/go-redis/v9"
 	"github.com/stretchr/testify/assert"
@@ -89,4 +91,23 @@ func TestClusterRecoversFromScriptFlush(t *testing.T) {
 		assert.Equal(t, "true", serve(h, post(k, `{}`)).Header().Get("X-Idempotent-Replayed"), "key %s", k)
 	}
 	assert.Equal(t, int32(12), handler.calls.Load())
+}
+
+// TestClusterRedisWait: WithRedisWait on a ClusterClient pipelines WAIT to
+// the master of each key's slot; with one replica per master, requests
+// across all slots run and replay.
+func TestClusterRedisWait(t *testing.T) {
+	client := redistest.Cluster(t)
+	store, err := idempotency.NewRedisStore(client, idempotency.WithRedisPrefix(redistest.Prefix(t)), idempotency.WithRedisWait(1, time.Second))
+	require.NoError(t, err)
+	handler := createVenue()
+	obs := &observed{}
+	h := newMiddleware(t, store, idempotency.WithObserver(obs.observe)).Handler(handler)
+	for i := range 30 {
+		k := fmt.Sprintf("k%d", i)
+		require.Equal(t, http.StatusCreated, serve(h, post(k, `{}`)).Code, k)
+		require.Equal(t, idempotency.OutcomeExecuted, obs.last().Outcome, "%s: %v", k, obs.last().Err)
+		assert.Equal(t, "true", serve(h, post(k, `{}`)).Header().Get("X-Idempotent-Replayed"), k)
+	}
+	assert.Equal(t, int32(30), handler.calls.Load())
 }

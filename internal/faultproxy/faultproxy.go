@@ -33,7 +33,7 @@ type Proxy struct {
 	latency   time.Duration // added to every reply
 	delayNext int           // replies still to delay by delayBy
 	delayBy   time.Duration
-	resetNext bool // reset the connection of the next reply
+	resetNext int  // replies still to drop, resetting their connection
 	blackhole bool // forward nothing either way
 	refuse    bool // reset new connections at once
 	gen       int  // counts Heal calls: replies held before one go at once
@@ -82,11 +82,11 @@ func (p *Proxy) DelayNextReplies(n int, d time.Duration) {
 	p.update(func() { p.delayNext, p.delayBy = n, d })
 }
 
-// ResetNextReply drops the next reply and resets (TCP RST) both sides of
-// the connection that carried it: the server has executed the command, the
-// client never learns its result.
-func (p *Proxy) ResetNextReply() {
-	p.update(func() { p.resetNext = true })
+// ResetNextReplies drops each of the next n replies and resets (TCP RST)
+// both sides of the connection that carried it: the server has executed
+// the command, the client never learns its result.
+func (p *Proxy) ResetNextReplies(n int) {
+	p.update(func() { p.resetNext = n })
 }
 
 // Blackhole makes the proxy forward nothing, on open and new connections
@@ -122,7 +122,7 @@ func (p *Proxy) ResetAll() {
 func (p *Proxy) Heal() {
 	p.update(func() {
 		p.latency, p.delayNext, p.delayBy = 0, 0, 0
-		p.resetNext, p.blackhole, p.refuse = false, false, false
+		p.resetNext, p.blackhole, p.refuse = 0, false, false
 		p.gen++
 	})
 }
@@ -190,8 +190,8 @@ func (p *Proxy) replyAction() (action int, due time.Time, gen int) {
 	defer p.mu.Unlock()
 	now := time.Now()
 	switch {
-	case p.resetNext:
-		p.resetNext = false
+	case p.resetNext > 0:
+		p.resetNext--
 		return actionReset, now, p.gen
 	case p.blackhole:
 		return actionDrop, now, p.gen
