@@ -30,16 +30,29 @@ import (
 // reliability table.
 //
 // The go-redis clients get a long read timeout, retries and no context
-// deadlines (faultClient), and the middleware a short store timeout: so
-// every bound a test measures comes from the library, not from the client.
+// deadlines (faultClient), and the requests whose 503 a test times go
+// through a middleware with a short store timeout (faultStoreTimeout): so
+// every bound measured comes from the library, not from the client. The
+// requests around the fault go through a middleware on the same store with
+// a patient store timeout, so a loaded machine does not turn them into 503s.
 
 const (
-	faultStoreTimeout = 300 * time.Millisecond
-	faultReadTimeout  = 5 * time.Second
+	faultStoreTimeout   = 300 * time.Millisecond
+	patientStoreTimeout = 5 * time.Second
+	faultReadTimeout    = 5 * time.Second
 	// faultBound is the longest a 503 may take: the store timeout plus
 	// room for a loaded 2-core machine running the race detector.
 	faultBound = faultStoreTimeout + 700*time.Millisecond
 )
+
+// fastAndPatient returns one handler's middleware twice over one store:
+// with the short store timeout whose bound the tests measure, and with a
+// patient one.
+func fastAndPatient(t *testing.T, store idempotency.Store, handler http.Handler, opts ...idempotency.Option) (fast, patient http.Handler) {
+	fast = newMiddleware(t, store, append(opts, idempotency.WithStoreTimeout(faultStoreTimeout))...).Handler(handler)
+	patient = newMiddleware(t, store, append(opts, idempotency.WithStoreTimeout(patientStoreTimeout))...).Handler(handler)
+	return fast, patient
+}
 
 // faultClient is a go-redis client that, left alone, would wait up to
 // three read timeouts (three attempts) for a reply.
@@ -107,11 +120,11 @@ func TestReliabilityRedisDown(t *testing.T) {
 	store := newRedisStore(t, faultClient(t, addr, faultReadTimeout))
 	handler := createVenue()
 	obs := &observed{}
-	h := newMiddleware(t, store, idempotency.WithStoreTimeout(faultStoreTimeout), idempotency.WithObserver(obs.observe)).Handler(handler)
+	fast, h := fastAndPatient(t, store, handler, idempotency.WithObserver(obs.observe))
 	require.Equal(t, http.StatusCreated, serve(h, venue("warm-up")()).Code)
 
 	stop()
-	w, took := timedServe(h, venue("k")())
+	w, took := timedServe(fast, venue("k")())
 	requireUnavailable(t, w, took)
 	t.Logf("503 after %v with Redis down", took)
 	assert.Equal(t, int32(1), handler.calls.Load(), "no handler ran unprotected")
@@ -143,11 +156,11 @@ func TestReliabilityRedisSlow(t *testing.T) {
 	store := newRedisStore(t, faultClient(t, proxy.Addr(), faultReadTimeout))
 	handler := createVenue()
 	const lease = 30 * time.Second // a key freed within seconds was released, not lapsed
-	h := newMiddleware(t, store, idempotency.WithLease(lease), idempotency.WithStoreTimeout(faultStoreTimeout)).Handler(handler)
+	fast, h := fastAndPatient(t, store, handler, idempotency.WithLease(lease))
 	require.Equal(t, http.StatusCreated, serve(h, venue("warm-up")()).Code)
 
 	proxy.SetLatency(2 * faultReadTimeout)
-	w, took := timedServe(h, venue("k")())
+	w, took := timedServe(fast, venue("k")())
 	requireUnavailable(t, w, took)
 	assert.GreaterOrEqual(t, took, faultStoreTimeout-10*time.Millisecond, "the 503 waited for the store timeout")
 	t.Logf("503 after %v (store timeout %v, go-redis read timeout %v, 3 attempts)", took, faultStoreTimeout, faultReadTimeout)
@@ -189,8 +202,7 @@ func TestReliabilityConnectionReset(t *testing.T) {
 	const lease = 30 * time.Second // a key freed within seconds was released, not lapsed
 	handler := createVenue()
 	obs := &observed{}
-	h := newMiddleware(t, store, idempotency.WithLease(lease), idempotency.WithStoreTimeout(faultStoreTimeout),
-		idempotency.WithObserver(obs.observe)).Handler(handler)
+	fast, h := fastAndPatient(t, store, handler, idempotency.WithLease(lease), idempotency.WithObserver(obs.observe))
 	require.Equal(t, http.StatusCreated, serve(h, venue("warm-up")()).Code)
 
 	t.Run("once", func(t *testing.T) {
@@ -208,7 +220,7 @@ func TestReliabilityConnectionReset(t *testing.T) {
 	t.Run("every attempt", func(t *testing.T) {
 		calls := handler.calls.Load()
 		proxy.ResetNextReplies(3) // go-redis tries 1 + MaxRetries times
-		w, took := timedServe(h, venue("every")())
+		w, took := timedServe(fast, venue("every")())
 		requireUnavailable(t, w, took)
 		assert.Equal(t, calls, handler.calls.Load(), "no handler ran unprotected")
 
@@ -226,7 +238,7 @@ func TestReliabilityConnectionReset(t *testing.T) {
 			io.WriteString(w, "created")
 		}}
 		h := newMiddleware(t, newRedisStore(t, faultClient(t, proxy.Addr(), faultReadTimeout)), idempotency.WithLease(lease),
-			idempotency.WithStoreTimeout(faultStoreTimeout), idempotency.WithObserver(obs.observe)).Handler(store)
+			idempotency.WithStoreTimeout(patientStoreTimeout), idempotency.WithObserver(obs.observe)).Handler(store)
 		w := serve(h, venue("store")())
 		assert.Equal(t, http.StatusCreated, w.Code, "the response went through before the store call")
 		assert.Equal(t, idempotency.OutcomeExecuted, obs.last().Outcome, "err: %v", obs.last().Err)
@@ -246,7 +258,7 @@ func TestReliabilityConnectionReset(t *testing.T) {
 func TestReliabilityRedisRestartedMidRequest(t *testing.T) {
 	addr, stop := redistest.StartServer(t)
 	store := newRedisStore(t, faultClient(t, addr, faultReadTimeout))
-	const lease = 600 * time.Millisecond
+	const lease = time.Second
 	entered := make(chan struct{})
 	var cause atomic.Value
 	handler := &counted{}
@@ -259,13 +271,13 @@ func TestReliabilityRedisRestartedMidRequest(t *testing.T) {
 		}
 		w.WriteHeader(http.StatusCreated)
 	}
-	h := newMiddleware(t, store, idempotency.WithLease(lease), idempotency.WithStoreTimeout(faultStoreTimeout)).Handler(handler)
+	fast, h := fastAndPatient(t, store, handler, idempotency.WithLease(lease))
 	done := make(chan *httptest.ResponseRecorder)
 	go func() { done <- serve(h, venue("k")()) }()
 	<-entered
 
 	stop()
-	w, took := timedServe(h, venue("other")())
+	w, took := timedServe(fast, venue("other")())
 	requireUnavailable(t, w, took)
 	restarted := time.Now()
 	redistest.StartServerAt(t, addr)
@@ -321,7 +333,7 @@ func TestReliabilityReadTimeoutRetryTrap(t *testing.T) {
 func TestReliabilityLeaseExtended(t *testing.T) {
 	addr, _ := redistest.StartServer(t)
 	client := faultClient(t, addr, faultReadTimeout)
-	const lease = 300 * time.Millisecond
+	const lease = 600 * time.Millisecond
 	entered := make(chan struct{})
 	handler := &counted{serve: func(w http.ResponseWriter, r *http.Request) {
 		close(entered)
@@ -329,7 +341,7 @@ func TestReliabilityLeaseExtended(t *testing.T) {
 		assert.NoError(t, r.Context().Err(), "the handler's context stays live")
 		w.WriteHeader(http.StatusCreated)
 	}}
-	h := newMiddleware(t, newRedisStore(t, client), idempotency.WithLease(lease), idempotency.WithStoreTimeout(faultStoreTimeout)).Handler(handler)
+	h := newMiddleware(t, newRedisStore(t, client), idempotency.WithLease(lease), idempotency.WithStoreTimeout(patientStoreTimeout)).Handler(handler)
 	done := make(chan int)
 	go func() { done <- serve(h, venue("k")()).Code }()
 	<-entered
@@ -350,21 +362,23 @@ func TestReliabilityLeaseExtended(t *testing.T) {
 func TestReliabilityLeaseLostRedisGone(t *testing.T) {
 	addr, stop := redistest.StartServer(t)
 	store := newRedisStore(t, faultClient(t, addr, faultReadTimeout))
-	const lease = 600 * time.Millisecond
+	const lease = time.Second
 	entered := make(chan struct{})
 	var cause atomic.Value
+	cancelled := make(chan time.Time, 1)
 	handler := &counted{}
 	handler.serve = func(w http.ResponseWriter, r *http.Request) {
 		if handler.calls.Load() == 1 {
 			close(entered)
 			<-r.Context().Done()
+			cancelled <- time.Now()
 			cause.Store(context.Cause(r.Context()))
 			return
 		}
 		w.WriteHeader(http.StatusCreated)
 	}
 	obs := &observed{}
-	h := newMiddleware(t, store, idempotency.WithLease(lease), idempotency.WithStoreTimeout(faultStoreTimeout),
+	h := newMiddleware(t, store, idempotency.WithLease(lease), idempotency.WithStoreTimeout(patientStoreTimeout),
 		idempotency.WithObserver(obs.observe)).Handler(handler)
 	done := make(chan *httptest.ResponseRecorder)
 	go func() { done <- serve(h, venue("k")()) }()
@@ -373,12 +387,19 @@ func TestReliabilityLeaseLostRedisGone(t *testing.T) {
 	stop()
 
 	first := <-done
-	cancelledAfter := time.Since(stopped)
+	answeredAfter := time.Since(stopped)
+	cancelledAfter := (<-cancelled).Sub(stopped)
 	requireUnavailable(t, first, 0)
 	assert.ErrorIs(t, cause.Load().(error), idempotency.ErrLeaseLost)
-	assert.Less(t, cancelledAfter, lease+lease/3+faultBound, "cancelled within about one lease")
+	// Renewals run every lease/3 and each is cut off after lease/3: the
+	// last success came at most lease/3 before Redis went away, and the
+	// failure that crosses a whole lease since then ends up to two
+	// intervals later.
+	assert.Less(t, cancelledAfter, lease+2*lease/3+500*time.Millisecond, "cancelled within about one lease")
+	// The 503 waits for the release to fail, which the store timeout bounds.
+	assert.Less(t, answeredAfter, cancelledAfter+patientStoreTimeout+500*time.Millisecond)
 	assert.Equal(t, idempotency.OutcomeStoreError, obs.last().Outcome, "the release failed too: Redis is down")
-	t.Logf("handler cancelled %v after Redis went away (lease %v)", cancelledAfter, lease)
+	t.Logf("handler cancelled %v, client answered %v after Redis went away (lease %v)", cancelledAfter, answeredAfter, lease)
 
 	redistest.StartServerAt(t, addr)
 	assert.Equal(t, http.StatusCreated, serve(h, venue("k")()).Code)
@@ -399,7 +420,7 @@ func TestReliabilityLeaseLostTakenOver(t *testing.T) {
 		require.NoError(t, err)
 		return store
 	}
-	const lease = 600 * time.Millisecond
+	const lease = time.Second
 	entered, proceed := make(chan struct{}), make(chan struct{})
 	var cause atomic.Value
 	handlerA := &counted{serve: func(w http.ResponseWriter, r *http.Request) {
@@ -415,9 +436,9 @@ func TestReliabilityLeaseLostTakenOver(t *testing.T) {
 		io.WriteString(w, "B")
 	}}
 	obsA := &observed{}
-	a := newMiddleware(t, newStore(proxy.Addr()), idempotency.WithLease(lease), idempotency.WithStoreTimeout(faultStoreTimeout),
+	a := newMiddleware(t, newStore(proxy.Addr()), idempotency.WithLease(lease), idempotency.WithStoreTimeout(patientStoreTimeout),
 		idempotency.WithObserver(obsA.observe)).Handler(handlerA)
-	b := newMiddleware(t, newStore(addr), idempotency.WithLease(lease), idempotency.WithStoreTimeout(faultStoreTimeout)).Handler(handlerB)
+	b := newMiddleware(t, newStore(addr), idempotency.WithLease(lease), idempotency.WithStoreTimeout(patientStoreTimeout)).Handler(handlerB)
 
 	doneA := make(chan *httptest.ResponseRecorder)
 	go func() { doneA <- serve(a, venue("k")()) }()
@@ -541,7 +562,7 @@ func fill(t *testing.T, client *redis.Client) int {
 func TestReliabilityRedisOOM(t *testing.T) {
 	addr, _ := redistest.StartServer(t, "--maxmemory", "2mb", "--maxmemory-policy", "noeviction")
 	client := faultClient(t, addr, faultReadTimeout)
-	const lease = 500 * time.Millisecond
+	const lease = time.Second
 	entered, proceed := make(chan struct{}), make(chan struct{})
 	handler := &counted{}
 	handler.serve = func(w http.ResponseWriter, r *http.Request) {
@@ -552,14 +573,13 @@ func TestReliabilityRedisOOM(t *testing.T) {
 		w.WriteHeader(http.StatusCreated)
 	}
 	obs := &observed{}
-	h := newMiddleware(t, newRedisStore(t, client), idempotency.WithLease(lease), idempotency.WithStoreTimeout(faultStoreTimeout),
-		idempotency.WithObserver(obs.observe)).Handler(handler)
+	fast, h := fastAndPatient(t, newRedisStore(t, client), handler, idempotency.WithLease(lease), idempotency.WithObserver(obs.observe))
 	done := make(chan *httptest.ResponseRecorder)
 	go func() { done <- serve(h, venue("k")()) }()
 	<-entered
 	fillers := fill(t, client)
 
-	w, took := timedServe(h, venue("other")())
+	w, took := timedServe(fast, venue("other")())
 	requireUnavailable(t, w, took)
 	assert.ErrorContains(t, obs.last().Err, "OOM")
 	assert.Equal(t, int32(1), handler.calls.Load(), "no handler ran unprotected")
@@ -570,7 +590,7 @@ func TestReliabilityRedisOOM(t *testing.T) {
 	assert.Equal(t, idempotency.OutcomeStoreError, obs.last().Outcome)
 	assert.ErrorContains(t, obs.last().Err, "OOM", "storing the response hit OOM")
 
-	w, took = timedServe(h, venue("k")())
+	w, took = timedServe(fast, venue("k")())
 	requireUnavailable(t, w, took) // SET is refused under OOM even when the key exists
 
 	keys := make([]string, fillers)
@@ -607,4 +627,85 @@ func TestReliabilityEvictionLosesRecords(t *testing.T) {
 	assert.Equal(t, http.StatusCreated, w.Code)
 	assert.Empty(t, w.Header().Get("X-Idempotent-Replayed"))
 	assert.Equal(t, int32(2), handler.calls.Load(), "the evicted record let the handler run twice")
+}
+
+// TestReliabilityFailover: a primary with one replica; the replication
+// link is cut (so writes stay on the primary), then the replica is
+// promoted (REPLICAOF NO ONE) and clients move to it.
+//
+// Without WithRedisWait, every record replicated before the cut survives
+// and every record written after it is lost: the retry runs the handler a
+// second time. With WithRedisWait(1, ...), a claim made while no replica
+// acknowledges fails closed (503, handler not run, claim taken back); a
+// response stored while none acknowledges reaches its client but is
+// reported as a store failure, and is lost with the primary: its claim,
+// which was acknowledged, holds the key on the new primary until the lease
+// lapses, then a retry runs the handler again.
+func TestReliabilityFailover(t *testing.T) {
+	primary, replica, link := startReplicated(t)
+	prefix := redistest.Prefix(t)
+	newStore := func(addr string, opts ...idempotency.RedisOption) idempotency.Store {
+		store, err := idempotency.NewRedisStore(faultClient(t, addr, faultReadTimeout), append(opts, idempotency.WithRedisPrefix(prefix))...)
+		require.NoError(t, err)
+		return store
+	}
+	const waitTimeout = time.Second
+	const lease = time.Second
+	entered, proceed := make(chan struct{}), make(chan struct{})
+	var cut atomic.Bool
+	handler := &counted{}
+	handler.serve = func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("Idempotency-Key") == "waited-cut" && cut.CompareAndSwap(false, true) {
+			close(entered)
+			<-proceed
+		}
+		w.WriteHeader(http.StatusCreated)
+	}
+	obs := &observed{}
+	opts := []idempotency.Option{idempotency.WithLease(lease), idempotency.WithStoreTimeout(patientStoreTimeout), idempotency.WithObserver(obs.observe)}
+	plain := newMiddleware(t, newStore(primary), opts...).Handler(handler)
+	waiting := newMiddleware(t, newStore(primary, idempotency.WithRedisWait(1, waitTimeout)), opts...).Handler(handler)
+
+	require.Equal(t, http.StatusCreated, serve(plain, venue("before")()).Code, "%v", obs.last().Err)
+	require.Equal(t, http.StatusCreated, serve(waiting, venue("waited")()).Code, "%v", obs.last().Err)
+	assert.Equal(t, idempotency.OutcomeExecuted, obs.last().Outcome)
+	// The plain record is only known to be on the replica once WAIT says so.
+	require.EqualValues(t, 1, faultClient(t, primary, time.Second).Do(context.Background(), "wait", 1, 1000).Val())
+
+	done := make(chan *httptest.ResponseRecorder)
+	go func() { done <- serve(waiting, venue("waited-cut")()) }()
+	<-entered
+
+	link.Blackhole() // replication stops; the primary still answers
+	require.Equal(t, http.StatusCreated, serve(plain, venue("after")()).Code, "the primary acknowledges alone")
+	w, took := timedServe(waiting, venue("refused")())
+	requireProblem(t, w, http.StatusServiceUnavailable)
+	assert.Less(t, took, waitTimeout+faultBound, "the 503 came once WAIT timed out")
+	assert.ErrorContains(t, obs.last().Err, "acknowledged by 0 of 1 replicas")
+	close(proceed)
+	assert.Equal(t, http.StatusCreated, (<-done).Code, "the running handler's answer reached its client")
+	assert.Equal(t, idempotency.OutcomeStoreError, obs.last().Outcome, "its stored response was not acknowledged")
+	executed := handler.calls.Load()
+	assert.Equal(t, int32(4), executed, "before, waited, after, waited-cut; not refused")
+
+	// Failover: promote the replica and move the clients to it.
+	require.NoError(t, faultClient(t, replica, time.Second).SlaveOf(context.Background(), "NO", "ONE").Err())
+	promoted := newMiddleware(t, newStore(replica), opts...).Handler(handler)
+	for _, key := range []string{"before", "waited"} {
+		w := serve(promoted, venue(key)())
+		assert.Equal(t, "true", w.Header().Get("X-Idempotent-Replayed"), "%s survived the failover", key)
+	}
+	for _, key := range []string{"after", "refused"} {
+		w := serve(promoted, venue(key)())
+		assert.Equal(t, http.StatusCreated, w.Code, key)
+		assert.Empty(t, w.Header().Get("X-Idempotent-Replayed"), "%s: nothing of it reached the replica", key)
+	}
+	// waited-cut's claim was acknowledged, its response was not: the key is
+	// in flight on the new primary (409) until the claim's last replicated
+	// lease lapses, then runs again.
+	w, waited := untilNot409(t, promoted, venue("waited-cut"), 5*lease)
+	assert.Equal(t, http.StatusCreated, w.Code)
+	assert.Empty(t, w.Header().Get("X-Idempotent-Replayed"))
+	t.Logf("waited-cut: 409 for %v more after the failover (lease %v)", waited, lease)
+	assert.Equal(t, executed+3, handler.calls.Load(), "after and waited-cut ran a second time; refused ran for the first time")
 }
