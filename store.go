@@ -40,9 +40,7 @@ type Store interface {
 	Extend(ctx context.Context, key, token string, lease time.Duration) error
 
 	// Complete replaces the in-flight record that token owns with rec, which
-	// must carry a Response, and keeps it for ttl. Repeating the call once
-	// rec is stored succeeds too: a client library may re-send a call whose
-	// reply it lost.
+	// must carry a Response, and keeps it for ttl.
 	Complete(ctx context.Context, key, token string, rec Record, ttl time.Duration) error
 
 	// Release deletes the in-flight record that token owns, so the key can be
@@ -243,21 +241,9 @@ func (s *MemoryStore) Complete(ctx context.Context, key, token string, rec Recor
 	}
 	rec.Token = ""
 	value := encodeRecord(&rec)
-	err := s.withOwned(ctx, key, token, func(now int64, _ memoryEntry) {
+	return s.withOwned(ctx, key, token, func(now int64, _ memoryEntry) {
 		s.records[key] = memoryEntry{value: value, expires: now + int64(ttl)}
 	})
-	if errors.Is(err, ErrLeaseLost) && s.holds(key, value) {
-		return nil // a repeated call: the record is already stored
-	}
-	return err
-}
-
-// holds reports whether key holds the completed record value.
-func (s *MemoryStore) holds(key, value string) bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	e, ok := s.records[key]
-	return ok && s.now().UnixNano() < e.expires && e.token == "" && e.value == value
 }
 
 // Release implements [Store].

@@ -189,16 +189,10 @@ if v and string.sub(v, 1, #ARGV[1]) == ARGV[1] then
 end
 return 0`)
 
-	// Complete also succeeds when the key already holds exactly the record
-	// being stored: go-redis re-sent the script after its first run's
-	// reply was lost.
 	redisComplete = redis.NewScript(`
 local v = redis.call('GET', KEYS[1])
 if v and string.sub(v, 1, #ARGV[1]) == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-  return 1
-end
-if v == ARGV[2] then
   return 1
 end
 return 0`)
