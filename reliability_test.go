@@ -691,7 +691,7 @@ func TestReliabilityFailover(t *testing.T) {
 	assert.Equal(t, int32(4), executed, "before, waited, after, waited-cut; not refused")
 
 	// Failover: promote the replica and move the clients to it.
-	require.NoError(t, faultClient(t, replica, time.Second).SlaveOf(context.Background(), "NO", "ONE").Err())
+	require.NoError(t, faultClient(t, replica, time.Second).ReplicaOf(context.Background(), "NO", "ONE").Err())
 	promoted := newMiddleware(t, newStore(replica), opts...).Handler(handler)
 	for _, key := range []string{"before", "waited"} {
 		w := serve(promoted, venue(key)())

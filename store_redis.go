@@ -89,10 +89,9 @@ func WithRedisPrefix(prefix string) RedisOption {
 //
 // Keep timeout below the client's ReadTimeout, or the read of the reply
 // times out first. It works with *redis.Client (single node and Sentinel
-// failover clients)
-// and *redis.ClusterClient, where the pipeline goes to the master of the
-// key's slot (a slot moving meanwhile makes the call fail, closed); other
-// clients make [NewRedisStore] fail. Default: off.
+// failover clients) and *redis.ClusterClient, where the pipeline goes to
+// the master of the key's slot (a slot moving meanwhile makes the call
+// fail, closed); other clients make [NewRedisStore] fail. Default: off.
 func WithRedisWait(replicas int, timeout time.Duration) RedisOption {
 	return func(s *RedisStore) error {
 		switch {

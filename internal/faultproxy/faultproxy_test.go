@@ -84,25 +84,25 @@ func dial(t *testing.T, p *faultproxy.Proxy) *client {
 	return &client{t: t, c: c, r: bufio.NewReader(c)}
 }
 
-// roundTrip sends line and returns the answer, the error reading it and
-// how long it took.
-func (c *client) roundTrip(line string, timeout time.Duration) (string, error, time.Duration) {
+// roundTrip sends line and returns the answer, how long it took and the
+// error reading it.
+func (c *client) roundTrip(line string, timeout time.Duration) (string, time.Duration, error) {
 	c.t.Helper()
 	start := time.Now()
 	c.c.SetDeadline(start.Add(timeout))
 	if _, err := c.c.Write([]byte(line + "\n")); err != nil {
-		return "", err, time.Since(start)
+		return "", time.Since(start), err
 	}
 	got, err := c.r.ReadString('\n')
 	if len(got) > 0 {
 		got = got[:len(got)-1]
 	}
-	return got, err, time.Since(start)
+	return got, time.Since(start), err
 }
 
 func mustRoundTrip(c *client, line string) time.Duration {
 	c.t.Helper()
-	got, err, took := c.roundTrip(line, 5*time.Second)
+	got, took, err := c.roundTrip(line, 5*time.Second)
 	if err != nil || got != line {
 		c.t.Fatalf("round trip %q: got %q, %v", line, got, err)
 	}
@@ -162,13 +162,13 @@ func TestBlackhole(t *testing.T) {
 	c := dial(t, p)
 	mustRoundTrip(c, "warm")
 	p.Blackhole()
-	_, err, _ := c.roundTrip("lost", 200*time.Millisecond)
+	_, _, err := c.roundTrip("lost", 200*time.Millisecond)
 	if !errors.Is(err, os.ErrDeadlineExceeded) {
 		t.Fatalf("blackholed round trip: %v, want a timeout", err)
 	}
 	// New connections are accepted but get nothing either.
 	c2 := dial(t, p)
-	if _, err, _ := c2.roundTrip("lost too", 200*time.Millisecond); !errors.Is(err, os.ErrDeadlineExceeded) {
+	if _, _, err := c2.roundTrip("lost too", 200*time.Millisecond); !errors.Is(err, os.ErrDeadlineExceeded) {
 		t.Fatalf("new connection under a blackhole: %v, want a timeout", err)
 	}
 	p.Heal()
@@ -180,21 +180,23 @@ func TestResetAll(t *testing.T) {
 	c := dial(t, p)
 	mustRoundTrip(c, "warm")
 	p.ResetAll()
-	_, err, _ := c.roundTrip("after reset", time.Second)
+	_, _, err := c.roundTrip("after reset", time.Second)
 	requireReset(t, err)
 	mustRoundTrip(dial(t, p), "new connection")
 }
 
-func TestResetNextReply(t *testing.T) {
+func TestResetNextReplies(t *testing.T) {
 	p := start(t)
 	c := dial(t, p)
 	mustRoundTrip(c, "warm")
-	p.ResetNextReply()
-	_, err, _ := c.roundTrip("dropped", time.Second)
-	requireReset(t, err)
-	c2 := dial(t, p)
-	mustRoundTrip(c2, "only the next reply is reset")
-	mustRoundTrip(c2, "and no other")
+	p.ResetNextReplies(2)
+	for range 2 {
+		_, _, err := c.roundTrip("dropped", time.Second)
+		requireReset(t, err)
+		c = dial(t, p)
+	}
+	mustRoundTrip(c, "only the next two replies are reset")
+	mustRoundTrip(c, "and no other")
 }
 
 func TestRefuse(t *testing.T) {
@@ -202,7 +204,7 @@ func TestRefuse(t *testing.T) {
 	c := dial(t, p)
 	mustRoundTrip(c, "warm")
 	p.Refuse()
-	_, err, _ := c.roundTrip("open connection", time.Second)
+	_, _, err := c.roundTrip("open connection", time.Second)
 	requireReset(t, err)
 	c2, err := net.Dial("tcp", p.Addr())
 	if err == nil {
@@ -228,7 +230,7 @@ func TestTargetDown(t *testing.T) {
 	}
 	defer p.Close()
 	c := dial(t, p)
-	if _, err, _ := c.roundTrip("x", time.Second); err == nil {
+	if _, _, err := c.roundTrip("x", time.Second); err == nil {
 		t.Fatal("a proxy to a closed port answered")
 	}
 }
@@ -249,7 +251,7 @@ func TestCloseEndsConnections(t *testing.T) {
 	if _, err := net.DialTimeout("tcp", p.Addr(), time.Second); err == nil {
 		t.Fatal("a closed proxy still accepts")
 	}
-	_, err, _ = c.roundTrip("x", time.Second)
+	_, _, err = c.roundTrip("x", time.Second)
 	requireReset(t, err)
 }
 
