@@ -702,12 +702,13 @@ func TestReliabilityFailover(t *testing.T) {
 		assert.Equal(t, http.StatusCreated, w.Code, key)
 		assert.Empty(t, w.Header().Get("X-Idempotent-Replayed"), "%s: nothing of it reached the replica", key)
 	}
-	// waited-cut's claim was acknowledged, its response was not: the key is
-	// in flight on the new primary (409) until the claim's last replicated
-	// lease lapses, then runs again.
+	// waited-cut's claim was acknowledged, its renewals and its response
+	// were not: the key is in flight on the new primary (409) until the
+	// lease the replica last heard of lapses (here it already has), then
+	// it runs again.
 	w, waited := untilNot409(t, promoted, venue("waited-cut"), 5*lease)
 	assert.Equal(t, http.StatusCreated, w.Code)
 	assert.Empty(t, w.Header().Get("X-Idempotent-Replayed"))
-	t.Logf("waited-cut: 409 for %v more after the failover (lease %v)", waited, lease)
+	t.Logf("waited-cut ran again %v after the failover (lease %v)", waited, lease)
 	assert.Equal(t, executed+3, handler.calls.Load(), "after and waited-cut ran a second time; refused ran for the first time")
 }
