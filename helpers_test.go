@@ -50,6 +50,9 @@ var storeKinds = []struct {
 	{"redis", func(t *testing.T) (idempotency.Store, func(time.Duration)) {
 		return newRedisStore(t, redistest.Client(t)), time.Sleep
 	}},
+	{"cluster", func(t *testing.T) (idempotency.Store, func(time.Duration)) {
+		return newRedisStore(t, redistest.Cluster(t)), time.Sleep
+	}},
 }
 
 func newRedisStore(t testing.TB, client idempotency.RedisClient) *idempotency.RedisStore {

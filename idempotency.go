@@ -497,7 +497,16 @@ func (m *Middleware) serve(w http.ResponseWriter, r *http.Request, next http.Han
 	claimRecord := Record{Token: token, Fingerprint: fingerprint, CreatedAt: time.Now()}
 	existing, err := bounded(r.Context(), m.cfg.storeTimeout,
 		func(ctx context.Context) (*Record, error) {
-			return m.store.Acquire(ctx, storeKey, claimRecord, m.cfg.lease)
+			existing, err := m.store.Acquire(ctx, storeKey, claimRecord, m.cfg.lease)
+			if err != nil {
+				// The claim may have landed though no reply came back (a
+				// connection reset after the server ran the command, on
+				// every retry): take it back, or the client's retry would
+				// meet 409 until the lease lapsed. Nobody else holds our
+				// token, so this changes nothing when it never landed.
+				m.store.Release(ctx, storeKey, token)
+			}
+			return existing, err
 		},
 		func(existing *Record, err error) {
 			// The claim landed after we answered 503: free it, or the

@@ -590,7 +590,14 @@ func TestClientDisconnectStillStores(t *testing.T) {
 				req, _ := http.NewRequest(http.MethodPost, srv.URL, strings.NewReader(`{}`))
 				req.Header.Set("Idempotency-Key", "k")
 				resp, err := srv.Client().Do(req)
-				if err != nil || resp.StatusCode == http.StatusConflict {
+				if err != nil {
+					return false
+				}
+				if resp.StatusCode == http.StatusConflict {
+					// Unread, the body would keep the connection and its
+					// goroutines alive past the test (goleak).
+					io.Copy(io.Discard, resp.Body)
+					resp.Body.Close()
 					return false
 				}
 				retry = resp

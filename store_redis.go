@@ -35,12 +35,15 @@ type RedisClient interface {
 // maxmemory-policy noeviction (an evicting policy silently drops records;
 // under noeviction a full Redis answers errors, which the middleware turns
 // into 503). Replication is asynchronous, so a failover can lose the most
-// recent claims and records.
+// recent claims and records; [WithRedisWait] narrows that window.
 //
 // A RedisStore is safe for concurrent use; create it with [NewRedisStore].
 type RedisStore struct {
 	client RedisClient
 	prefix string
+
+	waitReplicas int // 0: no WAIT
+	waitTimeout  time.Duration
 }
 
 // DefaultRedisPrefix starts every key the store writes.
@@ -63,6 +66,45 @@ func WithRedisPrefix(prefix string) RedisOption {
 	}
 }
 
+// WithRedisWait makes each claim and each stored response wait, in the
+// same round trip, until at least replicas replicas have acknowledged it
+// (Redis WAIT), for at most timeout. The command goes in one pipeline with
+// the write it waits for, so it adds no round trip, only the time the
+// replicas take to acknowledge.
+//
+// When fewer replicas acknowledge in time, the store fails closed: a claim
+// becomes an error (the middleware answers 503 and takes the claim back)
+// and a stored response becomes an error too (the client already has its
+// response; the observer sees store_error). Replays, 409s and 422s do not
+// depend on the count.
+//
+// It narrows, and does not close, the window in which a failover loses
+// records: replicas acknowledge receiving a write, not persisting it; a
+// failover may promote a replica other than those that acknowledged (ask
+// for as many replicas as there are, or use Sentinel or Cluster, which
+// prefer the most up-to-date replica); a write that timed out may still
+// exist on the old primary; and lease renewals and releases are not
+// waited for. With no replica reachable every new claim fails after
+// timeout.
+//
+// Keep timeout below the client's ReadTimeout, or the read of the reply
+// times out first. It works with *redis.Client (single node and Sentinel
+// failover clients) and *redis.ClusterClient, where the pipeline goes to
+// the master of the key's slot (a slot moving meanwhile makes the call
+// fail, closed); other clients make [NewRedisStore] fail. Default: off.
+func WithRedisWait(replicas int, timeout time.Duration) RedisOption {
+	return func(s *RedisStore) error {
+		switch {
+		case replicas < 1:
+			return fmt.Errorf("idempotency: redis wait for %d replicas: need at least one", replicas)
+		case timeout < time.Millisecond:
+			return fmt.Errorf("idempotency: redis wait timeout %v is shorter than a millisecond", timeout)
+		}
+		s.waitReplicas, s.waitTimeout = replicas, timeout
+		return nil
+	}
+}
+
 // NewRedisStore returns a RedisStore that talks to Redis through client.
 func NewRedisStore(client RedisClient, opts ...RedisOption) (*RedisStore, error) {
 	if client == nil {
@@ -72,6 +114,13 @@ func NewRedisStore(client RedisClient, opts ...RedisOption) (*RedisStore, error)
 	for _, opt := range opts {
 		if err := opt(s); err != nil {
 			return nil, err
+		}
+	}
+	if s.waitReplicas > 0 {
+		switch client.(type) {
+		case *redis.Client, *redis.ClusterClient:
+		default:
+			return nil, fmt.Errorf("idempotency: WithRedisWait needs a *redis.Client or *redis.ClusterClient, not %T", client)
 		}
 	}
 	return s, nil
@@ -93,16 +142,33 @@ func (s *RedisStore) Acquire(ctx context.Context, key string, claim Record, leas
 		return nil, err
 	}
 	value := encodeRecord(&claim)
-	previous, err := s.client.SetArgs(ctx, s.redisKey(key), value, redis.SetArgs{Mode: "NX", TTL: lease, Get: true}).Result()
+	rkey := s.redisKey(key)
+	args := redis.SetArgs{Mode: "NX", TTL: lease, Get: true}
+	var set *redis.StatusCmd
+	var wait *redis.Cmd
+	if s.waitReplicas > 0 {
+		pipe, err := s.pipeline(ctx, rkey)
+		if err != nil {
+			return nil, fmt.Errorf("idempotency: redis acquire: %w", err)
+		}
+		set = pipe.SetArgs(ctx, rkey, value, args)
+		wait = s.wait(ctx, pipe)
+		_, _ = pipe.Exec(ctx) // each command's result is checked below
+	} else {
+		set = s.client.SetArgs(ctx, rkey, value, args)
+	}
+	previous, err := set.Result()
 	switch {
-	case errors.Is(err, redis.Nil):
+	case errors.Is(err, redis.Nil), err == nil && previous == value:
+		// Acquired. A previous equal to our value means go-redis retried
+		// the command after our first attempt had already stored the
+		// claim: it is ours.
+		if err := s.checkWait("acquire", wait); err != nil {
+			return nil, err
+		}
 		return nil, nil
 	case err != nil:
 		return nil, fmt.Errorf("idempotency: redis acquire: %w", err)
-	case previous == value:
-		// go-redis retried the command after our first attempt had already
-		// stored the claim: it is ours.
-		return nil, nil
 	}
 	rec, err := decodeRecord([]byte(previous))
 	if err != nil {
@@ -153,6 +219,9 @@ func (s *RedisStore) Complete(ctx context.Context, key, token string, rec Record
 		return err
 	}
 	rec.Token = ""
+	if s.waitReplicas > 0 {
+		return s.runOwnedWaiting(ctx, "complete", redisComplete, key, token, encodeRecord(&rec), milliseconds(ttl))
+	}
 	return s.runOwned(ctx, "complete", redisComplete, key, token, encodeRecord(&rec), milliseconds(ttl))
 }
 
@@ -177,6 +246,84 @@ func (s *RedisStore) runOwned(ctx context.Context, op string, script *redis.Scri
 	default:
 		return fmt.Errorf("idempotency: redis %s: unexpected reply %d", op, n)
 	}
+}
+
+// runOwnedWaiting is runOwned followed by WAIT in the same pipeline. A
+// pipeline cannot fall back from EVALSHA to EVAL on its own, so on
+// NOSCRIPT it is sent once more with EVAL.
+func (s *RedisStore) runOwnedWaiting(ctx context.Context, op string, script *redis.Script, key, token string, args ...any) error {
+	if token == "" {
+		return ErrLeaseLost
+	}
+	rkey := s.redisKey(key)
+	argv := append([]any{ownerPrefix(token)}, args...)
+	for _, eval := range []bool{false, true} {
+		pipe, err := s.pipeline(ctx, rkey)
+		if err != nil {
+			return fmt.Errorf("idempotency: redis %s: %w", op, err)
+		}
+		var run *redis.Cmd
+		if eval {
+			run = script.Eval(ctx, pipe, []string{rkey}, argv...)
+		} else {
+			run = script.EvalSha(ctx, pipe, []string{rkey}, argv...)
+		}
+		wait := s.wait(ctx, pipe)
+		_, _ = pipe.Exec(ctx) // each command's result is checked below
+		if !eval && redis.HasErrorPrefix(run.Err(), "NOSCRIPT") {
+			continue
+		}
+		n, err := run.Int64()
+		switch {
+		case err != nil:
+			return fmt.Errorf("idempotency: redis %s: %w", op, err)
+		case n == 0:
+			return ErrLeaseLost
+		case n != 1:
+			return fmt.Errorf("idempotency: redis %s: unexpected reply %d", op, n)
+		}
+		return s.checkWait(op, wait)
+	}
+	return fmt.Errorf("idempotency: redis %s: script not loaded", op) // not reached: EVAL needs no cache
+}
+
+// pipeline returns a pipeline whose commands all go, on one connection,
+// to the server that holds rkey, so that WAIT counts the acknowledgements
+// of the write sent before it.
+func (s *RedisStore) pipeline(ctx context.Context, rkey string) (redis.Pipeliner, error) {
+	switch c := s.client.(type) {
+	case *redis.ClusterClient:
+		node, err := c.MasterForKey(ctx, rkey)
+		if err != nil {
+			return nil, err
+		}
+		return node.Pipeline(), nil
+	case *redis.Client:
+		return c.Pipeline(), nil
+	default: // NewRedisStore allows WithRedisWait only for the two above
+		return nil, fmt.Errorf("cannot pipeline WAIT through %T", s.client)
+	}
+}
+
+// wait queues WAIT on pipe.
+func (s *RedisStore) wait(ctx context.Context, pipe redis.Pipeliner) *redis.Cmd {
+	return pipe.Do(ctx, "wait", s.waitReplicas, milliseconds(s.waitTimeout))
+}
+
+// checkWait fails unless WAIT (nil when not asked for) counted enough
+// replicas.
+func (s *RedisStore) checkWait(op string, wait *redis.Cmd) error {
+	if wait == nil {
+		return nil
+	}
+	n, err := wait.Int64()
+	switch {
+	case err != nil:
+		return fmt.Errorf("idempotency: redis %s: wait: %w", op, err)
+	case n < int64(s.waitReplicas):
+		return fmt.Errorf("idempotency: redis %s: acknowledged by %d of %d replicas within %v", op, n, s.waitReplicas, s.waitTimeout)
+	}
+	return nil
 }
 
 // milliseconds rounds d up, so a sub-millisecond duration is not zero,

@@ -3,6 +3,7 @@ package idempotency
 import (
 	"bytes"
 	"net/http"
+	"strings"
 	"testing"
 	"time"
 )
@@ -62,4 +63,51 @@ func TestRedisKeyHasHashTag(t *testing.T) {
 			t.Errorf("redisKey(%q) = %q: want prefix then a 32-digit hash tag", key, k)
 		}
 	}
+}
+
+// FuzzRedisKey: whatever the record key (client input) and the prefix, the
+// Redis key is the prefix and then one hash tag of 32 lower-case hex
+// digits, and nothing else: no client bytes reach the key, and the tag is
+// the only pair of braces, so it alone picks the Cluster slot.
+func FuzzRedisKey(f *testing.F) {
+	f.Add("idem:", `http:"":abc`)
+	f.Add("", "{evil}")
+	f.Add("app:", "}{")
+	f.Add("a{", "key")
+	f.Add("idem:", `http:"tenant {a}":`+strings.Repeat("k", 255))
+	f.Add("ü:", "\x00\xff")
+	f.Fuzz(func(t *testing.T, prefix, key string) {
+		s := &RedisStore{prefix: DefaultRedisPrefix}
+		if err := WithRedisPrefix(prefix)(s); err != nil {
+			if !strings.ContainsAny(prefix, "{}") {
+				t.Fatalf("prefix %q refused: %v", prefix, err)
+			}
+			return
+		}
+		if strings.ContainsAny(prefix, "{}") {
+			t.Fatalf("prefix %q with a brace accepted", prefix)
+		}
+		k := s.redisKey(key)
+		if !strings.HasPrefix(k, prefix) {
+			t.Fatalf("redisKey(%q) = %q lost the prefix %q", key, k, prefix)
+		}
+		tag := k[len(prefix):]
+		if len(tag) != 34 || tag[0] != '{' || tag[33] != '}' {
+			t.Fatalf("redisKey(%q) = %q: want the prefix then {32 hex digits}", key, k)
+		}
+		for _, c := range []byte(tag[1:33]) {
+			if !('0' <= c && c <= '9' || 'a' <= c && c <= 'f') {
+				t.Fatalf("redisKey(%q) = %q: tag is not lower-case hex", key, k)
+			}
+		}
+		if strings.Count(k, "{") != 1 || strings.Count(k, "}") != 1 {
+			t.Fatalf("redisKey(%q) = %q: more than one pair of braces", key, k)
+		}
+		if s.redisKey(key) != k {
+			t.Fatalf("redisKey(%q) is not deterministic", key)
+		}
+		if s.redisKey(key+"\x00") == k {
+			t.Fatalf("redisKey(%q) and redisKey(%q) collide", key, key+"\x00")
+		}
+	})
 }

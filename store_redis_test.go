@@ -2,16 +2,19 @@ package idempotency_test
 
 import (
 	"context"
+	"net"
 	"net/http"
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/redis/go-redis/v9"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"github.com/seed70ea8305/idempotency"
+	"github.com/seed70ea8305/idempotency/internal/faultproxy"
 	"github.com/seed70ea8305/idempotency/internal/redistest"
 )
 
@@ -32,8 +35,19 @@ func (c *commandCounter) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	}
 }
 
+// ProcessPipelineHook records a pipeline, one round trip, as its commands
+// joined with "+".
 func (c *commandCounter) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
-	return next
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		names := make([]string, len(cmds))
+		for i, cmd := range cmds {
+			names[i] = cmd.Name()
+		}
+		c.mu.Lock()
+		c.commands = append(c.commands, strings.Join(names, "+"))
+		c.mu.Unlock()
+		return next(ctx, cmds)
+	}
 }
 
 func (c *commandCounter) take() []string {
@@ -78,6 +92,65 @@ func TestNewRedisStoreValidates(t *testing.T) {
 	_, client := redistest.Miniredis(t)
 	_, err = idempotency.NewRedisStore(client, idempotency.WithRedisPrefix("app:{tag}:"))
 	assert.Error(t, err, "braces in the prefix would move keys between cluster slots")
+	_, err = idempotency.NewRedisStore(client, idempotency.WithRedisWait(0, time.Second))
+	assert.Error(t, err, "waiting for no replica")
+	_, err = idempotency.NewRedisStore(client, idempotency.WithRedisWait(1, 0))
+	assert.Error(t, err, "WAIT 0 blocks forever")
+	ring := redis.NewRing(&redis.RingOptions{Addrs: map[string]string{"a": "127.0.0.1:1"}})
+	defer ring.Close()
+	_, err = idempotency.NewRedisStore(ring, idempotency.WithRedisWait(1, time.Second))
+	assert.Error(t, err, "a Ring cannot pipeline WAIT with the write it waits for")
+	_, err = idempotency.NewRedisStore(ring)
+	assert.NoError(t, err)
+}
+
+// startReplicated starts a primary and a replica of the test's own; the
+// replication link runs through the returned proxy, so tests can cut it.
+func startReplicated(t *testing.T) (primary, replica string, link *faultproxy.Proxy) {
+	t.Helper()
+	primary, _ = redistest.StartServer(t, "--repl-diskless-sync-delay", "0")
+	link = startProxy(t, primary)
+	host, port, err := net.SplitHostPort(link.Addr())
+	require.NoError(t, err)
+	replica, _ = redistest.StartServer(t, "--replicaof", host, port)
+	// Ready when a write on the primary is acknowledged by the replica.
+	client := faultClient(t, primary, time.Second)
+	require.Eventually(t, func() bool {
+		pipe := client.Pipeline()
+		pipe.Set(context.Background(), "replication-probe", "1", time.Minute)
+		wait := pipe.Do(context.Background(), "wait", 1, 200)
+		pipe.Exec(context.Background())
+		n, _ := wait.Int64()
+		return n == 1
+	}, 10*time.Second, 20*time.Millisecond, "the replica never acknowledged a write")
+	return primary, replica, link
+}
+
+// TestRedisWaitRoundTrips: WithRedisWait pipelines WAIT with the claim and
+// with the store-if-owner script: still two round trips for a first
+// request and one for a replay.
+func TestRedisWaitRoundTrips(t *testing.T) {
+	primary, _, _ := startReplicated(t)
+	client := faultClient(t, primary, faultReadTimeout) // longer than WAIT's timeout
+	counter := &commandCounter{}
+	client.AddHook(counter)
+	store, err := idempotency.NewRedisStore(client, idempotency.WithRedisPrefix(redistest.Prefix(t)), idempotency.WithRedisWait(1, time.Second))
+	require.NoError(t, err)
+	handler := createVenue()
+	h := newMiddleware(t, store).Handler(handler)
+
+	serve(h, post("warm-up", `{}`)) // loads the script into the server's cache
+	counter.take()
+	require.Equal(t, http.StatusCreated, serve(h, post("k", `{}`)).Code)
+	assert.Equal(t, []string{"set+wait", "evalsha+wait"}, counter.take(), "first request")
+	assert.Equal(t, "true", serve(h, post("k", `{}`)).Header().Get("X-Idempotent-Replayed"))
+	assert.Equal(t, []string{"set+wait"}, counter.take(), "replay")
+
+	require.NoError(t, client.ScriptFlush(context.Background()).Err())
+	counter.take()
+	require.Equal(t, http.StatusCreated, serve(h, post("after-flush", `{}`)).Code)
+	assert.Equal(t, []string{"set+wait", "evalsha+wait", "eval+wait"}, counter.take(), "NOSCRIPT falls back to EVAL")
+	assert.Equal(t, int32(3), handler.calls.Load())
 }
 
 // TestRedisStoreCorruptRecord: a value under our key that is not a record
