@@ -39,7 +39,6 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 )
 
@@ -415,8 +414,8 @@ func ClaimFromContext(ctx context.Context) (Claim, bool) {
 // Middleware makes handlers idempotent. It is safe for concurrent use;
 // create it with [New].
 type Middleware struct {
-	store Store
-	cfg   config
+	claims claims
+	cfg    config
 }
 
 // New returns a Middleware that keeps its records in store.
@@ -446,7 +445,7 @@ func New(store Store, opts ...Option) (*Middleware, error) {
 	if cfg.lease >= cfg.ttl {
 		return nil, fmt.Errorf("idempotency: lease %v must be shorter than the record TTL %v", cfg.lease, cfg.ttl)
 	}
-	return &Middleware{store: store, cfg: cfg}, nil
+	return &Middleware{claims: claims{store: store, lease: cfg.lease, ttl: cfg.ttl, timeout: cfg.storeTimeout}, cfg: cfg}, nil
 }
 
 // Handler wraps next. Its signature fits routers that take
@@ -494,27 +493,7 @@ func (m *Middleware) serve(w http.ResponseWriter, r *http.Request, next http.Han
 	storeKey := claim.recordKey()
 	token := rand.Text()
 
-	claimRecord := Record{Token: token, Fingerprint: fingerprint, CreatedAt: time.Now()}
-	existing, err := bounded(r.Context(), m.cfg.storeTimeout,
-		func(ctx context.Context) (*Record, error) {
-			existing, err := m.store.Acquire(ctx, storeKey, claimRecord, m.cfg.lease)
-			if err != nil {
-				// The claim may have landed though no reply came back (a
-				// connection reset after the server ran the command, on
-				// every retry): take it back, or the client's retry would
-				// meet 409 until the lease lapsed. Nobody else holds our
-				// token, so this changes nothing when it never landed.
-				m.store.Release(ctx, storeKey, token)
-			}
-			return existing, err
-		},
-		func(existing *Record, err error) {
-			// The claim landed after we answered 503: free it, or the
-			// client's retry would meet 409 until the lease lapsed.
-			if err == nil && existing == nil {
-				m.storeWrite(r.Context(), func(ctx context.Context) error { return m.store.Release(ctx, storeKey, token) })
-			}
-		})
+	existing, err := m.claims.acquire(r.Context(), storeKey, Record{Token: token, Fingerprint: fingerprint, CreatedAt: time.Now()})
 	if err != nil {
 		err = fmt.Errorf("%w: %w", ErrStoreUnavailable, err)
 	}
@@ -555,7 +534,7 @@ func (m *Middleware) serve(w http.ResponseWriter, r *http.Request, next http.Han
 func (m *Middleware) execute(w http.ResponseWriter, r *http.Request, next http.Handler, claim Claim, storeKey, token string, ev Event) {
 	ctx, cancel := context.WithCancelCause(context.WithValue(r.Context(), claimContextKey{}, claim))
 	defer cancel(nil)
-	stopRenewing := m.renewLease(ctx, cancel, storeKey, token)
+	stopRenewing := m.claims.keepLease(ctx, cancel, storeKey, token)
 
 	rec := &recorder{w: w, capture: true, maxBody: m.cfg.maxStoredBytes}
 	start := time.Now()
@@ -595,10 +574,7 @@ func (m *Middleware) execute(w http.ResponseWriter, r *http.Request, next http.H
 		return
 	}
 
-	completed := Record{Fingerprint: claim.Fingerprint, CreatedAt: start, Response: rec.response()}
-	err := m.storeWrite(r.Context(), func(ctx context.Context) error {
-		return m.store.Complete(ctx, storeKey, token, completed, m.cfg.ttl)
-	})
+	err := m.claims.complete(r.Context(), storeKey, token, Record{Fingerprint: claim.Fingerprint, CreatedAt: start, Response: rec.response()})
 	switch {
 	case errors.Is(err, ErrLeaseLost):
 		ev.Outcome, ev.Err = OutcomeLeaseLost, err
@@ -613,69 +589,16 @@ func (m *Middleware) execute(w http.ResponseWriter, r *http.Request, next http.H
 	m.observe(r.Context(), ev)
 }
 
-// renewLease extends the lease every lease/3 until stop is called. When the
-// lease cannot be kept (the token lost the key, or renewals kept failing
-// for a whole lease), it cancels the handler's context with ErrLeaseLost:
-// another request may already own the key.
-func (m *Middleware) renewLease(ctx context.Context, cancel context.CancelCauseFunc, storeKey, token string) (stop func()) {
-	done := make(chan struct{})
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		interval := m.cfg.lease / leaseRenewalsPerPeriod
-		ticker := time.NewTicker(interval)
-		defer ticker.Stop()
-		renewed := time.Now()
-		for {
-			select {
-			case <-done:
-				return
-			case <-ctx.Done():
-				return
-			case <-ticker.C:
-			}
-			_, err := bounded(context.WithoutCancel(ctx), min(m.cfg.storeTimeout, interval), func(ctx context.Context) (struct{}, error) {
-				return struct{}{}, m.store.Extend(ctx, storeKey, token, m.cfg.lease)
-			}, nil)
-			switch {
-			case err == nil:
-				renewed = time.Now()
-			case errors.Is(err, ErrLeaseLost), time.Since(renewed) >= m.cfg.lease:
-				cancel(fmt.Errorf("%w: %w", ErrLeaseLost, err))
-				return
-			}
-		}
-	}()
-	var once sync.Once
-	return func() {
-		once.Do(func() {
-			close(done)
-			wg.Wait()
-		})
-	}
-}
-
 // release frees storeKey after a failed attempt. It runs detached from the
 // request's cancellation: a client that hung up must not leave the key
 // claimed until the lease lapses.
 func (m *Middleware) release(ctx context.Context, storeKey, token string, ev Event, cause error) {
 	ev.Outcome, ev.Err = OutcomeReleased, cause
-	err := m.storeWrite(ctx, func(ctx context.Context) error { return m.store.Release(ctx, storeKey, token) })
-	if err != nil && !errors.Is(err, ErrLeaseLost) {
+	if err := m.claims.release(ctx, storeKey, token); err != nil {
 		ev.Outcome, ev.Err = OutcomeStoreError, errors.Join(cause, err)
 		m.log(ctx, "idempotency: releasing the key failed; it frees itself when the lease lapses", ev)
 	}
 	m.observe(ctx, ev)
-}
-
-// storeWrite runs a store write that must outlive the request: detached
-// from its cancellation, bounded by the store timeout.
-func (m *Middleware) storeWrite(ctx context.Context, write func(context.Context) error) error {
-	_, err := bounded(context.WithoutCancel(ctx), m.cfg.storeTimeout, func(ctx context.Context) (struct{}, error) {
-		return struct{}{}, write(ctx)
-	}, nil)
-	return err
 }
 
 func (m *Middleware) replay(w http.ResponseWriter, resp *Response) {
@@ -941,7 +864,8 @@ func WriteError(w http.ResponseWriter, r *http.Request, err error) {
 }
 
 // StatusCode returns the HTTP status the package answers err with: 400,
-// 413, 422, 409 or 503 for its own errors, 500 for anything else.
+// 413, 422, 409 or 503 for its own errors, 500 for a failed webhook
+// function and for anything else.
 func StatusCode(err error) int { return problemKindOf(err).status }
 
 type problem struct {
@@ -977,6 +901,12 @@ var problemKinds = [...]problemKind{
 	{ErrInvalidJSON, http.StatusBadRequest, "ErrInvalidJSON", "Request body is not valid JSON", true},
 	{ErrFingerprintMismatch, http.StatusUnprocessableEntity, "ErrFingerprintMismatch", "Idempotency-Key reused with a different request", false},
 	{ErrKeyInUse, http.StatusConflict, "ErrKeyInUse", "A request with this Idempotency-Key is still being processed", false},
+	{ErrWebhookSignature, http.StatusBadRequest, "ErrWebhookSignature", "Invalid Stripe-Signature", true},
+	{ErrWebhookAPIVersion, http.StatusBadRequest, "ErrWebhookAPIVersion", "Webhook API version mismatch", true},
+	{ErrWebhookPayload, http.StatusBadRequest, "ErrWebhookPayload", "Invalid webhook payload", false},
+	// Before ErrStoreUnavailable: a failed function whose release failed
+	// too is still a 500.
+	{ErrWebhookFailed, http.StatusInternalServerError, "ErrWebhookFailed", "Webhook processing failed", false},
 	{ErrStoreUnavailable, http.StatusServiceUnavailable, "ErrStoreUnavailable", "Idempotency store unavailable", false},
 }
 

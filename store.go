@@ -126,6 +126,104 @@ func bounded[T any](ctx context.Context, timeout time.Duration, call func(contex
 	}
 }
 
+// claims runs the claim protocol on a Store for the middleware and the
+// webhook helper: every call bounded by the store timeout, and the calls
+// after the work detached from the caller's cancellation.
+type claims struct {
+	store   Store
+	lease   time.Duration
+	ttl     time.Duration
+	timeout time.Duration
+}
+
+// acquire claims key for claim.Token, or returns the record already there.
+func (c claims) acquire(ctx context.Context, key string, claim Record) (*Record, error) {
+	existing, err := bounded(ctx, c.timeout,
+		func(ctx context.Context) (*Record, error) { return c.store.Acquire(ctx, key, claim, c.lease) },
+		func(existing *Record, err error) {
+			if err == nil && existing == nil { // the claim landed after we gave up on it
+				c.release(ctx, key, claim.Token)
+			}
+		})
+	if err != nil {
+		// The claim may have landed without a reply saying so (a
+		// connection reset after the server ran the command, a deadline
+		// that passed after it was sent). Take it back, or the client's
+		// retry would meet 409 until the lease lapsed. The release is
+		// owner-checked, so it changes nothing when the claim never
+		// landed; it runs in the background so the error is not delayed.
+		go c.release(ctx, key, claim.Token)
+	}
+	return existing, err
+}
+
+// complete stores rec as the outcome of the work token owns.
+func (c claims) complete(ctx context.Context, key, token string, rec Record) error {
+	return c.write(ctx, func(ctx context.Context) error { return c.store.Complete(ctx, key, token, rec, c.ttl) })
+}
+
+// release frees the key token owns. A lost lease is no error here: the key
+// is no longer ours to free.
+func (c claims) release(ctx context.Context, key, token string) error {
+	err := c.write(ctx, func(ctx context.Context) error { return c.store.Release(ctx, key, token) })
+	if errors.Is(err, ErrLeaseLost) {
+		return nil
+	}
+	return err
+}
+
+// write runs a store write that must outlive the request: detached from
+// its cancellation, bounded by the store timeout.
+func (c claims) write(ctx context.Context, write func(context.Context) error) error {
+	_, err := bounded(context.WithoutCancel(ctx), c.timeout, func(ctx context.Context) (struct{}, error) {
+		return struct{}{}, write(ctx)
+	}, nil)
+	return err
+}
+
+// keepLease renews the lease of token on key every lease/3 until stop is
+// called. When the lease cannot be kept (the token lost the key, or
+// renewals kept failing for a whole lease), it cancels the work's context
+// with an error wrapping [ErrLeaseLost]: another owner may hold the key.
+func (c claims) keepLease(ctx context.Context, cancel context.CancelCauseFunc, key, token string) (stop func()) {
+	interval := c.lease / leaseRenewalsPerPeriod
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		ticker := time.NewTicker(interval)
+		defer ticker.Stop()
+		renewed := time.Now()
+		for {
+			select {
+			case <-done:
+				return
+			case <-ctx.Done():
+				return
+			case <-ticker.C:
+			}
+			_, err := bounded(context.WithoutCancel(ctx), min(c.timeout, interval), func(ctx context.Context) (struct{}, error) {
+				return struct{}{}, c.store.Extend(ctx, key, token, c.lease)
+			}, nil)
+			switch {
+			case err == nil:
+				renewed = time.Now()
+			case errors.Is(err, ErrLeaseLost), time.Since(renewed) >= c.lease:
+				cancel(fmt.Errorf("%w: %w", ErrLeaseLost, err))
+				return
+			}
+		}
+	}()
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			close(done)
+			wg.Wait()
+		})
+	}
+}
+
 func validateClaim(claim *Record, lease time.Duration) error {
 	switch {
 	case claim.Token == "":

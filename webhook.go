@@ -10,7 +10,6 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/stripe/stripe-go/v76"
@@ -286,7 +285,7 @@ func WithWebhookClock(now func() time.Time) WebhookOption {
 // A WebhookHandler is safe for concurrent use; create it with
 // [NewWebhookHandler].
 type WebhookHandler struct {
-	store   Store
+	claims  claims
 	secrets []string
 	fn      WebhookFunc
 	cfg     webhookConfig
@@ -328,7 +327,12 @@ func NewWebhookHandler(store Store, secrets []string, fn WebhookFunc, opts ...We
 	if cfg.lease >= cfg.ttl {
 		return nil, fmt.Errorf("idempotency: webhook lease %v must be shorter than the TTL %v", cfg.lease, cfg.ttl)
 	}
-	return &WebhookHandler{store: store, secrets: append([]string(nil), secrets...), fn: fn, cfg: cfg}, nil
+	return &WebhookHandler{
+		claims:  claims{store: store, lease: cfg.lease, ttl: cfg.ttl, timeout: cfg.storeTimeout},
+		secrets: append([]string(nil), secrets...),
+		fn:      fn,
+		cfg:     cfg,
+	}, nil
 }
 
 // ServeHTTP handles one delivery from Stripe. It answers:
@@ -393,9 +397,7 @@ func (h *WebhookHandler) handle(ctx context.Context, w http.ResponseWriter, ev E
 	token := rand.Text()
 	created := h.cfg.now()
 
-	acquireCtx, cancel := context.WithTimeout(ctx, h.cfg.storeTimeout)
-	existing, err := h.store.Acquire(acquireCtx, storeKey, Record{Token: token, CreatedAt: created}, h.cfg.lease)
-	cancel()
+	existing, err := h.claims.acquire(ctx, storeKey, Record{Token: token, CreatedAt: created})
 	switch {
 	case err != nil:
 		ev.Err = err
@@ -415,7 +417,7 @@ func (h *WebhookHandler) handle(ctx context.Context, w http.ResponseWriter, ev E
 func (h *WebhookHandler) run(ctx context.Context, w http.ResponseWriter, ev Event, claim Claim, storeKey, token string, created time.Time, payload []byte, event stripe.Event) (Outcome, error) {
 	fnCtx, cancel := context.WithCancelCause(context.WithValue(ctx, claimContextKey{}, claim))
 	defer cancel(nil)
-	stopRenewing := keepLease(fnCtx, cancel, h.store, storeKey, token, h.cfg.lease, h.cfg.storeTimeout)
+	stopRenewing := h.claims.keepLease(fnCtx, cancel, storeKey, token)
 
 	start := time.Now()
 	returned := false
@@ -441,9 +443,7 @@ func (h *WebhookHandler) run(ctx context.Context, w http.ResponseWriter, ev Even
 		resp.Header = http.Header{"Content-Type": {webhookContentType}}
 		resp.Body = payload
 	}
-	storeCtx, cancelStore := context.WithTimeout(context.WithoutCancel(ctx), h.cfg.storeTimeout)
-	defer cancelStore()
-	err := h.store.Complete(storeCtx, storeKey, token, Record{CreatedAt: created, Response: resp}, h.cfg.ttl)
+	err := h.claims.complete(ctx, storeKey, token, Record{CreatedAt: created, Response: resp})
 	switch {
 	case errors.Is(err, ErrLeaseLost):
 		ev.Err = err
@@ -463,9 +463,7 @@ func (h *WebhookHandler) run(ctx context.Context, w http.ResponseWriter, ev Even
 func (h *WebhookHandler) fail(ctx context.Context, w http.ResponseWriter, ev Event, storeKey, token string, eventType stripe.EventType, cause error) (Outcome, error) {
 	ev.Err = cause
 	h.log(ctx, slog.LevelWarn, "idempotency: webhook processing failed; the event is released for Stripe's retry", ev, eventType)
-	storeCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), h.cfg.storeTimeout)
-	defer cancel()
-	if err := h.store.Release(storeCtx, storeKey, token); err != nil && !errors.Is(err, ErrLeaseLost) {
+	if err := h.claims.release(ctx, storeKey, token); err != nil {
 		ev.Err = errors.Join(cause, fmt.Errorf("%w: %w", ErrStoreUnavailable, err))
 		h.log(ctx, slog.LevelWarn, "idempotency: releasing the webhook event failed; it frees itself when the lease lapses", ev, eventType)
 		return h.finish(ctx, w, ev, OutcomeStoreError, ev.Err)
@@ -593,72 +591,16 @@ func writeWebhookAnswer(w http.ResponseWriter, outcome Outcome, err error) int {
 	return kind.status
 }
 
-// webhookProblems maps the errors of a delivery to problem documents. The
-// order matters: a failed function whose release also failed is a 500.
-// Details are shown only where the error's text is fixed by this package or
-// stripe-go, never the function's or the store's.
-var webhookProblems = [...]problemKind{
-	{ErrWebhookSignature, http.StatusBadRequest, "ErrWebhookSignature", "Invalid Stripe-Signature", true},
-	{ErrWebhookAPIVersion, http.StatusBadRequest, "ErrWebhookAPIVersion", "Webhook API version mismatch", true},
-	{ErrWebhookPayload, http.StatusBadRequest, "ErrWebhookPayload", "Invalid webhook payload", false},
-	{ErrBodyTooLarge, http.StatusRequestEntityTooLarge, "ErrBodyTooLarge", "Request body too large", true},
-	{ErrBodyUnreadable, http.StatusBadRequest, "ErrBodyUnreadable", "Request body unreadable", false},
-	{ErrKeyInUse, http.StatusConflict, "ErrKeyInUse", "The event is still being processed", false},
-	{ErrWebhookFailed, http.StatusInternalServerError, "ErrWebhookFailed", "Webhook processing failed", false},
-	{ErrStoreUnavailable, http.StatusServiceUnavailable, "ErrStoreUnavailable", "Idempotency store unavailable", false},
-}
-
+// webhookProblemKind is the problem document for a delivery's error: the
+// package's, with a 409 title that speaks of events. Details are shown only
+// where the error's text is fixed by this package or stripe-go, never the
+// function's or the store's.
 func webhookProblemKind(err error) problemKind {
-	for _, k := range webhookProblems {
-		if errors.Is(err, k.err) {
-			return k
-		}
+	kind := problemKindOf(err)
+	if kind.err == ErrKeyInUse {
+		kind.title = "The event is still being processed"
 	}
-	return internalErrorKind
-}
-
-// keepLease renews the lease of token on key every lease/3 until stop is
-// called. When the lease cannot be kept (the token lost the key, or
-// renewals kept failing for a whole lease), it cancels ctx with an error
-// wrapping [ErrLeaseLost]: another owner may already hold the key. It is
-// the middleware's renewLease, free of the middleware's configuration.
-func keepLease(ctx context.Context, cancel context.CancelCauseFunc, store Store, key, token string, lease, storeTimeout time.Duration) (stop func()) {
-	done := make(chan struct{})
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		interval := lease / leaseRenewalsPerPeriod
-		ticker := time.NewTicker(interval)
-		defer ticker.Stop()
-		renewed := time.Now()
-		for {
-			select {
-			case <-done:
-				return
-			case <-ctx.Done():
-				return
-			case <-ticker.C:
-			}
-			extendCtx, cancelExtend := context.WithTimeout(context.WithoutCancel(ctx), min(storeTimeout, interval))
-			err := store.Extend(extendCtx, key, token, lease)
-			cancelExtend()
-			switch {
-			case err == nil:
-				renewed = time.Now()
-			case errors.Is(err, ErrLeaseLost), time.Since(renewed) >= lease:
-				cancel(fmt.Errorf("%w: %w", ErrLeaseLost, err))
-				return
-			}
-		}
-	}()
-	var once sync.Once
-	return func() {
-		once.Do(func() {
-			close(done)
-			wg.Wait()
-		})
-	}
+	return kind
 }
 
 // SignWebhookPayload returns a Stripe-Signature header value for payload,
