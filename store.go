@@ -40,7 +40,9 @@ type Store interface {
 	Extend(ctx context.Context, key, token string, lease time.Duration) error
 
 	// Complete replaces the in-flight record that token owns with rec, which
-	// must carry a Response, and keeps it for ttl.
+	// must carry a Response, and keeps it for ttl. Repeating the call with
+	// the same token after it succeeded succeeds again and changes
+	// nothing: a client library may re-send a call whose reply it lost.
 	Complete(ctx context.Context, key, token string, rec Record, ttl time.Duration) error
 
 	// Release deletes the in-flight record that token owns, so the key can be
@@ -266,8 +268,9 @@ type MemoryStore struct {
 // records costs the garbage collector almost nothing to scan.
 type memoryEntry struct {
 	value   string
-	token   string // the owner while in flight
-	expires int64  // Unix nanoseconds
+	token   string // the owner while in flight, then the one that completed it
+	done    bool
+	expires int64 // Unix nanoseconds
 }
 
 // memorySweepInterval bounds how long expired records may linger; a sweep
@@ -307,7 +310,7 @@ func (s *MemoryStore) Acquire(ctx context.Context, key string, claim Record, lea
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	value := encodeRecord(&claim)
+	value := encodeRecord(&claim, claim.Token)
 	s.mu.Lock()
 	now := s.now().UnixNano()
 	s.sweepLocked(now)
@@ -318,7 +321,8 @@ func (s *MemoryStore) Acquire(ctx context.Context, key string, claim Record, lea
 		return nil, nil
 	}
 	s.mu.Unlock()
-	return decodeRecord([]byte(e.value))
+	rec, _, err := decodeRecord([]byte(e.value))
+	return rec, err
 }
 
 // Extend implements [Store].
@@ -326,7 +330,7 @@ func (s *MemoryStore) Extend(ctx context.Context, key, token string, lease time.
 	if lease <= 0 {
 		return fmt.Errorf("idempotency: lease %v is not positive", lease)
 	}
-	return s.withOwned(ctx, key, token, func(now int64, e memoryEntry) {
+	return s.withInFlight(ctx, key, token, func(now int64, e memoryEntry) {
 		e.expires = now + int64(lease)
 		s.records[key] = e
 	})
@@ -338,22 +342,37 @@ func (s *MemoryStore) Complete(ctx context.Context, key, token string, rec Recor
 		return err
 	}
 	rec.Token = ""
-	value := encodeRecord(&rec)
-	return s.withOwned(ctx, key, token, func(now int64, _ memoryEntry) {
-		s.records[key] = memoryEntry{value: value, expires: now + int64(ttl)}
+	value := encodeRecord(&rec, token)
+	return s.withOwned(ctx, key, token, func(now int64, e memoryEntry) error {
+		if !e.done { // done: a repeated call, already stored
+			s.records[key] = memoryEntry{value: value, token: token, done: true, expires: now + int64(ttl)}
+		}
+		return nil
 	})
 }
 
 // Release implements [Store].
 func (s *MemoryStore) Release(ctx context.Context, key, token string) error {
-	return s.withOwned(ctx, key, token, func(int64, memoryEntry) {
+	return s.withInFlight(ctx, key, token, func(int64, memoryEntry) {
 		delete(s.records, key)
 	})
 }
 
-// withOwned runs change under the lock if token owns a live in-flight record
-// under key.
-func (s *MemoryStore) withOwned(ctx context.Context, key, token string, change func(now int64, e memoryEntry)) error {
+// withInFlight runs change under the lock if token owns a live in-flight
+// record under key.
+func (s *MemoryStore) withInFlight(ctx context.Context, key, token string, change func(now int64, e memoryEntry)) error {
+	return s.withOwned(ctx, key, token, func(now int64, e memoryEntry) error {
+		if e.done {
+			return ErrLeaseLost
+		}
+		change(now, e)
+		return nil
+	})
+}
+
+// withOwned runs change under the lock if the live record under key is
+// token's: in flight, or completed by it.
+func (s *MemoryStore) withOwned(ctx context.Context, key, token string, change func(now int64, e memoryEntry) error) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
@@ -361,11 +380,10 @@ func (s *MemoryStore) withOwned(ctx context.Context, key, token string, change f
 	defer s.mu.Unlock()
 	now := s.now().UnixNano()
 	e, ok := s.records[key]
-	if !ok || now >= e.expires || e.token == "" || e.token != token {
+	if !ok || now >= e.expires || token == "" || e.token != token {
 		return ErrLeaseLost
 	}
-	change(now, e)
-	return nil
+	return change(now, e)
 }
 
 // Len returns how many records the store holds, counting expired records
@@ -391,12 +409,13 @@ func (s *MemoryStore) sweepLocked(now int64) {
 // Record encoding, version 1. One value per record, compact, binary-safe:
 //
 //	in flight: 0x01 'F' token fingerprint createdAt
-//	completed: 0x01 'C' fingerprint createdAt status flags headers body
+//	completed: 0x01 'C' token fingerprint createdAt status flags headers body
 //
 // Strings and the body are uvarint-length-prefixed; createdAt is a varint of
 // Unix milliseconds; headers are a uvarint count of names, each followed by
-// a uvarint count of values. The in-flight prefix up to the end of the token
-// identifies the owner, which is what the scripts compare.
+// a uvarint count of values. The prefix up to the end of the token names
+// the owner (in flight) or the owner that completed the record, which is
+// what the scripts compare.
 const (
 	recordVersion   = 0x01
 	stateInFlight   = 'F'
@@ -404,15 +423,21 @@ const (
 	flagBodyOmitted = 0x01
 )
 
-func ownerPrefix(token string) string {
-	b := []byte{recordVersion, stateInFlight}
-	b = appendString(b, token)
-	return string(b)
+// ownerPrefix starts the value of an in-flight record that token owns.
+func ownerPrefix(token string) string { return tokenPrefix(stateInFlight, token) }
+
+// completedPrefix starts the value of a record that token completed.
+func completedPrefix(token string) string { return tokenPrefix(stateCompleted, token) }
+
+func tokenPrefix(state byte, token string) string {
+	return string(appendString([]byte{recordVersion, state}, token))
 }
 
-func encodeRecord(rec *Record) string {
+// encodeRecord encodes rec; token is its owner when rec is in flight, else
+// the owner that completed it.
+func encodeRecord(rec *Record, token string) string {
 	if rec.InFlight() {
-		b := []byte(ownerPrefix(rec.Token))
+		b := []byte(ownerPrefix(token))
 		b = appendString(b, rec.Fingerprint)
 		b = binary.AppendVarint(b, rec.CreatedAt.UnixMilli())
 		return string(b)
@@ -425,8 +450,8 @@ func encodeRecord(rec *Record) string {
 			size += 2 + len(v)
 		}
 	}
-	b := make([]byte, 0, size)
-	b = append(b, recordVersion, stateCompleted)
+	b := make([]byte, 0, size+len(token))
+	b = append(b, completedPrefix(token)...)
 	b = appendString(b, rec.Fingerprint)
 	b = binary.AppendVarint(b, rec.CreatedAt.UnixMilli())
 	b = binary.AppendUvarint(b, uint64(resp.StatusCode))
@@ -454,19 +479,24 @@ func appendString(b []byte, s string) []byte {
 
 var errCorruptRecord = errors.New("idempotency: corrupt record")
 
-// decodeRecord parses a stored value. It never panics: the value comes from
-// a server and may be anything.
-func decodeRecord(b []byte) (*Record, error) {
+// decodeRecord parses a stored value and returns the record and the token
+// of its owner (in flight) or of the owner that completed it; a completed
+// Record's Token is empty. It never panics: the value comes from a server
+// and may be anything.
+func decodeRecord(b []byte) (*Record, string, error) {
 	d := decoder{b: b}
 	if d.byte() != recordVersion {
-		return nil, fmt.Errorf("%w: unknown version", errCorruptRecord)
+		return nil, "", fmt.Errorf("%w: unknown version", errCorruptRecord)
 	}
 	rec := &Record{}
-	switch d.byte() {
+	state := d.byte()
+	token := d.string()
+	if token == "" {
+		d.fail("no owner token")
+	}
+	switch state {
 	case stateInFlight:
-		if rec.Token = d.string(); rec.Token == "" {
-			d.fail("no owner token")
-		}
+		rec.Token = token
 		rec.Fingerprint = d.string()
 		rec.CreatedAt = d.time()
 	case stateCompleted:
@@ -495,15 +525,15 @@ func decodeRecord(b []byte) (*Record, error) {
 		}
 		rec.Response = resp
 	default:
-		return nil, fmt.Errorf("%w: unknown state", errCorruptRecord)
+		return nil, "", fmt.Errorf("%w: unknown state", errCorruptRecord)
 	}
 	if d.err != nil {
-		return nil, d.err
+		return nil, "", d.err
 	}
 	if len(d.b) != 0 {
-		return nil, fmt.Errorf("%w: %d trailing bytes", errCorruptRecord, len(d.b))
+		return nil, "", fmt.Errorf("%w: %d trailing bytes", errCorruptRecord, len(d.b))
 	}
-	return rec, nil
+	return rec, token, nil
 }
 
 // decoder reads from b; after the first error every read returns a zero

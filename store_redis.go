@@ -141,7 +141,7 @@ func (s *RedisStore) Acquire(ctx context.Context, key string, claim Record, leas
 	if err := validateClaim(&claim, lease); err != nil {
 		return nil, err
 	}
-	value := encodeRecord(&claim)
+	value := encodeRecord(&claim, claim.Token)
 	rkey := s.redisKey(key)
 	args := redis.SetArgs{Mode: "NX", TTL: lease, Get: true}
 	var set *redis.StatusCmd
@@ -170,7 +170,7 @@ func (s *RedisStore) Acquire(ctx context.Context, key string, claim Record, leas
 	case err != nil:
 		return nil, fmt.Errorf("idempotency: redis acquire: %w", err)
 	}
-	rec, err := decodeRecord([]byte(previous))
+	rec, _, err := decodeRecord([]byte(previous))
 	if err != nil {
 		return nil, fmt.Errorf("idempotency: redis acquire: %w", err)
 	}
@@ -188,10 +188,16 @@ if v and string.sub(v, 1, #ARGV[1]) == ARGV[1] then
 end
 return 0`)
 
+	// Complete also succeeds when this token already completed the record
+	// (ARGV[4] is its completedPrefix): go-redis re-sent the script after
+	// the first run's reply was lost.
 	redisComplete = redis.NewScript(`
 local v = redis.call('GET', KEYS[1])
 if v and string.sub(v, 1, #ARGV[1]) == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+if v and string.sub(v, 1, #ARGV[4]) == ARGV[4] then
   return 1
 end
 return 0`)
@@ -219,10 +225,11 @@ func (s *RedisStore) Complete(ctx context.Context, key, token string, rec Record
 		return err
 	}
 	rec.Token = ""
+	args := []any{encodeRecord(&rec, token), milliseconds(ttl), completedPrefix(token)}
 	if s.waitReplicas > 0 {
-		return s.runOwnedWaiting(ctx, "complete", redisComplete, key, token, encodeRecord(&rec), milliseconds(ttl))
+		return s.runOwnedWaiting(ctx, "complete", redisComplete, key, token, args...)
 	}
-	return s.runOwned(ctx, "complete", redisComplete, key, token, encodeRecord(&rec), milliseconds(ttl))
+	return s.runOwned(ctx, "complete", redisComplete, key, token, args...)
 }
 
 // Release implements [Store].

@@ -17,12 +17,12 @@ func FuzzDecodeRecord(f *testing.F) {
 		{Fingerprint: "fp", CreatedAt: at, Response: &Response{StatusCode: 201, Header: http.Header{"A": {"1", "2"}}, Body: []byte("body")}},
 		{Fingerprint: "", CreatedAt: at, Response: &Response{StatusCode: 200, BodyOmitted: true}},
 	} {
-		f.Add([]byte(encodeRecord(rec)))
+		f.Add([]byte(encodeRecord(rec, "TOKEN")))
 	}
 	f.Add([]byte{})
 	f.Add([]byte{recordVersion, stateCompleted, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01})
 	f.Fuzz(func(t *testing.T, value []byte) {
-		rec, err := decodeRecord(value)
+		rec, token, err := decodeRecord(value)
 		if err != nil {
 			return
 		}
@@ -30,15 +30,24 @@ func FuzzDecodeRecord(f *testing.F) {
 			t.Fatalf("accepted status %d", rec.Response.StatusCode)
 		}
 		// Header maps have no order, so compare what a second decode sees.
-		again, err := decodeRecord([]byte(encodeRecord(rec)))
+		again, againToken, err := decodeRecord([]byte(encodeRecord(rec, token)))
 		if err != nil {
 			t.Fatalf("re-encoded record does not decode: %v", err)
 		}
-		if encodeRecord(again) != encodeRecord(rec) && len(rec.headerNames()) < 2 {
+		if againToken != token || encodeRecord(again, token) != encodeRecord(rec, token) && len(rec.headerNames()) < 2 {
 			t.Fatalf("round trip changed the record")
 		}
-		if rec.InFlight() && !bytes.HasPrefix(value, []byte(ownerPrefix(rec.Token))) {
-			t.Fatalf("in-flight value does not start with its owner prefix")
+		prefix := completedPrefix(token)
+		if rec.InFlight() {
+			prefix = ownerPrefix(token)
+			if rec.Token != token {
+				t.Fatalf("in-flight record's Token %q is not its owner %q", rec.Token, token)
+			}
+		} else if rec.Token != "" {
+			t.Fatalf("completed record has Token %q", rec.Token)
+		}
+		if !bytes.HasPrefix(value, []byte(prefix)) {
+			t.Fatalf("value does not start with its owner's prefix")
 		}
 	})
 }

@@ -45,6 +45,7 @@ func Run(t *testing.T, newHarness func(t *testing.T) Harness) {
 		{"StaleOwnerCannotWrite", testStaleOwner},
 		{"WrongTokenChangesNothing", testWrongToken},
 		{"CompletedRecordIsNotOwned", testCompletedNotOwned},
+		{"CompleteRepeatedSucceeds", testCompleteRepeated},
 		{"KeysAreIndependent", testKeysIndependent},
 		{"UnusualKeys", testUnusualKeys},
 		{"BinaryBodyAndHeaders", testBinaryResponse},
@@ -235,12 +236,41 @@ func testCompletedNotOwned(t *testing.T, h Harness) {
 	require.Nil(t, acquire(t, h.Store, k, c))
 	require.NoError(t, h.Store.Complete(ctx, k, c.Token, done("fp", 200, "first"), ttl))
 
-	assert.ErrorIs(t, h.Store.Complete(ctx, k, c.Token, done("fp", 200, "second"), ttl), idempotency.ErrLeaseLost)
+	assert.ErrorIs(t, h.Store.Complete(ctx, k, "other-token", done("fp", 200, "second"), ttl), idempotency.ErrLeaseLost)
 	assert.ErrorIs(t, h.Store.Release(ctx, k, c.Token), idempotency.ErrLeaseLost, "a completed record cannot be released")
 	assert.ErrorIs(t, h.Store.Extend(ctx, k, c.Token, lease), idempotency.ErrLeaseLost)
 	got := acquire(t, h.Store, k, claim("fp"))
 	require.NotNil(t, got)
 	assert.Equal(t, "first", string(got.Response.Body))
+}
+
+// testCompleteRepeated: a client library may re-send Complete after losing
+// its reply; the repeat succeeds and changes nothing. A stale owner whose
+// record is byte-identical to the new owner's still gets ErrLeaseLost.
+func testCompleteRepeated(t *testing.T, h Harness) {
+	ctx := context.Background()
+	k := key(t)
+	c := claim("fp")
+	require.Nil(t, acquire(t, h.Store, k, c))
+	rec := done("fp", 201, "once")
+	require.NoError(t, h.Store.Complete(ctx, k, c.Token, rec, ttl))
+	require.NoError(t, h.Store.Complete(ctx, k, c.Token, rec, ttl), "the repeated call succeeds")
+	require.NoError(t, h.Store.Complete(ctx, k, c.Token, done("fp", 500, "other"), ttl), "and changes nothing")
+	got := acquire(t, h.Store, k, claim("fp"))
+	require.NotNil(t, got)
+	assert.Equal(t, "once", string(got.Response.Body))
+	assert.Equal(t, 201, got.Response.StatusCode)
+
+	k2 := key(t)
+	stale := claim("fp")
+	require.Nil(t, acquire(t, h.Store, k2, stale))
+	h.Advance(lease + 50*time.Millisecond)
+	fresh := claim("fp")
+	require.Nil(t, acquire(t, h.Store, k2, fresh))
+	same := done("fp", 200, "identical")
+	require.NoError(t, h.Store.Complete(ctx, k2, fresh.Token, same, ttl))
+	assert.ErrorIs(t, h.Store.Complete(ctx, k2, stale.Token, same, ttl), idempotency.ErrLeaseLost,
+		"an identical record from a stale owner is still the stale owner's")
 }
 
 func testKeysIndependent(t *testing.T, h Harness) {
