@@ -384,6 +384,10 @@ type Event struct {
 	Duration time.Duration
 	// Err is the error behind a rejection or a store failure.
 	Err error
+	// Attempts, for a webhook delivery whose function failed, counts the
+	// failed attempts the store has recorded for the event, this one
+	// included; 0 when the store keeps no history ([FailureRecorder]).
+	Attempts int
 }
 
 // Observer receives one [Event] per request or delivery. ctx is the

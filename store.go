@@ -50,6 +50,24 @@ type Store interface {
 	Release(ctx context.Context, key, token string) error
 }
 
+// FailureRecorder is implemented by stores that keep a history of failed
+// attempts per key. The webhook helper uses it, when its store has it,
+// instead of [Store.Release] after the webhook function failed, so an
+// operator can see how often an event failed and why (see
+// [WebhookHandler.Failures]).
+type FailureRecorder interface {
+	// Fail releases the in-flight record that token owns, as Release does,
+	// and counts a failed attempt under key with reason as the last error,
+	// keeping both for ttl after this failure. It returns the number of
+	// failed attempts counted so far, or ErrLeaseLost (and counts nothing)
+	// when token does not own the key.
+	Fail(ctx context.Context, key, token, reason string, ttl time.Duration) (attempts int, err error)
+
+	// Failures returns the failed attempts counted under key and the last
+	// reason; zero and "" when none were, or their history expired.
+	Failures(ctx context.Context, key string) (attempts int, lastReason string, err error)
+}
+
 // Record is what a [Store] keeps under one key.
 type Record struct {
 	// Token identifies the owner of an in-flight record. It is empty once
@@ -174,6 +192,27 @@ func (c claims) release(ctx context.Context, key, token string) error {
 	return err
 }
 
+// fail frees the key token owns after the work failed, counting the
+// failure when the store keeps a history (see [FailureRecorder]); it
+// returns the failed attempts counted so far, 0 without a history. Like
+// release, a lost lease is no error.
+func (c claims) fail(ctx context.Context, key, token, reason string) (int, error) {
+	recorder, ok := c.store.(FailureRecorder)
+	if !ok {
+		return 0, c.release(ctx, key, token)
+	}
+	var attempts int
+	err := c.write(ctx, func(ctx context.Context) error {
+		var err error
+		attempts, err = recorder.Fail(ctx, key, token, reason, c.ttl)
+		return err
+	})
+	if errors.Is(err, ErrLeaseLost) {
+		return 0, nil
+	}
+	return attempts, err
+}
+
 // write runs a store write that must outlive the request: detached from
 // its cancellation, bounded by the store timeout.
 func (c claims) write(ctx context.Context, write func(context.Context) error) error {
@@ -260,7 +299,14 @@ type MemoryStore struct {
 
 	mu        sync.Mutex
 	records   map[string]memoryEntry
+	failures  map[string]memoryFailures
 	nextSweep int64 // Unix nanoseconds
+}
+
+type memoryFailures struct {
+	attempts   int
+	lastReason string
+	expires    int64 // Unix nanoseconds
 }
 
 // memoryEntry holds a record in its encoded form: one pointer-free string
@@ -293,14 +339,17 @@ func WithMemoryClock(now func() time.Time) MemoryOption {
 
 // NewMemoryStore returns an empty MemoryStore.
 func NewMemoryStore(opts ...MemoryOption) *MemoryStore {
-	s := &MemoryStore{now: time.Now, records: make(map[string]memoryEntry)}
+	s := &MemoryStore{now: time.Now, records: make(map[string]memoryEntry), failures: make(map[string]memoryFailures)}
 	for _, opt := range opts {
 		opt(s)
 	}
 	return s
 }
 
-var _ Store = (*MemoryStore)(nil)
+var (
+	_ Store           = (*MemoryStore)(nil)
+	_ FailureRecorder = (*MemoryStore)(nil)
+)
 
 // Acquire implements [Store].
 func (s *MemoryStore) Acquire(ctx context.Context, key string, claim Record, lease time.Duration) (*Record, error) {
@@ -358,6 +407,40 @@ func (s *MemoryStore) Release(ctx context.Context, key, token string) error {
 	})
 }
 
+// Fail implements [FailureRecorder].
+func (s *MemoryStore) Fail(ctx context.Context, key, token, reason string, ttl time.Duration) (int, error) {
+	if ttl <= 0 {
+		return 0, fmt.Errorf("idempotency: failure TTL %v is not positive", ttl)
+	}
+	var attempts int
+	err := s.withInFlight(ctx, key, token, func(now int64, _ memoryEntry) {
+		delete(s.records, key)
+		f := s.failures[key]
+		if now >= f.expires {
+			f = memoryFailures{}
+		}
+		f.attempts++
+		f.lastReason, f.expires = reason, now+int64(ttl)
+		s.failures[key] = f
+		attempts = f.attempts
+	})
+	return attempts, err
+}
+
+// Failures implements [FailureRecorder].
+func (s *MemoryStore) Failures(ctx context.Context, key string) (int, string, error) {
+	if err := ctx.Err(); err != nil {
+		return 0, "", err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	f, ok := s.failures[key]
+	if !ok || s.now().UnixNano() >= f.expires {
+		return 0, "", nil
+	}
+	return f.attempts, f.lastReason, nil
+}
+
 // withInFlight runs change under the lock if token owns a live in-flight
 // record under key.
 func (s *MemoryStore) withInFlight(ctx context.Context, key, token string, change func(now int64, e memoryEntry)) error {
@@ -387,7 +470,7 @@ func (s *MemoryStore) withOwned(ctx context.Context, key, token string, change f
 }
 
 // Len returns how many records the store holds, counting expired records
-// not yet purged.
+// not yet purged; failure histories are not counted.
 func (s *MemoryStore) Len() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -402,6 +485,11 @@ func (s *MemoryStore) sweepLocked(now int64) {
 	for k, e := range s.records {
 		if now >= e.expires {
 			delete(s.records, k)
+		}
+	}
+	for k, f := range s.failures {
+		if now >= f.expires {
+			delete(s.failures, k)
 		}
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"strconv"
 	"strings"
 	"time"
 
@@ -17,6 +18,7 @@ import (
 // *redis.Ring and every redis.UniversalClient satisfy it.
 type RedisClient interface {
 	SetArgs(ctx context.Context, key string, value any, a redis.SetArgs) *redis.StatusCmd
+	HMGet(ctx context.Context, key string, fields ...string) *redis.SliceCmd
 	redis.Scripter
 }
 
@@ -126,7 +128,10 @@ func NewRedisStore(client RedisClient, opts ...RedisOption) (*RedisStore, error)
 	return s, nil
 }
 
-var _ Store = (*RedisStore)(nil)
+var (
+	_ Store           = (*RedisStore)(nil)
+	_ FailureRecorder = (*RedisStore)(nil)
+)
 
 // redisKey maps a record key to a Redis key: the prefix, then a hash of the
 // record key as the hash tag. Hashing keeps client input out of Redis key
@@ -209,6 +214,20 @@ if v and string.sub(v, 1, #ARGV[1]) == ARGV[1] then
   return 1
 end
 return 0`)
+
+	// Fail releases like redisRelease and counts the failure in a hash
+	// beside the record (KEYS[2], same hash tag, so same cluster slot).
+	// It returns the count, or 0 when the token does not own the key.
+	redisFail = redis.NewScript(`
+local v = redis.call('GET', KEYS[1])
+if v and string.sub(v, 1, #ARGV[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  local n = redis.call('HINCRBY', KEYS[2], 'attempts', 1)
+  redis.call('HSET', KEYS[2], 'last_reason', ARGV[2])
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+  return n
+end
+return 0`)
 )
 
 // Extend implements [Store].
@@ -254,6 +273,48 @@ func (s *RedisStore) runOwned(ctx context.Context, op string, script *redis.Scri
 		return fmt.Errorf("idempotency: redis %s: unexpected reply %d", op, n)
 	}
 }
+
+// Fail implements [FailureRecorder] in one round trip.
+func (s *RedisStore) Fail(ctx context.Context, key, token, reason string, ttl time.Duration) (int, error) {
+	if ttl <= 0 {
+		return 0, fmt.Errorf("idempotency: failure TTL %v is not positive", ttl)
+	}
+	if token == "" {
+		return 0, ErrLeaseLost
+	}
+	rkey := s.redisKey(key)
+	n, err := redisFail.Run(ctx, s.client, []string{rkey, rkey + redisFailuresSuffix},
+		ownerPrefix(token), reason, milliseconds(ttl)).Int64()
+	switch {
+	case err != nil:
+		return 0, fmt.Errorf("idempotency: redis fail: %w", err)
+	case n == 0:
+		return 0, ErrLeaseLost
+	}
+	return int(n), nil
+}
+
+// Failures implements [FailureRecorder].
+func (s *RedisStore) Failures(ctx context.Context, key string) (int, string, error) {
+	values, err := s.client.HMGet(ctx, s.redisKey(key)+redisFailuresSuffix, "attempts", "last_reason").Result()
+	if err != nil {
+		return 0, "", fmt.Errorf("idempotency: redis failures: %w", err)
+	}
+	if len(values) != 2 || values[0] == nil {
+		return 0, "", nil
+	}
+	count, ok := values[0].(string)
+	reason, _ := values[1].(string)
+	attempts, err := strconv.Atoi(count)
+	if !ok || err != nil {
+		return 0, "", fmt.Errorf("%w: failure count %v", errCorruptRecord, values[0])
+	}
+	return attempts, reason, nil
+}
+
+// redisFailuresSuffix names the hash that counts a key's failed attempts,
+// after the record's own key, hash tag included.
+const redisFailuresSuffix = ":failures"
 
 // runOwnedWaiting is runOwned followed by WAIT in the same pipeline. A
 // pipeline cannot fall back from EVALSHA to EVAL on its own, so on

@@ -68,6 +68,8 @@ const (
 const WebhookSignatureHeader = "Stripe-Signature"
 
 const (
+	// maxFailureReason caps the error text kept with a failed attempt.
+	maxFailureReason   = 1 << 10
 	webhookRecordKind  = "stripe-webhook"
 	webhookReceived    = `{"received":true}`
 	webhookContentType = "application/json"
@@ -265,9 +267,11 @@ func WithWebhookClock(now func() time.Time) WebhookOption {
 // calls with [StripeKey].
 //
 // The store keeps a processing status per event (in flight while the
-// function runs, then processed). Failed attempts are not kept: the
-// stores delete a released claim. Each attempt and its error reach the
-// observer and logger instead.
+// function runs, then processed) and, when it implements
+// [FailureRecorder] as [MemoryStore] and [RedisStore] do, how often the
+// function failed for it and the last error ([WebhookHandler.Failures]).
+// Every attempt, with its error and that count, also reaches the observer
+// and the logger.
 //
 //	h, err := idempotency.NewWebhookHandler(store, []string{os.Getenv("STRIPE_WEBHOOK_SECRET")},
 //		func(ctx context.Context, ev stripe.Event) error {
@@ -359,6 +363,21 @@ func (h *WebhookHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	h.handle(r.Context(), w, ev, payload, r.Header.Get(WebhookSignatureHeader))
 }
 
+// Failures returns how often the function failed for the event eventID,
+// counted while the history lasts ([WithWebhookTTL] after the last
+// failure), and the last failure's error text (the function's error, or
+// "panic"). The history outlives a later success. The error wraps
+// [errors.ErrUnsupported] when the store keeps no history (see
+// [FailureRecorder]; [MemoryStore] and [RedisStore] do).
+func (h *WebhookHandler) Failures(ctx context.Context, eventID string) (attempts int, lastError string, err error) {
+	recorder, ok := h.claims.store.(FailureRecorder)
+	if !ok {
+		return 0, "", fmt.Errorf("idempotency: %T keeps no failure history: %w", h.claims.store, errors.ErrUnsupported)
+	}
+	claim := Claim{Kind: webhookRecordKind, Scope: h.cfg.scope, Key: eventID}
+	return recorder.Failures(ctx, claim.recordKey())
+}
+
 // Handle is the lower-level form of ServeHTTP, for deliveries that do not
 // arrive as an [http.Request] (a queue, a serverless runtime): it verifies
 // payload against signatureHeader, the value of the Stripe-Signature
@@ -427,7 +446,7 @@ func (h *WebhookHandler) run(ctx context.Context, w http.ResponseWriter, ev Even
 		}
 		stopRenewing()
 		ev.Duration = time.Since(start)
-		h.fail(ctx, w, ev, storeKey, token, event.Type, fmt.Errorf("%w: panic", ErrWebhookFailed))
+		h.fail(ctx, w, ev, storeKey, token, event.Type, fmt.Errorf("%w: panic", ErrWebhookFailed), "panic")
 	}()
 	fnErr := h.fn(fnCtx, event)
 	returned = true
@@ -435,7 +454,7 @@ func (h *WebhookHandler) run(ctx context.Context, w http.ResponseWriter, ev Even
 	ev.Duration = time.Since(start)
 
 	if fnErr != nil {
-		return h.fail(ctx, w, ev, storeKey, token, event.Type, fmt.Errorf("%w: %w", ErrWebhookFailed, fnErr))
+		return h.fail(ctx, w, ev, storeKey, token, event.Type, fmt.Errorf("%w: %w", ErrWebhookFailed, fnErr), fnErr.Error())
 	}
 
 	resp := &Response{StatusCode: http.StatusOK}
@@ -460,10 +479,14 @@ func (h *WebhookHandler) run(ctx context.Context, w http.ResponseWriter, ev Even
 // fail releases the event after the function failed, detached from the
 // delivery's cancellation: a sender that hung up must not leave the event
 // claimed until the lease lapses.
-func (h *WebhookHandler) fail(ctx context.Context, w http.ResponseWriter, ev Event, storeKey, token string, eventType stripe.EventType, cause error) (Outcome, error) {
-	ev.Err = cause
+func (h *WebhookHandler) fail(ctx context.Context, w http.ResponseWriter, ev Event, storeKey, token string, eventType stripe.EventType, cause error, reason string) (Outcome, error) {
+	if len(reason) > maxFailureReason {
+		reason = reason[:maxFailureReason]
+	}
+	attempts, err := h.claims.fail(ctx, storeKey, token, reason)
+	ev.Err, ev.Attempts = cause, attempts
 	h.log(ctx, slog.LevelWarn, "idempotency: webhook processing failed; the event is released for Stripe's retry", ev, eventType)
-	if err := h.claims.release(ctx, storeKey, token); err != nil {
+	if err != nil {
 		ev.Err = errors.Join(cause, fmt.Errorf("%w: %w", ErrStoreUnavailable, err))
 		h.log(ctx, slog.LevelWarn, "idempotency: releasing the webhook event failed; it frees itself when the lease lapses", ev, eventType)
 		return h.finish(ctx, w, ev, OutcomeStoreError, ev.Err)
@@ -557,6 +580,9 @@ func (h *WebhookHandler) log(ctx context.Context, level slog.Level, msg string, 
 	}
 	if ev.Duration > 0 {
 		attrs = append(attrs, slog.Duration("duration", ev.Duration))
+	}
+	if ev.Attempts > 0 {
+		attrs = append(attrs, slog.Int("failed_attempts", ev.Attempts))
 	}
 	attrs = append(attrs, slog.Any("error", ev.Err))
 	h.cfg.logger.LogAttrs(ctx, level, msg, attrs...)

@@ -454,6 +454,62 @@ func TestWebhookFailureIsRetried(t *testing.T) {
 	})
 }
 
+// TestWebhookCountsFailedAttempts: the store keeps how often the function
+// failed for an event and the last error (audit WH4, WH9); the observer
+// sees the count with each failure.
+func TestWebhookCountsFailedAttempts(t *testing.T) {
+	whForEachStore(t, func(t *testing.T, store idempotency.Store) {
+		var calls atomic.Int64
+		obs := &whEvents{}
+		h := whNew(t, store, func(context.Context, stripe.Event) error {
+			switch calls.Add(1) {
+			case 1:
+				return errors.New("ledger timeout")
+			case 2:
+				panic("nil map")
+			case 3:
+				return errors.New("ledger refused the entry")
+			}
+			return nil
+		}, idempotency.WithWebhookObserver(obs.observe))
+		payload := whEvent("evt_flaky")
+
+		attempts, lastError, err := h.Failures(context.Background(), "evt_flaky")
+		require.NoError(t, err)
+		assert.Zero(t, attempts)
+		assert.Empty(t, lastError)
+
+		whAssertProblem(t, whServe(h, whRequest(payload, whSecret)), http.StatusInternalServerError)
+		assert.Equal(t, 1, obs.last().Attempts)
+		_, panicked := whServeRecover(h, whRequest(payload, whSecret))
+		assert.Equal(t, "nil map", panicked)
+		assert.Equal(t, 2, obs.last().Attempts)
+		whAssertProblem(t, whServe(h, whRequest(payload, whSecret)), http.StatusInternalServerError)
+		assert.Equal(t, 3, obs.last().Attempts)
+
+		attempts, lastError, err = h.Failures(context.Background(), "evt_flaky")
+		require.NoError(t, err)
+		assert.Equal(t, 3, attempts)
+		assert.Equal(t, "ledger refused the entry", lastError)
+
+		whAssertReceived(t, whServe(h, whRequest(payload, whSecret)), false)
+		assert.Equal(t, idempotency.OutcomeExecuted, obs.last().Outcome)
+		attempts, _, err = h.Failures(context.Background(), "evt_flaky")
+		require.NoError(t, err)
+		assert.Equal(t, 3, attempts, "the history outlives the success")
+		assert.EqualValues(t, 4, calls.Load())
+	})
+
+	t.Run("store without history", func(t *testing.T) {
+		h := whNew(t, &whRecordingStore{Store: idempotency.NewMemoryStore()}, func(context.Context, stripe.Event) error {
+			return errors.New("boom")
+		})
+		whAssertProblem(t, whServe(h, whRequest(whEvent("evt_x"), whSecret)), http.StatusInternalServerError)
+		_, _, err := h.Failures(context.Background(), "evt_x")
+		assert.ErrorIs(t, err, errors.ErrUnsupported)
+	})
+}
+
 func TestWebhookPanicIsRetried(t *testing.T) {
 	whForEachStore(t, func(t *testing.T, store idempotency.Store) {
 		var calls atomic.Int64

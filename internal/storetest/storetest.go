@@ -52,6 +52,7 @@ func Run(t *testing.T, newHarness func(t *testing.T) Harness) {
 		{"InvalidArguments", testInvalidArguments},
 		{"CancelledContext", testCancelledContext},
 		{"ConcurrentAcquireHasOneWinner", testConcurrentAcquire},
+		{"FailureHistory", testFailureHistory},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -399,4 +400,61 @@ func testConcurrentAcquire(t *testing.T, h Harness) {
 		require.NoError(t, err)
 	}
 	assert.Equal(t, int32(1), winners.Load(), "exactly one of %d concurrent claims wins", n)
+}
+
+// testFailureHistory runs for stores that implement FailureRecorder.
+func testFailureHistory(t *testing.T, h Harness) {
+	fr, ok := h.Store.(idempotency.FailureRecorder)
+	if !ok {
+		t.Skipf("%T keeps no failure history", h.Store)
+	}
+	ctx := context.Background()
+	k := key(t)
+	attempts, reason, err := fr.Failures(ctx, k)
+	require.NoError(t, err)
+	assert.Equal(t, 0, attempts)
+	assert.Empty(t, reason)
+
+	for i := 1; i <= 3; i++ {
+		c := claim("fp")
+		require.Nil(t, acquire(t, h.Store, k, c), "attempt %d: a failed key is free again", i)
+		n, err := fr.Fail(ctx, k, c.Token, "boom "+string(rune('0'+i)), ttl)
+		require.NoError(t, err)
+		assert.Equal(t, i, n)
+	}
+	attempts, reason, err = fr.Failures(ctx, k)
+	require.NoError(t, err)
+	assert.Equal(t, 3, attempts)
+	assert.Equal(t, "boom 3", reason)
+
+	// Only the owner can fail a claim, and a stale owner counts nothing.
+	c := claim("fp")
+	require.Nil(t, acquire(t, h.Store, k, c))
+	_, err = fr.Fail(ctx, k, "not-the-token", "stale", ttl)
+	assert.ErrorIs(t, err, idempotency.ErrLeaseLost)
+	attempts, _, err = fr.Failures(ctx, k)
+	require.NoError(t, err)
+	assert.Equal(t, 3, attempts)
+	existing := acquire(t, h.Store, k, claim("fp"))
+	require.NotNil(t, existing, "a refused Fail left the claim in place")
+	assert.Equal(t, c.Token, existing.Token)
+
+	// Success does not erase the history; time does.
+	require.NoError(t, h.Store.Complete(ctx, k, c.Token, done("fp", 200, "ok"), ttl))
+	attempts, _, err = fr.Failures(ctx, k)
+	require.NoError(t, err)
+	assert.Equal(t, 3, attempts)
+	h.Advance(ttl + 50*time.Millisecond)
+	attempts, reason, err = fr.Failures(ctx, k)
+	require.NoError(t, err)
+	assert.Equal(t, 0, attempts, "the history expires")
+	assert.Empty(t, reason)
+
+	// Histories are per key.
+	other := key(t)
+	c = claim("fp")
+	require.Nil(t, acquire(t, h.Store, other, c))
+	n, err := fr.Fail(ctx, other, c.Token, "x", ttl)
+	require.NoError(t, err)
+	assert.Equal(t, 1, n)
 }
