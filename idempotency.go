@@ -82,16 +82,24 @@ var (
 
 // Default settings; each has an option that documents it.
 const (
-	DefaultKeyHeader       = "Idempotency-Key"
-	DefaultReplayHeader    = "X-Idempotent-Replayed"
-	DefaultMaxBodyBytes    = 1 << 20
-	DefaultMaxStoredBytes  = 1 << 20
-	DefaultLease           = 30 * time.Second
-	DefaultTTL             = 24 * time.Hour
-	DefaultStoreTimeout    = 3 * time.Second
-	MaxKeyLength           = 255
-	retryAfterInUse        = "1"
-	retryAfterUnavailable  = "1"
+	DefaultKeyHeader      = "Idempotency-Key"
+	DefaultReplayHeader   = "X-Idempotent-Replayed"
+	DefaultMaxBodyBytes   = 1 << 20
+	DefaultMaxStoredBytes = 1 << 20
+	DefaultLease          = 30 * time.Second
+	DefaultTTL            = 24 * time.Hour
+	DefaultStoreTimeout   = 3 * time.Second
+)
+
+// MaxKeyLength is the longest Idempotency-Key accepted, Stripe's limit.
+const MaxKeyLength = 255
+
+const (
+	// Retry-After seconds: a running request usually ends within a second;
+	// a store outage is retried as soon, since the 503 costs little.
+	retryAfterInUse       = "1"
+	retryAfterUnavailable = "1"
+
 	problemTypeBase        = "https://pkg.go.dev/github.com/seed70ea8305/idempotency#"
 	problemContentType     = "application/problem+json"
 	httpRecordKind         = "http"
