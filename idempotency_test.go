@@ -60,6 +60,16 @@ func (o *observed) observe(_ context.Context, e idempotency.Event) {
 	o.events = append(o.events, e)
 }
 
+func (o *observed) outcomes() []idempotency.Outcome {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	out := make([]idempotency.Outcome, len(o.events))
+	for i, e := range o.events {
+		out[i] = e.Outcome
+	}
+	return out
+}
+
 func (o *observed) last() idempotency.Event {
 	o.mu.Lock()
 	defer o.mu.Unlock()

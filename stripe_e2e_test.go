@@ -167,9 +167,9 @@ func TestStripeKeyInWebhookFunctionSurvivesARedelivery(t *testing.T) {
 		})
 		payload := whEvent("evt_payout")
 
-		whAssertProblem(t, whServe(h, whRequest(payload, whSecret)), http.StatusInternalServerError)
-		whAssertReceived(t, whServe(h, whRequest(payload, whSecret)), false)
-		whAssertReceived(t, whServe(h, whRequest(payload, whSecret)), true)
+		whAssertProblem(t, serve(h, whRequest(payload, whSecret)), http.StatusInternalServerError)
+		whAssertReceived(t, serve(h, whRequest(payload, whSecret)), false)
+		whAssertReceived(t, serve(h, whRequest(payload, whSecret)), true)
 
 		assert.EqualValues(t, 2, calls.Load())
 		assert.Equal(t, 1, fake.TransfersCreated(), "exactly one transfer")

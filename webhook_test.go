@@ -82,46 +82,12 @@ func whRequest(payload []byte, secret string) *http.Request {
 	return req
 }
 
-func whServe(h http.Handler, req *http.Request) *httptest.ResponseRecorder {
-	rec := httptest.NewRecorder()
-	h.ServeHTTP(rec, req)
-	return rec
-}
-
 // whServeRecover serves req and returns what the handler panicked with.
 func whServeRecover(h http.Handler, req *http.Request) (rec *httptest.ResponseRecorder, panicked any) {
 	rec = httptest.NewRecorder()
 	defer func() { panicked = recover() }()
 	h.ServeHTTP(rec, req)
 	return rec, nil
-}
-
-// whEvents collects what the observer saw.
-type whEvents struct {
-	mu  sync.Mutex
-	all []idempotency.Event
-}
-
-func (o *whEvents) observe(_ context.Context, e idempotency.Event) {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	o.all = append(o.all, e)
-}
-
-func (o *whEvents) outcomes() []idempotency.Outcome {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	out := make([]idempotency.Outcome, len(o.all))
-	for i, e := range o.all {
-		out[i] = e.Outcome
-	}
-	return out
-}
-
-func (o *whEvents) last() idempotency.Event {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	return o.all[len(o.all)-1]
 }
 
 func whNew(t *testing.T, store idempotency.Store, fn idempotency.WebhookFunc, opts ...idempotency.WebhookOption) *idempotency.WebhookHandler {
@@ -165,7 +131,7 @@ func TestWebhookProcessesAnEventOnce(t *testing.T) {
 	whForEachStore(t, func(t *testing.T, store idempotency.Store) {
 		var calls atomic.Int64
 		var seen stripe.Event
-		obs := &whEvents{}
+		obs := &observed{}
 		h := whNew(t, store, func(ctx context.Context, ev stripe.Event) error {
 			calls.Add(1)
 			seen = ev
@@ -173,7 +139,7 @@ func TestWebhookProcessesAnEventOnce(t *testing.T) {
 		}, idempotency.WithWebhookObserver(obs.observe))
 
 		payload := whEvent("evt_once")
-		whAssertReceived(t, whServe(h, whRequest(payload, whSecret)), false)
+		whAssertReceived(t, serve(h, whRequest(payload, whSecret)), false)
 		require.EqualValues(t, 1, calls.Load())
 		assert.Equal(t, "evt_once", seen.ID)
 		assert.Equal(t, stripe.EventType("account.updated"), seen.Type)
@@ -181,13 +147,13 @@ func TestWebhookProcessesAnEventOnce(t *testing.T) {
 
 		// Stripe delivers the event again (new signature, same event),
 		// and once more with the very same request.
-		whAssertReceived(t, whServe(h, whRequest(payload, whSecret)), true)
+		whAssertReceived(t, serve(h, whRequest(payload, whSecret)), true)
 		same := whRequest(payload, whSecret)
 		sig := same.Header.Get("Stripe-Signature")
-		whAssertReceived(t, whServe(h, same), true)
+		whAssertReceived(t, serve(h, same), true)
 		again := httptest.NewRequest(http.MethodPost, "/stripe/webhook", bytes.NewReader(payload))
 		again.Header.Set("Stripe-Signature", sig)
-		whAssertReceived(t, whServe(h, again), true)
+		whAssertReceived(t, serve(h, again), true)
 		assert.EqualValues(t, 1, calls.Load())
 
 		assert.Equal(t, []idempotency.Outcome{
@@ -202,7 +168,7 @@ func TestWebhookProcessesAnEventOnce(t *testing.T) {
 		assert.NoError(t, ev.Err)
 
 		// Another event is processed.
-		whAssertReceived(t, whServe(h, whRequest(whEvent("evt_other"), whSecret)), false)
+		whAssertReceived(t, serve(h, whRequest(whEvent("evt_other"), whSecret)), false)
 		assert.EqualValues(t, 2, calls.Load())
 	})
 }
@@ -280,7 +246,7 @@ func TestWebhookConcurrentDeliveriesRunOnce(t *testing.T) {
 		assert.EqualValues(t, 1, calls.Load())
 
 		// Stripe's retry of a 409 finds the event processed.
-		whAssertReceived(t, whServe(h, whRequest(payload, whSecret)), true)
+		whAssertReceived(t, serve(h, whRequest(payload, whSecret)), true)
 		assert.EqualValues(t, 1, calls.Load())
 	})
 }
@@ -325,7 +291,7 @@ func TestWebhookRejectsBadDeliveries(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			store := idempotency.NewMemoryStore()
 			var calls atomic.Int64
-			obs := &whEvents{}
+			obs := &observed{}
 			h := whNew(t, store, func(context.Context, stripe.Event) error { calls.Add(1); return nil },
 				idempotency.WithWebhookClock(func() time.Time { return now }),
 				idempotency.WithWebhookObserver(obs.observe))
@@ -334,7 +300,7 @@ func TestWebhookRejectsBadDeliveries(t *testing.T) {
 			if tc.header != "" {
 				req.Header.Set("Stripe-Signature", tc.header)
 			}
-			rec := whServe(h, req)
+			rec := serve(h, req)
 			p := whAssertProblem(t, rec, tc.status)
 			if tc.detail != "" {
 				assert.Contains(t, p.Detail, tc.detail)
@@ -417,7 +383,7 @@ func TestWebhookIgnoreAPIVersion(t *testing.T) {
 	var version string
 	h := whNew(t, idempotency.NewMemoryStore(), func(_ context.Context, ev stripe.Event) error { version = ev.APIVersion; return nil },
 		idempotency.WithWebhookIgnoreAPIVersion())
-	whAssertReceived(t, whServe(h, whRequest(payload, whSecret)), false)
+	whAssertReceived(t, serve(h, whRequest(payload, whSecret)), false)
 	assert.Equal(t, "2020-08-27", version)
 }
 
@@ -425,7 +391,7 @@ func TestWebhookFailureIsRetried(t *testing.T) {
 	whForEachStore(t, func(t *testing.T, store idempotency.Store) {
 		var calls atomic.Int64
 		errDownstream := errors.New("database password rejected for user admin")
-		obs := &whEvents{}
+		obs := &observed{}
 		h := whNew(t, store, func(context.Context, stripe.Event) error {
 			if calls.Add(1) == 1 {
 				return errDownstream
@@ -434,7 +400,7 @@ func TestWebhookFailureIsRetried(t *testing.T) {
 		}, idempotency.WithWebhookObserver(obs.observe))
 		payload := whEvent("evt_fails_once")
 
-		rec := whServe(h, whRequest(payload, whSecret))
+		rec := serve(h, whRequest(payload, whSecret))
 		p := whAssertProblem(t, rec, http.StatusInternalServerError)
 		assert.Equal(t, "Webhook processing failed", p.Title)
 		assert.NotContains(t, rec.Body.String(), "password", "the function's error must not reach the sender")
@@ -445,8 +411,8 @@ func TestWebhookFailureIsRetried(t *testing.T) {
 		assert.Equal(t, "evt_fails_once", ev.Key)
 
 		// Stripe's retry processes the event; later deliveries do not.
-		whAssertReceived(t, whServe(h, whRequest(payload, whSecret)), false)
-		whAssertReceived(t, whServe(h, whRequest(payload, whSecret)), true)
+		whAssertReceived(t, serve(h, whRequest(payload, whSecret)), false)
+		whAssertReceived(t, serve(h, whRequest(payload, whSecret)), true)
 		assert.EqualValues(t, 2, calls.Load())
 		assert.Equal(t, []idempotency.Outcome{
 			idempotency.OutcomeReleased, idempotency.OutcomeExecuted, idempotency.OutcomeReplayed,
@@ -460,7 +426,7 @@ func TestWebhookFailureIsRetried(t *testing.T) {
 func TestWebhookCountsFailedAttempts(t *testing.T) {
 	whForEachStore(t, func(t *testing.T, store idempotency.Store) {
 		var calls atomic.Int64
-		obs := &whEvents{}
+		obs := &observed{}
 		h := whNew(t, store, func(context.Context, stripe.Event) error {
 			switch calls.Add(1) {
 			case 1:
@@ -479,12 +445,12 @@ func TestWebhookCountsFailedAttempts(t *testing.T) {
 		assert.Zero(t, attempts)
 		assert.Empty(t, lastError)
 
-		whAssertProblem(t, whServe(h, whRequest(payload, whSecret)), http.StatusInternalServerError)
+		whAssertProblem(t, serve(h, whRequest(payload, whSecret)), http.StatusInternalServerError)
 		assert.Equal(t, 1, obs.last().Attempts)
 		_, panicked := whServeRecover(h, whRequest(payload, whSecret))
 		assert.Equal(t, "nil map", panicked)
 		assert.Equal(t, 2, obs.last().Attempts)
-		whAssertProblem(t, whServe(h, whRequest(payload, whSecret)), http.StatusInternalServerError)
+		whAssertProblem(t, serve(h, whRequest(payload, whSecret)), http.StatusInternalServerError)
 		assert.Equal(t, 3, obs.last().Attempts)
 
 		attempts, lastError, err = h.Failures(context.Background(), "evt_flaky")
@@ -492,7 +458,7 @@ func TestWebhookCountsFailedAttempts(t *testing.T) {
 		assert.Equal(t, 3, attempts)
 		assert.Equal(t, "ledger refused the entry", lastError)
 
-		whAssertReceived(t, whServe(h, whRequest(payload, whSecret)), false)
+		whAssertReceived(t, serve(h, whRequest(payload, whSecret)), false)
 		assert.Equal(t, idempotency.OutcomeExecuted, obs.last().Outcome)
 		attempts, _, err = h.Failures(context.Background(), "evt_flaky")
 		require.NoError(t, err)
@@ -504,7 +470,7 @@ func TestWebhookCountsFailedAttempts(t *testing.T) {
 		h := whNew(t, &whRecordingStore{Store: idempotency.NewMemoryStore()}, func(context.Context, stripe.Event) error {
 			return errors.New("boom")
 		})
-		whAssertProblem(t, whServe(h, whRequest(whEvent("evt_x"), whSecret)), http.StatusInternalServerError)
+		whAssertProblem(t, serve(h, whRequest(whEvent("evt_x"), whSecret)), http.StatusInternalServerError)
 		_, _, err := h.Failures(context.Background(), "evt_x")
 		assert.ErrorIs(t, err, errors.ErrUnsupported)
 	})
@@ -513,7 +479,7 @@ func TestWebhookCountsFailedAttempts(t *testing.T) {
 func TestWebhookPanicIsRetried(t *testing.T) {
 	whForEachStore(t, func(t *testing.T, store idempotency.Store) {
 		var calls atomic.Int64
-		obs := &whEvents{}
+		obs := &observed{}
 		h := whNew(t, store, func(context.Context, stripe.Event) error {
 			if calls.Add(1) == 1 {
 				panic("nil map write in handler")
@@ -530,8 +496,8 @@ func TestWebhookPanicIsRetried(t *testing.T) {
 		assert.Equal(t, idempotency.OutcomeReleased, obs.last().Outcome)
 		assert.ErrorIs(t, obs.last().Err, idempotency.ErrWebhookFailed)
 
-		whAssertReceived(t, whServe(h, whRequest(payload, whSecret)), false)
-		whAssertReceived(t, whServe(h, whRequest(payload, whSecret)), true)
+		whAssertReceived(t, serve(h, whRequest(payload, whSecret)), false)
+		whAssertReceived(t, serve(h, whRequest(payload, whSecret)), true)
 		assert.EqualValues(t, 2, calls.Load())
 
 		// Handle lets the panic through as well, after releasing the event.
@@ -616,7 +582,7 @@ func TestWebhookClaimInContext(t *testing.T) {
 		key, keyErr = idempotency.StripeKey(ctx, "transfer:payout")
 		return nil
 	}, idempotency.WithWebhookScope("acct_platform_eu"))
-	whAssertReceived(t, whServe(h, whRequest(whEvent("evt_claim"), whSecret)), false)
+	whAssertReceived(t, serve(h, whRequest(whEvent("evt_claim"), whSecret)), false)
 
 	require.True(t, claimed)
 	assert.Equal(t, idempotency.Claim{Kind: "stripe-webhook", Scope: "acct_platform_eu", Key: "evt_claim"}, claim)
@@ -633,9 +599,9 @@ func TestWebhookScopesShareAStore(t *testing.T) {
 		euAgain := whNew(t, store, fn, idempotency.WithWebhookScope("eu"))
 		payload := whEvent("evt_scoped")
 
-		whAssertReceived(t, whServe(eu, whRequest(payload, whSecret)), false)
-		whAssertReceived(t, whServe(us, whRequest(payload, whSecret)), false)
-		whAssertReceived(t, whServe(euAgain, whRequest(payload, whSecret)), true)
+		whAssertReceived(t, serve(eu, whRequest(payload, whSecret)), false)
+		whAssertReceived(t, serve(us, whRequest(payload, whSecret)), false)
+		whAssertReceived(t, serve(euAgain, whRequest(payload, whSecret)), true)
 		assert.EqualValues(t, 2, calls.Load())
 	})
 }
@@ -727,8 +693,8 @@ func TestWebhookKeepsThePayload(t *testing.T) {
 		plain := whNew(t, rs, fn, idempotency.WithWebhookScope("plain"))
 		payload := whEvent("evt_payload")
 
-		whAssertReceived(t, whServe(kept, whRequest(payload, whSecret)), false)
-		whAssertReceived(t, whServe(plain, whRequest(payload, whSecret)), false)
+		whAssertReceived(t, serve(kept, whRequest(payload, whSecret)), false)
+		whAssertReceived(t, serve(plain, whRequest(payload, whSecret)), false)
 		require.Len(t, rs.completed, 2)
 		assert.Equal(t, http.StatusOK, rs.completed[0].Response.StatusCode)
 		assert.Equal(t, payload, rs.completed[0].Response.Body)
@@ -752,10 +718,10 @@ func TestWebhookStoreFailures(t *testing.T) {
 
 	t.Run("claim fails", func(t *testing.T) {
 		var calls atomic.Int64
-		obs := &whEvents{}
+		obs := &observed{}
 		rs := &whRecordingStore{Store: idempotency.NewMemoryStore(), acquireErr: errStore}
 		h := whNew(t, rs, func(context.Context, stripe.Event) error { calls.Add(1); return nil }, idempotency.WithWebhookObserver(obs.observe))
-		rec := whServe(h, whRequest(payload, whSecret))
+		rec := serve(h, whRequest(payload, whSecret))
 		whAssertProblem(t, rec, http.StatusServiceUnavailable)
 		assert.Equal(t, "1", rec.Header().Get("Retry-After"))
 		assert.NotContains(t, rec.Body.String(), "10.0.0.7")
@@ -767,11 +733,11 @@ func TestWebhookStoreFailures(t *testing.T) {
 
 	t.Run("marking processed fails", func(t *testing.T) {
 		var calls atomic.Int64
-		obs := &whEvents{}
+		obs := &observed{}
 		rs := &whRecordingStore{Store: idempotency.NewMemoryStore(), completeErr: errStore}
 		h := whNew(t, rs, func(context.Context, stripe.Event) error { calls.Add(1); return nil }, idempotency.WithWebhookObserver(obs.observe))
 		// The event was processed: Stripe must not send it again.
-		whAssertReceived(t, whServe(h, whRequest(payload, whSecret)), false)
+		whAssertReceived(t, serve(h, whRequest(payload, whSecret)), false)
 		assert.Equal(t, idempotency.OutcomeStoreError, obs.last().Outcome)
 		assert.ErrorIs(t, obs.last().Err, idempotency.ErrWebhookNotRecorded)
 
@@ -785,10 +751,10 @@ func TestWebhookStoreFailures(t *testing.T) {
 
 	t.Run("claim lapsed before marking processed", func(t *testing.T) {
 		var calls atomic.Int64
-		obs := &whEvents{}
+		obs := &observed{}
 		rs := &whRecordingStore{Store: idempotency.NewMemoryStore(), completeErr: idempotency.ErrLeaseLost}
 		h := whNew(t, rs, func(context.Context, stripe.Event) error { calls.Add(1); return nil }, idempotency.WithWebhookObserver(obs.observe))
-		whAssertReceived(t, whServe(h, whRequest(payload, whSecret)), false)
+		whAssertReceived(t, serve(h, whRequest(payload, whSecret)), false)
 		assert.Equal(t, idempotency.OutcomeLeaseLost, obs.last().Outcome)
 		assert.ErrorIs(t, obs.last().Err, idempotency.ErrWebhookNotRecorded)
 		assert.ErrorIs(t, obs.last().Err, idempotency.ErrLeaseLost)
@@ -796,11 +762,11 @@ func TestWebhookStoreFailures(t *testing.T) {
 	})
 
 	t.Run("releasing fails", func(t *testing.T) {
-		obs := &whEvents{}
+		obs := &observed{}
 		rs := &whRecordingStore{Store: idempotency.NewMemoryStore(), releaseErr: errStore}
 		errFn := errors.New("downstream failed")
 		h := whNew(t, rs, func(context.Context, stripe.Event) error { return errFn }, idempotency.WithWebhookObserver(obs.observe))
-		whAssertProblem(t, whServe(h, whRequest(payload, whSecret)), http.StatusInternalServerError)
+		whAssertProblem(t, serve(h, whRequest(payload, whSecret)), http.StatusInternalServerError)
 		ev := obs.last()
 		assert.Equal(t, idempotency.OutcomeStoreError, ev.Outcome)
 		assert.ErrorIs(t, ev.Err, idempotency.ErrWebhookFailed)
@@ -816,7 +782,7 @@ func TestWebhookStoreFailures(t *testing.T) {
 		h := whNew(t, store, func(context.Context, stripe.Event) error { calls.Add(1); return nil },
 			idempotency.WithWebhookStoreTimeout(500*time.Millisecond))
 		mr.Close()
-		whAssertProblem(t, whServe(h, whRequest(payload, whSecret)), http.StatusServiceUnavailable)
+		whAssertProblem(t, serve(h, whRequest(payload, whSecret)), http.StatusServiceUnavailable)
 		assert.Zero(t, calls.Load())
 	})
 }
@@ -891,10 +857,10 @@ func TestWebhookReleasesWhenTheSenderHangsUp(t *testing.T) {
 	})
 	payload := whEvent("evt_hangup")
 	req := whRequest(payload, whSecret).WithContext(ctx)
-	whAssertProblem(t, whServe(h, req), http.StatusInternalServerError)
+	whAssertProblem(t, serve(h, req), http.StatusInternalServerError)
 	assert.Zero(t, store.Len(), "released despite the cancelled request context")
 
-	whAssertReceived(t, whServe(h, whRequest(payload, whSecret)), false)
+	whAssertReceived(t, serve(h, whRequest(payload, whSecret)), false)
 	assert.EqualValues(t, 2, calls.Load())
 }
 
@@ -904,7 +870,7 @@ func TestWebhookLogger(t *testing.T) {
 	h := whNew(t, idempotency.NewMemoryStore(), func(context.Context, stripe.Event) error {
 		return errors.New("ledger write failed")
 	}, idempotency.WithWebhookLogger(logger))
-	whServe(h, whRequest(whEvent("evt_logged"), whSecret))
+	serve(h, whRequest(whEvent("evt_logged"), whSecret))
 
 	var line map[string]any
 	require.NoError(t, json.Unmarshal(bytes.SplitN(buf.Bytes(), []byte("\n"), 2)[0], &line), buf.String())
@@ -951,11 +917,11 @@ func TestWebhookMaxBodyBytesOption(t *testing.T) {
 	payload := whEvent("evt_small_cap")
 	h := whNew(t, idempotency.NewMemoryStore(), func(context.Context, stripe.Event) error { return nil },
 		idempotency.WithWebhookMaxBodyBytes(int64(len(payload)-1)))
-	whAssertProblem(t, whServe(h, whRequest(payload, whSecret)), http.StatusRequestEntityTooLarge)
+	whAssertProblem(t, serve(h, whRequest(payload, whSecret)), http.StatusRequestEntityTooLarge)
 
 	h = whNew(t, idempotency.NewMemoryStore(), func(context.Context, stripe.Event) error { return nil },
 		idempotency.WithWebhookMaxBodyBytes(int64(len(payload))))
-	whAssertReceived(t, whServe(h, whRequest(payload, whSecret)), false)
+	whAssertReceived(t, serve(h, whRequest(payload, whSecret)), false)
 }
 
 // FuzzWebhookHandle feeds arbitrary payloads and Stripe-Signature headers
@@ -1026,7 +992,7 @@ func FuzzWebhookHandle(f *testing.F) {
 		// Delivered again over HTTP, the event is a duplicate.
 		req := httptest.NewRequest(http.MethodPost, "/stripe/webhook", bytes.NewReader(payload))
 		req.Header.Set("Stripe-Signature", header)
-		rec := whServe(h, req)
+		rec := serve(h, req)
 		if rec.Code != http.StatusOK || rec.Header().Get(idempotency.DefaultReplayHeader) != "true" || calls != 1 {
 			t.Fatalf("second delivery: status %d, replayed %q, %d calls", rec.Code, rec.Header().Get(idempotency.DefaultReplayHeader), calls)
 		}
