@@ -262,6 +262,12 @@ func (s *RedisStore) runOwned(ctx context.Context, op string, script *redis.Scri
 	}
 	argv := append([]any{ownerPrefix(token)}, args...)
 	n, err := script.Run(ctx, s.client, []string{s.redisKey(key)}, argv...).Int64()
+	return ownedReply(op, n, err)
+}
+
+// ownedReply reads the reply of an owner-checked script: 1 done, 0 the
+// token does not own the key.
+func ownedReply(op string, n int64, err error) error {
 	switch {
 	case err != nil:
 		return fmt.Errorf("idempotency: redis %s: %w", op, err)
@@ -342,13 +348,8 @@ func (s *RedisStore) runOwnedWaiting(ctx context.Context, op string, script *red
 			continue
 		}
 		n, err := run.Int64()
-		switch {
-		case err != nil:
-			return fmt.Errorf("idempotency: redis %s: %w", op, err)
-		case n == 0:
-			return ErrLeaseLost
-		case n != 1:
-			return fmt.Errorf("idempotency: redis %s: unexpected reply %d", op, n)
+		if err := ownedReply(op, n, err); err != nil {
+			return err
 		}
 		return s.checkWait(op, wait)
 	}
