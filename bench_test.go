@@ -65,12 +65,12 @@ func BenchmarkRedis(b *testing.B) {
 	// and a completion, then a claim that finds the record.
 	b.Run("store-first", func(b *testing.B) {
 		ctx := b.Context()
-		resp := idempotency.Record{Fingerprint: "fp", Response: &idempotency.Response{StatusCode: 201, Body: []byte(benchBody)}}
+		resp := &idempotency.Record{Fingerprint: "fp", Response: &idempotency.Response{StatusCode: 201, Body: []byte(benchBody)}}
 		b.ReportAllocs()
 		for b.Loop() {
 			key := "store-" + strconv.Itoa(int(time.Now().UnixNano()))
 			claim := idempotency.Record{Token: key, Fingerprint: "fp"}
-			if _, err := store.Acquire(ctx, key, claim, time.Minute); err != nil {
+			if _, _, err := store.Acquire(ctx, key, claim, time.Minute); err != nil {
 				b.Fatal(err)
 			}
 			if err := store.Complete(ctx, key, claim.Token, resp, time.Hour); err != nil {
@@ -82,11 +82,11 @@ func BenchmarkRedis(b *testing.B) {
 		ctx := b.Context()
 		b.ReportAllocs()
 		for b.Loop() {
-			if existing, err := store.Acquire(ctx, "store-replay", idempotency.Record{Token: "t"}, time.Minute); err != nil {
+			if _, existing, err := store.Acquire(ctx, "store-replay", idempotency.Record{Token: "t"}, time.Minute); err != nil {
 				b.Fatal(err)
 			} else if existing == nil {
 				b.StopTimer()
-				store.Complete(ctx, "store-replay", "t", idempotency.Record{Response: &idempotency.Response{StatusCode: 201}}, time.Hour)
+				store.Complete(ctx, "store-replay", "t", &idempotency.Record{Response: &idempotency.Response{StatusCode: 201}}, time.Hour)
 				b.StartTimer()
 			}
 		}

@@ -78,11 +78,11 @@ func ExampleNewRedisStore() {
 		h.ServeHTTP(w, r)
 		fmt.Printf("%d replayed=%q\n", w.Code, w.Header().Get("X-Idempotent-Replayed"))
 	}
-	fmt.Println("keys in Redis:", len(mr.Keys()))
+	fmt.Println("keys in Redis:", mr.Keys()) // the record, and its hash tag's fence counter
 	// Output:
 	// 202 replayed=""
 	// 202 replayed="true"
-	// keys in Redis: 1
+	// keys in Redis: [venue-service:idem:{95c1}25e83a2f886296b7cf0a88ecb438 venue-service:idem:{95c1}fence]
 }
 
 func ExampleWithScope() {

@@ -16,13 +16,8 @@ import (
 	"net/url"
 	"slices"
 	"strings"
+	"sync"
 )
-
-// FingerprintFunc computes the fingerprint of a request whose body has
-// already been read into body. Two requests under one idempotency key are
-// "the same request" exactly when their fingerprints are equal. An error
-// rejects the request with 400 (see [ErrInvalidJSON]).
-type FingerprintFunc func(r *http.Request, body []byte) (string, error)
 
 // Fingerprinter computes request fingerprints: a hex SHA-256 over the
 // method, the path, the query (with parameters sorted), the headers named in
@@ -30,7 +25,7 @@ type FingerprintFunc func(r *http.Request, body []byte) (string, error)
 // requests share an input.
 //
 // The zero value hashes method, path, query and body. A Fingerprinter is
-// safe for concurrent use; its Fingerprint method is a [FingerprintFunc].
+// safe for concurrent use; its Fingerprint method fits [WithFingerprint].
 type Fingerprinter struct {
 	// Headers lists request headers that belong to the request's identity,
 	// for example "Authorization" or "Stripe-Account". Names are
@@ -56,45 +51,67 @@ func (f Fingerprinter) Fingerprint(r *http.Request, body []byte) (string, error)
 		}
 		body = canonical
 	}
-	h := sha256.New()
-	writeField(h, "idempotency-fingerprint-v1")
-	writeField(h, r.Method)
-	writeField(h, r.URL.EscapedPath())
-	writeField(h, sortedQuery(r.URL.RawQuery))
+	st := hasherPool.Get().(*hasher)
+	defer hasherPool.Put(st)
+	st.h.Reset()
+	// Everything but the body goes to the hash in one write.
+	b := st.buf[:0]
+	b = appendField(b, "idempotency-fingerprint-v1")
+	b = appendField(b, r.Method)
+	b = appendField(b, r.URL.EscapedPath())
+	b = appendField(b, sortedQuery(r.URL.RawQuery))
+	if len(f.Headers) == 0 {
+		b = appendLength(b, 0)
+	} else {
+		b = f.appendHeaders(b, r.Header)
+	}
+	b = appendLength(b, len(body))
+	st.buf = b
+	st.h.Write(b)
+	st.h.Write(body)
+	var hexSum [2 * sha256.Size]byte
+	hex.Encode(hexSum[:], st.h.Sum(st.sum[:0]))
+	return string(hexSum[:]), nil
+}
 
+func (f Fingerprinter) appendHeaders(b []byte, header http.Header) []byte {
 	names := make([]string, len(f.Headers))
 	for i, name := range f.Headers {
 		names[i] = textproto.CanonicalMIMEHeaderKey(name)
 	}
 	slices.Sort(names)
 	names = slices.Compact(names)
-	writeLength(h, len(names))
+	b = appendLength(b, len(names))
 	for _, name := range names {
-		writeField(h, name)
-		values, present := r.Header[name]
+		b = appendField(b, name)
+		values, present := header[name]
 		if !present {
-			writeLength(h, -1)
+			b = appendLength(b, -1)
 			continue
 		}
-		writeLength(h, len(values))
+		b = appendLength(b, len(values))
 		for _, v := range values {
-			writeField(h, v)
+			b = appendField(b, v)
 		}
 	}
-	writeLength(h, len(body))
-	h.Write(body)
-	return hex.EncodeToString(h.Sum(nil)), nil
+	return b
 }
 
-func writeLength(h hash.Hash, n int) {
-	var b [8]byte
-	binary.BigEndian.PutUint64(b[:], uint64(int64(n)))
-	h.Write(b[:])
+// hasher is a reusable SHA-256 state with its scratch space.
+type hasher struct {
+	h   hash.Hash
+	buf []byte
+	sum [sha256.Size]byte
 }
 
-func writeField(h hash.Hash, s string) {
-	writeLength(h, len(s))
-	io.WriteString(h, s)
+var hasherPool = sync.Pool{New: func() any { return &hasher{h: sha256.New(), buf: make([]byte, 0, 512)} }}
+
+func appendLength(b []byte, n int) []byte {
+	return binary.BigEndian.AppendUint64(b, uint64(int64(n)))
+}
+
+func appendField(b []byte, s string) []byte {
+	return append(appendLength(b, len(s)), s...)
 }
 
 // sortedQuery puts query parameters in a fixed order, so ?a=1&b=2 and
@@ -125,16 +142,16 @@ func canonicalJSON(body []byte) ([]byte, error) {
 	dec.UseNumber()
 	var v any
 	if err := dec.Decode(&v); err != nil {
-		return nil, fmt.Errorf("%w: %s", ErrInvalidJSON, jsonErrorText(err))
+		return nil, newRequestError(ErrInvalidJSON, jsonErrorText(err))
 	}
 	if _, err := dec.Token(); err != io.EOF {
-		return nil, fmt.Errorf("%w: data after the JSON value", ErrInvalidJSON)
+		return nil, newRequestError(ErrInvalidJSON, "data after the JSON value")
 	}
 	var buf bytes.Buffer
 	enc := json.NewEncoder(&buf)
 	enc.SetEscapeHTML(false)
 	if err := enc.Encode(v); err != nil {
-		return nil, fmt.Errorf("%w: %s", ErrInvalidJSON, jsonErrorText(err))
+		return nil, newRequestError(ErrInvalidJSON, jsonErrorText(err))
 	}
 	return bytes.TrimSuffix(buf.Bytes(), []byte("\n")), nil
 }

@@ -41,7 +41,7 @@ var storeKinds = []struct {
 }{
 	{"memory", func(t *testing.T) (idempotency.Store, func(time.Duration)) {
 		clock := newFakeClock()
-		return idempotency.NewMemoryStore(idempotency.WithMemoryClock(clock.Now)), clock.Advance
+		return idempotency.NewMemoryStoreWithClock(clock.Now), clock.Advance
 	}},
 	{"miniredis", func(t *testing.T) (idempotency.Store, func(time.Duration)) {
 		mr, client := redistest.Miniredis(t)

@@ -51,10 +51,10 @@ func createVenue() *counted {
 // observed collects the events the middleware reports.
 type observed struct {
 	mu     sync.Mutex
-	events []idempotency.Event
+	events []idempotency.Report
 }
 
-func (o *observed) observe(_ context.Context, e idempotency.Event) {
+func (o *observed) observe(_ context.Context, e idempotency.Report) {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	o.events = append(o.events, e)
@@ -70,7 +70,7 @@ func (o *observed) outcomes() []idempotency.Outcome {
 	return out
 }
 
-func (o *observed) last() idempotency.Event {
+func (o *observed) last() idempotency.Report {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	return o.events[len(o.events)-1]
@@ -355,6 +355,8 @@ func testMiddleware(t *testing.T, newStore func(t *testing.T) idempotency.Store)
 		assert.Equal(t, int32(2), handler.calls.Load())
 	})
 
+	// With WithCancelOnDisconnect, a handler that returns without
+	// answering after its client hung up was cut short: the key is freed.
 	t.Run("CancelledBeforeWritingReleases", func(t *testing.T) {
 		handler := &counted{serve: func(w http.ResponseWriter, r *http.Request) {
 			if r.Header.Get("X-Attempt") == "1" {
@@ -363,7 +365,7 @@ func testMiddleware(t *testing.T, newStore func(t *testing.T) idempotency.Store)
 			}
 			w.WriteHeader(http.StatusCreated)
 		}}
-		h := newMiddleware(t, newStore(t)).Handler(handler)
+		h := newMiddleware(t, newStore(t), idempotency.WithCancelOnDisconnect()).Handler(handler)
 		ctx, cancel := context.WithCancel(context.Background())
 		r := post("k", `{}`).WithContext(ctx)
 		r.Header.Set("X-Attempt", "1")
@@ -582,7 +584,8 @@ func TestClientDisconnectStillStores(t *testing.T) {
 				w.WriteHeader(http.StatusCreated) // ...and the work completes anyway
 				io.WriteString(w, `{"id":"v_1"}`)
 			}}
-			srv := httptest.NewServer(newMiddleware(t, store).Handler(handler))
+			// WithCancelOnDisconnect: the handler learns of the hang-up.
+			srv := httptest.NewServer(newMiddleware(t, store, idempotency.WithCancelOnDisconnect()).Handler(handler))
 			defer srv.Close()
 
 			ctx, cancel := context.WithCancel(context.Background())
@@ -848,7 +851,7 @@ func TestLeaseRenewedWhileHandlerRuns(t *testing.T) {
 // over the new owner's record.
 func TestLeaseLostCancelsHandler(t *testing.T) {
 	clock := newFakeClock()
-	store := idempotency.NewMemoryStore(idempotency.WithMemoryClock(clock.Now))
+	store := idempotency.NewMemoryStoreWithClock(clock.Now)
 	entered := make(chan struct{})
 	var cause error
 	var n atomic.Int32

@@ -25,13 +25,24 @@ type RedisClient interface {
 // RedisStore is a [Store] in Redis (7.0 or later), shared by every process
 // that uses the same Redis and prefix.
 //
-// Each record is one string value under one key. Acquire is a single
-// SET key value NX PX lease GET: one round trip that either claims the key
-// or returns the record already there, and that stays correct when go-redis
-// retries it after a read timeout (the retry sees our own value and counts
-// as acquired). Extend, Complete and Release are Lua scripts that change
-// the key only while the owner token still holds it. Keys carry a hash tag,
-// so the store works on Redis Cluster.
+// Each record is one string value under one key. Every call is one round
+// trip, a Lua script that changes the key only while the owner token still
+// holds it. Acquire either claims the key or returns the record already
+// there; it stays correct when go-redis re-sends it after a read timeout
+// (the re-sent script finds our own claim and counts it as acquired), and
+// refuses to claim once the call's deadline has passed by the server's
+// clock, so a claim queued behind a stalled server cannot land after the
+// caller gave up. Fences come from a counter per hash tag (65,536 of them,
+// a few MiB at most, never expiring). Keys carry a hash tag, so the store
+// works on Redis Cluster.
+//
+// Calls honour their context's deadline when the client has
+// ContextTimeoutEnabled, and then run on the caller's goroutine; otherwise
+// go-redis reads with its own timeouts, and each call runs in a goroutine
+// that the caller leaves at the deadline. When the server has lost the
+// scripts (a restart, SCRIPT FLUSH, a new cluster node), a write sends the
+// script itself with a budget of its own, so it may take up to twice the
+// store timeout.
 //
 // The guarantees need Redis to keep what it acknowledged: run it with
 // maxmemory-policy noeviction (an evicting policy silently drops records;
@@ -46,10 +57,12 @@ type RedisStore struct {
 
 	waitReplicas int // 0: no WAIT
 	waitTimeout  time.Duration
-}
 
-// DefaultRedisPrefix starts every key the store writes.
-const DefaultRedisPrefix = "idem:"
+	// honoursDeadlines: the client returns by a context's deadline
+	// (ContextTimeoutEnabled), so calls run inline; otherwise each runs
+	// in a goroutine that the caller leaves at the deadline.
+	honoursDeadlines bool
+}
 
 // RedisOption configures a [RedisStore].
 type RedisOption func(*RedisStore) error
@@ -57,7 +70,7 @@ type RedisOption func(*RedisStore) error
 // WithRedisPrefix sets the prefix of every key the store writes, to keep
 // several applications or environments apart in one Redis. It must not
 // contain braces, which would change the key's hash slot on Redis Cluster.
-// Default: [DefaultRedisPrefix], "idem:".
+// Default: "idem:".
 func WithRedisPrefix(prefix string) RedisOption {
 	return func(s *RedisStore) error {
 		if strings.ContainsAny(prefix, "{}") {
@@ -112,11 +125,19 @@ func NewRedisStore(client RedisClient, opts ...RedisOption) (*RedisStore, error)
 	if client == nil {
 		return nil, errors.New("idempotency: redis client is nil")
 	}
-	s := &RedisStore{client: client, prefix: DefaultRedisPrefix}
+	s := &RedisStore{client: client, prefix: "idem:"}
 	for _, opt := range opts {
 		if err := opt(s); err != nil {
 			return nil, err
 		}
+	}
+	switch c := client.(type) {
+	case *redis.Client:
+		s.honoursDeadlines = c.Options().ContextTimeoutEnabled
+	case *redis.ClusterClient:
+		s.honoursDeadlines = c.Options().ContextTimeoutEnabled
+	case *redis.Ring:
+		s.honoursDeadlines = c.Options().ContextTimeoutEnabled
 	}
 	if s.waitReplicas > 0 {
 		switch client.(type) {
@@ -133,58 +154,51 @@ var (
 	_ FailureRecorder = (*RedisStore)(nil)
 )
 
-// redisKey maps a record key to a Redis key: the prefix, then a hash of the
-// record key as the hash tag. Hashing keeps client input out of Redis key
-// names and out of slot selection, and bounds the key's length.
+// redisKey maps a record key to a Redis key: the prefix, then a SHA-256 of
+// the record key, its first 4 hex digits as the hash tag. Hashing keeps
+// client input out of Redis key names and out of slot selection, and
+// bounds the key's length; the short tag lets the keys that share it share
+// one fence counter too.
 func (s *RedisStore) redisKey(key string) string {
 	sum := sha256.Sum256([]byte(key))
-	return s.prefix + "{" + hex.EncodeToString(sum[:16]) + "}"
+	var buf [64]byte
+	b := append(buf[:0], s.prefix...)
+	b = append(b, '{')
+	b = hex.AppendEncode(b, sum[:2])
+	b = append(b, '}')
+	b = hex.AppendEncode(b, sum[2:16])
+	return string(b)
 }
 
-// Acquire implements [Store] in one round trip.
-func (s *RedisStore) Acquire(ctx context.Context, key string, claim Record, lease time.Duration) (*Record, error) {
-	if err := validateClaim(&claim, lease); err != nil {
-		return nil, err
-	}
-	value := encodeRecord(&claim, claim.Token)
-	rkey := s.redisKey(key)
-	args := redis.SetArgs{Mode: "NX", TTL: lease, Get: true}
-	var set *redis.StatusCmd
-	var wait *redis.Cmd
-	if s.waitReplicas > 0 {
-		pipe, err := s.pipeline(ctx, rkey)
-		if err != nil {
-			return nil, fmt.Errorf("idempotency: redis acquire: %w", err)
-		}
-		set = pipe.SetArgs(ctx, rkey, value, args)
-		wait = s.wait(ctx, pipe)
-		_, _ = pipe.Exec(ctx) // each command's result is checked below
-	} else {
-		set = s.client.SetArgs(ctx, rkey, value, args)
-	}
-	previous, err := set.Result()
-	switch {
-	case errors.Is(err, redis.Nil), err == nil && previous == value:
-		// Acquired. A previous equal to our value means go-redis retried
-		// the command after our first attempt had already stored the
-		// claim: it is ours.
-		if err := s.checkWait("acquire", wait); err != nil {
-			return nil, err
-		}
-		return nil, nil
-	case err != nil:
-		return nil, fmt.Errorf("idempotency: redis acquire: %w", err)
-	}
-	rec, _, err := decodeRecord([]byte(previous))
-	if err != nil {
-		return nil, fmt.Errorf("idempotency: redis acquire: %w", err)
-	}
-	return rec, nil
+// fenceKey is the counter of the fences of every key sharing rkey's tag.
+func fenceKey(rkey string) string {
+	return rkey[:strings.IndexByte(rkey, '}')+1] + "fence"
 }
 
-// The scripts compare the stored value's owner prefix (see ownerPrefix)
-// with the caller's, so they act only for the token that holds the key.
+// Scripts. Each compares the stored value's owner prefix (see ownerPrefix)
+// with the caller's, so it acts only for the token that holds the key.
 var (
+	// KEYS: record, fence counter. ARGV: owner prefix, claim, lease ms,
+	// not-after (Unix ms by the caller's clock; 0: none). Returns the
+	// fence (acquired), the record already there, or -1 (too late).
+	redisAcquire = redis.NewScript(`
+local v = redis.call('GET', KEYS[1])
+if v then
+  if string.sub(v, 1, #ARGV[1]) == ARGV[1] then
+    return tonumber(redis.call('GET', KEYS[2]) or '0')
+  end
+  return v
+end
+if ARGV[4] ~= '0' then
+  local t = redis.call('TIME')
+  if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > tonumber(ARGV[4]) then
+    return -1
+  end
+end
+local f = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return f`)
+
 	redisExtend = redis.NewScript(`
 local v = redis.call('GET', KEYS[1])
 if v and string.sub(v, 1, #ARGV[1]) == ARGV[1] then
@@ -230,54 +244,67 @@ end
 return 0`)
 )
 
+var errTooLate = errors.New("idempotency: redis acquire: the server ran the claim after its deadline, and refused it")
+
+// Acquire implements [Store] in one round trip.
+func (s *RedisStore) Acquire(ctx context.Context, key string, claim Record, lease time.Duration) (uint64, *Record, error) {
+	if err := validateClaim(&claim, lease); err != nil {
+		return 0, nil, err
+	}
+	var notAfter int64
+	if deadline, ok := ctx.Deadline(); ok {
+		notAfter = deadline.UnixMilli()
+	}
+	rkey := s.redisKey(key)
+	owner := ownerPrefix(claim.Token)
+	var fence uint64
+	var existing *Record
+	err := s.call(ctx, func(ctx context.Context) error {
+		reply, err := s.eval(ctx, redisAcquire, s.waitReplicas > 0, []string{rkey, fenceKey(rkey)},
+			owner, encodeRecord(&claim, claim.Token), milliseconds(lease), notAfter)
+		if err != nil {
+			return err
+		}
+		switch v := reply.(type) {
+		case int64:
+			if v < 0 {
+				return errTooLate
+			}
+			fence = uint64(v)
+			return nil
+		case string:
+			rec, _, err := decodeRecord(v)
+			existing = rec
+			return err
+		}
+		return fmt.Errorf("unexpected reply %T", reply)
+	})
+	if err != nil {
+		return 0, nil, fmt.Errorf("idempotency: redis acquire: %w", err)
+	}
+	return fence, existing, nil
+}
+
 // Extend implements [Store].
 func (s *RedisStore) Extend(ctx context.Context, key, token string, lease time.Duration) error {
 	if lease <= 0 {
 		return fmt.Errorf("idempotency: lease %v is not positive", lease)
 	}
-	return s.runOwned(ctx, "extend", redisExtend, key, token, milliseconds(lease))
+	return s.runOwned(ctx, "extend", redisExtend, false, key, token, milliseconds(lease))
 }
 
 // Complete implements [Store].
-func (s *RedisStore) Complete(ctx context.Context, key, token string, rec Record, ttl time.Duration) error {
-	if err := validateCompletion(&rec, ttl); err != nil {
+func (s *RedisStore) Complete(ctx context.Context, key, token string, rec *Record, ttl time.Duration) error {
+	if err := validateCompletion(rec, ttl); err != nil {
 		return err
 	}
-	rec.Token = ""
-	args := []any{encodeRecord(&rec, token), milliseconds(ttl), completedPrefix(token)}
-	if s.waitReplicas > 0 {
-		return s.runOwnedWaiting(ctx, "complete", redisComplete, key, token, args...)
-	}
-	return s.runOwned(ctx, "complete", redisComplete, key, token, args...)
+	return s.runOwned(ctx, "complete", redisComplete, s.waitReplicas > 0, key, token,
+		encodeRecord(rec, token), milliseconds(ttl), completedPrefix(token))
 }
 
 // Release implements [Store].
 func (s *RedisStore) Release(ctx context.Context, key, token string) error {
-	return s.runOwned(ctx, "release", redisRelease, key, token)
-}
-
-func (s *RedisStore) runOwned(ctx context.Context, op string, script *redis.Script, key, token string, args ...any) error {
-	if token == "" {
-		return ErrLeaseLost
-	}
-	argv := append([]any{ownerPrefix(token)}, args...)
-	n, err := script.Run(ctx, s.client, []string{s.redisKey(key)}, argv...).Int64()
-	return ownedReply(op, n, err)
-}
-
-// ownedReply reads the reply of an owner-checked script: 1 done, 0 the
-// token does not own the key.
-func ownedReply(op string, n int64, err error) error {
-	switch {
-	case err != nil:
-		return fmt.Errorf("idempotency: redis %s: %w", op, err)
-	case n == 0:
-		return ErrLeaseLost
-	case n == 1:
-		return nil
-	default:
-		return fmt.Errorf("idempotency: redis %s: unexpected reply %d", op, n)
-	}
+	return s.runOwned(ctx, "release", redisRelease, false, key, token)
 }
 
 // Fail implements [FailureRecorder] in one round trip.
@@ -289,8 +316,13 @@ func (s *RedisStore) Fail(ctx context.Context, key, token, reason string, ttl ti
 		return 0, ErrLeaseLost
 	}
 	rkey := s.redisKey(key)
-	n, err := redisFail.Run(ctx, s.client, []string{rkey, rkey + redisFailuresSuffix},
-		ownerPrefix(token), reason, milliseconds(ttl)).Int64()
+	var n int64
+	err := s.call(detachedFallback(ctx), func(ctx context.Context) error {
+		reply, err := s.eval(ctx, redisFail, false, []string{rkey, rkey + redisFailuresSuffix},
+			ownerPrefix(token), reason, milliseconds(ttl))
+		n, _ = reply.(int64)
+		return err
+	})
 	switch {
 	case err != nil:
 		return 0, fmt.Errorf("idempotency: redis fail: %w", err)
@@ -302,7 +334,12 @@ func (s *RedisStore) Fail(ctx context.Context, key, token, reason string, ttl ti
 
 // Failures implements [FailureRecorder].
 func (s *RedisStore) Failures(ctx context.Context, key string) (int, string, error) {
-	values, err := s.client.HMGet(ctx, s.redisKey(key)+redisFailuresSuffix, "attempts", "last_reason").Result()
+	var values []any
+	err := s.call(ctx, func(ctx context.Context) error {
+		var err error
+		values, err = s.client.HMGet(ctx, s.redisKey(key)+redisFailuresSuffix, "attempts", "last_reason").Result()
+		return err
+	})
 	if err != nil {
 		return 0, "", fmt.Errorf("idempotency: redis failures: %w", err)
 	}
@@ -322,38 +359,117 @@ func (s *RedisStore) Failures(ctx context.Context, key string) (int, string, err
 // after the record's own key, hash tag included.
 const redisFailuresSuffix = ":failures"
 
-// runOwnedWaiting is runOwned followed by WAIT in the same pipeline. A
-// pipeline cannot fall back from EVALSHA to EVAL on its own, so on
-// NOSCRIPT it is sent once more with EVAL.
-func (s *RedisStore) runOwnedWaiting(ctx context.Context, op string, script *redis.Script, key, token string, args ...any) error {
+// runOwned runs an owner-checked write script, which answers 1 (done) or
+// 0 (the token does not own the key).
+func (s *RedisStore) runOwned(ctx context.Context, op string, script *redis.Script, wait bool, key, token string, args ...any) error {
 	if token == "" {
 		return ErrLeaseLost
 	}
-	rkey := s.redisKey(key)
 	argv := append([]any{ownerPrefix(token)}, args...)
-	for _, eval := range []bool{false, true} {
-		pipe, err := s.pipeline(ctx, rkey)
-		if err != nil {
-			return fmt.Errorf("idempotency: redis %s: %w", op, err)
-		}
-		var run *redis.Cmd
-		if eval {
-			run = script.Eval(ctx, pipe, []string{rkey}, argv...)
-		} else {
-			run = script.EvalSha(ctx, pipe, []string{rkey}, argv...)
-		}
-		wait := s.wait(ctx, pipe)
-		_, _ = pipe.Exec(ctx) // each command's result is checked below
-		if !eval && redis.HasErrorPrefix(run.Err(), "NOSCRIPT") {
-			continue
-		}
-		n, err := run.Int64()
-		if err := ownedReply(op, n, err); err != nil {
-			return err
-		}
-		return s.checkWait(op, wait)
+	keys := []string{s.redisKey(key)}
+	var n int64
+	err := s.call(detachedFallback(ctx), func(ctx context.Context) error {
+		reply, err := s.eval(ctx, script, wait, keys, argv...)
+		n, _ = reply.(int64)
+		return err
+	})
+	switch {
+	case err != nil:
+		return fmt.Errorf("idempotency: redis %s: %w", op, err)
+	case n == 0:
+		return ErrLeaseLost
+	case n == 1:
+		return nil
+	default:
+		return fmt.Errorf("idempotency: redis %s: unexpected reply %d", op, n)
 	}
-	return fmt.Errorf("idempotency: redis %s: script not loaded", op) // not reached: EVAL needs no cache
+}
+
+// call runs op by ctx's deadline: inline when the client honours it,
+// else in a goroutine that is left to finish on its own if the deadline
+// comes first (op then writes results nobody reads).
+func (s *RedisStore) call(ctx context.Context, op func(context.Context) error) error {
+	if s.honoursDeadlines || ctx.Done() == nil {
+		return op(ctx)
+	}
+	wait := ctx
+	if started, ok := ctx.Value(fallbackBudget{}).(time.Time); ok {
+		if deadline, ok := ctx.Deadline(); ok { // room for a fallback
+			var cancel context.CancelFunc
+			wait, cancel = context.WithDeadline(context.WithoutCancel(ctx), deadline.Add(deadline.Sub(started)))
+			defer cancel()
+		}
+	}
+	done := make(chan error, 1)
+	go func() { done <- op(ctx) }()
+	select {
+	case err := <-done:
+		return err
+	case <-wait.Done():
+		return fmt.Errorf("store call abandoned: %w", context.Cause(wait))
+	}
+}
+
+// fallbackBudget marks the context of a write whose EVAL fallback gets a
+// budget of its own.
+type fallbackBudget struct{}
+
+// detachedFallback marks ctx so that a NOSCRIPT reply is answered by
+// sending the script with a fresh budget, as long as the first try took.
+func detachedFallback(ctx context.Context) context.Context {
+	return context.WithValue(ctx, fallbackBudget{}, time.Now())
+}
+
+// eval runs script by its SHA and, if the server has lost it, by its
+// body. With wait, WAIT goes in the same pipeline and its count is checked.
+func (s *RedisStore) eval(ctx context.Context, script *redis.Script, wait bool, keys []string, args ...any) (any, error) {
+	reply, err := s.evalOnce(ctx, script, false, wait, keys, args)
+	if !redis.HasErrorPrefix(err, "NOSCRIPT") {
+		return reply, err
+	}
+	// The first round trip may have used the caller's whole budget; a
+	// write must still land, so its fallback gets as long again.
+	if started, ok := ctx.Value(fallbackBudget{}).(time.Time); ok {
+		if deadline, ok := ctx.Deadline(); ok {
+			var cancel context.CancelFunc
+			ctx, cancel = context.WithTimeout(context.WithoutCancel(ctx), deadline.Sub(started))
+			defer cancel()
+		}
+	}
+	return s.evalOnce(ctx, script, true, wait, keys, args)
+}
+
+func (s *RedisStore) evalOnce(ctx context.Context, script *redis.Script, body, wait bool, keys []string, args []any) (any, error) {
+	if !wait {
+		if body {
+			return script.Eval(ctx, s.client, keys, args...).Result()
+		}
+		return script.EvalSha(ctx, s.client, keys, args...).Result()
+	}
+	pipe, err := s.pipeline(ctx, keys[0])
+	if err != nil {
+		return nil, err
+	}
+	var run *redis.Cmd
+	if body {
+		run = script.Eval(ctx, pipe, keys, args...)
+	} else {
+		run = script.EvalSha(ctx, pipe, keys, args...)
+	}
+	waitCmd := pipe.Do(ctx, "wait", s.waitReplicas, milliseconds(s.waitTimeout))
+	_, _ = pipe.Exec(ctx) // each command's result is checked below
+	reply, err := run.Result()
+	if err != nil {
+		return nil, err
+	}
+	n, err := waitCmd.Int64()
+	switch {
+	case err != nil:
+		return nil, fmt.Errorf("wait: %w", err)
+	case n < int64(s.waitReplicas):
+		return nil, fmt.Errorf("acknowledged by %d of %d replicas within %v", n, s.waitReplicas, s.waitTimeout)
+	}
+	return reply, nil
 }
 
 // pipeline returns a pipeline whose commands all go, on one connection,
@@ -372,27 +488,6 @@ func (s *RedisStore) pipeline(ctx context.Context, rkey string) (redis.Pipeliner
 	default: // NewRedisStore allows WithRedisWait only for the two above
 		return nil, fmt.Errorf("cannot pipeline WAIT through %T", s.client)
 	}
-}
-
-// wait queues WAIT on pipe.
-func (s *RedisStore) wait(ctx context.Context, pipe redis.Pipeliner) *redis.Cmd {
-	return pipe.Do(ctx, "wait", s.waitReplicas, milliseconds(s.waitTimeout))
-}
-
-// checkWait fails unless WAIT (nil when not asked for) counted enough
-// replicas.
-func (s *RedisStore) checkWait(op string, wait *redis.Cmd) error {
-	if wait == nil {
-		return nil
-	}
-	n, err := wait.Int64()
-	switch {
-	case err != nil:
-		return fmt.Errorf("idempotency: redis %s: wait: %w", op, err)
-	case n < int64(s.waitReplicas):
-		return fmt.Errorf("idempotency: redis %s: acknowledged by %d of %d replicas within %v", op, n, s.waitReplicas, s.waitTimeout)
-	}
-	return nil
 }
 
 // milliseconds rounds d up, so a sub-millisecond duration is not zero,

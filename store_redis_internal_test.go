@@ -22,15 +22,15 @@ func FuzzDecodeRecord(f *testing.F) {
 	f.Add([]byte{})
 	f.Add([]byte{recordVersion, stateCompleted, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01})
 	f.Fuzz(func(t *testing.T, value []byte) {
-		rec, token, err := decodeRecord(value)
+		rec, token, err := decodeRecord(string(value))
 		if err != nil {
 			return
 		}
-		if !rec.InFlight() && (rec.Response.StatusCode < 100 || rec.Response.StatusCode > 999) {
+		if !(rec.Response == nil) && (rec.Response.StatusCode < 100 || rec.Response.StatusCode > 999) {
 			t.Fatalf("accepted status %d", rec.Response.StatusCode)
 		}
 		// Header maps have no order, so compare what a second decode sees.
-		again, againToken, err := decodeRecord([]byte(encodeRecord(rec, token)))
+		again, againToken, err := decodeRecord(encodeRecord(rec, token))
 		if err != nil {
 			t.Fatalf("re-encoded record does not decode: %v", err)
 		}
@@ -38,7 +38,7 @@ func FuzzDecodeRecord(f *testing.F) {
 			t.Fatalf("round trip changed the record")
 		}
 		prefix := completedPrefix(token)
-		if rec.InFlight() {
+		if rec.Response == nil {
 			prefix = ownerPrefix(token)
 			if rec.Token != token {
 				t.Fatalf("in-flight record's Token %q is not its owner %q", rec.Token, token)
@@ -67,16 +67,19 @@ func TestRedisKeyHasHashTag(t *testing.T) {
 	s := &RedisStore{prefix: "app:"}
 	for _, key := range []string{"http:\"\":abc", "{evil}", "}{", ""} {
 		k := s.redisKey(key)
-		open, close := bytes.IndexByte([]byte(k), '{'), bytes.IndexByte([]byte(k), '}')
-		if open != len("app:") || close != len(k)-1 || close-open-1 != 32 {
-			t.Errorf("redisKey(%q) = %q: want prefix then a 32-digit hash tag", key, k)
+		open, close := strings.IndexByte(k, '{'), strings.IndexByte(k, '}')
+		if open != len("app:") || close != open+5 || len(k) != close+1+28 {
+			t.Errorf("redisKey(%q) = %q: want prefix, a 4-digit hash tag, 28 more digits", key, k)
+		}
+		if fenceKey(k) != k[:close+1]+"fence" {
+			t.Errorf("fenceKey(%q) = %q: want the tag then fence", k, fenceKey(k))
 		}
 	}
 }
 
 // FuzzRedisKey: whatever the record key (client input) and the prefix, the
-// Redis key is the prefix and then one hash tag of 32 lower-case hex
-// digits, and nothing else: no client bytes reach the key, and the tag is
+// Redis key is the prefix, one hash tag of 4 lower-case hex digits, then
+// 28 more, and nothing else: no client bytes reach the key, and the tag is
 // the only pair of braces, so it alone picks the Cluster slot.
 func FuzzRedisKey(f *testing.F) {
 	f.Add("idem:", `http:"":abc`)
@@ -86,7 +89,7 @@ func FuzzRedisKey(f *testing.F) {
 	f.Add("idem:", `http:"tenant {a}":`+strings.Repeat("k", 255))
 	f.Add("ü:", "\x00\xff")
 	f.Fuzz(func(t *testing.T, prefix, key string) {
-		s := &RedisStore{prefix: DefaultRedisPrefix}
+		s := &RedisStore{prefix: "idem:"}
 		if err := WithRedisPrefix(prefix)(s); err != nil {
 			if !strings.ContainsAny(prefix, "{}") {
 				t.Fatalf("prefix %q refused: %v", prefix, err)
@@ -101,10 +104,10 @@ func FuzzRedisKey(f *testing.F) {
 			t.Fatalf("redisKey(%q) = %q lost the prefix %q", key, k, prefix)
 		}
 		tag := k[len(prefix):]
-		if len(tag) != 34 || tag[0] != '{' || tag[33] != '}' {
-			t.Fatalf("redisKey(%q) = %q: want the prefix then {32 hex digits}", key, k)
+		if len(tag) != 34 || tag[0] != '{' || tag[5] != '}' {
+			t.Fatalf("redisKey(%q) = %q: want the prefix then {4 hex digits}28 hex digits", key, k)
 		}
-		for _, c := range []byte(tag[1:33]) {
+		for _, c := range []byte(tag[1:5] + tag[6:]) {
 			if !('0' <= c && c <= '9' || 'a' <= c && c <= 'f') {
 				t.Fatalf("redisKey(%q) = %q: tag is not lower-case hex", key, k)
 			}

@@ -26,16 +26,16 @@ func TestStoreConformance(t *testing.T) {
 func TestMemoryStorePurgesExpiredRecords(t *testing.T) {
 	ctx := context.Background()
 	clock := newFakeClock()
-	store := idempotency.NewMemoryStore(idempotency.WithMemoryClock(clock.Now))
+	store := idempotency.NewMemoryStoreWithClock(clock.Now)
 	for i := range 1000 {
 		claim := idempotency.Record{Token: "t", Fingerprint: "fp"}
-		_, err := store.Acquire(ctx, string(rune('a'+i%26))+time.Duration(i).String(), claim, time.Second)
+		_, _, err := store.Acquire(ctx, string(rune('a'+i%26))+time.Duration(i).String(), claim, time.Second)
 		require.NoError(t, err)
 	}
 	require.Equal(t, 1000, store.Len())
 
 	clock.Advance(2 * time.Minute)
-	_, err := store.Acquire(ctx, "new", idempotency.Record{Token: "t"}, time.Second)
+	_, _, err := store.Acquire(ctx, "new", idempotency.Record{Token: "t"}, time.Second)
 	require.NoError(t, err)
 	assert.Equal(t, 1, store.Len(), "expired records are purged; only the new claim is left")
 }

@@ -60,13 +60,13 @@ func StripeKey(ctx context.Context, operation string) (string, error) {
 // the API and does not change between versions: a retry that spans an
 // upgrade, or that another service derives, gets the same key.
 func StripeKeyFrom(parts ...string) string {
-	h := sha256.New()
-	writeField(h, "idempotency-stripe-key-v1")
-	writeLength(h, len(parts))
+	b := appendField(nil, "idempotency-stripe-key-v1")
+	b = appendLength(b, len(parts))
 	for _, p := range parts {
-		writeField(h, p)
+		b = appendField(b, p)
 	}
-	return stripeKeyPrefix + hex.EncodeToString(h.Sum(nil))
+	sum := sha256.Sum256(b)
+	return stripeKeyPrefix + hex.EncodeToString(sum[:])
 }
 
 // SetStripeKey derives the key for operation with [StripeKey] and sets it

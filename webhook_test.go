@@ -90,7 +90,7 @@ func whServeRecover(h http.Handler, req *http.Request) (rec *httptest.ResponseRe
 	return rec, nil
 }
 
-func whNew(t *testing.T, store idempotency.Store, fn idempotency.WebhookFunc, opts ...idempotency.WebhookOption) *idempotency.WebhookHandler {
+func whNew(t *testing.T, store idempotency.Store, fn idempotency.WebhookFunc, opts ...idempotency.Option) *idempotency.WebhookHandler {
 	t.Helper()
 	h, err := idempotency.NewWebhookHandler(store, []string{whSecret}, fn, opts...)
 	require.NoError(t, err)
@@ -136,7 +136,7 @@ func TestWebhookProcessesAnEventOnce(t *testing.T) {
 			calls.Add(1)
 			seen = ev
 			return nil
-		}, idempotency.WithWebhookObserver(obs.observe))
+		}, idempotency.WithObserver(obs.observe))
 
 		payload := whEvent("evt_once")
 		whAssertReceived(t, serve(h, whRequest(payload, whSecret)), false)
@@ -283,7 +283,7 @@ func TestWebhookRejectsBadDeliveries(t *testing.T) {
 		{"malformed JSON", []byte(`{"id":"evt_1",`), idempotency.SignWebhookPayload([]byte(`{"id":"evt_1",`), whSecret, now), 400, []error{idempotency.ErrWebhookPayload}, ""},
 		{"not an event", []byte(`{"id":5}`), idempotency.SignWebhookPayload([]byte(`{"id":5}`), whSecret, now), 400, []error{idempotency.ErrWebhookPayload}, ""},
 		{"no event id", []byte(`{"object":"event","api_version":"` + stripe.APIVersion + `"}`), idempotency.SignWebhookPayload([]byte(`{"object":"event","api_version":"`+stripe.APIVersion+`"}`), whSecret, now), 400, []error{idempotency.ErrWebhookPayload}, ""},
-		{"other API version", bytes.Replace(valid, []byte(stripe.APIVersion), []byte("2020-08-27"), 1), idempotency.SignWebhookPayload(bytes.Replace(valid, []byte(stripe.APIVersion), []byte("2020-08-27"), 1), whSecret, now), 400, []error{idempotency.ErrWebhookAPIVersion}, "2020-08-27"},
+		{"other API version", bytes.Replace(valid, []byte(stripe.APIVersion), []byte("2020-08-27"), 1), idempotency.SignWebhookPayload(bytes.Replace(valid, []byte(stripe.APIVersion), []byte("2020-08-27"), 1), whSecret, now), 400, []error{idempotency.ErrWebhookPayload}, "2020-08-27"},
 		{"body over 64 KiB", oversize, idempotency.SignWebhookPayload(oversize, whSecret, now), 413, []error{idempotency.ErrBodyTooLarge}, ""},
 		{"both signatures, old one bad", valid, twoSigs(valid, now, "whsec_wrong", "whsec_wrong2"), 400, []error{idempotency.ErrWebhookSignature, webhook.ErrNoValidSignature}, ""},
 	}
@@ -294,7 +294,7 @@ func TestWebhookRejectsBadDeliveries(t *testing.T) {
 			obs := &observed{}
 			h := whNew(t, store, func(context.Context, stripe.Event) error { calls.Add(1); return nil },
 				idempotency.WithWebhookClock(func() time.Time { return now }),
-				idempotency.WithWebhookObserver(obs.observe))
+				idempotency.WithObserver(obs.observe))
 
 			req := httptest.NewRequest(http.MethodPost, "/stripe/webhook", bytes.NewReader(tc.payload))
 			if tc.header != "" {
@@ -397,7 +397,7 @@ func TestWebhookFailureIsRetried(t *testing.T) {
 				return errDownstream
 			}
 			return nil
-		}, idempotency.WithWebhookObserver(obs.observe))
+		}, idempotency.WithObserver(obs.observe))
 		payload := whEvent("evt_fails_once")
 
 		rec := serve(h, whRequest(payload, whSecret))
@@ -437,7 +437,7 @@ func TestWebhookCountsFailedAttempts(t *testing.T) {
 				return errors.New("ledger refused the entry")
 			}
 			return nil
-		}, idempotency.WithWebhookObserver(obs.observe))
+		}, idempotency.WithObserver(obs.observe))
 		payload := whEvent("evt_flaky")
 
 		attempts, lastError, err := h.Failures(context.Background(), "evt_flaky")
@@ -485,7 +485,7 @@ func TestWebhookPanicIsRetried(t *testing.T) {
 				panic("nil map write in handler")
 			}
 			return nil
-		}, idempotency.WithWebhookObserver(obs.observe))
+		}, idempotency.WithObserver(obs.observe))
 		payload := whEvent("evt_panics_once")
 
 		rec, panicked := whServeRecover(h, whRequest(payload, whSecret))
@@ -585,7 +585,10 @@ func TestWebhookClaimInContext(t *testing.T) {
 	whAssertReceived(t, serve(h, whRequest(whEvent("evt_claim"), whSecret)), false)
 
 	require.True(t, claimed)
-	assert.Equal(t, idempotency.Claim{Kind: "stripe-webhook", Scope: "acct_platform_eu", Key: "evt_claim"}, claim)
+	assert.Equal(t, "stripe-webhook", claim.Kind)
+	assert.Equal(t, "acct_platform_eu", claim.Scope)
+	assert.Equal(t, "evt_claim", claim.Key)
+	assert.NotZero(t, claim.Fence)
 	require.NoError(t, keyErr)
 	assert.Equal(t, idempotency.StripeKeyFrom("stripe-webhook", "acct_platform_eu", "evt_claim", "transfer:payout"), key)
 }
@@ -611,7 +614,7 @@ func TestWebhookRemembersEventsForTheTTL(t *testing.T) {
 	var mu sync.Mutex
 	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
 	advance := func(d time.Duration) { mu.Lock(); defer mu.Unlock(); now = now.Add(d) }
-	store := idempotency.NewMemoryStore(idempotency.WithMemoryClock(clock))
+	store := idempotency.NewMemoryStoreWithClock(clock)
 	var calls atomic.Int64
 	h := whNew(t, store, func(context.Context, stripe.Event) error { calls.Add(1); return nil },
 		idempotency.WithWebhookClock(clock))
@@ -649,9 +652,9 @@ type whRecordingStore struct {
 	extendErr   error
 }
 
-func (s *whRecordingStore) Acquire(ctx context.Context, key string, claim idempotency.Record, lease time.Duration) (*idempotency.Record, error) {
+func (s *whRecordingStore) Acquire(ctx context.Context, key string, claim idempotency.Record, lease time.Duration) (uint64, *idempotency.Record, error) {
 	if s.acquireErr != nil {
-		return nil, s.acquireErr
+		return 0, nil, s.acquireErr
 	}
 	return s.Store.Acquire(ctx, key, claim, lease)
 }
@@ -664,10 +667,10 @@ func (s *whRecordingStore) Extend(ctx context.Context, key, token string, lease 
 	return s.Store.Extend(ctx, key, token, lease)
 }
 
-func (s *whRecordingStore) Complete(ctx context.Context, key, token string, rec idempotency.Record, ttl time.Duration) error {
+func (s *whRecordingStore) Complete(ctx context.Context, key, token string, rec *idempotency.Record, ttl time.Duration) error {
 	s.mu.Lock()
 	s.keys = append(s.keys, key)
-	s.completed = append(s.completed, rec)
+	s.completed = append(s.completed, *rec)
 	s.mu.Unlock()
 	if s.completeErr != nil {
 		return s.completeErr
@@ -703,10 +706,10 @@ func TestWebhookKeepsThePayload(t *testing.T) {
 		assert.Empty(t, rs.completed[1].Response.Body)
 
 		// The store returns it on a later lookup.
-		rec, err := store.Acquire(context.Background(), rs.keys[0], idempotency.Record{Token: "reader", CreatedAt: time.Now()}, time.Second)
+		_, rec, err := store.Acquire(context.Background(), rs.keys[0], idempotency.Record{Token: "reader", CreatedAt: time.Now()}, time.Second)
 		require.NoError(t, err)
 		require.NotNil(t, rec)
-		require.False(t, rec.InFlight())
+		require.NotNil(t, rec.Response)
 		assert.Equal(t, payload, rec.Response.Body)
 		assert.False(t, rec.CreatedAt.IsZero())
 	})
@@ -720,7 +723,7 @@ func TestWebhookStoreFailures(t *testing.T) {
 		var calls atomic.Int64
 		obs := &observed{}
 		rs := &whRecordingStore{Store: idempotency.NewMemoryStore(), acquireErr: errStore}
-		h := whNew(t, rs, func(context.Context, stripe.Event) error { calls.Add(1); return nil }, idempotency.WithWebhookObserver(obs.observe))
+		h := whNew(t, rs, func(context.Context, stripe.Event) error { calls.Add(1); return nil }, idempotency.WithObserver(obs.observe))
 		rec := serve(h, whRequest(payload, whSecret))
 		whAssertProblem(t, rec, http.StatusServiceUnavailable)
 		assert.Equal(t, "1", rec.Header().Get("Retry-After"))
@@ -735,7 +738,7 @@ func TestWebhookStoreFailures(t *testing.T) {
 		var calls atomic.Int64
 		obs := &observed{}
 		rs := &whRecordingStore{Store: idempotency.NewMemoryStore(), completeErr: errStore}
-		h := whNew(t, rs, func(context.Context, stripe.Event) error { calls.Add(1); return nil }, idempotency.WithWebhookObserver(obs.observe))
+		h := whNew(t, rs, func(context.Context, stripe.Event) error { calls.Add(1); return nil }, idempotency.WithObserver(obs.observe))
 		// The event was processed: Stripe must not send it again.
 		whAssertReceived(t, serve(h, whRequest(payload, whSecret)), false)
 		assert.Equal(t, idempotency.OutcomeStoreError, obs.last().Outcome)
@@ -753,7 +756,7 @@ func TestWebhookStoreFailures(t *testing.T) {
 		var calls atomic.Int64
 		obs := &observed{}
 		rs := &whRecordingStore{Store: idempotency.NewMemoryStore(), completeErr: idempotency.ErrLeaseLost}
-		h := whNew(t, rs, func(context.Context, stripe.Event) error { calls.Add(1); return nil }, idempotency.WithWebhookObserver(obs.observe))
+		h := whNew(t, rs, func(context.Context, stripe.Event) error { calls.Add(1); return nil }, idempotency.WithObserver(obs.observe))
 		whAssertReceived(t, serve(h, whRequest(payload, whSecret)), false)
 		assert.Equal(t, idempotency.OutcomeLeaseLost, obs.last().Outcome)
 		assert.ErrorIs(t, obs.last().Err, idempotency.ErrWebhookNotRecorded)
@@ -765,7 +768,7 @@ func TestWebhookStoreFailures(t *testing.T) {
 		obs := &observed{}
 		rs := &whRecordingStore{Store: idempotency.NewMemoryStore(), releaseErr: errStore}
 		errFn := errors.New("downstream failed")
-		h := whNew(t, rs, func(context.Context, stripe.Event) error { return errFn }, idempotency.WithWebhookObserver(obs.observe))
+		h := whNew(t, rs, func(context.Context, stripe.Event) error { return errFn }, idempotency.WithObserver(obs.observe))
 		whAssertProblem(t, serve(h, whRequest(payload, whSecret)), http.StatusInternalServerError)
 		ev := obs.last()
 		assert.Equal(t, idempotency.OutcomeStoreError, ev.Outcome)
@@ -780,7 +783,7 @@ func TestWebhookStoreFailures(t *testing.T) {
 		require.NoError(t, err)
 		var calls atomic.Int64
 		h := whNew(t, store, func(context.Context, stripe.Event) error { calls.Add(1); return nil },
-			idempotency.WithWebhookStoreTimeout(500*time.Millisecond))
+			idempotency.WithStoreTimeout(500*time.Millisecond))
 		mr.Close()
 		whAssertProblem(t, serve(h, whRequest(payload, whSecret)), http.StatusServiceUnavailable)
 		assert.Zero(t, calls.Load())
@@ -802,7 +805,7 @@ func TestWebhookLeaseIsRenewedWhileTheFunctionRuns(t *testing.T) {
 			close(entered)
 			<-gate
 			return ctx.Err()
-		}, idempotency.WithWebhookLease(lease))
+		}, idempotency.WithLease(lease))
 		payload := whEvent("evt_long")
 
 		done := make(chan idempotency.Outcome)
@@ -834,7 +837,7 @@ func TestWebhookLostLeaseCancelsTheFunction(t *testing.T) {
 		case <-time.After(10 * time.Second):
 			return errors.New("the function's context was never cancelled")
 		}
-	}, idempotency.WithWebhookLease(30*time.Millisecond))
+	}, idempotency.WithLease(30*time.Millisecond))
 	payload := whEvent("evt_lost")
 	outcome, err := h.Handle(context.Background(), payload, idempotency.SignWebhookPayload(payload, whSecret, time.Now()))
 	assert.Equal(t, idempotency.OutcomeReleased, outcome)
@@ -842,26 +845,26 @@ func TestWebhookLostLeaseCancelsTheFunction(t *testing.T) {
 	assert.ErrorIs(t, cause, idempotency.ErrLeaseLost)
 }
 
-func TestWebhookReleasesWhenTheSenderHangsUp(t *testing.T) {
+// TestWebhookSenderHangingUpDoesNotCancel: Stripe times out and closes
+// the connection while the function runs; the function's context stays
+// live, its success is recorded, and the next delivery is a duplicate.
+func TestWebhookSenderHangingUpDoesNotCancel(t *testing.T) {
 	store := idempotency.NewMemoryStore()
-	rs := &whRecordingStore{Store: store}
 	ctx, hangUp := context.WithCancel(context.Background())
 	var calls atomic.Int64
-	h := whNew(t, rs, func(ctx context.Context, ev stripe.Event) error {
-		if calls.Add(1) == 1 {
-			hangUp() // Stripe timed out and closed the connection
-			<-ctx.Done()
-			return ctx.Err()
-		}
+	var fnErr error
+	h := whNew(t, store, func(ctx context.Context, ev stripe.Event) error {
+		calls.Add(1)
+		hangUp() // Stripe timed out and closed the connection
+		fnErr = ctx.Err()
 		return nil
 	})
 	payload := whEvent("evt_hangup")
-	req := whRequest(payload, whSecret).WithContext(ctx)
-	whAssertProblem(t, serve(h, req), http.StatusInternalServerError)
-	assert.Zero(t, store.Len(), "released despite the cancelled request context")
+	whAssertReceived(t, serve(h, whRequest(payload, whSecret).WithContext(ctx)), false)
+	assert.NoError(t, fnErr, "the sender's hang-up does not reach the function")
 
-	whAssertReceived(t, serve(h, whRequest(payload, whSecret)), false)
-	assert.EqualValues(t, 2, calls.Load())
+	whAssertReceived(t, serve(h, whRequest(payload, whSecret)), true)
+	assert.EqualValues(t, 1, calls.Load())
 }
 
 func TestWebhookLogger(t *testing.T) {
@@ -869,7 +872,7 @@ func TestWebhookLogger(t *testing.T) {
 	logger := slog.New(slog.NewJSONHandler(&buf, nil))
 	h := whNew(t, idempotency.NewMemoryStore(), func(context.Context, stripe.Event) error {
 		return errors.New("ledger write failed")
-	}, idempotency.WithWebhookLogger(logger))
+	}, idempotency.WithLogger(logger))
 	serve(h, whRequest(whEvent("evt_logged"), whSecret))
 
 	var line map[string]any
@@ -889,19 +892,19 @@ func TestNewWebhookHandlerValidates(t *testing.T) {
 		store   idempotency.Store
 		secrets []string
 		fn      idempotency.WebhookFunc
-		opts    []idempotency.WebhookOption
+		opts    []idempotency.Option
 	}{
 		{"nil store", nil, secrets, fn, nil},
 		{"nil function", store, secrets, nil, nil},
 		{"no secret", store, nil, fn, nil},
 		{"empty secret", store, []string{whSecret, ""}, fn, nil},
-		{"tolerance", store, secrets, fn, []idempotency.WebhookOption{idempotency.WithWebhookTolerance(0)}},
-		{"ttl", store, secrets, fn, []idempotency.WebhookOption{idempotency.WithWebhookTTL(-time.Second)}},
-		{"lease", store, secrets, fn, []idempotency.WebhookOption{idempotency.WithWebhookLease(time.Microsecond)}},
-		{"lease not shorter than ttl", store, secrets, fn, []idempotency.WebhookOption{idempotency.WithWebhookTTL(time.Minute), idempotency.WithWebhookLease(time.Minute)}},
-		{"max body", store, secrets, fn, []idempotency.WebhookOption{idempotency.WithWebhookMaxBodyBytes(0)}},
-		{"store timeout", store, secrets, fn, []idempotency.WebhookOption{idempotency.WithWebhookStoreTimeout(0)}},
-		{"clock", store, secrets, fn, []idempotency.WebhookOption{idempotency.WithWebhookClock(nil)}},
+		{"tolerance", store, secrets, fn, []idempotency.Option{idempotency.WithWebhookTolerance(0)}},
+		{"ttl", store, secrets, fn, []idempotency.Option{idempotency.WithTTL(-time.Second)}},
+		{"lease", store, secrets, fn, []idempotency.Option{idempotency.WithLease(time.Microsecond)}},
+		{"lease not shorter than ttl", store, secrets, fn, []idempotency.Option{idempotency.WithTTL(time.Minute), idempotency.WithLease(time.Minute)}},
+		{"max body", store, secrets, fn, []idempotency.Option{idempotency.WithMaxBodyBytes(0)}},
+		{"store timeout", store, secrets, fn, []idempotency.Option{idempotency.WithStoreTimeout(0)}},
+		{"clock", store, secrets, fn, []idempotency.Option{idempotency.WithWebhookClock(nil)}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -916,11 +919,11 @@ func TestNewWebhookHandlerValidates(t *testing.T) {
 func TestWebhookMaxBodyBytesOption(t *testing.T) {
 	payload := whEvent("evt_small_cap")
 	h := whNew(t, idempotency.NewMemoryStore(), func(context.Context, stripe.Event) error { return nil },
-		idempotency.WithWebhookMaxBodyBytes(int64(len(payload)-1)))
+		idempotency.WithMaxBodyBytes(int64(len(payload)-1)))
 	whAssertProblem(t, serve(h, whRequest(payload, whSecret)), http.StatusRequestEntityTooLarge)
 
 	h = whNew(t, idempotency.NewMemoryStore(), func(context.Context, stripe.Event) error { return nil },
-		idempotency.WithWebhookMaxBodyBytes(int64(len(payload))))
+		idempotency.WithMaxBodyBytes(int64(len(payload))))
 	whAssertReceived(t, serve(h, whRequest(payload, whSecret)), false)
 }
 
@@ -946,7 +949,7 @@ func FuzzWebhookHandle(f *testing.F) {
 	f.Add([]byte("{}"), "t=,v1=", true)
 
 	secrets := []string{whOldSecret, whSecret}
-	sentinels := []error{idempotency.ErrWebhookSignature, idempotency.ErrWebhookPayload, idempotency.ErrWebhookAPIVersion, idempotency.ErrBodyTooLarge}
+	sentinels := []error{idempotency.ErrWebhookSignature, idempotency.ErrWebhookPayload, idempotency.ErrWebhookPayload, idempotency.ErrBodyTooLarge}
 	f.Fuzz(func(t *testing.T, payload []byte, header string, sign bool) {
 		if sign {
 			header = idempotency.SignWebhookPayload(payload, whSecret, now)

@@ -35,6 +35,7 @@ import (
 	"github.com/redis/go-redis/v9"
 	"github.com/redis/go-redis/v9/maintnotifications"
 	"github.com/stripe/stripe-go/v76/client"
+	"github.com/stripe/stripe-go/v76/webhook"
 
 	"github.com/seed70ea8305/idempotency"
 	"github.com/seed70ea8305/idempotency/internal/fakestripe"
@@ -222,7 +223,8 @@ func sign(args []string, stdin io.Reader, stdout io.Writer) error {
 	if err != nil {
 		return err
 	}
-	_, err = fmt.Fprintln(stdout, idempotency.SignWebhookPayload(payload, *secret, time.Now()))
+	signed := webhook.GenerateTestSignedPayload(&webhook.UnsignedPayload{Payload: payload, Secret: *secret, Timestamp: time.Now()})
+	_, err = fmt.Fprintln(stdout, signed.Header)
 	return err
 }
 

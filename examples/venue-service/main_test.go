@@ -26,8 +26,8 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"github.com/stripe/stripe-go/v76"
+	"github.com/stripe/stripe-go/v76/webhook"
 
-	"github.com/seed70ea8305/idempotency"
 	"github.com/seed70ea8305/idempotency/internal/redistest"
 )
 
@@ -301,7 +301,7 @@ func TestWebhookProcessedOnce(t *testing.T) {
 	second := send(signature)
 	assert.Equal(t, http.StatusOK, second.status)
 	assert.Equal(t, "true", second.header.Get("X-Idempotent-Replayed"))
-	bad := send(idempotency.SignWebhookPayload([]byte(payload), "whsec_wrong", time.Now()))
+	bad := send(webhook.GenerateTestSignedPayload(&webhook.UnsignedPayload{Payload: []byte(payload), Secret: "whsec_wrong", Timestamp: time.Now()}).Header)
 	assert.Equal(t, http.StatusBadRequest, bad.status)
 	assert.Equal(t, "application/problem+json", bad.header.Get("Content-Type"))
 

@@ -67,8 +67,8 @@ func (s *service) routes(store idempotency.Store, webhookSecret string) (http.Ha
 		return nil, err
 	}
 	webhooks, err := idempotency.NewWebhookHandler(store, []string{webhookSecret}, s.handleEvent,
-		idempotency.WithWebhookLogger(s.logger),
-		idempotency.WithWebhookObserver(s.countWebhook),
+		idempotency.WithLogger(s.logger),
+		idempotency.WithObserver(s.countWebhook),
 	)
 	if err != nil {
 		return nil, err
@@ -225,7 +225,7 @@ func (s *service) stats(w http.ResponseWriter, r *http.Request) {
 
 // auditReplay is the middleware's observer: an audit log of replays and of
 // requests turned away.
-func (s *service) auditReplay(ctx context.Context, e idempotency.Event) {
+func (s *service) auditReplay(ctx context.Context, e idempotency.Report) {
 	switch e.Outcome {
 	case idempotency.OutcomeReplayed, idempotency.OutcomeInFlight, idempotency.OutcomeMismatch:
 		s.logger.InfoContext(ctx, "idempotency", "outcome", e.Outcome, "tenant", e.Scope, "key", e.Key,
@@ -233,7 +233,7 @@ func (s *service) auditReplay(ctx context.Context, e idempotency.Event) {
 	}
 }
 
-func (s *service) countWebhook(ctx context.Context, e idempotency.Event) {
+func (s *service) countWebhook(ctx context.Context, e idempotency.Report) {
 	if e.Outcome == idempotency.OutcomeReplayed {
 		s.webhookDuplicates.Add(1)
 	}

@@ -1,0 +1,207 @@
+package idempotency
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+)
+
+// engine runs attempts for the middleware and the webhook helper, one
+// protocol for both: claim the key, run the work while its lease is kept,
+// then store the outcome or free the key for a retry.
+type engine struct {
+	store   Store
+	lease   time.Duration
+	ttl     time.Duration
+	timeout time.Duration
+	// instant: the store answers from memory at once, so its calls need
+	// no deadline (and no timer to enforce one).
+	instant bool
+	// keepFailures: count failed attempts where the store keeps a history
+	// ([FailureRecorder]).
+	keepFailures bool
+	leases       leases
+}
+
+func newEngine(store Store, s *settings, keepFailures bool) *engine {
+	_, instant := store.(*MemoryStore)
+	e := &engine{store: store, lease: s.lease, ttl: s.ttl, timeout: s.storeTimeout, instant: instant, keepFailures: keepFailures}
+	e.leases = leases{store: store, lease: s.lease, timeout: s.storeTimeout}
+	if s.shutdown != nil {
+		// One callback for the engine's life, none per attempt.
+		context.AfterFunc(s.shutdown, func() {
+			e.leases.stop(fmt.Errorf("%w: %w", ErrShutdown, context.Cause(s.shutdown)))
+		})
+	}
+	return e
+}
+
+// attempt is one run of the work as the owner of a claimed key.
+type attempt struct {
+	claim    Claim
+	key      string // the record's key in the store
+	token    string
+	detached context.Context // the caller's values, never cancelled: for store writes
+	cancel   context.CancelCauseFunc
+
+	// Guarded by the engine's leases.mu.
+	deadline time.Time // cancel the work then unless renewed
+	due      time.Time // the next renewal, or the deadline while one runs
+	index    int       // in the lease queue; -1 when not queued
+	renewing bool
+	ended    bool
+
+	failures int // failed attempts the store has counted, this one included
+}
+
+// work is what an attempt runs. run does the work and says what to keep:
+// a response to store, or (nil and a cause) that the key is to be freed,
+// with reason as the failure text a store may keep. settled is then told
+// the outcome, also when run panicked, before the panic continues.
+type work interface {
+	run(ctx context.Context) (resp *Response, cause error, reason string)
+	settled(outcome Outcome, err error)
+}
+
+// noCancel stands in for the cancel function of a context that needs none.
+func noCancel() {}
+
+// bound limits a store call to the store timeout, unless the store needs
+// no deadline.
+func (e *engine) bound(ctx context.Context) (context.Context, context.CancelFunc) {
+	if e.instant {
+		return ctx, noCancel
+	}
+	return context.WithTimeout(ctx, e.timeout)
+}
+
+// acquire claims key for rec.Token, or returns the record already there.
+// It returns when the claim was sent, from which its lease counts.
+func (e *engine) acquire(ctx context.Context, key string, rec Record) (fence uint64, existing *Record, sent time.Time, err error) {
+	callCtx, cancel := e.bound(ctx)
+	sent = time.Now()
+	fence, existing, err = e.store.Acquire(callCtx, key, rec, e.lease)
+	cancel()
+	if err != nil {
+		if !e.instant {
+			e.takeBack(ctx, key, rec.Token)
+		}
+		return 0, nil, sent, fmt.Errorf("%w: %w", ErrStoreUnavailable, err)
+	}
+	return fence, existing, sent, nil
+}
+
+// takeBackDelays space the attempts to free a claim whose acquire failed.
+var takeBackDelays = [...]time.Duration{0, 250 * time.Millisecond}
+
+// takeBack frees a claim whose acquire failed: it may have landed without
+// a reply saying so (a connection reset after the command ran, a reply
+// that came after the deadline). Stores refuse to claim after the call's
+// deadline, so a claim can only have landed before now; the later tries
+// cover a store whose clock runs behind ours. The release is owner-checked,
+// so it changes nothing when the claim never landed. It runs in the
+// background, on the failure path only, so the caller's 503 is not delayed.
+func (e *engine) takeBack(ctx context.Context, key, token string) {
+	ctx = context.WithoutCancel(ctx)
+	go func() {
+		for _, delay := range takeBackDelays {
+			time.Sleep(delay)
+			callCtx, cancel := context.WithTimeout(ctx, e.timeout)
+			err := e.store.Release(callCtx, key, token)
+			cancel()
+			if err == nil {
+				return
+			}
+		}
+	}()
+}
+
+// start makes a the owner of its claim, sent at sent, and returns the
+// context the work runs in: it carries the claim and parent's values, and
+// is cancelled when the lease is lost, on shutdown, and (only if
+// cancelWithParent) when parent is.
+func (e *engine) start(a *attempt, parent context.Context, sent time.Time, cancelWithParent bool) context.Context {
+	a.detached = context.WithoutCancel(parent)
+	base := a.detached
+	if cancelWithParent {
+		base = parent
+	}
+	ctx, cancel := context.WithCancelCause(context.WithValue(base, claimContextKey{}, &a.claim))
+	a.cancel = cancel
+	a.index = -1
+	e.leases.keep(a, sent)
+	return ctx
+}
+
+// execute runs w as the owner of a's key and settles the outcome: the
+// response is stored, or the key freed. On a panic it frees the key in a
+// deferred call, without recovering, so the panic goes on with its stack.
+func (e *engine) execute(ctx context.Context, a *attempt, w work) {
+	returned := false
+	defer func() {
+		if !returned {
+			e.leases.release(a)
+			a.cancel(nil)
+			cause := errors.New("idempotency: panic")
+			w.settled(e.free(a, cause, "panic"))
+		}
+	}()
+	resp, cause, reason := w.run(ctx)
+	returned = true
+	e.leases.release(a)
+	a.cancel(nil)
+	if resp == nil {
+		w.settled(e.free(a, cause, reason))
+		return
+	}
+	w.settled(e.complete(a, resp))
+}
+
+// complete stores resp as the outcome of a's claim, detached from the
+// caller's cancellation: a client that hung up must not lose the record.
+func (e *engine) complete(a *attempt, resp *Response) (Outcome, error) {
+	rec := &completion{Record: Record{Fingerprint: a.claim.Fingerprint, CreatedAt: a.claim.created, Response: resp}}
+	ctx, cancel := e.bound(a.detached)
+	err := e.store.Complete(ctx, a.key, a.token, &rec.Record, e.ttl)
+	cancel()
+	switch {
+	case err == nil:
+		return OutcomeExecuted, nil
+	case errors.Is(err, ErrLeaseLost):
+		return OutcomeLeaseLost, err
+	default:
+		return OutcomeStoreError, fmt.Errorf("%w: storing the outcome: %w", ErrStoreUnavailable, err)
+	}
+}
+
+// completion holds a completed record in one allocation.
+type completion struct{ Record }
+
+// free releases a's key after a failed attempt (counting the failure
+// where the store keeps a history), detached from the caller's
+// cancellation. A lost lease is no error here: the key is not ours to free.
+func (e *engine) free(a *attempt, cause error, reason string) (Outcome, error) {
+	ctx, cancel := e.bound(a.detached)
+	defer cancel()
+	var err error
+	if recorder, ok := e.store.(FailureRecorder); ok && e.keepFailures {
+		a.failures, err = recorder.Fail(ctx, a.key, a.token, truncate(reason, maxFailureReason), e.ttl)
+	} else {
+		err = e.store.Release(ctx, a.key, a.token)
+	}
+	if err != nil && !errors.Is(err, ErrLeaseLost) {
+		return OutcomeStoreError, fmt.Errorf("%w (freeing the key failed, it frees itself when its lease lapses: %w)", cause, err)
+	}
+	return OutcomeReleased, cause
+}
+
+// maxFailureReason caps the error text kept with a failed attempt.
+const maxFailureReason = 1 << 10
+
+func truncate(s string, n int) string {
+	if len(s) > n {
+		return s[:n]
+	}
+	return s
+}
