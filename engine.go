@@ -60,7 +60,7 @@ type attempt struct {
 // with reason as the failure text a store may keep. settled is then told
 // the outcome, also when run panicked, before the panic continues.
 type work interface {
-	run(ctx context.Context) (resp *Response, cause error, reason string)
+	run(ctx context.Context) (resp *Response, reason string, cause error)
 	settled(outcome Outcome, err error)
 }
 
@@ -147,7 +147,7 @@ func (e *engine) execute(ctx context.Context, a *attempt, w work) {
 			w.settled(e.free(a, cause, "panic"))
 		}
 	}()
-	resp, cause, reason := w.run(ctx)
+	resp, reason, cause := w.run(ctx)
 	returned = true
 	e.leases.release(a)
 	a.cancel(nil)

@@ -119,9 +119,8 @@ func ExampleStripeKey() {
 	// true
 }
 
-// SetStripeKey derives the key and sets it on stripe-go parameters in one
-// call.
-func ExampleSetStripeKey() {
+// StripeKey derives the key that a stripe-go call's parameters carry.
+func ExampleStripeKey_params() {
 	mw, err := idempotency.New(idempotency.NewMemoryStore())
 	if err != nil {
 		fmt.Println(err)
@@ -133,10 +132,12 @@ func ExampleSetStripeKey() {
 			Currency:    stripe.String(string(stripe.CurrencyEUR)),
 			Destination: stripe.String("acct_1Venue42"),
 		}
-		if err := idempotency.SetStripeKey(r.Context(), params, "transfer:1"); err != nil {
+		key, err := idempotency.StripeKey(r.Context(), "transfer:1")
+		if err != nil {
 			http.Error(w, "internal error", http.StatusInternalServerError)
 			return
 		}
+		params.SetIdempotencyKey(key)
 		// ... sc.Transfers.New(params) ...
 		fmt.Println(*params.IdempotencyKey == idempotency.StripeKeyFrom("http", "", "order-17", "transfer:1"))
 	}))

@@ -142,7 +142,10 @@ func recordKey(kind, scope, key string) string {
 	return string(b)
 }
 
-const httpRecordKind = "http"
+const (
+	httpRecordKind = "http"
+	keyHeader      = "Idempotency-Key"
+)
 
 // Middleware makes handlers idempotent. It is safe for concurrent use;
 // create it with [New].
@@ -162,7 +165,6 @@ func New(store Store, opts ...Option) (*Middleware, error) {
 		storeTimeout:   defaultStoreTimeout,
 		maxBodyBytes:   1 << 20,
 		methods:        map[string]bool{http.MethodPost: true, http.MethodPatch: true},
-		keyHeader:      "Idempotency-Key",
 		replayHeader:   "X-Idempotent-Replayed",
 		maxStoredBytes: 1 << 20,
 		scope:          func(*http.Request) string { return "" },
@@ -220,7 +222,7 @@ func (m *Middleware) Handler(next http.Handler) http.Handler {
 
 func (m *Middleware) serve(w http.ResponseWriter, r *http.Request, next http.Handler) {
 	rep := Report{Method: r.Method, Path: r.URL.Path}
-	key, err := requestKey(r.Header, m.s.keyHeader)
+	key, err := requestKey(r.Header, keyHeader)
 	if err == ErrKeyMissing && m.s.keyOptional {
 		rep.Outcome = OutcomeUnprotected
 		m.observe(r.Context(), &rep)
@@ -314,7 +316,7 @@ type httpAttempt struct {
 	rep  Report
 }
 
-func (a *httpAttempt) run(ctx context.Context) (*Response, error, string) {
+func (a *httpAttempt) run(ctx context.Context) (*Response, string, error) {
 	r := a.r.WithContext(ctx)
 	r.Body = &a.body
 	start := time.Now()
@@ -327,17 +329,17 @@ func (a *httpAttempt) run(ctx context.Context) (*Response, error, string) {
 			a.m.s.errorHandler(a.w, a.r, cause)
 			a.rep.Status = StatusCode(cause)
 		}
-		return nil, fmt.Errorf("idempotency: handler cut short: %w", cause), ""
+		return nil, "", fmt.Errorf("idempotency: handler cut short: %w", cause)
 	}
 	a.rec.commit()
 	a.rep.Status = a.rec.status
 	switch {
 	case a.rec.status < http.StatusOK:
-		return nil, fmt.Errorf("idempotency: handler answered %d, which cannot be replayed", a.rec.status), ""
+		return nil, "", fmt.Errorf("idempotency: handler answered %d, which cannot be replayed", a.rec.status)
 	case a.m.s.retryable(a.rec.status):
-		return nil, fmt.Errorf("idempotency: handler answered %d", a.rec.status), ""
+		return nil, "", fmt.Errorf("idempotency: handler answered %d", a.rec.status)
 	}
-	return a.rec.response(), nil, ""
+	return a.rec.response(), "", nil
 }
 
 func (a *httpAttempt) settled(outcome Outcome, err error) {

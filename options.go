@@ -10,10 +10,11 @@ import (
 	"time"
 )
 
-// Option configures a [Middleware] ([New]) or a [WebhookHandler]
-// ([NewWebhookHandler]). Options shared by both say so; the others name
-// the one they configure, and the other constructor rejects them. An
-// invalid option makes the constructor fail.
+// Option configures a [Middleware] ([New]), a [WebhookHandler]
+// ([NewWebhookHandler]) or a [RedisStore] ([NewRedisStore]). Options
+// shared by the middleware and the webhook helper say so; the others name
+// what they configure, and the other constructors reject them. An invalid
+// option makes the constructor fail.
 type Option struct {
 	name    string
 	targets target
@@ -25,6 +26,7 @@ type target uint8
 const (
 	forMiddleware target = 1 << iota
 	forWebhook
+	forRedisStore
 	forBoth = forMiddleware | forWebhook
 )
 
@@ -42,7 +44,6 @@ type settings struct {
 
 	// Middleware.
 	methods            map[string]bool
-	keyHeader          string
 	keyOptional        bool
 	replayHeader       string
 	maxStoredBytes     int
@@ -60,6 +61,11 @@ type settings struct {
 	ignoreAPIVersion bool
 	keepPayload      bool
 	now              func() time.Time
+
+	// RedisStore.
+	redisPrefix  string
+	waitReplicas int
+	waitTimeout  time.Duration
 }
 
 // Defaults shared by the middleware and the webhook helper.
@@ -83,15 +89,18 @@ func (s *settings) apply(t target, opts []Option) error {
 			return fmt.Errorf("idempotency: %s: %w", opt.name, err)
 		}
 	}
-	if s.lease >= s.ttl {
+	if t != forRedisStore && s.lease >= s.ttl {
 		return fmt.Errorf("idempotency: lease %v must be shorter than the TTL %v", s.lease, s.ttl)
 	}
 	return nil
 }
 
 func (t target) String() string {
-	if t == forWebhook {
+	switch t {
+	case forWebhook:
 		return "WebhookHandler"
+	case forRedisStore:
+		return "RedisStore"
 	}
 	return "Middleware"
 }
@@ -213,15 +222,6 @@ func WithMethods(methods ...string) Option {
 			s.methods[m] = true
 		}
 		return nil
-	})
-}
-
-// WithKeyHeader sets the request header that carries the key.
-// Middleware. Default: "Idempotency-Key".
-func WithKeyHeader(name string) Option {
-	return option("WithKeyHeader", forMiddleware, func(s *settings) error {
-		s.keyHeader = http.CanonicalHeaderKey(strings.TrimSpace(name))
-		return notNil("key header name", s.keyHeader == "")
 	})
 }
 

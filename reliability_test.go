@@ -663,7 +663,7 @@ func TestReliabilityEvictionLosesRecords(t *testing.T) {
 func TestReliabilityFailover(t *testing.T) {
 	primary, replica, link := startReplicated(t)
 	prefix := redistest.Prefix(t)
-	newStore := func(addr string, opts ...idempotency.RedisOption) idempotency.Store {
+	newStore := func(addr string, opts ...idempotency.Option) idempotency.Store {
 		store, err := idempotency.NewRedisStore(faultClient(t, addr, faultReadTimeout), append(opts, idempotency.WithRedisPrefix(prefix))...)
 		require.NoError(t, err)
 		return store

@@ -64,21 +64,18 @@ type RedisStore struct {
 	honoursDeadlines bool
 }
 
-// RedisOption configures a [RedisStore].
-type RedisOption func(*RedisStore) error
-
 // WithRedisPrefix sets the prefix of every key the store writes, to keep
 // several applications or environments apart in one Redis. It must not
 // contain braces, which would change the key's hash slot on Redis Cluster.
-// Default: "idem:".
-func WithRedisPrefix(prefix string) RedisOption {
-	return func(s *RedisStore) error {
+// RedisStore. Default: "idem:".
+func WithRedisPrefix(prefix string) Option {
+	return option("WithRedisPrefix", forRedisStore, func(s *settings) error {
 		if strings.ContainsAny(prefix, "{}") {
-			return fmt.Errorf("idempotency: redis prefix %q contains a brace", prefix)
+			return fmt.Errorf("redis prefix %q contains a brace", prefix)
 		}
-		s.prefix = prefix
+		s.redisPrefix = prefix
 		return nil
-	}
+	})
 }
 
 // WithRedisWait makes each claim and each stored response wait, in the
@@ -106,31 +103,31 @@ func WithRedisPrefix(prefix string) RedisOption {
 // times out first. It works with *redis.Client (single node and Sentinel
 // failover clients) and *redis.ClusterClient, where the pipeline goes to
 // the master of the key's slot (a slot moving meanwhile makes the call
-// fail, closed); other clients make [NewRedisStore] fail. Default: off.
-func WithRedisWait(replicas int, timeout time.Duration) RedisOption {
-	return func(s *RedisStore) error {
+// fail, closed); other clients make [NewRedisStore] fail. RedisStore.
+// Default: off.
+func WithRedisWait(replicas int, timeout time.Duration) Option {
+	return option("WithRedisWait", forRedisStore, func(s *settings) error {
 		switch {
 		case replicas < 1:
-			return fmt.Errorf("idempotency: redis wait for %d replicas: need at least one", replicas)
+			return fmt.Errorf("wait for %d replicas: need at least one", replicas)
 		case timeout < time.Millisecond:
-			return fmt.Errorf("idempotency: redis wait timeout %v is shorter than a millisecond", timeout)
+			return fmt.Errorf("wait timeout %v is shorter than a millisecond", timeout)
 		}
 		s.waitReplicas, s.waitTimeout = replicas, timeout
 		return nil
-	}
+	})
 }
 
 // NewRedisStore returns a RedisStore that talks to Redis through client.
-func NewRedisStore(client RedisClient, opts ...RedisOption) (*RedisStore, error) {
+func NewRedisStore(client RedisClient, opts ...Option) (*RedisStore, error) {
 	if client == nil {
 		return nil, errors.New("idempotency: redis client is nil")
 	}
-	s := &RedisStore{client: client, prefix: "idem:"}
-	for _, opt := range opts {
-		if err := opt(s); err != nil {
-			return nil, err
-		}
+	set := settings{redisPrefix: "idem:"}
+	if err := set.apply(forRedisStore, opts); err != nil {
+		return nil, err
 	}
+	s := &RedisStore{client: client, prefix: set.redisPrefix, waitReplicas: set.waitReplicas, waitTimeout: set.waitTimeout}
 	switch c := client.(type) {
 	case *redis.Client:
 		s.honoursDeadlines = c.Options().ContextTimeoutEnabled

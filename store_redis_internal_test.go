@@ -89,8 +89,8 @@ func FuzzRedisKey(f *testing.F) {
 	f.Add("idem:", `http:"tenant {a}":`+strings.Repeat("k", 255))
 	f.Add("ü:", "\x00\xff")
 	f.Fuzz(func(t *testing.T, prefix, key string) {
-		s := &RedisStore{prefix: "idem:"}
-		if err := WithRedisPrefix(prefix)(s); err != nil {
+		set := settings{redisPrefix: "idem:"}
+		if err := set.apply(forRedisStore, []Option{WithRedisPrefix(prefix)}); err != nil {
 			if !strings.ContainsAny(prefix, "{}") {
 				t.Fatalf("prefix %q refused: %v", prefix, err)
 			}
@@ -99,6 +99,7 @@ func FuzzRedisKey(f *testing.F) {
 		if strings.ContainsAny(prefix, "{}") {
 			t.Fatalf("prefix %q with a brace accepted", prefix)
 		}
+		s := &RedisStore{prefix: set.redisPrefix}
 		k := s.redisKey(key)
 		if !strings.HasPrefix(k, prefix) {
 			t.Fatalf("redisKey(%q) = %q lost the prefix %q", key, k, prefix)

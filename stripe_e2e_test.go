@@ -154,9 +154,11 @@ func TestStripeKeyInWebhookFunctionSurvivesARedelivery(t *testing.T) {
 				Currency:    stripe.String(string(stripe.CurrencyEUR)),
 				Destination: stripe.String(venue.ID),
 			}
-			if err := idempotency.SetStripeKey(ctx, params, "transfer:payout"); err != nil {
+			key, err := idempotency.StripeKey(ctx, "transfer:payout")
+			if err != nil {
 				return err
 			}
+			params.SetIdempotencyKey(key)
 			if _, err := sc.Transfers.New(params); err != nil {
 				return err
 			}

@@ -6,10 +6,9 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"reflect"
 )
 
-// ErrNoClaim: [StripeKey] or [SetStripeKey] was called with a context that
+// ErrNoClaim: [StripeKey] was called with a context that
 // belongs to no idempotent request or webhook event, so there is nothing
 // durable to derive a key from. Use [StripeKeyFrom] with explicit parts
 // outside requests.
@@ -21,7 +20,7 @@ const stripeKeyPrefix = "idem_"
 
 // StripeKey derives the idempotency key for one outgoing Stripe call made
 // while serving an idempotent request or webhook event: a handler wrapped
-// by [Middleware.Handler] or a [WebhookFunc]. operation names the call
+// by [Middleware.Handler] or a webhook function ([NewWebhookHandler]). operation names the call
 // within that work, for example "accounts.create" or "transfer:3"; use a
 // different name for every call the work makes.
 //
@@ -67,38 +66,4 @@ func StripeKeyFrom(parts ...string) string {
 	}
 	sum := sha256.Sum256(b)
 	return stripeKeyPrefix + hex.EncodeToString(sum[:])
-}
-
-// SetStripeKey derives the key for operation with [StripeKey] and sets it
-// on params, in one call. params is any stripe-go v76 parameter struct:
-// *stripe.Params and every *stripe.XxxParams that embeds it.
-//
-//	params := &stripe.AccountParams{Type: stripe.String("express")}
-//	if err := idempotency.SetStripeKey(r.Context(), params, "accounts.create"); err != nil {
-//		return err
-//	}
-//	acct, err := sc.Accounts.New(params)
-//
-// It leaves params alone and returns StripeKey's error when there is no
-// claim in ctx, and an error when params is nil.
-func SetStripeKey(ctx context.Context, params interface{ SetIdempotencyKey(string) }, operation string) error {
-	if isNil(params) {
-		return errors.New("idempotency: SetStripeKey needs params")
-	}
-	key, err := StripeKey(ctx, operation)
-	if err != nil {
-		return err
-	}
-	params.SetIdempotencyKey(key)
-	return nil
-}
-
-// isNil reports whether v is nil or a nil pointer, whose SetIdempotencyKey
-// would panic.
-func isNil(v any) bool {
-	if v == nil {
-		return true
-	}
-	rv := reflect.ValueOf(v)
-	return rv.Kind() == reflect.Pointer && rv.IsNil()
 }

@@ -11,7 +11,6 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
-	"github.com/stripe/stripe-go/v76"
 
 	"github.com/seed70ea8305/idempotency"
 )
@@ -75,29 +74,6 @@ func TestStripeKeyOutsideARequest(t *testing.T) {
 	_, err = idempotency.StripeKey(stripeClaimContext(t, "", "k"), "")
 	assert.Error(t, err)
 	assert.False(t, errors.Is(err, idempotency.ErrNoClaim))
-}
-
-func TestSetStripeKey(t *testing.T) {
-	ctx := stripeClaimContext(t, "", "venue-42-onboarding")
-	params := &stripe.AccountParams{Type: stripe.String("express")}
-	require.NoError(t, idempotency.SetStripeKey(ctx, params, "accounts.create"))
-	require.NotNil(t, params.IdempotencyKey)
-	want, _ := idempotency.StripeKey(ctx, "accounts.create")
-	assert.Equal(t, want, *params.IdempotencyKey)
-
-	// Any stripe-go params type, the bare *stripe.Params included.
-	base := &stripe.Params{}
-	require.NoError(t, idempotency.SetStripeKey(ctx, base, "transfer:3"))
-	require.NotNil(t, base.IdempotencyKey)
-	assert.NotEqual(t, want, *base.IdempotencyKey)
-
-	untouched := &stripe.TransferParams{}
-	assert.ErrorIs(t, idempotency.SetStripeKey(context.Background(), untouched, "transfer:3"), idempotency.ErrNoClaim)
-	assert.Nil(t, untouched.IdempotencyKey)
-
-	var nilParams *stripe.AccountParams
-	assert.Error(t, idempotency.SetStripeKey(ctx, nilParams, "accounts.create"))
-	assert.Error(t, idempotency.SetStripeKey(ctx, nil, "accounts.create"))
 }
 
 func TestStripeKeyFrom(t *testing.T) {

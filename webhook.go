@@ -23,19 +23,6 @@ const (
 	webhookSignatureHeader = "Stripe-Signature"
 )
 
-// WebhookFunc processes one Stripe event. It returns nil once the event is
-// handled, including events it chooses to ignore; an error (or a panic)
-// makes Stripe deliver the event again later. Calls for different events
-// run concurrently.
-//
-// Its ctx carries the delivery's values and the event's [Claim] (Kind
-// "stripe-webhook", Key the event id, and a Fence), so [StripeKey] derives
-// idempotency keys for the Stripe calls it makes. It is cancelled when the
-// handler loses its claim on the event (see [WithLease]) and on shutdown
-// ([WithShutdown]), not when the sender hangs up: finished work is
-// recorded, and Stripe's next delivery gets 200 without running it again.
-type WebhookFunc func(ctx context.Context, event stripe.Event) error
-
 // WithWebhookTolerance sets how old the timestamp of a Stripe-Signature
 // may be; older deliveries are rejected with [ErrWebhookSignature]
 // wrapping [webhook.ErrTooOld], which stops replays of captured requests.
@@ -82,7 +69,7 @@ func WithWebhookPayload() Option {
 	})
 }
 
-// WebhookHandler receives Stripe webhooks and runs a [WebhookFunc] once per
+// WebhookHandler receives Stripe webhooks and runs a function once per
 // event, however often Stripe delivers it:
 //
 //   - it reads the body (up to [WithMaxBodyBytes], 64 KiB by default) and
@@ -130,7 +117,7 @@ func WithWebhookPayload() Option {
 type WebhookHandler struct {
 	engine  *engine
 	secrets []string
-	fn      WebhookFunc
+	fn      func(ctx context.Context, event stripe.Event) error
 	s       settings
 }
 
@@ -139,10 +126,22 @@ var _ http.Handler = (*WebhookHandler)(nil)
 // NewWebhookHandler returns a handler that verifies deliveries against
 // secrets (the endpoint's signing secrets, "whsec_..."; list the old and
 // the new one while rolling a secret) and runs fn once per event, keeping
-// its records in store. It takes the shared options ([WithLease],
-// [WithTTL], [WithStoreTimeout], [WithMaxBodyBytes], [WithObserver],
-// [WithLogger], [WithShutdown]) and the WithWebhook ones.
-func NewWebhookHandler(store Store, secrets []string, fn WebhookFunc, opts ...Option) (*WebhookHandler, error) {
+// its records in store.
+//
+// fn processes one Stripe event. It returns nil once the event is handled,
+// including events it chooses to ignore; an error (or a panic) makes
+// Stripe deliver the event again later. Calls for different events run
+// concurrently. Its ctx carries the delivery's values and the event's [Claim] (Kind
+// "stripe-webhook", Key the event id, and a Fence), so [StripeKey] derives
+// idempotency keys for the Stripe calls it makes. It is cancelled when the
+// handler loses its claim on the event (see [WithLease]) and on shutdown
+// ([WithShutdown]), not when the sender hangs up: finished work is
+// recorded, and Stripe's next delivery gets 200 without running it again.
+//
+// It takes the shared options ([WithLease], [WithTTL], [WithStoreTimeout],
+// [WithMaxBodyBytes], [WithObserver], [WithLogger], [WithShutdown]) and the
+// WithWebhook ones.
+func NewWebhookHandler(store Store, secrets []string, fn func(ctx context.Context, event stripe.Event) error, opts ...Option) (*WebhookHandler, error) {
 	switch {
 	case store == nil:
 		return nil, errors.New("idempotency: store is nil")
@@ -295,21 +294,21 @@ type webhookAttempt struct {
 	err      error
 }
 
-func (a *webhookAttempt) run(ctx context.Context) (*Response, error, string) {
+func (a *webhookAttempt) run(ctx context.Context) (*Response, string, error) {
 	start := time.Now()
 	err := a.h.fn(ctx, a.event)
 	a.rep.Duration = time.Since(start)
 	a.returned = true
 	if err != nil {
 		a.fnFailed = true
-		return nil, fmt.Errorf("%w: %w", ErrWebhookFailed, err), err.Error()
+		return nil, err.Error(), fmt.Errorf("%w: %w", ErrWebhookFailed, err)
 	}
 	resp := &Response{StatusCode: http.StatusOK}
 	if a.h.s.keepPayload {
 		resp.Header = http.Header{"Content-Type": {webhookContentType}}
 		resp.Body = append([]byte(nil), a.payload...)
 	}
-	return resp, nil, ""
+	return resp, "", nil
 }
 
 func (a *webhookAttempt) settled(outcome Outcome, err error) {

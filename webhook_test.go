@@ -90,7 +90,7 @@ func whServeRecover(h http.Handler, req *http.Request) (rec *httptest.ResponseRe
 	return rec, nil
 }
 
-func whNew(t *testing.T, store idempotency.Store, fn idempotency.WebhookFunc, opts ...idempotency.Option) *idempotency.WebhookHandler {
+func whNew(t *testing.T, store idempotency.Store, fn func(context.Context, stripe.Event) error, opts ...idempotency.Option) *idempotency.WebhookHandler {
 	t.Helper()
 	h, err := idempotency.NewWebhookHandler(store, []string{whSecret}, fn, opts...)
 	require.NoError(t, err)
@@ -891,7 +891,7 @@ func TestNewWebhookHandlerValidates(t *testing.T) {
 		name    string
 		store   idempotency.Store
 		secrets []string
-		fn      idempotency.WebhookFunc
+		fn      func(context.Context, stripe.Event) error
 		opts    []idempotency.Option
 	}{
 		{"nil store", nil, secrets, fn, nil},

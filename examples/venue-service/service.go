@@ -114,11 +114,13 @@ func (s *service) createVenue(w http.ResponseWriter, r *http.Request) {
 		Metadata: map[string]string{"venue_slug": in.Slug},
 	}
 	params.Context = r.Context()
-	if err := idempotency.SetStripeKey(r.Context(), params, "accounts.create"); err != nil {
+	key, err := idempotency.StripeKey(r.Context(), "accounts.create")
+	if err != nil {
 		s.logger.ErrorContext(r.Context(), "deriving the Stripe idempotency key", "error", err)
 		writeProblem(w, http.StatusInternalServerError, "Internal error", "")
 		return
 	}
+	params.SetIdempotencyKey(key)
 	account, err := s.stripe.Accounts.New(params)
 	if err != nil {
 		// 502: retryable, so the middleware frees the key for the retry.
