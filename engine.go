@@ -42,7 +42,7 @@ type attempt struct {
 	claim    Claim
 	key      string // the record's key in the store
 	token    string
-	detached context.Context // the caller's values, never cancelled: for store writes
+	detached claimContext // the caller's values and the claim, never cancelled
 	cancel   context.CancelCauseFunc
 
 	// Guarded by the engine's leases.mu.
@@ -56,13 +56,50 @@ type attempt struct {
 }
 
 // work is what an attempt runs. run does the work and says what to keep:
-// a response to store, or (nil and a cause) that the key is to be freed,
-// with reason as the failure text a store may keep. settled is then told
-// the outcome, also when run panicked, before the panic continues.
+// a response to store (made with newCompletion), or nil and a cause: the
+// key is to be freed, with reason as the failure text a store may keep.
+// settled is then told the outcome, also when run panicked, before the
+// panic continues.
 type work interface {
-	run(ctx context.Context) (resp *Response, reason string, cause error)
+	run(ctx context.Context) (done *Record, reason string, cause error)
 	settled(outcome Outcome, err error)
 }
+
+// completion holds a completed record and its response in one allocation.
+type completion struct {
+	rec  Record
+	resp Response
+}
+
+// newCompletion returns a record for resp, which the engine completes
+// with the claim's fingerprint and time.
+func newCompletion(resp Response) *Record {
+	c := &completion{resp: resp}
+	c.rec.Response = &c.resp
+	return &c.rec
+}
+
+// claimContext is the context of an attempt's store calls and the base of
+// its work's: the caller's values and the claim, without the caller's
+// cancellation, as context.WithoutCancel plus context.WithValue in one
+// value that lives inside the attempt, so it costs no allocation.
+type claimContext struct {
+	parent context.Context
+	claim  *Claim
+}
+
+func (c *claimContext) Deadline() (time.Time, bool) { return time.Time{}, false }
+func (c *claimContext) Done() <-chan struct{}       { return nil }
+func (c *claimContext) Err() error                  { return nil }
+
+func (c *claimContext) Value(key any) any {
+	if key == (claimContextKey{}) {
+		return c.claim
+	}
+	return c.parent.Value(key)
+}
+
+func (c *claimContext) String() string { return "idempotency.claimContext" }
 
 // noCancel stands in for the cancel function of a context that needs none.
 func noCancel() {}
@@ -122,12 +159,12 @@ func (e *engine) takeBack(ctx context.Context, key, token string) {
 // is cancelled when the lease is lost, on shutdown, and (only if
 // cancelWithParent) when parent is.
 func (e *engine) start(a *attempt, parent context.Context, sent time.Time, cancelWithParent bool) context.Context {
-	a.detached = context.WithoutCancel(parent)
-	base := a.detached
+	a.detached = claimContext{parent: parent, claim: &a.claim}
+	var base context.Context = &a.detached
 	if cancelWithParent {
-		base = parent
+		base = context.WithValue(parent, claimContextKey{}, &a.claim)
 	}
-	ctx, cancel := context.WithCancelCause(context.WithValue(base, claimContextKey{}, &a.claim))
+	ctx, cancel := context.WithCancelCause(base)
 	a.cancel = cancel
 	a.index = -1
 	e.leases.keep(a, sent)
@@ -147,23 +184,23 @@ func (e *engine) execute(ctx context.Context, a *attempt, w work) {
 			w.settled(e.free(a, cause, "panic"))
 		}
 	}()
-	resp, reason, cause := w.run(ctx)
+	done, reason, cause := w.run(ctx)
 	returned = true
 	e.leases.release(a)
 	a.cancel(nil)
-	if resp == nil {
+	if done == nil {
 		w.settled(e.free(a, cause, reason))
 		return
 	}
-	w.settled(e.complete(a, resp))
+	w.settled(e.complete(a, done))
 }
 
-// complete stores resp as the outcome of a's claim, detached from the
+// complete stores rec as the outcome of a's claim, detached from the
 // caller's cancellation: a client that hung up must not lose the record.
-func (e *engine) complete(a *attempt, resp *Response) (Outcome, error) {
-	rec := &completion{Record: Record{Fingerprint: a.claim.Fingerprint, CreatedAt: a.claim.created, Response: resp}}
-	ctx, cancel := e.bound(a.detached)
-	err := e.store.Complete(ctx, a.key, a.token, &rec.Record, e.ttl)
+func (e *engine) complete(a *attempt, rec *Record) (Outcome, error) {
+	rec.Fingerprint, rec.CreatedAt = a.claim.Fingerprint, a.claim.created
+	ctx, cancel := e.bound(&a.detached)
+	err := e.store.Complete(ctx, a.key, a.token, rec, e.ttl)
 	cancel()
 	switch {
 	case err == nil:
@@ -175,14 +212,11 @@ func (e *engine) complete(a *attempt, resp *Response) (Outcome, error) {
 	}
 }
 
-// completion holds a completed record in one allocation.
-type completion struct{ Record }
-
 // free releases a's key after a failed attempt (counting the failure
 // where the store keeps a history), detached from the caller's
 // cancellation. A lost lease is no error here: the key is not ours to free.
 func (e *engine) free(a *attempt, cause error, reason string) (Outcome, error) {
-	ctx, cancel := e.bound(a.detached)
+	ctx, cancel := e.bound(&a.detached)
 	defer cancel()
 	var err error
 	if recorder, ok := e.store.(FailureRecorder); ok && e.keepFailures {

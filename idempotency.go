@@ -316,7 +316,7 @@ type httpAttempt struct {
 	rep  Report
 }
 
-func (a *httpAttempt) run(ctx context.Context) (*Response, string, error) {
+func (a *httpAttempt) run(ctx context.Context) (*Record, string, error) {
 	r := a.r.WithContext(ctx)
 	r.Body = &a.body
 	start := time.Now()
@@ -602,6 +602,6 @@ func (rec *recorder) statusOr200() int {
 	return rec.status
 }
 
-func (rec *recorder) response() *Response {
-	return &Response{StatusCode: rec.status, Header: rec.header, Body: rec.body, BodyOmitted: rec.omitted}
+func (rec *recorder) response() *Record {
+	return newCompletion(Response{StatusCode: rec.status, Header: rec.header, Body: rec.body, BodyOmitted: rec.omitted})
 }

@@ -118,7 +118,7 @@ func (l *leases) fire() {
 // renew sends one renewal of a's lease at sent; its reply counts only if
 // it arrives before deadline.
 func (l *leases) renew(a *attempt, sent, deadline time.Time) {
-	ctx, cancel := context.WithDeadline(a.detached, earliest(deadline, sent.Add(l.timeout)))
+	ctx, cancel := context.WithDeadline(&a.detached, earliest(deadline, sent.Add(l.timeout)))
 	err := l.store.Extend(ctx, a.key, a.token, l.lease)
 	cancel()
 

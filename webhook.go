@@ -294,7 +294,7 @@ type webhookAttempt struct {
 	err      error
 }
 
-func (a *webhookAttempt) run(ctx context.Context) (*Response, string, error) {
+func (a *webhookAttempt) run(ctx context.Context) (*Record, string, error) {
 	start := time.Now()
 	err := a.h.fn(ctx, a.event)
 	a.rep.Duration = time.Since(start)
@@ -303,12 +303,12 @@ func (a *webhookAttempt) run(ctx context.Context) (*Response, string, error) {
 		a.fnFailed = true
 		return nil, err.Error(), fmt.Errorf("%w: %w", ErrWebhookFailed, err)
 	}
-	resp := &Response{StatusCode: http.StatusOK}
+	resp := Response{StatusCode: http.StatusOK}
 	if a.h.s.keepPayload {
 		resp.Header = http.Header{"Content-Type": {webhookContentType}}
 		resp.Body = append([]byte(nil), a.payload...)
 	}
-	return resp, "", nil
+	return newCompletion(resp), "", nil
 }
 
 func (a *webhookAttempt) settled(outcome Outcome, err error) {
