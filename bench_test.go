@@ -1,47 +1,36 @@
 package idempotency_test
 
 import (
+	"context"
 	"net/http"
 	"net/http/httptest"
 	"strconv"
-	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/redis/go-redis/v9"
 
 	"github.com/seed70ea8305/idempotency"
 	"github.com/seed70ea8305/idempotency/internal/redistest"
 )
 
-// Benchmarks compare the middleware with the same handler unwrapped. Run:
+// Benchmarks compare the middleware with the same handler unwrapped (the
+// handler and request of TestAllocationBudget: a ~100-byte JSON request,
+// a 200-byte JSON 201). Run:
 //
 //	go test -run '^$' -bench . -benchmem
-//	IDEMPOTENCY_TEST_REDIS_URL=redis://127.0.0.1:6379/0 go test -run '^$' -bench Redis -benchmem
-
-const benchBody = `{"name":"Concert Hall","slug":"concert-hall","capacity":1200}`
-
-func benchHandler() http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("Content-Type", "application/json")
-		w.WriteHeader(http.StatusCreated)
-		w.Write([]byte(`{"id":"venue_1","name":"Concert Hall","slug":"concert-hall","stripe_account_id":"acct_1"}`))
-	})
-}
-
-func benchRequest(key string) *http.Request {
-	r := httptest.NewRequest(http.MethodPost, "/venues", strings.NewReader(benchBody))
-	r.Header.Set("Content-Type", "application/json")
-	if key != "" {
-		r.Header.Set("Idempotency-Key", key)
-	}
-	return r
-}
+//	IDEMPOTENCY_TEST_REDIS_URL=redis://127.0.0.1:6379/0 go test -run '^$' -bench . -benchmem
+//
+// The Overhead benchmarks interleave the bare handler (or the raw Redis
+// commands that are the floor) with the middleware in every iteration and
+// report the differences, so that a noisy machine moves both sides alike.
 
 func BenchmarkBaseline(b *testing.B) {
-	h := benchHandler()
+	h := allocHandler()
 	b.ReportAllocs()
 	for b.Loop() {
-		h.ServeHTTP(httptest.NewRecorder(), benchRequest(""))
+		h.ServeHTTP(httptest.NewRecorder(), allocRequest("k"))
 	}
 }
 
@@ -49,8 +38,36 @@ func BenchmarkMemory(b *testing.B) {
 	benchmarkStore(b, idempotency.NewMemoryStore())
 }
 
+// BenchmarkMemoryOverhead reports, per request, the time the middleware
+// on the memory store adds to the bare handler: first-µs and replay-µs.
+func BenchmarkMemoryOverhead(b *testing.B) {
+	bare := allocHandler()
+	h := newMiddleware(b, idempotency.NewMemoryStore()).Handler(allocHandler())
+	serve(h, allocRequest("replay"))
+	keys := benchKeys("first-", b.N)
+	var base, first, replay time.Duration
+	b.ResetTimer()
+	for i := range b.N {
+		base += timed(func() { bare.ServeHTTP(httptest.NewRecorder(), allocRequest(keys[i])) })
+		first += timed(func() { h.ServeHTTP(httptest.NewRecorder(), allocRequest(keys[i])) })
+		replay += timed(func() { h.ServeHTTP(httptest.NewRecorder(), allocRequest("replay")) })
+	}
+	n := float64(b.N)
+	b.ReportMetric(micros(base)/n, "bare-µs")
+	b.ReportMetric(micros(first-base)/n, "first-over-bare-µs")
+	b.ReportMetric(micros(replay-base)/n, "replay-over-bare-µs")
+}
+
+// benchRedisClient is a go-redis client as the README recommends it:
+// store calls bounded by their context, inline.
+func benchRedisClient(b *testing.B) *redis.Client {
+	opt := redistest.Options(b)
+	opt.ContextTimeoutEnabled = true
+	return redistest.ClientWith(b, opt)
+}
+
 func BenchmarkRedis(b *testing.B) {
-	client := redistest.Client(b)
+	client := benchRedisClient(b)
 	// The floor: one go-redis round trip with nothing else around it.
 	b.Run("ping", func(b *testing.B) {
 		b.ReportAllocs()
@@ -60,56 +77,81 @@ func BenchmarkRedis(b *testing.B) {
 			}
 		}
 	})
-	store := newRedisStore(b, client)
-	// The store's own round trips, without HTTP or the middleware: a claim
-	// and a completion, then a claim that finds the record.
-	b.Run("store-first", func(b *testing.B) {
-		ctx := b.Context()
-		resp := &idempotency.Record{Fingerprint: "fp", Response: &idempotency.Response{StatusCode: 201, Body: []byte(benchBody)}}
-		b.ReportAllocs()
-		for b.Loop() {
-			key := "store-" + strconv.Itoa(int(time.Now().UnixNano()))
-			claim := idempotency.Record{Token: key, Fingerprint: "fp"}
-			if _, _, err := store.Acquire(ctx, key, claim, time.Minute); err != nil {
+	benchmarkStore(b, newRedisStore(b, client))
+}
+
+// rawComplete stands for the store-if-owner script: a GET, a prefix
+// comparison and a SET, the floor's second round trip.
+var rawComplete = redis.NewScript(`
+local v = redis.call('GET', KEYS[1])
+if v and string.sub(v, 1, #ARGV[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0`)
+
+// BenchmarkRedisOverhead reports, per request, how far the middleware on
+// a real Redis is from the raw go-redis commands it cannot do without:
+// a first request against SET NX PX GET then EVALSHA (claim, then
+// store-if-owner), a replay against one SET NX PX GET. Each iteration
+// runs all four, so the floors and the middleware see the same server.
+func BenchmarkRedisOverhead(b *testing.B) {
+	client := benchRedisClient(b)
+	ctx := context.Background()
+	prefix := redistest.Prefix(b)
+	h := newMiddleware(b, newRedisStore(b, client)).Handler(allocHandler())
+	serve(h, allocRequest("replay"))
+	claim := "\x01F\x1aTOKEN-TOKEN-TOKEN-TOKEN-TO" + "\x40" + string(make([]byte, 64)) + "\x00"
+	done := "\x01C\x1aTOKEN-TOKEN-TOKEN-TOKEN-TO" + string(allocResponseBody)
+	if err := rawComplete.Load(ctx, client).Err(); err != nil {
+		b.Fatal(err)
+	}
+	keys := benchKeys("first-", b.N)
+	var floorFirst, first, floorReplay, replay time.Duration
+	b.ResetTimer()
+	for i := range b.N {
+		raw := prefix + "raw:" + keys[i]
+		floorFirst += timed(func() {
+			if err := client.SetArgs(ctx, raw, claim, redis.SetArgs{Mode: "NX", TTL: time.Minute, Get: true}).Err(); err != redis.Nil {
 				b.Fatal(err)
 			}
-			if err := store.Complete(ctx, key, claim.Token, resp, time.Hour); err != nil {
+			if err := rawComplete.EvalSha(ctx, client, []string{raw}, claim[:29], done, 60000).Err(); err != nil {
 				b.Fatal(err)
 			}
-		}
-	})
-	b.Run("store-replay", func(b *testing.B) {
-		ctx := b.Context()
-		b.ReportAllocs()
-		for b.Loop() {
-			if _, existing, err := store.Acquire(ctx, "store-replay", idempotency.Record{Token: "t"}, time.Minute); err != nil {
+		})
+		first += timed(func() { h.ServeHTTP(httptest.NewRecorder(), allocRequest(keys[i])) })
+		floorReplay += timed(func() {
+			if err := client.SetArgs(ctx, raw, claim, redis.SetArgs{Mode: "NX", TTL: time.Minute, Get: true}).Err(); err != nil {
 				b.Fatal(err)
-			} else if existing == nil {
-				b.StopTimer()
-				store.Complete(ctx, "store-replay", "t", &idempotency.Record{Response: &idempotency.Response{StatusCode: 201}}, time.Hour)
-				b.StartTimer()
 			}
-		}
-	})
-	benchmarkStore(b, store)
+		})
+		replay += timed(func() { h.ServeHTTP(httptest.NewRecorder(), allocRequest("replay")) })
+	}
+	n := float64(b.N)
+	b.ReportMetric(micros(floorFirst)/n, "floor-first-µs")
+	b.ReportMetric(micros(first-floorFirst)/n, "first-over-floor-µs")
+	b.ReportMetric(micros(floorReplay)/n, "floor-replay-µs")
+	b.ReportMetric(micros(replay-floorReplay)/n, "replay-over-floor-µs")
 }
 
 func benchmarkStore(b *testing.B, store idempotency.Store) {
-	h := newMiddleware(b, store).Handler(benchHandler())
+	h := newMiddleware(b, store).Handler(allocHandler())
 	var seq atomic.Int64
 
 	b.Run("first", func(b *testing.B) {
+		keys := benchKeys("first-"+strconv.FormatInt(seq.Add(1), 10)+"-", b.N)
 		b.ReportAllocs()
-		for b.Loop() {
-			h.ServeHTTP(httptest.NewRecorder(), benchRequest("first-"+strconv.FormatInt(seq.Add(1), 10)))
+		b.ResetTimer()
+		for i := range b.N {
+			h.ServeHTTP(httptest.NewRecorder(), allocRequest(keys[i]))
 		}
 	})
 	b.Run("replay", func(b *testing.B) {
-		h.ServeHTTP(httptest.NewRecorder(), benchRequest("replay"))
+		h.ServeHTTP(httptest.NewRecorder(), allocRequest("replay"))
 		b.ReportAllocs()
 		for b.Loop() {
 			w := httptest.NewRecorder()
-			h.ServeHTTP(w, benchRequest("replay"))
+			h.ServeHTTP(w, allocRequest("replay"))
 			if w.Code != http.StatusCreated {
 				b.Fatalf("status %d", w.Code)
 			}
@@ -119,8 +161,26 @@ func benchmarkStore(b *testing.B, store idempotency.Store) {
 		b.ReportAllocs()
 		b.RunParallel(func(pb *testing.PB) {
 			for pb.Next() {
-				h.ServeHTTP(httptest.NewRecorder(), benchRequest("par-"+strconv.FormatInt(seq.Add(1), 10)))
+				h.ServeHTTP(httptest.NewRecorder(), allocRequest("par-"+strconv.FormatInt(seq.Add(1), 10)))
 			}
 		})
 	})
 }
+
+// benchKeys makes the keys beforehand, so that making them is not timed.
+func benchKeys(prefix string, n int) []string {
+	run := strconv.FormatInt(time.Now().UnixNano(), 36) + "-"
+	keys := make([]string, n)
+	for i := range keys {
+		keys[i] = prefix + run + strconv.Itoa(i)
+	}
+	return keys
+}
+
+func timed(f func()) time.Duration {
+	start := time.Now()
+	f()
+	return time.Since(start)
+}
+
+func micros(d time.Duration) float64 { return float64(d) / float64(time.Microsecond) }
