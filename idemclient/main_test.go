@@ -1,0 +1,13 @@
+package idemclient_test
+
+import (
+	"testing"
+
+	"go.uber.org/goleak"
+)
+
+// TestMain fails the run if any goroutine outlives the tests: servers,
+// proxies, connections and retry loops must all have stopped.
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m)
+}
