@@ -881,3 +881,61 @@ func TestLeaseLostCancelsHandler(t *testing.T) {
 	assert.Equal(t, "second owner", retry.Body.String(), "the new owner's record stands")
 	assert.Equal(t, "true", retry.Header().Get("X-Idempotent-Replayed"))
 }
+
+// TestShutdownCancelsHandlers: when the context given to WithShutdown
+// ends, running handlers' contexts are cancelled with ErrShutdown; one
+// that then answers nothing is cut short (503, key freed), and a handler
+// that starts afterwards starts cancelled.
+func TestShutdownCancelsHandlers(t *testing.T) {
+	shutdown, stop := context.WithCancel(context.Background())
+	entered := make(chan struct{})
+	causes := make(chan error, 2)
+	handler := &counted{serve: func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("X-Wait") != "" {
+			close(entered)
+		}
+		<-r.Context().Done()
+		causes <- context.Cause(r.Context())
+	}}
+	obs := &observed{}
+	h := newMiddleware(t, idempotency.NewMemoryStore(), idempotency.WithShutdown(shutdown),
+		idempotency.WithObserver(obs.observe)).Handler(handler)
+
+	done := make(chan *httptest.ResponseRecorder)
+	go func() {
+		r := post("k", `{}`)
+		r.Header.Set("X-Wait", "1")
+		done <- serve(h, r)
+	}()
+	<-entered
+	stop()
+	first := <-done
+	p := requireProblem(t, first, http.StatusServiceUnavailable)
+	assert.Contains(t, p.Type, "ErrShutdown")
+	assert.ErrorIs(t, <-causes, idempotency.ErrShutdown)
+	assert.Equal(t, idempotency.OutcomeReleased, obs.last().Outcome, "cut short: the key is freed")
+
+	late := serve(h, post("k", `{}`))
+	requireProblem(t, late, http.StatusServiceUnavailable)
+	assert.ErrorIs(t, <-causes, idempotency.ErrShutdown, "a handler started after shutdown starts cancelled")
+	assert.Equal(t, int32(2), handler.calls.Load(), "the freed key ran again")
+}
+
+// TestStoredHeadersOption: WithStoredHeaders chooses what is replayed;
+// hop-by-hop headers are never stored.
+func TestStoredHeadersOption(t *testing.T) {
+	handler := &counted{serve: func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Set-Cookie", "cart=1")
+		w.Header().Set("X-Debug", "internal")
+		w.Header().Set("Connection", "close")
+		w.WriteHeader(http.StatusCreated)
+	}}
+	keep := func(name string) bool { return name != "X-Debug" }
+	h := newMiddleware(t, idempotency.NewMemoryStore(), idempotency.WithStoredHeaders(keep)).Handler(handler)
+	serve(h, post("k", `{}`))
+	replay := serve(h, post("k", `{}`))
+	require.Equal(t, "true", replay.Header().Get("X-Idempotent-Replayed"))
+	assert.Equal(t, "cart=1", replay.Header().Get("Set-Cookie"), "kept when the filter says so")
+	assert.Empty(t, replay.Header().Get("X-Debug"), "left out by the filter")
+	assert.Empty(t, replay.Header().Get("Connection"), "hop-by-hop headers are never stored")
+}
