@@ -29,6 +29,8 @@ import (
 	"bufio"
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -82,9 +84,12 @@ type Report struct {
 	// Scope and Key identify the record; for webhooks Key is the event ID.
 	Scope string
 	Key   string
-	// Method and Path of the HTTP request, when there is one.
+	// Method and Path of the HTTP request, when there is one, and Route,
+	// the pattern that matched it ([http.Request.Pattern], empty without a
+	// ServeMux pattern): a label of low cardinality, where Path is not.
 	Method string
 	Path   string
+	Route  string
 	// Status is the HTTP status sent, 0 if none was.
 	Status int
 	// Duration is how long the handler ran, 0 if it did not.
@@ -221,7 +226,7 @@ func (m *Middleware) Handler(next http.Handler) http.Handler {
 }
 
 func (m *Middleware) serve(w http.ResponseWriter, r *http.Request, next http.Handler) {
-	rep := Report{Method: r.Method, Path: r.URL.Path}
+	rep := Report{Method: r.Method, Path: r.URL.Path, Route: r.Pattern}
 	key, err := requestKey(r.Header, keyHeader)
 	if err == ErrKeyMissing && m.s.keyOptional {
 		rep.Outcome = OutcomeUnprotected
@@ -394,11 +399,23 @@ func (m *Middleware) log(ctx context.Context, msg string, rep *Report) {
 	}
 	m.s.logger.LogAttrs(ctx, slog.LevelWarn, msg,
 		slog.String("scope", rep.Scope),
-		slog.String("key", rep.Key),
+		slog.String("key_hash", keyHash(rep.Key)),
 		slog.String("method", rep.Method),
 		slog.String("path", rep.Path),
 		slog.Any("error", rep.Err),
 	)
+}
+
+// keyHash names a key in logs without revealing it: whoever knows a key
+// can read the response stored under it. It is the first 16 hex digits of
+// its SHA-256, enough to match log lines with each other and with a key
+// the operator is given.
+func keyHash(key string) string {
+	if key == "" {
+		return ""
+	}
+	sum := sha256.Sum256([]byte(key))
+	return hex.EncodeToString(sum[:8])
 }
 
 // requestKey extracts the key from the request headers; name is canonical.

@@ -3,10 +3,13 @@ package idempotency_test
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -938,4 +941,39 @@ func TestStoredHeadersOption(t *testing.T) {
 	assert.Equal(t, "cart=1", replay.Header().Get("Set-Cookie"), "kept when the filter says so")
 	assert.Empty(t, replay.Header().Get("X-Debug"), "left out by the filter")
 	assert.Empty(t, replay.Header().Get("Connection"), "hop-by-hop headers are never stored")
+}
+
+// TestLoggerNeverWritesTheKey: whoever reads the logs must not learn a key,
+// which would let them fetch the stored response; the log names its hash.
+func TestLoggerNeverWritesTheKey(t *testing.T) {
+	var buf bytes.Buffer
+	logger := slog.New(slog.NewJSONHandler(&buf, nil))
+	down := idempotency.NewMemoryStore()
+	failing := &failingStore{Store: down}
+	h := newMiddleware(t, failing, idempotency.WithLogger(logger)).Handler(createVenue())
+	requireProblem(t, serve(h, post("secret-key-123", `{}`)), http.StatusServiceUnavailable)
+	require.NotEmpty(t, buf.String(), "the store failure was logged")
+	assert.NotContains(t, buf.String(), "secret-key-123")
+	sum := sha256.Sum256([]byte("secret-key-123"))
+	assert.Contains(t, buf.String(), `"key_hash":"`+hex.EncodeToString(sum[:8])+`"`)
+}
+
+// TestReportRoute: the observer gets the ServeMux pattern, a label of low
+// cardinality, beside the raw path.
+func TestReportRoute(t *testing.T) {
+	obs := &observed{}
+	mux := http.NewServeMux()
+	mux.Handle("POST /venues/{id}/payouts", newMiddleware(t, idempotency.NewMemoryStore(), idempotency.WithObserver(obs.observe)).Handler(createVenue()))
+	r := httptest.NewRequest(http.MethodPost, "/venues/42/payouts", strings.NewReader(`{}`))
+	r.Header.Set("Idempotency-Key", "k")
+	serve(mux, r)
+	assert.Equal(t, "POST /venues/{id}/payouts", obs.last().Route)
+	assert.Equal(t, "/venues/42/payouts", obs.last().Path)
+}
+
+// failingStore fails every claim, as a store that is down does.
+type failingStore struct{ idempotency.Store }
+
+func (s *failingStore) Acquire(context.Context, string, idempotency.Record, time.Duration) (uint64, *idempotency.Record, error) {
+	return 0, nil, errors.New("connection refused")
 }

@@ -185,7 +185,9 @@ func WithObserver(observe func(ctx context.Context, r Report)) Option {
 
 // WithLogger logs what an operator must know about, as warnings: store
 // failures, lost leases, requests served unprotected, failed webhook
-// functions. Shared. Default: nil, silent.
+// functions. It never logs an Idempotency-Key, which would let a reader
+// fetch the stored response, only key_hash, the first 16 hex digits of
+// its SHA-256. Shared. Default: nil, silent.
 func WithLogger(l *slog.Logger) Option {
 	return option("WithLogger", forBoth, func(s *settings) error {
 		s.logger = l
