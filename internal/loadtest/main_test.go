@@ -1,0 +1,155 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"net/http/httptest"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+)
+
+// The attacks, servers and Redis client must all be gone when the program
+// ends; goleak catches a transport or server left behind.
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m)
+}
+
+// short keeps each test's run to about a second, -race included.
+var short = []string{"-duration=300ms", "-rate=200", "-connections=8"}
+
+func TestRunMemory(t *testing.T) {
+	out := runOK(t, append(short, "-redis="))
+	wantRows(t, out, "bare baseline", "memory unique", "memory replay", "memory conflict")
+}
+
+func TestRunRedis(t *testing.T) {
+	u := os.Getenv("IDEMPOTENCY_TEST_REDIS_URL")
+	if u == "" {
+		t.Skip("IDEMPOTENCY_TEST_REDIS_URL is not set: no Redis rows tested")
+	}
+	out := runOK(t, append(short, "-redis="+u))
+	if strings.Contains(out, "Redis rows skipped") {
+		t.Fatalf("Redis at IDEMPOTENCY_TEST_REDIS_URL is unreachable:\n%s", out)
+	}
+	wantRows(t, out, "bare baseline", "memory unique", "memory replay", "memory conflict",
+		"redis unique", "redis replay", "redis conflict")
+	if !strings.Contains(out, "note: removed the run's") {
+		t.Errorf("no line about removing the run's Redis keys:\n%s", out)
+	}
+}
+
+func TestRedisUnreachable(t *testing.T) {
+	// Port 1 on loopback refuses connections; the run goes on without Redis.
+	out := runOK(t, append(short, "-redis=redis://127.0.0.1:1/0"))
+	if !strings.Contains(out, "note: Redis rows skipped: 127.0.0.1:1 unreachable") {
+		t.Errorf("no note about skipping Redis:\n%s", out)
+	}
+	wantRows(t, out, "bare baseline", "memory unique", "memory replay", "memory conflict")
+}
+
+// runOK runs the program with args and returns its output, failing the
+// test unless every check passed.
+func runOK(t *testing.T, args []string) string {
+	t.Helper()
+	var stdout, stderr bytes.Buffer
+	if code := realMain(context.Background(), args, &stdout, &stderr); code != 0 {
+		t.Fatalf("exit status %d\nstdout:\n%s\nstderr:\n%s", code, stdout.String(), stderr.String())
+	}
+	out := stdout.String()
+	for _, want := range []string{"go: go1.", "GOMAXPROCS=", "command: go run ./internal/loadtest -rate=200 -duration=300ms -connections=8"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("output lacks %q:\n%s", want, out)
+		}
+	}
+	if strings.Contains(out, "FAIL") {
+		t.Errorf("a check failed:\n%s", out)
+	}
+	return out
+}
+
+// wantRows checks that the table has exactly these "server scenario" rows,
+// in order, each with every request answered as expected, and a passing
+// check per row.
+func wantRows(t *testing.T, out string, rows ...string) {
+	t.Helper()
+	var got []string
+	inTable := false
+	for line := range strings.Lines(out) {
+		f := strings.Fields(line)
+		switch {
+		case len(f) > 0 && f[0] == "server":
+			inTable = true
+		case len(f) == 0 || f[0] == "note:":
+			inTable = false
+		case inTable && (f[0] == "errors" || len(f) < 9):
+			t.Errorf("unexpected line in the table: %q", line)
+		case inTable:
+			got = append(got, f[0]+" "+f[1])
+			if f[4] != "100.00%" {
+				t.Errorf("row %s %s: success %s, want 100.00%%", f[0], f[1], f[4])
+			}
+		}
+	}
+	if strings.Join(got, ", ") != strings.Join(rows, ", ") {
+		t.Errorf("table rows %q, want %q\n%s", got, rows, out)
+	}
+	for _, r := range rows {
+		name := strings.Replace(r, " ", "/", 1)
+		if !strings.Contains(out, "check "+name+" ") {
+			t.Errorf("no check line for %s:\n%s", name, out)
+		}
+	}
+	if n := strings.Count(out, "\ncheck "); n != len(rows) {
+		t.Errorf("%d check lines, want %d:\n%s", n, len(rows), out)
+	}
+}
+
+// The checks must be able to fail: without the middleware, "replay" and
+// "conflict" run the handler for every request.
+func TestChecksCatchMissingMiddleware(t *testing.T) {
+	a := &app{}
+	srv := httptest.NewServer(a)
+	defer srv.Close()
+	cfg := config{rate: 200, duration: 200 * time.Millisecond, connections: 4}
+	s := server{name: "bare", url: srv.URL, app: a}
+	for _, scenario := range []string{"replay", "conflict"} {
+		_, ck, err := runScenario(context.Background(), cfg, s, scenario, "test")
+		if err != nil {
+			t.Fatalf("%s: %v", scenario, err)
+		}
+		if ck.ok {
+			t.Errorf("%s on the bare handler passed its check: %s", scenario, ck.detail)
+		}
+	}
+}
+
+func TestFlags(t *testing.T) {
+	for _, tc := range []struct {
+		args    []string
+		code    int
+		wantErr string
+	}{
+		{[]string{"-h"}, 0, "Usage: go run ./internal/loadtest"},
+		{[]string{"-rate=abc"}, 2, `invalid value "abc" for flag -rate`},
+		{[]string{"-rate=0"}, 2, "-rate 0: must be positive"},
+		{[]string{"-duration=0s"}, 2, "-duration 0s: must be positive"},
+		{[]string{"-duration=-1s"}, 2, "-duration -1s: must be positive"},
+		{[]string{"-connections=0"}, 2, "-connections 0: must be positive"},
+		{[]string{"-redis=::bad"}, 2, "-redis:"},
+		{[]string{"-nosuchflag"}, 2, "flag provided but not defined"},
+		{[]string{"extra"}, 2, `unexpected argument "extra"`},
+	} {
+		var stdout, stderr bytes.Buffer
+		code := realMain(context.Background(), tc.args, &stdout, &stderr)
+		if code != tc.code || !strings.Contains(stderr.String(), tc.wantErr) {
+			t.Errorf("%q: exit %d, stderr %q; want exit %d, stderr containing %q", tc.args, code, stderr.String(), tc.code, tc.wantErr)
+		}
+		if stdout.Len() != 0 {
+			t.Errorf("%q: wrote to stdout: %q", tc.args, stdout.String())
+		}
+	}
+}
