@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync/atomic"
 	"time"
 )
 
@@ -22,11 +23,13 @@ type engine struct {
 	// ([FailureRecorder]).
 	keepFailures bool
 	leases       leases
+	waiting      waitLimit // duplicates waiting for an outcome ([WithWait])
 }
 
 func newEngine(store Store, s *settings, keepFailures bool) *engine {
 	_, instant := store.(*MemoryStore)
 	e := &engine{store: store, lease: s.lease, ttl: s.ttl, timeout: s.storeTimeout, instant: instant, keepFailures: keepFailures}
+	e.waiting.max = s.maxWaiters
 	e.leases = leases{store: store, lease: s.lease, timeout: s.storeTimeout}
 	if s.shutdown != nil {
 		// One callback for the engine's life, none per attempt.
@@ -53,7 +56,14 @@ type attempt struct {
 	ended    bool
 
 	failures int // failed attempts the store has counted, this one included
+
+	// keep is what the work asked for its outcome with [Claim.Keep]: 0
+	// nothing, keepNothing to store nothing, else the record's TTL.
+	keep atomic.Int64
 }
+
+// keepNothing in attempt.keep: store nothing, free the key.
+const keepNothing = -1
 
 // work is what an attempt runs. run does the work and says what to keep:
 // a response to store (made with newCompletion), or nil and a cause: the
@@ -159,6 +169,7 @@ func (e *engine) takeBack(ctx context.Context, key, token string) {
 // is cancelled when the lease is lost, on shutdown, and (only if
 // cancelWithParent) when parent is.
 func (e *engine) start(a *attempt, parent context.Context, sent time.Time, cancelWithParent bool) context.Context {
+	a.claim.attempt = a
 	a.detached = claimContext{parent: parent, claim: &a.claim}
 	var base context.Context = &a.detached
 	if cancelWithParent {
@@ -188,6 +199,9 @@ func (e *engine) execute(ctx context.Context, a *attempt, w work) {
 	returned = true
 	e.leases.release(a)
 	a.cancel(nil)
+	if done != nil && a.keep.Load() == keepNothing {
+		done, cause, reason = nil, errKeptNothing, errKeptNothing.Error()
+	}
 	if done == nil {
 		w.settled(e.free(a, cause, reason))
 		return
@@ -199,8 +213,12 @@ func (e *engine) execute(ctx context.Context, a *attempt, w work) {
 // caller's cancellation: a client that hung up must not lose the record.
 func (e *engine) complete(a *attempt, rec *Record) (Outcome, error) {
 	rec.Fingerprint, rec.CreatedAt = a.claim.Fingerprint, a.claim.created
+	ttl := e.ttl
+	if keep := a.keep.Load(); keep > 0 {
+		ttl = time.Duration(keep)
+	}
 	ctx, cancel := e.bound(&a.detached)
-	err := e.store.Complete(ctx, a.key, a.token, rec, e.ttl)
+	err := e.store.Complete(ctx, a.key, a.token, rec, ttl)
 	cancel()
 	switch {
 	case err == nil:
@@ -229,6 +247,10 @@ func (e *engine) free(a *attempt, cause error, reason string) (Outcome, error) {
 	}
 	return OutcomeReleased, cause
 }
+
+// errKeptNothing is the cause of an attempt whose work asked, with
+// [Claim.Keep], that its outcome not be stored.
+var errKeptNothing = errors.New("idempotency: the handler asked not to store its response")
 
 // maxFailureReason caps the error text kept with a failed attempt.
 const maxFailureReason = 1 << 10

@@ -134,7 +134,8 @@ func StatusCode(err error) int { return kindOf(err).status }
 
 // WriteError is the default error handler: it answers err as an RFC 9457
 // application/problem+json document with the status from [StatusCode]; 409
-// and 503 carry Retry-After. Only errors the package made from the client's
+// and 503 carry Retry-After (on a 409 from the middleware, the rest of the
+// running request's lease in whole seconds, rounded up; else 1). Only errors the package made from the client's
 // own request (a malformed key, body or JSON) show a detail; every other
 // error, including any from a custom fingerprint function, store or
 // webhook function, gets fixed text, so internal details never reach the
@@ -146,8 +147,8 @@ func WriteError(w http.ResponseWriter, _ *http.Request, err error) {
 const (
 	problemTypeBase    = "https://pkg.go.dev/github.com/seed70ea8305/idempotency#"
 	problemContentType = "application/problem+json"
-	// Retry-After seconds, on 409 and 503: a running request usually ends
-	// within a second, and a 503 costs little to retry.
+	// Retry-After seconds, on 503 and on a 409 whose lease is unknown: a
+	// 503 costs little to retry.
 	retryAfterSeconds = "1"
 )
 
@@ -167,7 +168,7 @@ func writeProblem(w http.ResponseWriter, k *kind, err error) {
 	body, _ := json.Marshal(p) // plain strings and ints always encode
 	h := w.Header()
 	if k.status == http.StatusConflict || k.status == http.StatusServiceUnavailable {
-		h.Set("Retry-After", retryAfterSeconds)
+		h.Set("Retry-After", retryAfter(err))
 	}
 	h.Set("Content-Type", problemContentType)
 	h.Set("Content-Length", strconv.Itoa(len(body)))

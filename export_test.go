@@ -1,6 +1,8 @@
 package idempotency
 
 import (
+	"net/http"
+	"strings"
 	"time"
 
 	"github.com/stripe/stripe-go/v76/webhook"
@@ -47,4 +49,46 @@ func WithWebhookClock(now func() time.Time) Option {
 // SignWebhookPayload signs payload the way Stripe does, with stripe-go.
 func SignWebhookPayload(payload []byte, secret string, t time.Time) string {
 	return webhook.GenerateTestSignedPayload(&webhook.UnsignedPayload{Payload: payload, Secret: secret, Timestamp: t}).Header
+}
+
+// WithReplayHeader sets the response header that marks a replay. It was
+// exported until issue 15 needed its place among the exported names; the
+// tests keep checking that the header name is configurable inside.
+func WithReplayHeader(name string) Option {
+	return option("WithReplayHeader", forMiddleware, func(s *settings) error {
+		s.replayHeader = http.CanonicalHeaderKey(strings.TrimSpace(name))
+		return notNil("replay header name", s.replayHeader == "")
+	})
+}
+
+// WithWebhookTolerance sets how old a Stripe-Signature's timestamp may be
+// (300 s, stripe-go's default, for users since issue 15).
+func WithWebhookTolerance(d time.Duration) Option {
+	return option("WithWebhookTolerance", forWebhook, func(s *settings) error {
+		s.tolerance = d
+		return positive("tolerance", d)
+	})
+}
+
+// Subscriptions returns the pub/sub connections the store's waiters share
+// and the channels subscribed on them.
+func (s *RedisStore) Subscriptions() (conns, channels int) {
+	s.hub.mu.Lock()
+	defer s.hub.mu.Unlock()
+	for _, hc := range s.hub.conns {
+		conns++
+		channels += len(hc.ready)
+	}
+	return conns, channels
+}
+
+// Waiters returns how many requests wait on the store's keys.
+func (s *MemoryStore) Waiters() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := 0
+	for _, set := range s.waiting.byKey {
+		n += len(set)
+	}
+	return n
 }

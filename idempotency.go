@@ -6,7 +6,9 @@
 // the first request with a given Idempotency-Key runs the handler and its
 // response is stored; a retry with the same key and the same request gets
 // the stored response again, marked with X-Idempotent-Replayed: true; a
-// retry while the first is still running gets 409; the same key with a
+// retry while the first is still running gets 409 (with Retry-After, the
+// rest of the first's lease), or waits for the first's outcome and gets
+// the replay ([WithWait]); the same key with a
 // different request gets 422. Failed attempts (5xx, panics, handlers cut
 // short) free the key so the client can retry.
 //
@@ -120,6 +122,28 @@ type Claim struct {
 	Fence uint64
 
 	created time.Time
+	attempt *attempt // nil for a Claim that no attempt runs
+}
+
+// Keep decides, for the response of the attempt this claim belongs to, what
+// is stored: ttl > 0 keeps it for ttl instead of [WithTTL], whatever its
+// status (the handler's word wins over [WithRetryableStatus]); ttl <= 0
+// stores nothing and frees the key, as a 5xx does, so a retry (or a
+// waiting duplicate, see [WithWait]) runs the handler again. A response
+// that cannot be replayed (1xx, a handler cut short) is never stored. The
+// last call before the handler returns counts; calls after it, and on a
+// Claim no attempt runs, do nothing. Safe for concurrent use. For a
+// webhook function, ttl <= 0 leaves the event unrecorded, so a later
+// delivery processes it again.
+func (c Claim) Keep(ttl time.Duration) {
+	if c.attempt == nil {
+		return
+	}
+	if ttl <= 0 {
+		c.attempt.keep.Store(keepNothing)
+		return
+	}
+	c.attempt.keep.Store(int64(ttl))
 }
 
 type claimContextKey struct{}
@@ -214,6 +238,11 @@ func New(store Store, opts ...Option) (*Middleware, error) {
 //     replayed; deadlines and full duplex reach the connection through
 //     Unwrap; trailers are sent but not stored.
 //
+// A duplicate of a request still running gets 409 with Retry-After (the
+// rest of the running request's lease, rounded up to whole seconds), or,
+// with [WithWait], waits for its outcome. The handler decides for its own
+// response with [Claim.Keep] whether, and for how long, it is stored.
+//
 // A panic frees the key, then continues with its original stack.
 func (m *Middleware) Handler(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -257,7 +286,15 @@ func (m *Middleware) serve(w http.ResponseWriter, r *http.Request, next http.Han
 	token := rand.Text()
 	created := time.Now()
 
-	fence, existing, sent, err := m.engine.acquire(r.Context(), storeKey, Record{Token: token, Fingerprint: fingerprint, CreatedAt: created})
+	claim := Record{Token: token, Fingerprint: fingerprint, CreatedAt: created}
+	fence, existing, sent, err := m.engine.acquire(r.Context(), storeKey, claim)
+	if err == nil && existing != nil && existing.Response == nil && existing.Fingerprint == fingerprint && m.s.wait > 0 {
+		// Only a duplicate of a running request gets here: the fast path
+		// pays for waiting with one comparison.
+		if d := waitFor(r.Header, m.s.wait); d > 0 {
+			fence, existing, sent, err = m.engine.wait(r.Context(), storeKey, claim, existing, time.Now().Add(d))
+		}
+	}
 	switch {
 	case err != nil && m.s.failOpen:
 		rep.Err = err
@@ -278,7 +315,7 @@ func (m *Middleware) serve(w http.ResponseWriter, r *http.Request, next http.Han
 	case existing != nil && existing.Fingerprint != fingerprint:
 		m.reject(w, r, &rep, OutcomeMismatch, ErrFingerprintMismatch)
 	case existing != nil && existing.Response == nil:
-		m.reject(w, r, &rep, OutcomeInFlight, ErrKeyInUse)
+		m.reject(w, r, &rep, OutcomeInFlight, keyInUse(existing))
 	case existing != nil:
 		m.replay(w, existing.Response)
 		rep.Outcome, rep.Status = OutcomeReplayed, existing.Response.StatusCode
@@ -341,7 +378,7 @@ func (a *httpAttempt) run(ctx context.Context) (*Record, string, error) {
 	switch {
 	case a.rec.status < http.StatusOK:
 		return nil, "", fmt.Errorf("idempotency: handler answered %d, which cannot be replayed", a.rec.status)
-	case a.m.s.retryable(a.rec.status):
+	case a.m.s.retryable(a.rec.status) && a.keep.Load() <= 0:
 		return nil, "", fmt.Errorf("idempotency: handler answered %d", a.rec.status)
 	}
 	return a.rec.response(), "", nil

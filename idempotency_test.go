@@ -280,7 +280,8 @@ func testMiddleware(t *testing.T, newStore func(t *testing.T) idempotency.Store)
 		w := serve(h, post("k", `{"n":1}`))
 		p := requireProblem(t, w, http.StatusConflict)
 		assert.Contains(t, p.Type, "ErrKeyInUse")
-		assert.Equal(t, "1", w.Header().Get("Retry-After"))
+		// The rest of the 30 s default lease, rounded up (issue 15).
+		assert.Equal(t, "30", w.Header().Get("Retry-After"))
 
 		// A different payload is told so at once, even while the first runs.
 		requireProblem(t, serve(h, post("k", `{"n":2}`)), http.StatusUnprocessableEntity)

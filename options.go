@@ -54,6 +54,8 @@ type settings struct {
 	errorHandler       func(http.ResponseWriter, *http.Request, error)
 	storeHeader        func(name string) bool
 	cancelOnDisconnect bool
+	wait               time.Duration // 0: duplicates do not wait
+	maxWaiters         int
 
 	// Webhook.
 	tolerance        time.Duration
@@ -237,13 +239,34 @@ func WithKeyOptional() Option {
 	})
 }
 
-// WithReplayHeader sets the response header, with value "true", that marks
-// a replayed response. Middleware. Default: "X-Idempotent-Replayed"
-// (Stripe sends "Idempotent-Replayed").
-func WithReplayHeader(name string) Option {
-	return option("WithReplayHeader", forMiddleware, func(s *settings) error {
-		s.replayHeader = http.CanonicalHeaderKey(strings.TrimSpace(name))
-		return notNil("replay header name", s.replayHeader == "")
+// WithWait lets a duplicate of a request that is still running (same key,
+// same fingerprint) wait up to d for the first attempt's outcome instead
+// of getting 409 at once: it then gets the replay, or the 409 (with
+// Retry-After) when the wait ends first. A request may ask for less with
+// a Prefer: wait=N header (RFC 7240, seconds; wait=0 asks not to wait),
+// never for more than d. A different fingerprint still gets 422 at once.
+//
+// The store wakes the waiters when the outcome is stored or the key freed
+// ([MemoryStore] directly, [RedisStore] through one pub/sub connection per
+// store, Redis node for a Cluster); a wake-up that is lost is covered by a
+// re-read at the end of the holder's lease and at the deadline, so a
+// waiter never waits past d (plus one store call) and never misses an
+// outcome that was stored. A [Store] from another package cannot wake
+// waiters; they re-read it every 100 ms. When the first attempt fails and frees the
+// key, exactly one waiter claims it and runs the handler; the others wait
+// for its outcome. A waiter costs no goroutine of its own and one timer;
+// a request that does not wait costs nothing.
+//
+// At most maxWaiters requests of this middleware wait at once; above that,
+// a duplicate gets 409 at once. Middleware. Default: off (a duplicate gets
+// 409 at once).
+func WithWait(d time.Duration, maxWaiters int) Option {
+	return option("WithWait", forMiddleware, func(s *settings) error {
+		if maxWaiters < 1 {
+			return fmt.Errorf("max waiters %d: need at least one", maxWaiters)
+		}
+		s.wait, s.maxWaiters = d, maxWaiters
+		return positive("wait", d)
 	})
 }
 
@@ -294,10 +317,20 @@ func WithFingerprint(fn func(r *http.Request, body []byte) (string, error)) Opti
 }
 
 // WithRetryableStatus decides which response statuses free the key instead
-// of being stored, so that a retry runs the handler again. Middleware.
-// Default: every 5xx, 408 and 429, answers that say "try again" and must
-// not be replayed for a day. To store server errors too, as Stripe does,
-// pass a function that returns false for them.
+// of being stored, so that a retry runs the handler again: it is the
+// route's storage rule. To store only successes, free every other status:
+//
+//	idempotency.WithRetryableStatus(func(status int) bool { return status >= 300 })
+//
+// Stripe's rule stores everything except 409, 429 and 5xx:
+//
+//	idempotency.WithRetryableStatus(func(status int) bool {
+//		return status >= 500 || status == http.StatusConflict || status == http.StatusTooManyRequests
+//	})
+//
+// A handler decides for its own response with [Claim.Keep], which
+// overrides this rule. Middleware. Default: every 5xx, 408 and 429,
+// answers that say "try again" and must not be replayed for a day.
 func WithRetryableStatus(retryable func(status int) bool) Option {
 	return option("WithRetryableStatus", forMiddleware, func(s *settings) error {
 		s.retryable = retryable

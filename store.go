@@ -90,6 +90,13 @@ type Record struct {
 
 	// Response is the stored outcome; nil while the record is in flight.
 	Response *Response
+
+	// LeaseLeft, on an in-flight record that [Store.Acquire] returns, is
+	// how long its lease has left unless renewed, by the store's clock: the
+	// middleware derives a 409's Retry-After from it, and a waiting
+	// duplicate ([WithWait]) re-reads the key when it ends. Zero when the
+	// store does not tell; stores ignore it in what they are given.
+	LeaseLeft time.Duration
 }
 
 // Response is a stored outcome: for the middleware, the HTTP response the
@@ -142,6 +149,7 @@ type MemoryStore struct {
 	failures  map[string]memoryFailures
 	fence     uint64 // the last fence handed out, for any key
 	nextSweep int64  // Unix nanoseconds
+	waiting   waiters
 }
 
 type memoryFailures struct {
@@ -170,6 +178,7 @@ func NewMemoryStore() *MemoryStore {
 var (
 	_ Store           = (*MemoryStore)(nil)
 	_ FailureRecorder = (*MemoryStore)(nil)
+	_ waker           = (*MemoryStore)(nil)
 )
 
 // Acquire implements [Store]. Fences come from one counter for the whole
@@ -190,7 +199,7 @@ func (s *MemoryStore) Acquire(ctx context.Context, key string, claim Record, lea
 		if e.done != nil {
 			return 0, e.done, nil
 		}
-		return 0, &Record{Token: e.token, Fingerprint: e.fingerprint, CreatedAt: time.Unix(0, e.created)}, nil
+		return 0, &Record{Token: e.token, Fingerprint: e.fingerprint, CreatedAt: time.Unix(0, e.created), LeaseLeft: time.Duration(e.expires - now)}, nil
 	}
 	s.fence++
 	s.records[key] = memoryEntry{token: claim.Token, fingerprint: claim.Fingerprint, created: claim.CreatedAt.UnixNano(), expires: now + int64(lease)}
@@ -215,8 +224,9 @@ func (s *MemoryStore) Complete(ctx context.Context, key, token string, rec *Reco
 	}
 	return s.withOwned(ctx, key, token, func(now int64, e memoryEntry) error {
 		if e.done == nil { // else a repeated call, already stored
-			rec.Token = ""
+			rec.Token, rec.LeaseLeft = "", 0
 			s.records[key] = memoryEntry{token: token, done: rec, expires: now + int64(ttl)}
+			s.wakeLocked(key)
 		}
 		return nil
 	})
@@ -226,6 +236,7 @@ func (s *MemoryStore) Complete(ctx context.Context, key, token string, rec *Reco
 func (s *MemoryStore) Release(ctx context.Context, key, token string) error {
 	return s.withInFlight(ctx, key, token, func(int64, memoryEntry) {
 		delete(s.records, key)
+		s.wakeLocked(key)
 	})
 }
 
@@ -237,6 +248,7 @@ func (s *MemoryStore) Fail(ctx context.Context, key, token, reason string, ttl t
 	var attempts int
 	err := s.withInFlight(ctx, key, token, func(now int64, _ memoryEntry) {
 		delete(s.records, key)
+		s.wakeLocked(key)
 		f := s.failures[key]
 		if now >= f.expires {
 			f = memoryFailures{}
@@ -261,6 +273,27 @@ func (s *MemoryStore) Failures(ctx context.Context, key string) (int, string, er
 		return 0, "", nil
 	}
 	return f.attempts, f.lastReason, nil
+}
+
+// watch implements waker: a condition per waiter, signalled under the
+// store's lock by the call that completes or frees key.
+func (s *MemoryStore) watch(_ context.Context, key string) (<-chan struct{}, func(), error) {
+	s.mu.Lock()
+	ch := s.waiting.add(key)
+	s.mu.Unlock()
+	return ch, func() {
+		s.mu.Lock()
+		s.waiting.remove(key, ch)
+		s.mu.Unlock()
+	}, nil
+}
+
+// wakeLocked wakes the waiters on key; a map lookup when there are some,
+// a length check when there are none.
+func (s *MemoryStore) wakeLocked(key string) {
+	if len(s.waiting.byKey) > 0 {
+		s.waiting.wake(key)
+	}
 }
 
 // withInFlight runs change under the lock if token owns a live in-flight

@@ -50,6 +50,15 @@ type RedisClient interface {
 // into 503). Replication is asynchronous, so a failover can lose the most
 // recent claims and records; [WithRedisWait] narrows that window.
 //
+// Completing or freeing a key publishes on a channel named as its key
+// (SPUBLISH on a Cluster, so the message stays in the slot's shard), in the
+// same script, to wake duplicates that wait ([WithWait]). Waiters share one
+// pub/sub connection per store (per master node on a Cluster) and one
+// goroutine reading it, both opened when the first waiter comes and closed
+// when the last leaves. A *redis.Ring, or another client, gets no
+// wake-ups: its waiters re-read at the holder's lease end and at their
+// deadline.
+//
 // A RedisStore is safe for concurrent use; create it with [NewRedisStore].
 type RedisStore struct {
 	client RedisClient
@@ -62,6 +71,13 @@ type RedisStore struct {
 	// (ContextTimeoutEnabled), so calls run inline; otherwise each runs
 	// in a goroutine that the caller leaves at the deadline.
 	honoursDeadlines bool
+
+	// publish is the command the write scripts wake waiters with:
+	// "publish" on one server, "spublish" (sharded, the channel stays in
+	// its slot's shard) on a Cluster, "" for clients whose subscriptions
+	// the store cannot place (a Ring), whose waiters re-read on timers.
+	publish string
+	hub     redisHub
 }
 
 // WithRedisPrefix sets the prefix of every key the store writes, to keep
@@ -128,11 +144,14 @@ func NewRedisStore(client RedisClient, opts ...Option) (*RedisStore, error) {
 		return nil, err
 	}
 	s := &RedisStore{client: client, prefix: set.redisPrefix, waitReplicas: set.waitReplicas, waitTimeout: set.waitTimeout}
+	s.hub.store = s
 	switch c := client.(type) {
 	case *redis.Client:
 		s.honoursDeadlines = c.Options().ContextTimeoutEnabled
+		s.publish = "publish"
 	case *redis.ClusterClient:
 		s.honoursDeadlines = c.Options().ContextTimeoutEnabled
+		s.publish = "spublish"
 	case *redis.Ring:
 		s.honoursDeadlines = c.Options().ContextTimeoutEnabled
 	}
@@ -149,6 +168,7 @@ func NewRedisStore(client RedisClient, opts ...Option) (*RedisStore, error) {
 var (
 	_ Store           = (*RedisStore)(nil)
 	_ FailureRecorder = (*RedisStore)(nil)
+	_ waker           = (*RedisStore)(nil)
 )
 
 // redisKey maps a record key to a Redis key: the prefix, then a SHA-256 of
@@ -177,12 +197,17 @@ func fenceKey(rkey string) string {
 var (
 	// KEYS: record, fence counter. ARGV: owner prefix, claim, lease ms,
 	// not-after (Unix ms by the caller's clock; 0: none). Returns the
-	// fence (acquired), the record already there, or -1 (too late).
+	// fence (acquired), the record already there (with its PTTL when in
+	// flight: the 409's Retry-After and a waiter's timer), or -1 (too
+	// late).
 	redisAcquire = redis.NewScript(`
 local v = redis.call('GET', KEYS[1])
 if v then
   if string.sub(v, 1, #ARGV[1]) == ARGV[1] then
     return tonumber(redis.call('GET', KEYS[2]) or '0')
+  end
+  if string.sub(v, 2, 2) == 'F' then
+    return {v, redis.call('PTTL', KEYS[1])}
   end
   return v
 end
@@ -206,11 +231,16 @@ return 0`)
 
 	// Complete also succeeds when this token already completed the record
 	// (ARGV[4] is its completedPrefix): go-redis re-sent the script after
-	// the first run's reply was lost.
+	// the first run's reply was lost. Complete, Release and Fail publish on
+	// the record's channel (its own key name, so the same hash slot) with
+	// the command in their last ARGV ('' for none), which wakes waiting
+	// duplicates in the same round trip; through pcall, since a failed
+	// wake-up must not fail the write (waiters re-read at their deadline).
 	redisComplete = redis.NewScript(`
 local v = redis.call('GET', KEYS[1])
 if v and string.sub(v, 1, #ARGV[1]) == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  if ARGV[5] ~= '' then redis.pcall(ARGV[5], KEYS[1], 'c') end
   return 1
 end
 if v and string.sub(v, 1, #ARGV[4]) == ARGV[4] then
@@ -222,6 +252,7 @@ return 0`)
 local v = redis.call('GET', KEYS[1])
 if v and string.sub(v, 1, #ARGV[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
+  if ARGV[2] ~= '' then redis.pcall(ARGV[2], KEYS[1], 'r') end
   return 1
 end
 return 0`)
@@ -236,6 +267,7 @@ if v and string.sub(v, 1, #ARGV[1]) == ARGV[1] then
   local n = redis.call('HINCRBY', KEYS[2], 'attempts', 1)
   redis.call('HSET', KEYS[2], 'last_reason', ARGV[2])
   redis.call('PEXPIRE', KEYS[2], ARGV[3])
+  if ARGV[4] ~= '' then redis.pcall(ARGV[4], KEYS[1], 'r') end
   return n
 end
 return 0`)
@@ -273,6 +305,19 @@ func (s *RedisStore) Acquire(ctx context.Context, key string, claim Record, leas
 			rec, _, err := decodeRecord(v)
 			existing = rec
 			return err
+		case []any: // an in-flight record and its PTTL
+			if len(v) == 2 {
+				value, ok1 := v[0].(string)
+				pttl, ok2 := v[1].(int64)
+				if ok1 && ok2 {
+					rec, _, err := decodeRecord(value)
+					if rec != nil && pttl > 0 {
+						rec.LeaseLeft = time.Duration(pttl) * time.Millisecond
+					}
+					existing = rec
+					return err
+				}
+			}
 		}
 		return fmt.Errorf("unexpected reply %T", reply)
 	})
@@ -296,12 +341,12 @@ func (s *RedisStore) Complete(ctx context.Context, key, token string, rec *Recor
 		return err
 	}
 	return s.runOwned(ctx, "complete", redisComplete, s.waitReplicas > 0, key, token,
-		encodeRecord(rec, token), milliseconds(ttl), completedPrefix(token))
+		encodeRecord(rec, token), milliseconds(ttl), completedPrefix(token), s.publish)
 }
 
 // Release implements [Store].
 func (s *RedisStore) Release(ctx context.Context, key, token string) error {
-	return s.runOwned(ctx, "release", redisRelease, false, key, token)
+	return s.runOwned(ctx, "release", redisRelease, false, key, token, s.publish)
 }
 
 // Fail implements [FailureRecorder] in one round trip.
@@ -316,7 +361,7 @@ func (s *RedisStore) Fail(ctx context.Context, key, token, reason string, ttl ti
 	var n int64
 	err := s.call(detachedFallback(ctx), func(ctx context.Context) error {
 		reply, err := s.eval(ctx, redisFail, false, []string{rkey, rkey + redisFailuresSuffix},
-			ownerPrefix(token), reason, milliseconds(ttl))
+			ownerPrefix(token), reason, milliseconds(ttl), s.publish)
 		n, _ = reply.(int64)
 		return err
 	})

@@ -23,17 +23,6 @@ const (
 	webhookSignatureHeader = "Stripe-Signature"
 )
 
-// WithWebhookTolerance sets how old the timestamp of a Stripe-Signature
-// may be; older deliveries are rejected with [ErrWebhookSignature]
-// wrapping [webhook.ErrTooOld], which stops replays of captured requests.
-// WebhookHandler. Default: 300 s, as stripe-go's [webhook.DefaultTolerance].
-func WithWebhookTolerance(d time.Duration) Option {
-	return option("WithWebhookTolerance", forWebhook, func(s *settings) error {
-		s.tolerance = d
-		return positive("tolerance", d)
-	})
-}
-
 // WithWebhookScope puts the handler's events in their own namespace, so one
 // store can serve several endpoints or Stripe accounts: the same event id
 // under two scopes is processed once in each. Use one scope per endpoint

@@ -37,6 +37,7 @@ func Run(t *testing.T, newHarness func(t *testing.T) Harness) {
 	}{
 		{"AcquireFreeKey", testAcquireFreeKey},
 		{"AcquireHeldKeyReturnsClaim", testAcquireHeldKey},
+		{"AcquireHeldKeyTellsLeaseLeft", testAcquireLeaseLeft},
 		{"CompleteStoresResponse", testComplete},
 		{"CompleteKeepsForTTL", testCompleteTTL},
 		{"ReleaseFreesKey", testRelease},
@@ -495,4 +496,22 @@ func testFailureHistory(t *testing.T, h Harness) {
 	n, err := fr.Fail(ctx, other, c.Token, "x", ttl)
 	require.NoError(t, err)
 	assert.Equal(t, 1, n)
+}
+
+// testAcquireLeaseLeft: an in-flight record that Acquire returns tells the
+// rest of its lease, or 0 when the store does not know; never more than
+// the lease. A completed record carries none.
+func testAcquireLeaseLeft(t *testing.T, h Harness) {
+	k := key(t)
+	c := claim("fp")
+	acquire(t, h.Store, k, c)
+	existing := acquire(t, h.Store, k, claim("fp"))
+	require.NotNil(t, existing)
+	assert.GreaterOrEqual(t, existing.LeaseLeft, time.Duration(0))
+	assert.LessOrEqual(t, existing.LeaseLeft, lease)
+	require.NoError(t, h.Store.Complete(context.Background(), k, c.Token, done("fp", http.StatusCreated, "ok"), ttl))
+	existing = acquire(t, h.Store, k, claim("fp"))
+	require.NotNil(t, existing)
+	require.NotNil(t, existing.Response)
+	assert.Zero(t, existing.LeaseLeft)
 }
