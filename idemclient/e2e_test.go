@@ -336,9 +336,12 @@ func TestE2EProxyFaults(t *testing.T) {
 
 // TestE2EConcurrentDuplicate: two workers send the same job (a key derived
 // from it) while the first is still running; the second gets 409 with
-// Retry-After, waits, and ends with the first one's response.
+// Retry-After (the rest of the first's lease: 1 s here), waits, and ends
+// with the first one's response.
 func TestE2EConcurrentDuplicate(t *testing.T) {
-	s := newServer(t, nil)
+	mw, err := idempotency.New(idempotency.NewMemoryStore(), idempotency.WithLease(time.Second))
+	require.NoError(t, err)
+	s := newServer(t, mw)
 	started, release := make(chan struct{}), make(chan struct{})
 	var once sync.Once
 	s.slow = func() {
