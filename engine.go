@@ -27,8 +27,7 @@ type engine struct {
 }
 
 func newEngine(store Store, s *settings, keepFailures bool) *engine {
-	_, instant := store.(*MemoryStore)
-	e := &engine{store: store, lease: s.lease, ttl: s.ttl, timeout: s.storeTimeout, instant: instant, keepFailures: keepFailures}
+	e := &engine{store: store, lease: s.lease, ttl: s.ttl, timeout: s.storeTimeout, instant: isInstant(store), keepFailures: keepFailures}
 	e.waiting.max = s.maxWaiters
 	e.leases = leases{store: store, lease: s.lease, timeout: s.storeTimeout}
 	if s.shutdown != nil {
@@ -38,6 +37,21 @@ func newEngine(store Store, s *settings, keepFailures bool) *engine {
 		})
 	}
 	return e
+}
+
+// isInstant reports whether store is a [MemoryStore], possibly inside
+// wrappers (metrics, tracing) that give the store they wrap with Unwrap.
+func isInstant(store Store) bool {
+	for {
+		switch s := store.(type) {
+		case *MemoryStore:
+			return true
+		case interface{ Unwrap() Store }:
+			store = s.Unwrap()
+		default:
+			return false
+		}
+	}
 }
 
 // attempt is one run of the work as the owner of a claimed key.

@@ -82,6 +82,9 @@ const (
 // Report describes the outcome of one request or webhook delivery, for an
 // observer ([WithObserver]).
 type Report struct {
+	// Kind is "http" for the middleware, "stripe-webhook" for the webhook
+	// helper, as in [Claim].
+	Kind    string
 	Outcome Outcome
 	// Scope and Key identify the record; for webhooks Key is the event ID.
 	Scope string
@@ -98,6 +101,9 @@ type Report struct {
 	Duration time.Duration
 	// Err is the error behind a rejection, a failure or a store failure.
 	Err error
+	// EventType is the Stripe event's type, for a webhook delivery whose
+	// payload was verified: a label of low cardinality.
+	EventType string
 	// Attempts, for a webhook delivery whose function failed, counts the
 	// failed attempts the store has recorded for the event, this one
 	// included; 0 when the store keeps no history ([FailureRecorder]).
@@ -255,12 +261,10 @@ func (m *Middleware) Handler(next http.Handler) http.Handler {
 }
 
 func (m *Middleware) serve(w http.ResponseWriter, r *http.Request, next http.Handler) {
-	rep := Report{Method: r.Method, Path: r.URL.Path, Route: r.Pattern}
+	rep := Report{Kind: httpRecordKind, Method: r.Method, Path: r.URL.Path, Route: r.Pattern}
 	key, err := requestKey(r.Header, keyHeader)
 	if err == ErrKeyMissing && m.s.keyOptional {
-		rep.Outcome = OutcomeUnprotected
-		m.observe(r.Context(), &rep)
-		next.ServeHTTP(w, r)
+		m.serveUnprotected(w, r, next, &rep, OutcomeUnprotected, nil)
 		return
 	}
 	if err != nil {
@@ -300,11 +304,7 @@ func (m *Middleware) serve(w http.ResponseWriter, r *http.Request, next http.Han
 		rep.Err = err
 		m.log(r.Context(), "idempotency: store failed, serving unprotected", &rep)
 		r.Body = &bodyReader{b: *body}
-		start := time.Now()
-		rec := recorder{w: w}
-		next.ServeHTTP(&rec, r)
-		rep.Outcome, rep.Status, rep.Duration = OutcomeFailOpen, rec.statusOr200(), time.Since(start)
-		m.observe(r.Context(), &rep)
+		m.serveUnprotected(w, r, next, &rep, OutcomeFailOpen, err)
 	case err != nil:
 		rep.Err = err
 		m.log(r.Context(), "idempotency: store failed, request refused", &rep)
@@ -332,6 +332,16 @@ func (m *Middleware) serve(w http.ResponseWriter, r *http.Request, next http.Han
 		ctx := m.engine.start(&a.attempt, r.Context(), sent, m.s.cancelOnDisconnect)
 		m.engine.execute(ctx, &a.attempt, a)
 	}
+}
+
+// serveUnprotected runs next without a claim and reports it afterwards,
+// with the status it answered and how long it ran.
+func (m *Middleware) serveUnprotected(w http.ResponseWriter, r *http.Request, next http.Handler, rep *Report, outcome Outcome, err error) {
+	start := time.Now()
+	rec := recorder{w: w}
+	next.ServeHTTP(&rec, r)
+	rep.Outcome, rep.Err, rep.Status, rep.Duration = outcome, err, rec.statusOr200(), time.Since(start)
+	m.observe(r.Context(), rep)
 }
 
 // fingerprintError keeps the package's own request errors (with their

@@ -176,11 +176,18 @@ func WithMaxBodyBytes(n int64) Option {
 
 // WithObserver calls observe once for every request or delivery, after
 // its outcome is known: the hook for metrics and for an audit log of
-// replays. It runs on the request's goroutine, concurrently for
+// replays. Given more than once, every observer is called, in order. It runs on the request's goroutine, concurrently for
 // concurrent requests, and should be quick. Shared. Default: none.
 func WithObserver(observe func(ctx context.Context, r Report)) Option {
 	return option("WithObserver", forBoth, func(s *settings) error {
-		s.observer = observe
+		if observe == nil {
+			return errors.New("observer is nil")
+		}
+		if previous := s.observer; previous != nil {
+			s.observer = func(ctx context.Context, r Report) { previous(ctx, r); observe(ctx, r) }
+		} else {
+			s.observer = observe
+		}
 		return nil
 	})
 }

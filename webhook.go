@@ -179,7 +179,7 @@ func NewWebhookHandler(store Store, secrets []string, fn func(ctx context.Contex
 //
 // Error answers are application/problem+json with fixed text.
 func (h *WebhookHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	rep := Report{Method: r.Method, Path: r.URL.Path}
+	rep := Report{Kind: webhookRecordKind, Method: r.Method, Path: r.URL.Path, Route: r.Pattern}
 	buf := getBuffer()
 	defer putBuffer(buf)
 	payload, err := readBody(r, h.s.maxBodyBytes, buf)
@@ -232,7 +232,7 @@ func (h *WebhookHandler) Failures(ctx context.Context, eventID string) (attempts
 // If the function panics, Handle releases the event and lets the panic
 // continue.
 func (h *WebhookHandler) Handle(ctx context.Context, payload []byte, signatureHeader string) (Outcome, error) {
-	var rep Report
+	rep := Report{Kind: webhookRecordKind}
 	if int64(len(payload)) > h.s.maxBodyBytes {
 		err := newRequestError(ErrBodyTooLarge, fmt.Sprintf("%d bytes, limit %d", len(payload), h.s.maxBodyBytes))
 		return OutcomeRejected, h.finish(ctx, &rep, OutcomeRejected, err)
@@ -245,7 +245,7 @@ func (h *WebhookHandler) handle(ctx context.Context, rep *Report, payload []byte
 	if err != nil {
 		return OutcomeRejected, h.finish(ctx, rep, OutcomeRejected, err)
 	}
-	rep.Scope, rep.Key = h.s.webhookScope, event.ID
+	rep.Scope, rep.Key, rep.EventType = h.s.webhookScope, event.ID, string(event.Type)
 	key := recordKey(webhookRecordKind, rep.Scope, event.ID)
 	token := rand.Text()
 	created := h.s.now()
