@@ -1,0 +1,65 @@
+package pgstore
+
+import (
+	"context"
+	"fmt"
+	"time"
+)
+
+// maxBatch bounds a cleanup batch, so that no single DELETE holds many row
+// locks or writes much WAL in one transaction.
+const maxBatch = 100_000
+
+// DeleteExpired deletes the rows that no longer count: records past their
+// TTL, claims whose lease lapsed, and failure histories past theirs. It
+// never deletes a live claim, and skips rows that another transaction
+// holds locked. It deletes in batches of at most batch rows (1 to 100,000),
+// one statement and one transaction each, until a batch comes back short
+// or ctx ends, and returns how many rows it deleted. The webhook_events
+// table is not touched.
+func (s *Store) DeleteExpired(ctx context.Context, batch int) (deleted int, err error) {
+	if batch < 1 || batch > maxBatch {
+		return 0, fmt.Errorf("pgstore: batch %d is not between 1 and %d", batch, maxBatch)
+	}
+	for _, stmt := range []string{s.sql.deleteKeys, s.sql.deleteFailures} {
+		for {
+			tag, err := s.pool.Exec(ctx, stmt, batch)
+			if err != nil {
+				return deleted, fmt.Errorf("pgstore: delete expired: %w", err)
+			}
+			n := int(tag.RowsAffected())
+			deleted += n
+			if n < batch {
+				break
+			}
+		}
+	}
+	return deleted, nil
+}
+
+// RunCleanup calls [Store.DeleteExpired] with batch at once and then every
+// interval, until ctx ends; run it in a goroutine of its own. A failed pass
+// is logged (see [WithLogger]) and the next one runs on time. It returns
+// nil when ctx ends, and an error at once only when interval or batch is
+// invalid. Several processes may run it at once: each skips the rows that
+// another is deleting.
+func (s *Store) RunCleanup(ctx context.Context, interval time.Duration, batch int) error {
+	switch {
+	case interval <= 0:
+		return fmt.Errorf("pgstore: cleanup interval %v is not positive", interval)
+	case batch < 1 || batch > maxBatch:
+		return fmt.Errorf("pgstore: batch %d is not between 1 and %d", batch, maxBatch)
+	}
+	ticker := time.NewTicker(interval)
+	defer ticker.Stop()
+	for {
+		if _, err := s.DeleteExpired(ctx, batch); err != nil && ctx.Err() == nil && s.logger != nil {
+			s.logger.WarnContext(ctx, "idempotency: pgstore: cleanup pass failed", "error", err)
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-ticker.C:
+		}
+	}
+}

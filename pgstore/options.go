@@ -1,0 +1,88 @@
+package pgstore
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"regexp"
+	"time"
+)
+
+// Option configures a [Store] ([New]) or a migration ([Migrate]). An
+// invalid option makes New or Migrate fail. The zero Option is invalid.
+type Option struct {
+	name  string
+	apply func(*config) error
+}
+
+// config is what the options set.
+type config struct {
+	schema      string
+	lockTimeout time.Duration
+	logger      *slog.Logger
+}
+
+// Defaults.
+const (
+	// DefaultLockTimeout is the longest a statement waits for a row lock
+	// unless [WithLockTimeout] says otherwise.
+	DefaultLockTimeout = 500 * time.Millisecond
+)
+
+func newConfig(opts []Option) (*config, error) {
+	c := &config{lockTimeout: DefaultLockTimeout}
+	for _, opt := range opts {
+		if opt.apply == nil {
+			return nil, errors.New("pgstore: zero Option")
+		}
+		if err := opt.apply(c); err != nil {
+			return nil, fmt.Errorf("pgstore: %s: %w", opt.name, err)
+		}
+	}
+	return c, nil
+}
+
+var schemaName = regexp.MustCompile(`^[a-z_][a-z0-9_]{0,62}$`)
+
+// WithSchema puts the tables in schema, which must exist: [Migrate]
+// creates them there, and the [Store] names them with the schema, whatever
+// the connections' search_path. The name must be a lower-case SQL
+// identifier ([a-z_][a-z0-9_]*, at most 63 bytes). Default: none, the
+// tables are named without a schema and found through the search_path
+// (usually "public").
+func WithSchema(schema string) Option {
+	return Option{name: "WithSchema", apply: func(c *config) error {
+		if !schemaName.MatchString(schema) {
+			return fmt.Errorf("schema %q is not a lower-case identifier of at most 63 bytes", schema)
+		}
+		c.schema = schema
+		return nil
+	}}
+}
+
+// WithLockTimeout bounds how long each of the store's statements waits for
+// a row lock: a claim racing another transaction's uncommitted insert or
+// update of the same key. The store sets PostgreSQL's lock_timeout for
+// that one statement (set_config, transaction-local, in the statement
+// itself: no extra round trip and nothing left on the connection), to d or
+// to the time left before the call's deadline, whichever is shorter. A
+// statement that times out fails with SQLSTATE 55P03, which the middleware
+// answers with 503. At least 1 ms. Default: [DefaultLockTimeout] (500 ms).
+func WithLockTimeout(d time.Duration) Option {
+	return Option{name: "WithLockTimeout", apply: func(c *config) error {
+		if d < time.Millisecond {
+			return fmt.Errorf("lock timeout %v is shorter than 1ms", d)
+		}
+		c.lockTimeout = d
+		return nil
+	}}
+}
+
+// WithLogger logs, as warnings, the cleanup passes of [Store.RunCleanup]
+// that failed. Default: nil, silent.
+func WithLogger(l *slog.Logger) Option {
+	return Option{name: "WithLogger", apply: func(c *config) error {
+		c.logger = l
+		return nil
+	}}
+}

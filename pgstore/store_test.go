@@ -1,0 +1,269 @@
+package pgstore_test
+
+import (
+	"context"
+	"crypto/rand"
+	"errors"
+	"io/fs"
+	"net/http"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/seed70ea8305/idempotency"
+	"github.com/seed70ea8305/idempotency/internal/pgtest"
+	"github.com/seed70ea8305/idempotency/internal/storetest"
+	"github.com/seed70ea8305/idempotency/pgstore"
+)
+
+func TestConformance(t *testing.T) {
+	storetest.Run(t, func(t *testing.T) storetest.Harness {
+		return storetest.Harness{Store: pgtest.Store(t), Advance: time.Sleep}
+	})
+}
+
+// The same suite on tables in a named schema, through connections whose
+// search_path does not lead there.
+func TestConformanceWithSchema(t *testing.T) {
+	storetest.Run(t, func(t *testing.T) storetest.Harness {
+		cfg := pgtest.Config(t)
+		schema := pgtest.Schema(cfg)
+		cfg.ConnConfig.RuntimeParams["search_path"] = "public"
+		pool, err := pgxpool.NewWithConfig(context.Background(), cfg)
+		require.NoError(t, err)
+		t.Cleanup(pool.Close)
+		require.NoError(t, pgstore.Migrate(context.Background(), pool, pgstore.WithSchema(schema)))
+		return storetest.Harness{Store: newStore(t, pool, pgstore.WithSchema(schema)), Advance: time.Sleep}
+	})
+}
+
+// TestRoundTrips pins the round-trip floor with a pgx tracer: a first
+// request sends two statements (claim, complete), a replay, a 409 and a
+// 422 one each.
+func TestRoundTrips(t *testing.T) {
+	counter := &statementCounter{}
+	pool := testPool(t, func(cfg *pgxpool.Config) { cfg.ConnConfig.Tracer = counter })
+	entered, finish := make(chan struct{}), make(chan struct{})
+	handler := &counted{}
+	h := newMiddleware(t, newStore(t, pool)).Handler(handler)
+	counter.take() // the migration
+
+	require.Equal(t, http.StatusCreated, serve(h, post("k", `{}`)).Code)
+	assert.Equal(t, []string{"acquire", "complete"}, kinds(counter.take()), "first request")
+	w := serve(h, post("k", `{}`))
+	require.Equal(t, "true", w.Header().Get("X-Idempotent-Replayed"))
+	assert.Equal(t, []string{"acquire"}, kinds(counter.take()), "replay")
+	require.Equal(t, http.StatusUnprocessableEntity, serve(h, post("k", `{"other":1}`)).Code)
+	assert.Equal(t, []string{"acquire"}, kinds(counter.take()), "422")
+
+	handler.hold = func() {
+		close(entered)
+		<-finish
+	}
+	done := make(chan struct{})
+	go func() { defer close(done); serve(h, post("held", `{}`)) }()
+	<-entered
+	counter.take()
+	require.Equal(t, http.StatusConflict, serve(h, post("held", `{}`)).Code)
+	assert.Equal(t, []string{"acquire"}, kinds(counter.take()), "409")
+	close(finish)
+	<-done
+}
+
+func TestNewValidates(t *testing.T) {
+	_, err := pgstore.New(nil)
+	assert.Error(t, err, "nil pool")
+	assert.Error(t, pgstore.Migrate(context.Background(), nil), "nil pool")
+	pool := &pgxpool.Pool{} // never used: options are checked first
+	for name, opt := range map[string]pgstore.Option{
+		"zero option":         {},
+		"empty schema":        pgstore.WithSchema(""),
+		"quoted schema":       pgstore.WithSchema(`a"b`),
+		"upper-case schema":   pgstore.WithSchema("Idem"),
+		"schema with a space": pgstore.WithSchema("a b"),
+		"long schema":         pgstore.WithSchema(string(make([]byte, 64))),
+		"zero lock timeout":   pgstore.WithLockTimeout(0),
+		"sub-ms lock timeout": pgstore.WithLockTimeout(time.Microsecond),
+	} {
+		_, err := pgstore.New(pool, opt)
+		assert.Error(t, err, name)
+	}
+	_, err = pgstore.New(pool, pgstore.WithSchema("idem_2"), pgstore.WithLockTimeout(time.Second), pgstore.WithLogger(nil))
+	assert.NoError(t, err)
+}
+
+// TestMigrateConcurrentAndIdempotent: eight processes' worth of Migrate at
+// once on an empty schema, then again: every call succeeds and each file
+// is applied once.
+func TestMigrateConcurrentAndIdempotent(t *testing.T) {
+	cfg := pgtest.Config(t)
+	cfg.MaxConns = 8
+	pool, err := pgxpool.NewWithConfig(context.Background(), cfg)
+	require.NoError(t, err)
+	defer pool.Close()
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	for range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs <- pgstore.Migrate(context.Background(), pool)
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		require.NoError(t, err)
+	}
+	require.NoError(t, pgstore.Migrate(context.Background(), pool), "again")
+	assert.Equal(t, 1, count(t, pool, "SELECT count(*) FROM idempotency_schema_migrations"))
+	for _, table := range []string{"idempotency_keys", "idempotency_failures", "webhook_events"} {
+		assert.Equal(t, 0, count(t, pool, "SELECT count(*) FROM "+table), table)
+	}
+
+	err = pgstore.Migrate(context.Background(), pool, pgstore.WithSchema("no_such_schema_here"))
+	assert.ErrorContains(t, err, "does not exist")
+}
+
+func TestMigrationsAreReadable(t *testing.T) {
+	body, err := fs.ReadFile(pgstore.Migrations(), "0001_tables.sql")
+	require.NoError(t, err)
+	assert.Contains(t, string(body), "CREATE TABLE idempotency_keys")
+	assert.Contains(t, string(body), "NOT USED YET")
+}
+
+// lyingDeadline has a deadline already past but is never done, so pgx
+// sends the statement: the server must refuse the claim by its own clock.
+type lyingDeadline struct {
+	context.Context
+	deadline time.Time
+}
+
+func (c lyingDeadline) Deadline() (time.Time, bool) { return c.deadline, true }
+
+func TestAcquireRefusesAfterDeadline(t *testing.T) {
+	store := pgtest.Store(t)
+	claim := idempotency.Record{Token: rand.Text(), Fingerprint: "fp", CreatedAt: time.Now()}
+	late := lyingDeadline{Context: context.Background(), deadline: time.Now().Add(-time.Millisecond)}
+	_, _, err := store.Acquire(late, "k", claim, time.Minute)
+	require.Error(t, err, "the server's clock is past the deadline")
+	assert.ErrorContains(t, err, "after its deadline")
+
+	fence, existing, err := store.Acquire(context.Background(), "k", claim, time.Minute)
+	require.NoError(t, err)
+	assert.Nil(t, existing, "the refused claim left the key free")
+	assert.NotZero(t, fence)
+
+	// A key already held is returned after the deadline as before it.
+	other := idempotency.Record{Token: rand.Text(), Fingerprint: "fp"}
+	_, existing, err = store.Acquire(late, "k", other, time.Minute)
+	require.NoError(t, err)
+	require.NotNil(t, existing)
+	assert.Equal(t, claim.Token, existing.Token)
+
+	// A deadline in the future claims.
+	_, existing, err = store.Acquire(lyingDeadline{Context: context.Background(), deadline: time.Now().Add(time.Hour)}, "k2", other, time.Minute)
+	require.NoError(t, err)
+	assert.Nil(t, existing)
+}
+
+// TestAcquireRepeatedFindsOwnClaim: a claim sent again after its reply was
+// lost finds the caller's own token and counts as acquired, with the same
+// fence; a repeated Complete or Fail succeeds again.
+func TestRepeatedCallsSucceed(t *testing.T) {
+	store := pgtest.Store(t)
+	ctx := context.Background()
+	claim := idempotency.Record{Token: rand.Text(), Fingerprint: "fp", CreatedAt: time.Now()}
+	f1, existing, err := store.Acquire(ctx, "k", claim, time.Minute)
+	require.NoError(t, err)
+	require.Nil(t, existing)
+	f2, existing, err := store.Acquire(ctx, "k", claim, time.Minute)
+	require.NoError(t, err)
+	assert.Nil(t, existing, "our own claim")
+	assert.Equal(t, f1, f2)
+
+	n, err := store.Fail(ctx, "k", claim.Token, "boom", time.Minute)
+	require.NoError(t, err)
+	assert.Equal(t, 1, n)
+	n, err = store.Fail(ctx, "k", claim.Token, "boom", time.Minute)
+	require.NoError(t, err, "a repeated Fail by the same owner")
+	assert.Equal(t, 1, n, "is not counted twice")
+	_, err = store.Fail(ctx, "k", "other", "boom", time.Minute)
+	assert.ErrorIs(t, err, idempotency.ErrLeaseLost)
+}
+
+// TestLockTimeout: another transaction holds the key's row (an uncommitted
+// insert, or a row lock). The claim waits for at most the lock timeout and
+// fails with SQLSTATE 55P03, which the middleware answers with 503. The
+// setting does not outlive the statement. A server-side statement_timeout
+// fails the same way (57014).
+func TestLockTimeout(t *testing.T) {
+	ctx := context.Background()
+	pool := testPool(t, func(cfg *pgxpool.Config) { cfg.MaxConns = 2 })
+	store := newStore(t, pool, pgstore.WithLockTimeout(100*time.Millisecond))
+	handler := &counted{}
+	h := newMiddleware(t, store, idempotency.WithStoreTimeout(2*time.Second)).Handler(handler)
+
+	// The key's record key as the middleware builds it, claimed by a
+	// transaction that neither commits nor rolls back.
+	serve(h, post("probe", `{}`))
+	var key []byte
+	require.NoError(t, pool.QueryRow(ctx, "SELECT key FROM idempotency_keys").Scan(&key))
+	racing := append(key[:len(key)-len("probe")], "k"...)
+	tx, err := pool.Begin(ctx)
+	require.NoError(t, err)
+	defer tx.Rollback(ctx)
+	_, err = tx.Exec(ctx, `INSERT INTO idempotency_keys (key, token, fingerprint, fence, status, lease_expires_at, expires_at, created_at)
+		VALUES ($1, 'other', 'fp', nextval('idempotency_fence'), 'in_flight', now() + interval '1 minute', now() + interval '1 minute', now())`, racing)
+	require.NoError(t, err)
+
+	claim := idempotency.Record{Token: rand.Text(), Fingerprint: "fp"}
+	start := time.Now()
+	_, _, err = store.Acquire(ctx, string(racing), claim, time.Minute)
+	took := time.Since(start)
+	var pgErr *pgconn.PgError
+	require.ErrorAs(t, err, &pgErr)
+	assert.Equal(t, "55P03", pgErr.Code, "lock_not_available")
+	assert.Less(t, took, time.Second)
+	t.Logf("claim racing an uncommitted insert failed after %v (lock timeout 100ms)", took)
+
+	w, took := timedServe(h, post("k", `{}`))
+	assert.Equal(t, http.StatusServiceUnavailable, w.Code)
+	assert.Equal(t, "1", w.Header().Get("Retry-After"))
+	assert.Less(t, took, time.Second)
+	assert.Equal(t, int32(1), handler.calls.Load(), "the handler did not run")
+
+	var setting string
+	conn, err := pool.Acquire(ctx)
+	require.NoError(t, err)
+	require.NoError(t, conn.QueryRow(ctx, "SHOW lock_timeout").Scan(&setting))
+	conn.Release()
+	assert.Equal(t, "0", setting, "the statement's lock_timeout did not stay on the connection")
+
+	require.NoError(t, tx.Rollback(ctx))
+	require.Equal(t, http.StatusCreated, serve(h, post("k", `{}`)).Code, "the key runs once the racing transaction is gone")
+
+	t.Run("statement_timeout", func(t *testing.T) {
+		pool := testPool(t, func(cfg *pgxpool.Config) {
+			cfg.ConnConfig.RuntimeParams["statement_timeout"] = "100"
+		})
+		store := newStore(t, pool, pgstore.WithLockTimeout(time.Minute))
+		claim := idempotency.Record{Token: rand.Text(), Fingerprint: "fp"}
+		_, _, err := store.Acquire(ctx, "k", claim, time.Minute)
+		require.NoError(t, err)
+		tx, err := pool.Begin(ctx)
+		require.NoError(t, err)
+		defer tx.Rollback(ctx)
+		_, err = tx.Exec(ctx, "SELECT 1 FROM idempotency_keys FOR UPDATE")
+		require.NoError(t, err)
+		err = store.Release(ctx, "k", claim.Token)
+		require.ErrorAs(t, err, &pgErr)
+		assert.Equal(t, "57014", pgErr.Code, "query_canceled")
+		assert.False(t, errors.Is(err, idempotency.ErrLeaseLost), "a timeout is not a lost lease")
+	})
+}
