@@ -7,7 +7,9 @@
 //     request never creates a second account;
 //   - POST /webhooks/stripe verifies Stripe's signature first and processes
 //     each event ID exactly once;
-//   - GET /stats shows how often work really happened.
+//   - GET /stats shows how often work really happened;
+//   - GET /metrics serves the library's OpenTelemetry metrics (package
+//     idemotel) through the OpenTelemetry Prometheus exporter.
 //
 // Without STRIPE_SECRET_KEY it talks to an in-process fake of Stripe's API;
 // without REDIS_URL it keeps idempotency records in memory.
@@ -32,12 +34,19 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/redis/go-redis/v9"
 	"github.com/redis/go-redis/v9/maintnotifications"
 	"github.com/stripe/stripe-go/v76/client"
 	"github.com/stripe/stripe-go/v76/webhook"
+	"go.opentelemetry.io/otel/attribute"
+	otelprom "go.opentelemetry.io/otel/exporters/prometheus"
+	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
+	"go.opentelemetry.io/otel/sdk/resource"
 
 	"github.com/seed70ea8305/idempotency"
+	"github.com/seed70ea8305/idempotency/idemotel"
 	"github.com/seed70ea8305/idempotency/internal/fakestripe"
 )
 
@@ -124,8 +133,14 @@ func run(ctx context.Context, cfg config, logger *slog.Logger) error {
 	stripeClient, stripeName, closeStripe := openStripe(cfg)
 	defer closeStripe()
 
+	metrics, metricsHandler, closeMetrics, err := openMetrics()
+	if err != nil {
+		return err
+	}
+	defer closeMetrics()
+
 	svc := newService(stripeClient, cfg.chaosFailAfterStripe, logger)
-	handler, err := svc.routes(store, cfg.webhookSecret)
+	handler, err := svc.routes(store, cfg.webhookSecret, metrics, metricsHandler)
 	if err != nil {
 		return err
 	}
@@ -196,6 +211,27 @@ func openStore(ctx context.Context, url string) (idempotency.Store, string, func
 		return nil, "", nil, err
 	}
 	return store, "redis " + opt.Addr, func() { rdb.Close() }, nil
+}
+
+// openMetrics returns the library's metrics on an OpenTelemetry meter
+// provider whose only reader is the Prometheus exporter, and the handler
+// of GET /metrics. The exporter registers with a registry of its own, so
+// /metrics shows the OpenTelemetry metrics and nothing else.
+func openMetrics() (*idemotel.Metrics, http.Handler, func(), error) {
+	registry := prometheus.NewRegistry()
+	exporter, err := otelprom.New(otelprom.WithRegisterer(registry))
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("prometheus exporter: %w", err)
+	}
+	provider := sdkmetric.NewMeterProvider(sdkmetric.WithReader(exporter),
+		sdkmetric.WithResource(resource.NewSchemaless(attribute.String("service.name", "venue-service"))))
+	closeProvider := func() { provider.Shutdown(context.Background()) }
+	metrics, err := idemotel.New(provider)
+	if err != nil {
+		closeProvider()
+		return nil, nil, nil, err
+	}
+	return metrics, promhttp.HandlerFor(registry, promhttp.HandlerOpts{}), closeProvider, nil
 }
 
 // openStripe returns a client for Stripe's API, or for an in-process fake

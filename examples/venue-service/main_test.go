@@ -395,3 +395,99 @@ func TestRestartStillReplays(t *testing.T) {
 	assert.Equal(t, first.body, retry.body)
 	again.stop()
 }
+
+// metricValue returns the value of the series of name whose labels
+// include every one of labels (name="value" pairs), and how many series
+// matched.
+func metricValue(text, name string, labels ...string) (value string, matches int) {
+	for _, line := range strings.Split(text, "\n") {
+		if !strings.HasPrefix(line, name+"{") {
+			continue
+		}
+		end := strings.LastIndexByte(line, '}')
+		if end < 0 {
+			continue
+		}
+		set := line[len(name)+1 : end]
+		ok := true
+		for _, l := range labels {
+			ok = ok && strings.Contains(","+set+",", ","+l+",")
+		}
+		if ok {
+			value, matches = strings.TrimSpace(line[end+1:]), matches+1
+		}
+	}
+	return value, matches
+}
+
+// TestMetricsEndpoint: GET /metrics, in Prometheus' text format, counts
+// the requests and webhook deliveries by outcome and route, and never
+// shows a key, a tenant or an event ID.
+func TestMetricsEndpoint(t *testing.T) {
+	p := start(t)
+	key, tenant := uniqueKey(), "tenant-"+rand.Text()
+	venue := `{"name":"Hall","slug":"hall"}`
+	require.Equal(t, http.StatusCreated, p.createVenue(key, venue, "X-Tenant-ID", tenant).status)
+	for range 2 {
+		assert.Equal(t, "true", p.createVenue(key, venue, "X-Tenant-ID", tenant).header.Get("X-Idempotent-Replayed"))
+	}
+	assert.Equal(t, http.StatusUnprocessableEntity, p.createVenue(key, `{"name":"Other","slug":"other"}`, "X-Tenant-ID", tenant).status)
+	assert.Equal(t, http.StatusBadRequest, p.createVenue("", venue).status) // an empty key
+	eventID := "evt_" + rand.Text()
+	payload := fmt.Sprintf(`{"id":%q,"object":"event","type":"customer.created","api_version":%q,"data":{"object":{}}}`, eventID, stripe.APIVersion)
+	signature := signWithBinary(t, payload)
+	for range 2 {
+		require.Equal(t, http.StatusOK, do(t, http.MethodPost, p.url+"/webhooks/stripe", payload, "Stripe-Signature", signature).status)
+	}
+
+	r := do(t, http.MethodGet, p.url+"/metrics", "")
+	require.Equal(t, http.StatusOK, r.status)
+	assert.Contains(t, r.header.Get("Content-Type"), "text/plain")
+	text := string(r.body)
+
+	route := `http_route="POST /venues"`
+	for _, tc := range []struct {
+		name   string
+		labels []string
+		want   string
+	}{
+		{"idempotency_requests_total", []string{`outcome="executed"`, route, `http_request_method="POST"`, `http_response_status_code="201"`}, "1"},
+		{"idempotency_requests_total", []string{`outcome="replayed"`, route, `http_request_method="POST"`, `http_response_status_code="201"`}, "2"},
+		{"idempotency_requests_total", []string{`outcome="mismatch"`, route, `error_type="fingerprint_mismatch"`}, "1"},
+		{"idempotency_requests_total", []string{`outcome="rejected"`, route, `error_type="key_invalid"`}, "1"},
+		{"idempotency_handler_duration_seconds_count", []string{`outcome="executed"`, route}, "1"},
+		{"idempotency_webhook_deliveries_total", []string{`outcome="executed"`}, "1"},
+		{"idempotency_webhook_deliveries_total", []string{`outcome="replayed"`}, "1"},
+		{"idempotency_store_duration_seconds_count", []string{`operation="acquire"`, `store="memory"`}, "6"},
+		{"idempotency_store_duration_seconds_count", []string{`operation="complete"`, `store="memory"`}, "2"},
+	} {
+		got, n := metricValue(text, tc.name, tc.labels...)
+		assert.Equal(t, 1, n, "one series %s%v in:\n%s", tc.name, tc.labels, text)
+		assert.Equal(t, tc.want, got, "%s%v", tc.name, tc.labels)
+	}
+	for _, secret := range []string{key, tenant, eventID} {
+		assert.NotContains(t, text, secret, "a key, tenant or event ID in a label")
+	}
+	p.stop()
+}
+
+// TestMetricsPromtool lints GET /metrics with promtool check metrics, when
+// promtool is on PATH (Debian: apt-get install prometheus).
+func TestMetricsPromtool(t *testing.T) {
+	promtool, err := exec.LookPath("promtool")
+	if err != nil {
+		t.Skip("promtool not on PATH; apt-get install -y prometheus provides it")
+	}
+	p := start(t)
+	require.Equal(t, http.StatusCreated, p.createVenue(uniqueKey(), `{"name":"Hall","slug":"hall"}`).status)
+	require.Equal(t, http.StatusBadRequest, p.createVenue("", `{"name":"Hall","slug":"hall"}`).status)
+	r := do(t, http.MethodGet, p.url+"/metrics", "")
+	require.Equal(t, http.StatusOK, r.status)
+
+	cmd := exec.Command(promtool, "check", "metrics")
+	cmd.Stdin = bytes.NewReader(r.body)
+	out, err := cmd.CombinedOutput()
+	assert.NoError(t, err, "promtool check metrics:\n%s\n/metrics:\n%s", out, r.body)
+	assert.Empty(t, strings.TrimSpace(string(out)), "promtool check metrics has findings")
+	p.stop()
+}

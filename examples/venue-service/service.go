@@ -15,6 +15,7 @@ import (
 	"github.com/stripe/stripe-go/v76/client"
 
 	"github.com/seed70ea8305/idempotency"
+	"github.com/seed70ea8305/idempotency/idemotel"
 )
 
 // Venue is what the service stores and returns.
@@ -55,20 +56,30 @@ func newService(stripeClient *client.API, chaosFailAfterStripe int, logger *slog
 }
 
 // routes wires the handlers, the idempotency middleware and the webhook
-// helper onto one mux.
-func (s *service) routes(store idempotency.Store, webhookSecret string) (http.Handler, error) {
+// helper onto one mux, with the library's metrics behind GET /metrics.
+func (s *service) routes(store idempotency.Store, webhookSecret string, metrics *idemotel.Metrics, metricsHandler http.Handler) (http.Handler, error) {
+	// Time every store call. (A wrapped MemoryStore gets the store timeout
+	// like any other store: a timer per call, a few hundred nanoseconds.)
+	store = metrics.Store(store)
 	mw, err := idempotency.New(store,
 		idempotency.WithScope(func(r *http.Request) string { return r.Header.Get("X-Tenant-ID") }),
 		idempotency.WithFingerprint(idempotency.Fingerprinter{CanonicalJSON: true}.Fingerprint),
 		idempotency.WithLogger(s.logger),
-		idempotency.WithObserver(s.auditReplay),
+		// One observer: the audit log and the metrics.
+		idempotency.WithObserver(func(ctx context.Context, r idempotency.Report) {
+			metrics.ObserveRequest(ctx, r)
+			s.auditReplay(ctx, r)
+		}),
 	)
 	if err != nil {
 		return nil, err
 	}
 	webhooks, err := idempotency.NewWebhookHandler(store, []string{webhookSecret}, s.handleEvent,
 		idempotency.WithLogger(s.logger),
-		idempotency.WithObserver(s.countWebhook),
+		idempotency.WithObserver(func(ctx context.Context, r idempotency.Report) {
+			metrics.ObserveWebhook(ctx, r)
+			s.countWebhook(ctx, r)
+		}),
 	)
 	if err != nil {
 		return nil, err
@@ -81,6 +92,7 @@ func (s *service) routes(store idempotency.Store, webhookSecret string) (http.Ha
 	mux.HandleFunc("GET /venues", s.listVenues)
 	mux.Handle("POST /webhooks/stripe", webhooks)
 	mux.HandleFunc("GET /stats", s.stats)
+	mux.Handle("GET /metrics", metricsHandler)
 	return mux, nil
 }
 

@@ -1,0 +1,35 @@
+package idemotel
+
+import (
+	"context"
+
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/trace"
+
+	"github.com/seed70ea8305/idempotency"
+)
+
+// Span attributes ([WithTracing]).
+const (
+	spanOutcomeKey        = attribute.Key("idempotency.outcome")
+	spanReplayedKey       = attribute.Key("idempotency.replayed")
+	spanFailedAttemptsKey = attribute.Key("idempotency.webhook.failed_attempts")
+)
+
+// annotateSpan adds r's outcome to the span in ctx, if it records.
+func annotateSpan(ctx context.Context, r *idempotency.Report) {
+	span := trace.SpanFromContext(ctx)
+	if !span.IsRecording() {
+		return
+	}
+	kv := [3]attribute.KeyValue{
+		spanOutcomeKey.String(string(r.Outcome)),
+		spanReplayedKey.Bool(r.Outcome == idempotency.OutcomeReplayed),
+	}
+	n := 2
+	if r.Attempts > 0 {
+		kv[n] = spanFailedAttemptsKey.Int(r.Attempts)
+		n++
+	}
+	span.SetAttributes(kv[:n]...)
+}
