@@ -3,6 +3,8 @@ package main
 import (
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"log/slog"
@@ -238,12 +240,14 @@ func (s *service) stats(w http.ResponseWriter, r *http.Request) {
 }
 
 // auditReplay is the middleware's observer: an audit log of replays and of
-// requests turned away.
+// requests turned away. It logs a hash of the key, never the key: a
+// reader of the log could fetch the stored response with it.
 func (s *service) auditReplay(ctx context.Context, e idempotency.Report) {
 	switch e.Outcome {
 	case idempotency.OutcomeReplayed, idempotency.OutcomeInFlight, idempotency.OutcomeMismatch:
-		s.logger.InfoContext(ctx, "idempotency", "outcome", e.Outcome, "tenant", e.Scope, "key", e.Key,
-			"method", e.Method, "path", e.Path, "status", e.Status)
+		sum := sha256.Sum256([]byte(e.Key))
+		s.logger.InfoContext(ctx, "idempotency", "outcome", e.Outcome, "tenant", e.Scope,
+			"key_hash", hex.EncodeToString(sum[:8]), "method", e.Method, "path", e.Path, "status", e.Status)
 	}
 }
 
