@@ -19,7 +19,7 @@ import (
 	"github.com/stripe/stripe-go/v76/client"
 
 	"github.com/seed70ea8305/idempotency"
-	"github.com/seed70ea8305/idempotency/internal/fakestripe"
+	"github.com/seed70ea8305/idempotency/stripefake"
 )
 
 // stripeConnectService is the venue service's onboarding endpoint in miniature:
@@ -81,9 +81,9 @@ func stripeConnect(t *testing.T, url string) (status int, body, replayed string)
 
 func TestStripeKeyRetriedRequestCreatesOneConnectAccount(t *testing.T) {
 	whForEachStore(t, func(t *testing.T, store idempotency.Store) {
-		fake, srv := fakestripe.NewServer()
+		fake, srv := stripefake.NewServer()
 		t.Cleanup(srv.Close)
-		url, attempts := stripeConnectService(t, store, fakestripe.NewClient(srv.URL, fakestripe.TestAPIKey),
+		url, attempts := stripeConnectService(t, store, stripefake.NewClient(srv.URL, stripefake.TestAPIKey),
 			func(r *http.Request, _ string) (string, error) {
 				return idempotency.StripeKey(r.Context(), "accounts.create")
 			})
@@ -117,12 +117,12 @@ func TestStripeKeyRetriedRequestCreatesOneConnectAccount(t *testing.T) {
 // idempotent: the retry comes later, gets another timestamp, hence another
 // key, and Stripe creates a second account.
 func TestAuditTimestampKeyCreatesTwoConnectAccounts(t *testing.T) {
-	fake, srv := fakestripe.NewServer()
+	fake, srv := stripefake.NewServer()
 	t.Cleanup(srv.Close)
 	var clock atomic.Int64
 	clock.Store(time.Date(2025, 11, 27, 10, 0, 0, 0, time.UTC).UnixMilli())
 	dateNow := func() int64 { return clock.Add(1500) } // each attempt 1.5 s after the previous
-	url, attempts := stripeConnectService(t, idempotency.NewMemoryStore(), fakestripe.NewClient(srv.URL, fakestripe.TestAPIKey),
+	url, attempts := stripeConnectService(t, idempotency.NewMemoryStore(), stripefake.NewClient(srv.URL, stripefake.TestAPIKey),
 		func(_ *http.Request, venueID string) (string, error) {
 			return fmt.Sprintf("connect:%s:%d", venueID, dateNow()), nil
 		})
@@ -141,9 +141,9 @@ func TestAuditTimestampKeyCreatesTwoConnectAccounts(t *testing.T) {
 
 func TestStripeKeyInWebhookFunctionSurvivesARedelivery(t *testing.T) {
 	whForEachStore(t, func(t *testing.T, store idempotency.Store) {
-		fake, srv := fakestripe.NewServer()
+		fake, srv := stripefake.NewServer()
 		t.Cleanup(srv.Close)
-		sc := fakestripe.NewClient(srv.URL, fakestripe.TestAPIKey)
+		sc := stripefake.NewClient(srv.URL, stripefake.TestAPIKey)
 		venue, err := sc.Accounts.New(&stripe.AccountParams{Type: stripe.String("express")})
 		require.NoError(t, err)
 

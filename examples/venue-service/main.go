@@ -1,22 +1,31 @@
 // Command venue-service is a small venue API that uses every part of the
 // idempotency library the way a production payments service should:
 //
-//   - POST /venues is wrapped by the Idempotency-Key middleware (records
-//     scoped by X-Tenant-ID) and creates a Stripe Connect account with an
-//     idempotency key derived from the request's own key, so a retried
-//     request never creates a second account;
+//   - POST /venues authenticates the client by its API key
+//     (Authorization: Bearer), which names its tenant, then runs behind the
+//     Idempotency-Key middleware with records scoped by that tenant; it
+//     creates a Stripe Connect account with an idempotency key derived
+//     from the request's own key, so a retried request never creates a
+//     second account;
 //   - POST /webhooks/stripe verifies Stripe's signature first and processes
 //     each event ID exactly once;
 //   - GET /stats shows how often work really happened;
 //   - GET /metrics serves the library's OpenTelemetry metrics (package
 //     idemotel) through the OpenTelemetry Prometheus exporter.
 //
-// Without STRIPE_SECRET_KEY it talks to an in-process fake of Stripe's API;
-// without REDIS_URL it keeps idempotency records in memory.
+// Without STRIPE_SECRET_KEY it talks to an in-process fake of Stripe's API
+// (package stripefake) with public development credentials; with it, it
+// refuses to start without STRIPE_WEBHOOK_SECRET and API_KEYS. Without
+// REDIS_URL it keeps idempotency records in memory. `venue-service -h`
+// lists every setting.
 //
 // Run it with `go run ./examples/venue-service`; `go run
 // ./examples/venue-service sign < event.json` prints a Stripe-Signature
 // header for a test event.
+//
+// To copy the service, leave out testswitches.go and its uses in this file
+// (the config's test field): the switches there exist for demonstrations
+// and tests.
 package main
 
 import (
@@ -30,7 +39,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
-	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -39,7 +48,6 @@ import (
 	"github.com/redis/go-redis/v9"
 	"github.com/redis/go-redis/v9/maintnotifications"
 	"github.com/stripe/stripe-go/v76/client"
-	"github.com/stripe/stripe-go/v76/webhook"
 	"go.opentelemetry.io/otel/attribute"
 	otelprom "go.opentelemetry.io/otel/exporters/prometheus"
 	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
@@ -47,25 +55,109 @@ import (
 
 	"github.com/seed70ea8305/idempotency"
 	"github.com/seed70ea8305/idempotency/idemotel"
-	"github.com/seed70ea8305/idempotency/internal/fakestripe"
+	"github.com/seed70ea8305/idempotency/stripefake"
 )
 
-// devWebhookSecret is the signing secret used when none is configured.
-const devWebhookSecret = "whsec_dev_secret"
+// Development defaults. They are public (they are in this file), so the
+// service uses them only with the fake Stripe, and says so at start.
+const (
+	devWebhookSecret = "whsec_dev_secret"
+	devAPIKeys       = "dev-key-a:tenant-a,dev-key-b:tenant-b"
+)
 
 type config struct {
-	addr                 string
-	redisURL             string
-	webhookSecret        string
-	stripeSecretKey      string
-	fakeStripeLatency    time.Duration
-	chaosFailAfterStripe int
-	shutdownTimeout      time.Duration
+	addr            string
+	redisURL        string
+	webhookSecret   string
+	apiKeys         apiKeys
+	stripeSecretKey string
+	shutdownTimeout time.Duration
+	// dev is set when the service runs against the fake Stripe with the
+	// development webhook secret or API keys.
+	devWebhookSecret, devAPIKeys bool
+	test                         testSwitches
+}
+
+// option is one setting: a flag, the environment variable it falls back
+// to, and its default.
+type option struct {
+	flag, env, def, help string
+	value                *string
+}
+
+func options(webhookSecret, apiKeys, addr, redisURL *string) []option {
+	return []option{
+		{"addr", "ADDR", "127.0.0.1:8080", "listen address", addr},
+		{"redis", "REDIS_URL", "", "Redis URL, e.g. redis://127.0.0.1:6379/0; unset: records in memory, forgotten on restart", redisURL},
+		{"webhook-secret", "STRIPE_WEBHOOK_SECRET", "", "Stripe webhook signing secret (whsec_...); unset: " + devWebhookSecret + " with the fake Stripe, required with STRIPE_SECRET_KEY", webhookSecret},
+		{"api-keys", "API_KEYS", "", "client API keys and their tenants, as key:tenant,key:tenant; unset: " + devAPIKeys + " with the fake Stripe, required with STRIPE_SECRET_KEY", apiKeys},
+	}
+}
+
+// usage is the text of -h.
+func usage(w io.Writer) {
+	var a, b, c, d string
+	fmt.Fprint(w, `Usage:
+  venue-service [flags]
+      serve the venue API
+  venue-service sign [-secret S] < event.json
+      print a Stripe-Signature header for the payload on stdin, signed with
+      -secret (env STRIPE_WEBHOOK_SECRET, default `+devWebhookSecret+`)
+  venue-service -h
+      print this help
+
+Flags (a flag wins over its environment variable):
+`)
+	for _, o := range options(&a, &b, &c, &d) {
+		def := "unset"
+		if o.def != "" {
+			def = o.def
+		}
+		fmt.Fprintf(w, "  -%s, env %s (default: %s)\n%s", o.flag, o.env, def, wrap(o.help, "      ", 76))
+	}
+	fmt.Fprint(w, `
+Environment only:
+  STRIPE_SECRET_KEY (default: unset)
+      Stripe secret key (sk_live_... or sk_test_...): the service calls
+      api.stripe.com and needs STRIPE_WEBHOOK_SECRET and API_KEYS. Unset: an
+      in-process fake of Stripe's API, with development defaults. Not a
+      flag: command lines are visible to every user of the machine.
+
+Authentication:
+  POST /venues and GET /venues need "Authorization: Bearer <api key>"; the
+  key names the tenant, whose idempotency records and venues are its own.
+  Without a valid key: 401. GET /healthz, /stats and /metrics are open
+  (keep them off the public network); POST /webhooks/stripe is
+  authenticated by its Stripe-Signature header.
+
+`)
+	testSwitchesUsage(w)
+}
+
+// wrap breaks text into indented lines of at most width columns.
+func wrap(text, indent string, width int) string {
+	var b strings.Builder
+	line := indent
+	for _, word := range strings.Fields(text) {
+		if line != indent && len(line)+1+len(word) > width {
+			b.WriteString(line + "\n")
+			line = indent
+		}
+		if line != indent {
+			line += " "
+		}
+		line += word
+	}
+	return b.String() + line + "\n"
 }
 
 func main() {
 	if len(os.Args) > 1 && os.Args[1] == "sign" {
-		if err := sign(os.Args[2:], os.Stdin, os.Stdout); err != nil {
+		err := sign(os.Args[2:], os.Stdin, os.Stdout)
+		switch {
+		case errors.Is(err, flag.ErrHelp):
+			return
+		case err != nil:
 			fmt.Fprintln(os.Stderr, "sign:", err)
 			os.Exit(2)
 		}
@@ -73,8 +165,12 @@ func main() {
 	}
 	logger := slog.New(slog.NewTextHandler(os.Stderr, nil))
 	cfg, err := loadConfig(os.Args[1:], os.Getenv)
+	if errors.Is(err, flag.ErrHelp) {
+		usage(os.Stdout)
+		return
+	}
 	if err != nil {
-		logger.Error("bad configuration", "error", err)
+		logger.Error("bad configuration (venue-service -h lists the settings)", "error", err)
 		os.Exit(2)
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
@@ -85,39 +181,55 @@ func main() {
 	}
 }
 
-// loadConfig reads flags, then environment variables, then defaults.
+// loadConfig reads flags, then environment variables, then defaults. It
+// returns flag.ErrHelp for -h.
 func loadConfig(args []string, getenv func(string) string) (config, error) {
-	env := func(name, fallback string) string {
-		if v := getenv(name); v != "" {
-			return v
-		}
-		return fallback
-	}
 	fs := flag.NewFlagSet("venue-service", flag.ContinueOnError)
+	fs.SetOutput(io.Discard) // main prints the usage or the error
 	cfg := config{shutdownTimeout: 15 * time.Second}
-	fs.StringVar(&cfg.addr, "addr", env("ADDR", "127.0.0.1:8080"), "listen address (env ADDR)")
-	fs.StringVar(&cfg.redisURL, "redis", env("REDIS_URL", ""), "Redis URL, e.g. redis://127.0.0.1:6379/0; empty: in-memory store (env REDIS_URL)")
-	fs.StringVar(&cfg.webhookSecret, "webhook-secret", env("STRIPE_WEBHOOK_SECRET", devWebhookSecret), "Stripe webhook signing secret (env STRIPE_WEBHOOK_SECRET)")
+	var webhookSecret, apiKeysText string
+	for _, o := range options(&webhookSecret, &apiKeysText, &cfg.addr, &cfg.redisURL) {
+		def := o.def
+		if v := getenv(o.env); v != "" {
+			def = v
+		}
+		fs.StringVar(o.value, o.flag, def, o.help)
+	}
 	if err := fs.Parse(args); err != nil {
 		return cfg, err
 	}
 	if fs.NArg() > 0 {
-		return cfg, fmt.Errorf("unexpected arguments %q", fs.Args())
+		return cfg, fmt.Errorf("unexpected arguments %q (the only subcommand is sign)", fs.Args())
 	}
 	cfg.stripeSecretKey = getenv("STRIPE_SECRET_KEY")
-	if v := getenv("FAKE_STRIPE_LATENCY"); v != "" {
-		d, err := time.ParseDuration(v)
-		if err != nil || d < 0 {
-			return cfg, fmt.Errorf("FAKE_STRIPE_LATENCY=%q: want a non-negative Go duration such as 200ms", v)
-		}
-		cfg.fakeStripeLatency = d
+	test, err := loadTestSwitches(getenv)
+	if err != nil {
+		return cfg, err
 	}
-	if v := getenv("CHAOS_FAIL_AFTER_STRIPE"); v != "" {
-		n, err := strconv.Atoi(v)
-		if err != nil || n < 0 {
-			return cfg, fmt.Errorf("CHAOS_FAIL_AFTER_STRIPE=%q: want a non-negative integer", v)
+	cfg.test = test
+
+	if cfg.stripeSecretKey != "" {
+		// Real Stripe: no public defaults, no test switches.
+		switch {
+		case webhookSecret == "":
+			return cfg, errors.New("STRIPE_SECRET_KEY is set but STRIPE_WEBHOOK_SECRET (-webhook-secret) is not: set the endpoint's signing secret (whsec_...) from the Stripe dashboard")
+		case webhookSecret == devWebhookSecret:
+			return cfg, errors.New("STRIPE_WEBHOOK_SECRET is the public development secret " + devWebhookSecret + ", which works only with the fake Stripe (STRIPE_SECRET_KEY unset)")
+		case apiKeysText == "":
+			return cfg, errors.New("STRIPE_SECRET_KEY is set but API_KEYS (-api-keys) is not: give the clients' API keys as key:tenant,key:tenant")
+		case test.enabled():
+			return cfg, errors.New("the test switches " + testSwitchNames + " work only with the fake Stripe (STRIPE_SECRET_KEY unset)")
 		}
-		cfg.chaosFailAfterStripe = n
+	}
+	if webhookSecret == "" {
+		webhookSecret, cfg.devWebhookSecret = devWebhookSecret, true
+	}
+	if apiKeysText == "" {
+		apiKeysText, cfg.devAPIKeys = devAPIKeys, true
+	}
+	cfg.webhookSecret = webhookSecret
+	if cfg.apiKeys, err = parseAPIKeys(apiKeysText); err != nil {
+		return cfg, fmt.Errorf("API_KEYS (-api-keys): %w", err)
 	}
 	return cfg, nil
 }
@@ -130,7 +242,7 @@ func run(ctx context.Context, cfg config, logger *slog.Logger) error {
 	}
 	defer closeStore()
 
-	stripeClient, stripeName, closeStripe := openStripe(cfg)
+	stripeClient, stripeName, closeStripe := openStripe(cfg.stripeSecretKey, cfg.test)
 	defer closeStripe()
 
 	metrics, metricsHandler, closeMetrics, err := openMetrics()
@@ -139,7 +251,8 @@ func run(ctx context.Context, cfg config, logger *slog.Logger) error {
 	}
 	defer closeMetrics()
 
-	svc := newService(stripeClient, cfg.chaosFailAfterStripe, logger)
+	svc := newService(stripeClient, cfg.apiKeys, logger)
+	cfg.test.apply(svc)
 	handler, err := svc.routes(store, cfg.webhookSecret, metrics, metricsHandler)
 	if err != nil {
 		return err
@@ -158,9 +271,23 @@ func run(ctx context.Context, cfg config, logger *slog.Logger) error {
 		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
 		BaseContext:       func(net.Listener) context.Context { return context.WithoutCancel(ctx) },
 	}
-	attrs := []any{"addr", "http://" + listener.Addr().String(), "store", storeName, "stripe", stripeName}
-	if cfg.webhookSecret == devWebhookSecret {
+	if cfg.devWebhookSecret || cfg.devAPIKeys {
+		// Never reached with a real Stripe key: loadConfig refuses.
+		var dev []any
+		if cfg.devAPIKeys {
+			dev = append(dev, "api_keys", devAPIKeys)
+		}
+		if cfg.devWebhookSecret {
+			dev = append(dev, "webhook_secret", devWebhookSecret)
+		}
+		logger.Warn("development settings, public and for the fake Stripe only: set API_KEYS and STRIPE_WEBHOOK_SECRET for real use", dev...)
+	}
+	attrs := []any{"addr", "http://" + listener.Addr().String(), "store", storeName, "stripe", stripeName, "tenants", cfg.apiKeys.tenants()}
+	if cfg.devWebhookSecret {
 		attrs = append(attrs, "webhook_secret", devWebhookSecret+" (development default)")
+	}
+	if cfg.test.enabled() {
+		attrs = append(attrs, "test_switches", cfg.test.String())
 	}
 	logger.Info("venue-service listening", attrs...)
 
@@ -236,31 +363,35 @@ func openMetrics() (*idemotel.Metrics, http.Handler, func(), error) {
 
 // openStripe returns a client for Stripe's API, or for an in-process fake
 // of it when no secret key is configured.
-func openStripe(cfg config) (*client.API, string, func()) {
-	if cfg.stripeSecretKey != "" {
-		return client.New(cfg.stripeSecretKey, nil), "api.stripe.com", func() {}
+func openStripe(secretKey string, test testSwitches) (*client.API, string, func()) {
+	if secretKey != "" {
+		return client.New(secretKey, nil), "api.stripe.com", func() {}
 	}
-	_, srv := fakestripe.NewServer(fakestripe.WithLatency(cfg.fakeStripeLatency))
-	name := "in-process fake at " + srv.URL
-	if cfg.fakeStripeLatency > 0 {
-		name += " (latency " + cfg.fakeStripeLatency.String() + ")"
-	}
-	return fakestripe.NewClient(srv.URL, fakestripe.TestAPIKey), name, srv.Close
+	_, srv := stripefake.NewServer(stripefake.WithLatency(test.fakeStripeLatency))
+	return stripefake.NewClient(srv.URL, stripefake.TestAPIKey), "in-process fake at " + srv.URL, srv.Close
 }
 
 // sign prints the Stripe-Signature header for the payload on stdin.
 func sign(args []string, stdin io.Reader, stdout io.Writer) error {
 	fs := flag.NewFlagSet("sign", flag.ContinueOnError)
-	secret := fs.String("secret", envOr("STRIPE_WEBHOOK_SECRET", devWebhookSecret), "webhook signing secret")
+	fs.SetOutput(io.Discard) // main prints the error
+	secret := fs.String("secret", envOr("STRIPE_WEBHOOK_SECRET", devWebhookSecret), "webhook signing secret (env STRIPE_WEBHOOK_SECRET)")
+	fs.Usage = func() {
+		fmt.Fprint(stdout, "Usage: venue-service sign [-secret S] < event.json\n\nPrints a Stripe-Signature header for the payload on stdin, signed now.\n\n")
+		fs.SetOutput(stdout)
+		fs.PrintDefaults()
+	}
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected arguments %q: the payload comes on stdin", fs.Args())
 	}
 	payload, err := io.ReadAll(stdin)
 	if err != nil {
 		return err
 	}
-	signed := webhook.GenerateTestSignedPayload(&webhook.UnsignedPayload{Payload: payload, Secret: *secret, Timestamp: time.Now()})
-	_, err = fmt.Fprintln(stdout, signed.Header)
+	_, err = fmt.Fprintln(stdout, stripefake.Sign(payload, *secret))
 	return err
 }
 

@@ -23,6 +23,7 @@ import (
 // Venue is what the service stores and returns.
 type Venue struct {
 	ID              string `json:"id"`
+	Tenant          string `json:"tenant"`
 	Name            string `json:"name"`
 	Slug            string `json:"slug"`
 	StripeAccountID string `json:"stripe_account_id"`
@@ -32,13 +33,16 @@ type Venue struct {
 // service holds the venues and the counters behind GET /stats. Venues live
 // in memory: the example is about idempotency, not persistence.
 type service struct {
-	stripe *client.API
-	logger *slog.Logger
-	chaos  atomic.Int64 // venue creations left to fail after the Stripe call
+	stripe  *client.API
+	apiKeys apiKeys
+	logger  *slog.Logger
+	// failAfterStripe, when set, is asked after each Stripe call whether
+	// to fail there (the test switch CHAOS_FAIL_AFTER_STRIPE).
+	failAfterStripe func() bool
 
 	mu             sync.Mutex
 	venues         []*Venue
-	bySlug         map[string]*Venue
+	bySlug         map[tenantSlug]*Venue
 	stripeAccounts map[string]bool // distinct accounts Stripe returned
 
 	venuesCreated     atomic.Int64
@@ -46,15 +50,17 @@ type service struct {
 	webhookDuplicates atomic.Int64
 }
 
-func newService(stripeClient *client.API, chaosFailAfterStripe int, logger *slog.Logger) *service {
-	s := &service{
+// tenantSlug is a slug within a tenant: each tenant has its own slugs.
+type tenantSlug struct{ tenant, slug string }
+
+func newService(stripeClient *client.API, keys apiKeys, logger *slog.Logger) *service {
+	return &service{
 		stripe:         stripeClient,
+		apiKeys:        keys,
 		logger:         logger,
-		bySlug:         make(map[string]*Venue),
+		bySlug:         make(map[tenantSlug]*Venue),
 		stripeAccounts: make(map[string]bool),
 	}
-	s.chaos.Store(int64(chaosFailAfterStripe))
-	return s
 }
 
 // routes wires the handlers, the idempotency middleware and the webhook
@@ -64,7 +70,9 @@ func (s *service) routes(store idempotency.Store, webhookSecret string, metrics 
 	// like any other store: a timer per call, a few hundred nanoseconds.)
 	store = metrics.Store(store)
 	mw, err := idempotency.New(store,
-		idempotency.WithScope(func(r *http.Request) string { return r.Header.Get("X-Tenant-ID") }),
+		// Records belong to the authenticated tenant (s.authenticate runs
+		// first), never to a header the client chooses.
+		idempotency.WithScope(func(r *http.Request) string { return tenantFrom(r.Context()) }),
 		idempotency.WithFingerprint(idempotency.Fingerprinter{CanonicalJSON: true}.Fingerprint),
 		idempotency.WithLogger(s.logger),
 		// One observer: the audit log and the metrics.
@@ -90,9 +98,16 @@ func (s *service) routes(store idempotency.Store, webhookSecret string, metrics 
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 	})
-	mux.Handle("POST /venues", mw.Handler(http.HandlerFunc(s.createVenue)))
-	mux.HandleFunc("GET /venues", s.listVenues)
+	// Authentication comes before the middleware: a request without valid
+	// credentials gets 401 and claims and stores nothing.
+	mux.Handle("POST /venues", s.authenticate(mw.Handler(http.HandlerFunc(s.createVenue))))
+	mux.Handle("GET /venues", s.authenticate(http.HandlerFunc(s.listVenues)))
+	mux.Handle("GET /venues/{id}", s.authenticate(http.HandlerFunc(s.getVenue)))
+	// Stripe authenticates its deliveries with the Stripe-Signature header,
+	// which the webhook handler verifies before anything else.
 	mux.Handle("POST /webhooks/stripe", webhooks)
+	// Operational endpoints, unauthenticated: keep them off the public
+	// network (or put them on another listener).
 	mux.HandleFunc("GET /stats", s.stats)
 	mux.Handle("GET /metrics", metricsHandler)
 	return mux, nil
@@ -118,7 +133,8 @@ func (s *service) createVenue(w http.ResponseWriter, r *http.Request) {
 		writeProblem(w, http.StatusBadRequest, "Missing field", "name and slug are required")
 		return
 	}
-	if s.slugTaken(in.Slug) {
+	tenant := tenantFrom(r.Context())
+	if s.slugTaken(tenant, in.Slug) {
 		writeProblem(w, http.StatusConflict, "Slug taken", fmt.Sprintf("another venue already uses the slug %q", in.Slug))
 		return
 	}
@@ -146,13 +162,13 @@ func (s *service) createVenue(w http.ResponseWriter, r *http.Request) {
 	s.stripeAccounts[account.ID] = true
 	s.mu.Unlock()
 
-	if s.injectFailure() {
+	if s.failAfterStripe != nil && s.failAfterStripe() {
 		s.logger.WarnContext(r.Context(), "chaos: failing after the Stripe call", "stripe_account_id", account.ID)
 		writeProblem(w, http.StatusInternalServerError, "Injected failure", "CHAOS_FAIL_AFTER_STRIPE: the venue was not saved; retry with the same Idempotency-Key")
 		return
 	}
 
-	venue, err := s.saveVenue(in.Name, in.Slug, account.ID)
+	venue, err := s.saveVenue(tenant, in.Name, in.Slug, account.ID)
 	if err != nil {
 		writeProblem(w, http.StatusConflict, "Slug taken", err.Error())
 		return
@@ -161,47 +177,57 @@ func (s *service) createVenue(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusCreated, venue)
 }
 
-// injectFailure reports whether this creation is one of the first
-// CHAOS_FAIL_AFTER_STRIPE, which fail after the Stripe call.
-func (s *service) injectFailure() bool {
-	for {
-		n := s.chaos.Load()
-		if n <= 0 {
-			return false
-		}
-		if s.chaos.CompareAndSwap(n, n-1) {
-			return true
-		}
-	}
-}
-
-func (s *service) slugTaken(slug string) bool {
+func (s *service) slugTaken(tenant, slug string) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.bySlug[slug] != nil
+	return s.bySlug[tenantSlug{tenant, slug}] != nil
 }
 
-func (s *service) saveVenue(name, slug, accountID string) (Venue, error) {
+func (s *service) saveVenue(tenant, name, slug, accountID string) (Venue, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.bySlug[slug] != nil {
+	if s.bySlug[tenantSlug{tenant, slug}] != nil {
 		return Venue{}, fmt.Errorf("another venue already uses the slug %q", slug)
 	}
-	v := &Venue{ID: "ven_" + strings.ToLower(rand.Text()[:16]), Name: name, Slug: slug, StripeAccountID: accountID}
+	v := &Venue{ID: "ven_" + strings.ToLower(rand.Text()[:16]), Tenant: tenant, Name: name, Slug: slug, StripeAccountID: accountID}
 	s.venues = append(s.venues, v)
-	s.bySlug[slug] = v
+	s.bySlug[tenantSlug{tenant, slug}] = v
 	s.venuesCreated.Add(1)
 	return *v, nil
 }
 
+// listVenues answers GET /venues: the tenant's venues, oldest first; with
+// ?slug=, only the venue with that slug.
 func (s *service) listVenues(w http.ResponseWriter, r *http.Request) {
+	tenant, slug := tenantFrom(r.Context()), r.URL.Query().Get("slug")
 	s.mu.Lock()
 	out := make([]Venue, 0, len(s.venues))
 	for _, v := range s.venues {
-		out = append(out, *v)
+		if v.Tenant == tenant && (slug == "" || v.Slug == slug) {
+			out = append(out, *v)
+		}
 	}
 	s.mu.Unlock()
 	writeJSON(w, http.StatusOK, out)
+}
+
+// getVenue answers GET /venues/{id}, the Location of a created venue.
+func (s *service) getVenue(w http.ResponseWriter, r *http.Request) {
+	tenant, id := tenantFrom(r.Context()), r.PathValue("id")
+	s.mu.Lock()
+	var found *Venue
+	for _, v := range s.venues {
+		if v.Tenant == tenant && v.ID == id {
+			c := *v
+			found = &c
+		}
+	}
+	s.mu.Unlock()
+	if found == nil {
+		writeProblem(w, http.StatusNotFound, "No such venue", "")
+		return
+	}
+	writeJSON(w, http.StatusOK, found)
 }
 
 // handleEvent is the webhook function: the library has verified the

@@ -1,8 +1,9 @@
-package fakestripe_test
+package stripefake_test
 
 import (
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"net/url"
@@ -14,13 +15,14 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"github.com/stripe/stripe-go/v76"
+	"github.com/stripe/stripe-go/v76/webhook"
 
-	"github.com/seed70ea8305/idempotency/internal/fakestripe"
+	"github.com/seed70ea8305/idempotency/stripefake"
 )
 
-func start(t *testing.T, opts ...fakestripe.Option) (*fakestripe.Fake, string) {
+func start(t *testing.T, opts ...stripefake.Option) (*stripefake.Fake, string) {
 	t.Helper()
-	fake, srv := fakestripe.NewServer(opts...)
+	fake, srv := stripefake.NewServer(opts...)
 	t.Cleanup(srv.Close)
 	return fake, srv.URL
 }
@@ -42,7 +44,7 @@ func post(t *testing.T, base, path, key string, form url.Values) (*http.Response
 	t.Helper()
 	req, err := http.NewRequest(http.MethodPost, base+path, strings.NewReader(form.Encode()))
 	require.NoError(t, err)
-	req.Header.Set("Authorization", "Bearer "+fakestripe.TestAPIKey)
+	req.Header.Set("Authorization", "Bearer "+stripefake.TestAPIKey)
 	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
 	if key != "" {
 		req.Header.Set("Idempotency-Key", key)
@@ -57,7 +59,7 @@ func post(t *testing.T, base, path, key string, form url.Values) (*http.Response
 
 func TestSameKeySameParamsReplaysTheFirstObject(t *testing.T) {
 	fake, base := start(t)
-	sc := fakestripe.NewClient(base, fakestripe.TestAPIKey)
+	sc := stripefake.NewClient(base, stripefake.TestAPIKey)
 
 	p1 := accountParams("owner@example.com")
 	p1.SetIdempotencyKey("key-1")
@@ -87,7 +89,7 @@ func TestSameKeySameParamsReplaysTheFirstObject(t *testing.T) {
 
 func TestSameKeyDifferentParamsIsAnIdempotencyError(t *testing.T) {
 	fake, base := start(t)
-	sc := fakestripe.NewClient(base, fakestripe.TestAPIKey)
+	sc := stripefake.NewClient(base, stripefake.TestAPIKey)
 
 	p1 := accountParams("a@example.com")
 	p1.SetIdempotencyKey("key-1")
@@ -131,7 +133,7 @@ func TestNoKeyCreatesAnObjectEachCall(t *testing.T) {
 		resp, body := post(t, base, "/v1/accounts", "", form)
 		require.Equal(t, http.StatusOK, resp.StatusCode, string(body))
 		assert.Empty(t, resp.Header.Get("Idempotent-Replayed"))
-		var a fakestripe.Account
+		var a stripefake.Account
 		require.NoError(t, json.Unmarshal(body, &a))
 		ids = append(ids, a.ID)
 	}
@@ -142,7 +144,7 @@ func TestNoKeyCreatesAnObjectEachCall(t *testing.T) {
 
 	// stripe-go sends a fresh random key on every call that has none, so
 	// its calls without a key create new objects too.
-	sc := fakestripe.NewClient(base, fakestripe.TestAPIKey)
+	sc := stripefake.NewClient(base, stripefake.TestAPIKey)
 	for range 2 {
 		_, err := sc.Accounts.New(accountParams("a@example.com"))
 		require.NoError(t, err)
@@ -153,8 +155,8 @@ func TestNoKeyCreatesAnObjectEachCall(t *testing.T) {
 
 func TestKeysAreScopedByAPIKeyAndAccount(t *testing.T) {
 	fake, base := start(t)
-	a := fakestripe.NewClient(base, "sk_test_a")
-	b := fakestripe.NewClient(base, "sk_test_b")
+	a := stripefake.NewClient(base, "sk_test_a")
+	b := stripefake.NewClient(base, "sk_test_b")
 	for _, c := range []struct {
 		name string
 		new  func() error
@@ -186,8 +188,8 @@ func TestKeysAreScopedByAPIKeyAndAccount(t *testing.T) {
 }
 
 func TestConcurrentSameKeyCreatesOneObject(t *testing.T) {
-	fake, base := start(t, fakestripe.WithLatency(50*time.Millisecond))
-	sc := fakestripe.NewClient(base, fakestripe.TestAPIKey)
+	fake, base := start(t, stripefake.WithLatency(50*time.Millisecond))
+	sc := stripefake.NewClient(base, stripefake.TestAPIKey)
 	const n = 10
 	var wg sync.WaitGroup
 	ids := make([]string, n)
@@ -224,7 +226,7 @@ func TestConcurrentSameKeyCreatesOneObject(t *testing.T) {
 
 func TestTransfers(t *testing.T) {
 	fake, base := start(t)
-	sc := fakestripe.NewClient(base, fakestripe.TestAPIKey)
+	sc := stripefake.NewClient(base, stripefake.TestAPIKey)
 	acct, err := sc.Accounts.New(accountParams("a@example.com"))
 	require.NoError(t, err)
 
@@ -268,7 +270,7 @@ func TestTransfers(t *testing.T) {
 
 func TestErrorsLookLikeStripes(t *testing.T) {
 	_, base := start(t)
-	sc := fakestripe.NewClient(base, fakestripe.TestAPIKey)
+	sc := stripefake.NewClient(base, stripefake.TestAPIKey)
 
 	_, err := sc.Accounts.GetByID("acct_missing", nil)
 	var stripeErr *stripe.Error
@@ -291,12 +293,158 @@ func TestErrorsLookLikeStripes(t *testing.T) {
 }
 
 func TestLatency(t *testing.T) {
-	fake, base := start(t, fakestripe.WithLatency(30*time.Millisecond))
-	sc := fakestripe.NewClient(base, fakestripe.TestAPIKey)
+	fake, base := start(t, stripefake.WithLatency(30*time.Millisecond))
+	sc := stripefake.NewClient(base, stripefake.TestAPIKey)
 	began := time.Now()
 	_, err := sc.Accounts.New(accountParams("a@example.com"))
 	require.NoError(t, err)
 	assert.GreaterOrEqual(t, time.Since(began), 30*time.Millisecond)
 	assert.Equal(t, 1, fake.AccountsCreated())
 	assert.Equal(t, 1, fake.Requests())
+}
+
+func TestEvents(t *testing.T) {
+	fake, base := start(t)
+	sc := stripefake.NewClient(base, stripefake.TestAPIKey)
+	acct, err := sc.Accounts.New(accountParams("a@example.com"))
+	require.NoError(t, err)
+	assert.Empty(t, fake.Events(), "creating an account emits nothing")
+
+	var transfers []string
+	for i := range 3 {
+		p := &stripe.TransferParams{Amount: stripe.Int64(100), Currency: stripe.String("eur"), Destination: stripe.String(acct.ID)}
+		p.SetIdempotencyKey(fmt.Sprintf("payout-%d", i))
+		tr, err := sc.Transfers.New(p)
+		require.NoError(t, err)
+		transfers = append(transfers, tr.ID)
+	}
+	updated, err := fake.UpdateAccount(acct.ID, func(a *stripefake.Account) { a.ChargesEnabled = true })
+	require.NoError(t, err)
+	assert.Equal(t, "account.updated", updated.Type)
+	assert.Equal(t, acct.ID, updated.Account)
+	_, err = fake.UpdateAccount("acct_missing", func(*stripefake.Account) {})
+	assert.ErrorIs(t, err, stripefake.ErrNoSuchAccount)
+
+	events := fake.Events()
+	require.Len(t, events, 4)
+	assert.Equal(t, "transfer.created", events[0].Type)
+	assert.Equal(t, "payout-0", events[0].Request.IdempotencyKey)
+	assert.Equal(t, updated, events[3])
+
+	// A replayed POST emits nothing.
+	p := &stripe.TransferParams{Amount: stripe.Int64(100), Currency: stripe.String("eur"), Destination: stripe.String(acct.ID)}
+	p.SetIdempotencyKey("payout-0")
+	_, err = sc.Transfers.New(p)
+	require.NoError(t, err)
+	assert.Len(t, fake.Events(), 4)
+
+	// stripe-go's list iterator pages through them, newest first, with a
+	// type filter; limit 2 makes it follow starting_after.
+	params := &stripe.EventListParams{Type: stripe.String("transfer.created")}
+	params.Limit = stripe.Int64(2)
+	var listed []string
+	it := sc.Events.List(params)
+	for it.Next() {
+		e := it.Event()
+		var tr stripe.Transfer
+		require.NoError(t, json.Unmarshal(e.Data.Raw, &tr))
+		listed = append(listed, tr.ID)
+	}
+	require.NoError(t, it.Err())
+	assert.Equal(t, []string{transfers[2], transfers[1], transfers[0]}, listed)
+
+	got, err := sc.Events.Get(updated.ID, nil)
+	require.NoError(t, err)
+	var a stripe.Account
+	require.NoError(t, json.Unmarshal(got.Data.Raw, &a))
+	assert.True(t, a.ChargesEnabled)
+	assert.Equal(t, acct.ID, got.Account)
+
+	_, err = sc.Events.Get("evt_missing", nil)
+	var stripeErr *stripe.Error
+	require.True(t, errors.As(err, &stripeErr), "error %v", err)
+	assert.Equal(t, http.StatusNotFound, stripeErr.HTTPStatusCode)
+}
+
+func TestEventPayloadVerifiesWithStripeGo(t *testing.T) {
+	fake, base := start(t)
+	sc := stripefake.NewClient(base, stripefake.TestAPIKey)
+	acct, err := sc.Accounts.New(accountParams("a@example.com"))
+	require.NoError(t, err)
+	e, err := fake.UpdateAccount(acct.ID, func(a *stripefake.Account) { a.ChargesEnabled = true })
+	require.NoError(t, err)
+
+	payload := e.Payload()
+	event, err := webhook.ConstructEvent(payload, stripefake.Sign(payload, "whsec_test"), "whsec_test")
+	require.NoError(t, err)
+	assert.Equal(t, e.ID, event.ID)
+	assert.Equal(t, stripe.EventTypeAccountUpdated, event.Type)
+	_, err = webhook.ConstructEvent(payload, stripefake.Sign(payload, "whsec_other"), "whsec_test")
+	assert.Error(t, err)
+}
+
+func TestFailureBeforeTheRequestRuns(t *testing.T) {
+	fake, base := start(t)
+	sc := stripefake.NewClient(base, stripefake.TestAPIKey)
+	fake.Fail(stripefake.Failure{Method: http.MethodPost, Path: "/v1/accounts", Times: 2, Status: http.StatusServiceUnavailable})
+
+	// A GET does not match.
+	_, err := sc.Accounts.GetByID("acct_missing", nil)
+	var stripeErr *stripe.Error
+	require.True(t, errors.As(err, &stripeErr), "error %v", err)
+	assert.Equal(t, http.StatusNotFound, stripeErr.HTTPStatusCode)
+
+	for range 2 {
+		p := accountParams("a@example.com")
+		p.SetIdempotencyKey("key-1")
+		_, err := sc.Accounts.New(p)
+		require.True(t, errors.As(err, &stripeErr), "error %v", err)
+		assert.Equal(t, http.StatusServiceUnavailable, stripeErr.HTTPStatusCode)
+		assert.Equal(t, stripe.ErrorTypeAPI, stripeErr.Type)
+	}
+	assert.Equal(t, 0, fake.AccountsCreated(), "nothing created")
+
+	// The key stayed free: the third attempt runs.
+	p := accountParams("a@example.com")
+	p.SetIdempotencyKey("key-1")
+	acct, err := sc.Accounts.New(p)
+	require.NoError(t, err)
+	assert.Empty(t, acct.LastResponse.Header.Get("Idempotent-Replayed"))
+	assert.Equal(t, 1, fake.AccountsCreated())
+
+	fake.Fail(stripefake.Failure{Status: http.StatusTooManyRequests})
+	_, err = sc.Accounts.GetByID(acct.ID, nil)
+	require.True(t, errors.As(err, &stripeErr), "error %v", err)
+	assert.Equal(t, http.StatusTooManyRequests, stripeErr.HTTPStatusCode)
+	_, err = sc.Accounts.GetByID(acct.ID, nil)
+	assert.NoError(t, err, "the failure was used up")
+}
+
+func TestFailureAfterCreateIsALostResponse(t *testing.T) {
+	for _, drop := range []bool{false, true} {
+		t.Run(fmt.Sprintf("drop=%v", drop), func(t *testing.T) {
+			fake, base := start(t, stripefake.WithFailure(stripefake.Failure{Path: "/v1/accounts", AfterCreate: true, Drop: drop}))
+			sc := stripefake.NewClient(base, stripefake.TestAPIKey)
+			p := accountParams("a@example.com")
+			p.SetIdempotencyKey("key-1")
+			_, err := sc.Accounts.New(p)
+			require.Error(t, err)
+			var stripeErr *stripe.Error
+			if drop {
+				assert.False(t, errors.As(err, &stripeErr), "a network error, not an answer: %v", err)
+			} else {
+				require.True(t, errors.As(err, &stripeErr), "error %v", err)
+				assert.Equal(t, http.StatusInternalServerError, stripeErr.HTTPStatusCode)
+			}
+			require.Equal(t, 1, fake.AccountsCreated(), "the account exists although the client got an error")
+
+			p = accountParams("a@example.com")
+			p.SetIdempotencyKey("key-1")
+			acct, err := sc.Accounts.New(p)
+			require.NoError(t, err)
+			assert.Equal(t, "true", acct.LastResponse.Header.Get("Idempotent-Replayed"))
+			assert.Equal(t, fake.Accounts()[0].ID, acct.ID)
+			assert.Equal(t, 1, fake.AccountsCreated())
+		})
+	}
 }

@@ -1,6 +1,29 @@
-// Package fakestripe is an in-process fake of the few Stripe API endpoints
-// this module's tests and example service call, with Stripe's idempotency
-// behaviour:
+// Package stripefake is an in-process fake of the Stripe API endpoints a
+// Connect platform's idempotency tests need, for use in your own tests:
+// point a stripe-go client at it ([NewClient]), run the code under test,
+// then ask the fake what happened ([Fake.AccountsCreated], [Fake.Replays],
+// [Fake.Events]). It is not a Stripe emulator: it keeps everything in
+// memory, accepts any API key and implements only what is listed here.
+//
+// # Endpoints
+//
+//   - POST /v1/accounts, GET /v1/accounts/{id}: Connect accounts
+//     ([Account]);
+//   - POST /v1/transfers, GET /v1/transfers/{id}: transfers to a
+//     connected account ([Transfer]); the destination must exist;
+//   - GET /v1/events, GET /v1/events/{id}: the events the fake emitted
+//     ([Event]), newest first, with the type, limit and starting_after
+//     parameters, as stripe-go's iterator uses them.
+//
+// Parameters arrive form-encoded, as stripe-go sends them; unknown
+// parameters are accepted and ignored. Every request needs an
+// "Authorization: Bearer <key>" header; any non-empty key is accepted.
+// Errors have Stripe's shape ({"error":{"type":...,"code":...}}), so
+// stripe-go returns them as *stripe.Error.
+//
+// # Idempotency
+//
+// POST requests follow Stripe's idempotency rules:
 //
 //   - a POST with an Idempotency-Key that was seen before, with the same
 //     method, path and parameters, gets the first response again, with
@@ -9,27 +32,42 @@
 //     with an error of type "idempotency_error";
 //   - the same key while the first request still runs gets 409 with code
 //     "idempotency_key_in_use";
-//   - a POST without a key creates a new object every time.
+//   - a POST without a key creates a new object every time (stripe-go
+//     adds a random key to every POST that has none, so each of its calls
+//     without a key creates one).
 //
 // Keys are scoped by API key and Stripe-Account header, like Stripe's, and
 // kept for the fake's lifetime (Stripe prunes them after 24 hours). Only
-// successful results are kept: a request that fails validation can be
-// retried with the same key, as on Stripe. GET requests ignore the key.
+// results of requests that ran are kept: a request that fails validation
+// can be retried with the same key, as on Stripe. GET requests ignore the
+// key.
 //
-// Endpoints: POST /v1/accounts, GET /v1/accounts/{id}, POST /v1/transfers,
-// GET /v1/transfers/{id}. Parameters arrive form-encoded, as stripe-go
-// sends them; unknown parameters are accepted and ignored. Every request
-// needs an "Authorization: Bearer <key>" header; any key is accepted.
+// # Events
 //
-//	fake, srv := fakestripe.NewServer(fakestripe.WithLatency(20 * time.Millisecond))
+// Creating a transfer emits transfer.created; [Fake.UpdateAccount] changes
+// an account and emits account.updated, as Stripe does when a connected
+// account finishes onboarding. Send [Event.Payload], signed with [Sign],
+// to your webhook endpoint to test it.
+//
+// # Latency and failures
+//
+// [WithLatency] makes every request slow, which gives tests time to send
+// concurrent duplicates. [Fake.Fail] (or [WithFailure]) makes the next
+// matching requests fail: before the request runs (nothing created, the
+// key stays free), or after it ran ([Failure.AfterCreate]: the object
+// exists and the key's result is stored, but the client gets an error or
+// a dropped connection), the case idempotency keys exist for.
+//
+//	fake, srv := stripefake.NewServer(stripefake.WithLatency(20 * time.Millisecond))
 //	defer srv.Close()
-//	sc := fakestripe.NewClient(srv.URL, fakestripe.TestAPIKey)
+//	sc := stripefake.NewClient(srv.URL, stripefake.TestAPIKey)
 //	acct, err := sc.Accounts.New(&stripe.AccountParams{Type: stripe.String("express")})
-package fakestripe
+package stripefake
 
 import (
 	"crypto/rand"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"maps"
 	"net/http"
@@ -42,15 +80,20 @@ import (
 
 	"github.com/stripe/stripe-go/v76"
 	"github.com/stripe/stripe-go/v76/client"
+	"github.com/stripe/stripe-go/v76/webhook"
 )
 
-// TestAPIKey is an API key for the fake; it accepts any non-empty key.
-const TestAPIKey = "sk_test_fakestripe"
+// TestAPIKey is an API key for the fake. The fake accepts any non-empty
+// key; this one only looks like a test key.
+const TestAPIKey = "sk_test_stripefake"
 
 // maxKeyLength is Stripe's limit on Idempotency-Key.
 const maxKeyLength = 255
 
-// Account is a Connect account as the fake stores and returns it.
+// Account is a Connect account as the fake stores and returns it. Its
+// fields are Stripe's account fields of the same JSON names; the fake
+// sets them from the creation parameters (type defaults to "standard")
+// and changes them only through [Fake.UpdateAccount].
 type Account struct {
 	ID               string            `json:"id"`
 	Object           string            `json:"object"`
@@ -66,7 +109,8 @@ type Account struct {
 }
 
 // Transfer is a transfer to a connected account as the fake stores and
-// returns it.
+// returns it. Its fields are Stripe's transfer fields of the same JSON
+// names, set from the creation parameters (currency in lower case).
 type Transfer struct {
 	ID            string            `json:"id"`
 	Object        string            `json:"object"`
@@ -79,8 +123,87 @@ type Transfer struct {
 	Metadata      map[string]string `json:"metadata"`
 }
 
+// Event is an event as the fake emits it, in Stripe's JSON shape: what
+// GET /v1/events returns and what Stripe would deliver to a webhook
+// endpoint.
+type Event struct {
+	ID         string `json:"id"`
+	Object     string `json:"object"` // "event"
+	APIVersion string `json:"api_version"`
+	Created    int64  `json:"created"`
+	Type       string `json:"type"` // "account.updated", "transfer.created"
+	Livemode   bool   `json:"livemode"`
+	// Account is the connected account the event is about, for
+	// account.updated (Stripe sets it on Connect events).
+	Account string       `json:"account,omitempty"`
+	Data    EventData    `json:"data"`
+	Request EventRequest `json:"request"`
+}
+
+// EventData holds the object an [Event] is about.
+type EventData struct {
+	// Object is the JSON of the account or transfer, as it was when the
+	// event was emitted.
+	Object json.RawMessage `json:"object"`
+}
+
+// EventRequest names the API request that caused an [Event]; both are
+// empty for events not caused by a request (account.updated from
+// [Fake.UpdateAccount]).
+type EventRequest struct {
+	ID             string `json:"id,omitempty"`
+	IdempotencyKey string `json:"idempotency_key,omitempty"`
+}
+
+// Payload returns the event's JSON, as Stripe delivers it to a webhook
+// endpoint. Sign it with [Sign].
+func (e Event) Payload() []byte {
+	body, _ := json.Marshal(e) // strings, ints and raw JSON always encode
+	return body
+}
+
+// Sign returns the Stripe-Signature header value for payload, signed with
+// the webhook signing secret at the current time, as Stripe signs its
+// deliveries (stripe-go's webhook.GenerateTestSignedPayload).
+func Sign(payload []byte, secret string) string {
+	return webhook.GenerateTestSignedPayload(&webhook.UnsignedPayload{
+		Payload: payload, Secret: secret, Timestamp: time.Now(),
+	}).Header
+}
+
+// Failure is a fault the fake injects into the requests it matches; see
+// [Fake.Fail]. Its zero value makes the next request, whatever it is,
+// answer 500 without running.
+type Failure struct {
+	// Method and Path select the requests that fail, e.g. "POST" and
+	// "/v1/accounts"; empty matches any.
+	Method, Path string
+	// Times is how many matching requests fail; 0 means 1.
+	Times int
+	// Status is the status of the failure's answer, with a Stripe error
+	// body: type "api_error" for 5xx, "rate_limit_error" for 429,
+	// "invalid_request_error" otherwise. 0 means 500.
+	Status int
+	// Drop closes the connection without an answer instead: the client
+	// sees a network error. Status is then ignored.
+	Drop bool
+	// AfterCreate lets the request run first: the object is created (and
+	// its event emitted), and an Idempotency-Key's result is stored, then
+	// the client gets the failure instead of the result. This is a
+	// response lost on its way back: a retry with the same key gets the
+	// stored result, with Idempotent-Replayed: true. Without AfterCreate
+	// the request fails before it runs: nothing is created and the key
+	// stays free.
+	AfterCreate bool
+}
+
 // Option configures a [Fake].
 type Option func(*Fake)
+
+// WithFailure injects fl from the start, as [Fake.Fail] would.
+func WithFailure(fl Failure) Option {
+	return func(f *Fake) { f.Fail(fl) }
+}
 
 // WithLatency makes every request take at least d before it answers, as a
 // real API does; the object is created at the end of that time, and also
@@ -98,7 +221,9 @@ type Fake struct {
 	mu        sync.Mutex
 	accounts  []*Account
 	transfers []*Transfer
+	events    []*Event
 	keys      map[string]*keyEntry
+	failures  []*Failure
 	requests  int
 	replays   int
 }
@@ -122,6 +247,8 @@ func New(opts ...Option) *Fake {
 	f.mux.HandleFunc("GET /v1/accounts/{id}", f.getAccount)
 	f.mux.HandleFunc("POST /v1/transfers", func(w http.ResponseWriter, r *http.Request) { f.post(w, r, f.createTransfer) })
 	f.mux.HandleFunc("GET /v1/transfers/{id}", f.getTransfer)
+	f.mux.HandleFunc("GET /v1/events", f.listEvents)
+	f.mux.HandleFunc("GET /v1/events/{id}", f.getEvent)
 	f.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, apiError{Type: "invalid_request_error",
 			Message: fmt.Sprintf("Unrecognized request URL (%s: %s).", r.Method, r.URL.Path)})
@@ -170,7 +297,59 @@ func (f *Fake) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			Message: "You did not provide an API key. You need to provide your API key in the Authorization header, using Bearer auth (e.g. 'Authorization: Bearer YOUR_SECRET_KEY')."})
 		return
 	}
-	f.mux.ServeHTTP(w, r)
+	fl := f.takeFailure(r)
+	switch {
+	case fl == nil:
+		f.mux.ServeHTTP(w, r)
+		return
+	case fl.AfterCreate:
+		// Run the request, then lose its answer.
+		f.mux.ServeHTTP(httptest.NewRecorder(), r)
+	}
+	if fl.Drop {
+		panic(http.ErrAbortHandler) // net/http closes the connection and logs nothing
+	}
+	status := fl.Status
+	if status == 0 {
+		status = http.StatusInternalServerError
+	}
+	typ := "invalid_request_error"
+	switch {
+	case status >= 500:
+		typ = "api_error"
+	case status == http.StatusTooManyRequests:
+		typ = "rate_limit_error"
+	}
+	writeError(w, status, apiError{Type: typ, Message: fmt.Sprintf("Injected failure (stripefake): %d %s.", status, http.StatusText(status))})
+}
+
+// Fail makes the next fl.Times requests that match fl fail as fl says.
+// Failures added earlier match first; each is used up by the requests it
+// matched.
+func (f *Fake) Fail(fl Failure) {
+	if fl.Times <= 0 {
+		fl.Times = 1
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.failures = append(f.failures, &fl)
+}
+
+// takeFailure returns the first failure that matches r and uses it once.
+func (f *Fake) takeFailure(r *http.Request) *Failure {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for i, fl := range f.failures {
+		if (fl.Method == "" || fl.Method == r.Method) && (fl.Path == "" || fl.Path == r.URL.Path) {
+			fl.Times--
+			if fl.Times == 0 {
+				f.failures = append(f.failures[:i:i], f.failures[i+1:]...)
+			}
+			c := *fl
+			return &c
+		}
+	}
+	return nil
 }
 
 // AccountsCreated returns how many accounts the fake has created.
@@ -211,6 +390,56 @@ func (f *Fake) Transfers() []Transfer {
 	return out
 }
 
+// Events returns copies of the events emitted, oldest first.
+func (f *Fake) Events() []Event {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	out := make([]Event, len(f.events))
+	for i, e := range f.events {
+		out[i] = *e
+	}
+	return out
+}
+
+// ErrNoSuchAccount is returned by [Fake.UpdateAccount] for an account the
+// fake did not create.
+var ErrNoSuchAccount = errors.New("stripefake: no such account")
+
+// UpdateAccount changes the account with the given ID with update, as
+// Stripe does while a connected account onboards (for example setting
+// ChargesEnabled), and emits an account.updated event, which it returns.
+// update must not change the ID.
+func (f *Fake) UpdateAccount(id string, update func(*Account)) (Event, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	a := f.account(id)
+	if a == nil {
+		return Event{}, fmt.Errorf("%w: %q", ErrNoSuchAccount, id)
+	}
+	update(a)
+	a.ID = id
+	return *f.emit("account.updated", a, id, ""), nil
+}
+
+// emit records an event about obj; f.mu must be held.
+func (f *Fake) emit(typ string, obj any, account, idempotencyKey string) *Event {
+	data, _ := json.Marshal(obj)
+	e := &Event{
+		ID:         "evt_" + rand.Text()[:16],
+		Object:     "event",
+		APIVersion: stripe.APIVersion,
+		Created:    time.Now().Unix(),
+		Type:       typ,
+		Account:    account,
+		Data:       EventData{Object: data},
+	}
+	if idempotencyKey != "" {
+		e.Request = EventRequest{ID: "req_" + rand.Text()[:14], IdempotencyKey: idempotencyKey}
+	}
+	f.events = append(f.events, e)
+	return e
+}
+
 // Replays returns how many responses were replayed for a known
 // idempotency key.
 func (f *Fake) Replays() int {
@@ -236,7 +465,7 @@ type apiError struct {
 
 // createFunc creates an object from a request's parameters while f.mu is
 // held. It returns the object, or an error with its status.
-type createFunc func(params url.Values) (obj any, status int, apiErr *apiError)
+type createFunc func(params url.Values, idempotencyKey string) (obj any, status int, apiErr *apiError)
 
 // post runs create under Stripe's idempotency rules.
 func (f *Fake) post(w http.ResponseWriter, r *http.Request, create createFunc) {
@@ -286,7 +515,7 @@ func (f *Fake) post(w http.ResponseWriter, r *http.Request, create createFunc) {
 	f.pause(r)
 
 	f.mu.Lock()
-	obj, status, apiErr := create(r.PostForm)
+	obj, status, apiErr := create(r.PostForm, key)
 	var body []byte
 	if apiErr != nil {
 		body = errorBody(*apiErr)
@@ -309,7 +538,7 @@ func (f *Fake) post(w http.ResponseWriter, r *http.Request, create createFunc) {
 	writeBody(w, status, body)
 }
 
-func (f *Fake) createAccount(p url.Values) (any, int, *apiError) {
+func (f *Fake) createAccount(p url.Values, _ string) (any, int, *apiError) {
 	a := &Account{
 		ID:           "acct_" + rand.Text()[:16],
 		Object:       "account",
@@ -327,7 +556,7 @@ func (f *Fake) createAccount(p url.Values) (any, int, *apiError) {
 	return a, http.StatusOK, nil
 }
 
-func (f *Fake) createTransfer(p url.Values) (any, int, *apiError) {
+func (f *Fake) createTransfer(p url.Values, key string) (any, int, *apiError) {
 	amount, err := strconv.ParseInt(p.Get("amount"), 10, 64)
 	switch {
 	case p.Get("amount") == "":
@@ -354,6 +583,7 @@ func (f *Fake) createTransfer(p url.Values) (any, int, *apiError) {
 		Metadata:      metadata(p),
 	}
 	f.transfers = append(f.transfers, t)
+	f.emit("transfer.created", t, "", key)
 	return t, http.StatusOK, nil
 }
 
@@ -386,6 +616,62 @@ func (f *Fake) getTransfer(w http.ResponseWriter, r *http.Request) {
 	if body == nil {
 		writeError(w, http.StatusNotFound, apiError{Type: "invalid_request_error", Code: "resource_missing", Param: "id",
 			Message: fmt.Sprintf("No such transfer: '%s'", id)})
+		return
+	}
+	writeBody(w, http.StatusOK, body)
+}
+
+// listEvents answers GET /v1/events: newest first, optionally of one type,
+// at most limit (default 10, at most 100), after the event starting_after.
+func (f *Fake) listEvents(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	limit := 10
+	if v := q.Get("limit"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 || n > 100 {
+			writeError(w, http.StatusBadRequest, apiError{Type: "invalid_request_error", Param: "limit",
+				Message: "Invalid limit: must be an integer between 1 and 100."})
+			return
+		}
+		limit = n
+	}
+	typ, after := q.Get("type"), q.Get("starting_after")
+	f.mu.Lock()
+	data := []json.RawMessage{}
+	hasMore, started := false, after == ""
+	for i := len(f.events) - 1; i >= 0; i-- {
+		e := f.events[i]
+		if !started {
+			started = e.ID == after
+			continue
+		}
+		if typ != "" && e.Type != typ {
+			continue
+		}
+		if len(data) == limit {
+			hasMore = true
+			break
+		}
+		data = append(data, e.Payload())
+	}
+	f.mu.Unlock()
+	body, _ := json.Marshal(map[string]any{"object": "list", "url": "/v1/events", "has_more": hasMore, "data": data})
+	writeBody(w, http.StatusOK, body)
+}
+
+func (f *Fake) getEvent(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("id")
+	f.mu.Lock()
+	var body []byte
+	for _, e := range f.events {
+		if e.ID == id {
+			body = e.Payload()
+		}
+	}
+	f.mu.Unlock()
+	if body == nil {
+		writeError(w, http.StatusNotFound, apiError{Type: "invalid_request_error", Code: "resource_missing", Param: "id",
+			Message: fmt.Sprintf("No such event: '%s'", id)})
 		return
 	}
 	writeBody(w, http.StatusOK, body)

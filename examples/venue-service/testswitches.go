@@ -1,0 +1,96 @@
+package main
+
+// Test switches: settings for demonstrations and tests, which a copy of
+// the service does not need. They work only with the fake Stripe
+// (loadConfig refuses them with STRIPE_SECRET_KEY). To copy the service,
+// delete this file and, in main.go, the test field of config and its uses
+// (loadTestSwitches, testSwitchesUsage, apply, enabled, and the latency
+// passed to openStripe).
+
+import (
+	"fmt"
+	"io"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"time"
+)
+
+// testSwitchNames lists the switches' environment variables.
+const testSwitchNames = "FAKE_STRIPE_LATENCY and CHAOS_FAIL_AFTER_STRIPE"
+
+type testSwitches struct {
+	// fakeStripeLatency makes every call to the fake Stripe take this
+	// long, so concurrent duplicates can be seen (FAKE_STRIPE_LATENCY).
+	fakeStripeLatency time.Duration
+	// chaosFailAfterStripe makes the first N venue creations answer 500
+	// after the Stripe call, as a crash there would (CHAOS_FAIL_AFTER_STRIPE).
+	chaosFailAfterStripe int
+}
+
+func testSwitchesUsage(w io.Writer) {
+	fmt.Fprint(w, `Test switches (environment only; the fake Stripe only; not for production):
+  FAKE_STRIPE_LATENCY (default: 0)
+      every call to the fake Stripe takes this long, e.g. 2s: time to send
+      concurrent duplicates and see 409
+  CHAOS_FAIL_AFTER_STRIPE (default: 0)
+      the first N venue creations answer 500 after the Stripe call: a retry
+      with the same Idempotency-Key gets the same Stripe account back
+`)
+}
+
+func loadTestSwitches(getenv func(string) string) (testSwitches, error) {
+	var ts testSwitches
+	if v := getenv("FAKE_STRIPE_LATENCY"); v != "" {
+		d, err := time.ParseDuration(v)
+		if err != nil || d < 0 {
+			return ts, fmt.Errorf("FAKE_STRIPE_LATENCY=%q: want a non-negative Go duration such as 200ms", v)
+		}
+		ts.fakeStripeLatency = d
+	}
+	if v := getenv("CHAOS_FAIL_AFTER_STRIPE"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 0 {
+			return ts, fmt.Errorf("CHAOS_FAIL_AFTER_STRIPE=%q: want a non-negative integer", v)
+		}
+		ts.chaosFailAfterStripe = n
+	}
+	return ts, nil
+}
+
+func (ts testSwitches) enabled() bool {
+	return ts.fakeStripeLatency > 0 || ts.chaosFailAfterStripe > 0
+}
+
+// String is how the startup line shows the switches that are on.
+func (ts testSwitches) String() string {
+	var on []string
+	if ts.fakeStripeLatency > 0 {
+		on = append(on, "FAKE_STRIPE_LATENCY="+ts.fakeStripeLatency.String())
+	}
+	if ts.chaosFailAfterStripe > 0 {
+		on = append(on, "CHAOS_FAIL_AFTER_STRIPE="+strconv.Itoa(ts.chaosFailAfterStripe))
+	}
+	return strings.Join(on, " ")
+}
+
+// apply arms the chaos switch on the service: the first
+// chaosFailAfterStripe creations fail after their Stripe call.
+func (ts testSwitches) apply(s *service) {
+	if ts.chaosFailAfterStripe <= 0 {
+		return
+	}
+	var left atomic.Int64
+	left.Store(int64(ts.chaosFailAfterStripe))
+	s.failAfterStripe = func() bool {
+		for {
+			n := left.Load()
+			if n <= 0 {
+				return false
+			}
+			if left.CompareAndSwap(n, n-1) {
+				return true
+			}
+		}
+	}
+}
