@@ -12,6 +12,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/stripe/stripe-go/v76"
 	"github.com/stripe/stripe-go/v76/client"
@@ -75,6 +76,9 @@ func (s *service) routes(store idempotency.Store, webhookSecret string, metrics 
 		idempotency.WithScope(func(r *http.Request) string { return tenantFrom(r.Context()) }),
 		idempotency.WithFingerprint(idempotency.Fingerprinter{CanonicalJSON: true}.Fingerprint),
 		idempotency.WithLogger(s.logger),
+		// A duplicate that sends "Prefer: wait=N" waits up to N seconds
+		// (10 at most) for the first request's outcome instead of a 409.
+		idempotency.WithWait(10*time.Second, 1000),
 		// One observer: the audit log and the metrics.
 		idempotency.WithObserver(func(ctx context.Context, r idempotency.Report) {
 			metrics.ObserveRequest(ctx, r)

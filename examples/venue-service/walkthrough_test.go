@@ -78,12 +78,21 @@ var walkthrough = []walkSession{
 	{start: "FAKE_STRIPE_LATENCY=2s go run ./examples/venue-service", steps: []walkStep{
 		{cmd: `for i in 1 2 3 4 5; do
   curl -s -o /dev/null -w '%{http_code}\n' -X POST localhost:8080/venues -H 'Authorization: Bearer dev-key-a' \
-    -H 'Idempotency-Key: venue-2' -H 'Content-Type: application/json' -d '{"name":"Arena","slug":"arena"}' &
+    -H 'Prefer: wait=0' -H 'Idempotency-Key: venue-2' -H 'Content-Type: application/json' -d '{"name":"Arena","slug":"arena"}' &
 done; wait    # one 201, four 409`,
 			check: func(t *testing.T, out string) {
 				assert.Equal(t, 1, strings.Count(out, "201\n"), "one 201 in:\n%s", out)
 				assert.Equal(t, 4, strings.Count(out, "409\n"), "four 409 in:\n%s", out)
 			}},
+		{cmd: `for i in 1 2 3 4 5; do
+  curl -s -o /dev/null -w '%{http_code}\n' -X POST localhost:8080/venues -H 'Authorization: Bearer dev-key-a' \
+    -H 'Idempotency-Key: venue-4' -H 'Content-Type: application/json' -d '{"name":"Dome","slug":"dome"}' &
+done; wait    # five 201: one execution, four duplicates that waited for it`,
+			check: func(t *testing.T, out string) {
+				assert.Equal(t, 5, strings.Count(out, "201\n"), "five 201 in:\n%s", out)
+			}},
+		{cmd: `curl -s localhost:8080/stats   # "stripe_accounts_created":2,"venues_created":2`,
+			want: []string{`"stripe_accounts_created":2,"venues_created":2`}},
 	}},
 	{start: "CHAOS_FAIL_AFTER_STRIPE=1 go run ./examples/venue-service", steps: []walkStep{
 		{cmd: `curl -s -o /dev/null -w '%{http_code}\n' -X POST localhost:8080/venues -H 'Authorization: Bearer dev-key-a' \
