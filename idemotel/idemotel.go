@@ -171,8 +171,13 @@ type config struct {
 // the request's context ([trace.SpanFromContext]), when that span is
 // recording: the attributes idempotency.outcome and idempotency.replayed
 // (true for a replayed response or a duplicate delivery), and, for a
-// webhook whose function failed, idempotency.webhook.failed_attempts. It
-// starts no span of its own. The span is whatever the server's tracing
+// webhook whose function failed, idempotency.webhook.failed_attempts.
+// A store wrapped by [Metrics.Store] adds, for each call, an event named
+// idempotency.store at the call's start, with the attributes
+// idempotency.store.operation ("acquire", "extend", ...),
+// idempotency.store.kind ("memory", "redis", ...),
+// idempotency.store.duration (seconds) and, for a failed call,
+// error.type. It starts no span of its own. The span is whatever the server's tracing
 // (otelhttp, for one) put in the request's context, whichever tracer
 // provider made it. Default: spans are not touched.
 func WithTracing() Option {

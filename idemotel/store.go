@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/seed70ea8305/idempotency"
 )
@@ -61,13 +62,16 @@ func storeErrorType(err error) int {
 // implements [idempotency.FailureRecorder], so does the result, so the
 // webhook helper still counts failed attempts.
 //
+// With [WithTracing], each call also adds an event to the span in the
+// call's context, when that span is recording (see [WithTracing]).
+//
 // The result has Unwrap, through which the middleware and the webhook
 // helper still find a MemoryStore inside and skip the store timeout's
 // deadline (a timer per call) for it, as for a bare one. Give the
 // middleware and the webhook helper the same wrapped store.
 func (m *Metrics) Store(store idempotency.Store) idempotency.Store {
-	s := &instrumentedStore{inner: store, m: m}
 	kind := storeKind(store)
+	s := &instrumentedStore{inner: store, m: m, kind: kind}
 	for op := range numOperations {
 		for e := range numErrorTypes {
 			kv := []attribute.KeyValue{operationKey.String(operationNames[op]), storeKindKey.String(kind)}
@@ -104,6 +108,7 @@ func storeKind(store idempotency.Store) string {
 type instrumentedStore struct {
 	inner idempotency.Store
 	m     *Metrics
+	kind  string // the store attribute
 	// The attribute sets of every operation and error type, made once.
 	sets        [numOperations][numErrorTypes]measurement
 	renewalSets [numErrorTypes]measurement
@@ -125,6 +130,29 @@ func (s *instrumentedStore) record(ctx context.Context, op operation, start time
 	if op == opExtend {
 		s.m.renewals.Add(ctx, 1, s.renewalSets[e].add...)
 	}
+	if s.m.tracing {
+		s.addSpanEvent(ctx, op, start, e)
+	}
+}
+
+// addSpanEvent adds the call to the span in ctx, if it records: an event
+// at the call's start, with its operation, store, duration and, for a
+// failed call, error type.
+func (s *instrumentedStore) addSpanEvent(ctx context.Context, op operation, start time.Time, e int) {
+	span := trace.SpanFromContext(ctx)
+	if !span.IsRecording() {
+		return
+	}
+	kv := make([]attribute.KeyValue, 0, 4)
+	kv = append(kv,
+		spanStoreOperationKey.String(operationNames[op]),
+		spanStoreKindKey.String(s.kind),
+		spanStoreDurationKey.Float64(time.Since(start).Seconds()),
+	)
+	if e != errNone {
+		kv = append(kv, errorTypeKey.String(storeErrorNames[e]))
+	}
+	span.AddEvent(spanStoreEvent, trace.WithTimestamp(start), trace.WithAttributes(kv...))
 }
 
 // Acquire implements [idempotency.Store].

@@ -16,6 +16,15 @@ const (
 	spanFailedAttemptsKey = attribute.Key("idempotency.webhook.failed_attempts")
 )
 
+// Span events of the store wrapper ([Metrics.Store] with [WithTracing]):
+// one per store call, named spanStoreEvent, at the call's start.
+const (
+	spanStoreEvent        = "idempotency.store"
+	spanStoreOperationKey = attribute.Key("idempotency.store.operation")
+	spanStoreKindKey      = attribute.Key("idempotency.store.kind")
+	spanStoreDurationKey  = attribute.Key("idempotency.store.duration") // seconds
+)
+
 // annotateSpan adds r's outcome to the span in ctx, if it records.
 func annotateSpan(ctx context.Context, r *idempotency.Report) {
 	span := trace.SpanFromContext(ctx)

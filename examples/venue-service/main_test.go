@@ -491,3 +491,27 @@ func TestMetricsPromtool(t *testing.T) {
 	assert.Empty(t, strings.TrimSpace(string(out)), "promtool check metrics has findings")
 	p.stop()
 }
+
+// TestLogsNeverShowKeys: whatever happens (replays, a 422, 409s, failed
+// webhooks, a lost lease, a store outage), the service's log names keys by
+// key_hash only and never prints a raw Idempotency-Key, a request body or
+// an API key.
+func TestLogsNeverShowKeys(t *testing.T) {
+	tr := driveTraffic(t)
+	tr.p.stop()
+	log := tr.p.logText()
+	// The log did report the events, so their absence below means
+	// something.
+	for _, want := range []string{"outcome=replayed", "outcome=mismatch", "outcome=in_flight",
+		"webhook processing failed", "lease lost", "store failed, request refused",
+		"webhook store failed", "key_hash="} {
+		assert.Contains(t, log, want)
+	}
+	for _, key := range tr.keys {
+		assert.NotContains(t, log, key, "a raw Idempotency-Key in the log")
+	}
+	for _, marker := range tr.markers {
+		assert.NotContains(t, log, marker, "a request body in the log")
+	}
+	assert.NotContains(t, log, trafficAPIKey, "an API key in the log")
+}
