@@ -14,28 +14,7 @@ import (
 	"github.com/stretchr/testify/require"
 )
 
-// The end-to-end tests written before the service authenticated clients
-// send no Authorization header through the helpers do and createVenue;
-// devKeyTransport sends tenant-a's development key for them. Tests about
-// authentication use bareClient, which adds nothing.
-func init() {
-	http.DefaultClient = &http.Client{Transport: devKeyTransport{http.DefaultTransport}}
-}
-
-type devKeyTransport struct{ next http.RoundTripper }
-
-func (t devKeyTransport) RoundTrip(r *http.Request) (*http.Response, error) {
-	if r.Header.Get("Authorization") == "" {
-		r = r.Clone(r.Context())
-		r.Header.Set("Authorization", "Bearer dev-key-a")
-	}
-	return t.next.RoundTrip(r)
-}
-
-// bareClient sends requests as they are.
-var bareClient = &http.Client{Transport: http.DefaultTransport}
-
-// doBare is do without the development key unless header sets one.
+// doBare sends a request with no credentials but those header sets.
 func doBare(t *testing.T, method, url, body string, header ...string) response {
 	t.Helper()
 	req, err := http.NewRequest(method, url, strings.NewReader(body))
@@ -46,7 +25,7 @@ func doBare(t *testing.T, method, url, body string, header ...string) response {
 	for i := 0; i+1 < len(header); i += 2 {
 		req.Header.Set(header[i], header[i+1])
 	}
-	resp, err := bareClient.Do(req)
+	resp, err := http.DefaultClient.Do(req)
 	require.NoError(t, err)
 	defer resp.Body.Close()
 	b, err := io.ReadAll(resp.Body)

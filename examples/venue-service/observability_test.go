@@ -80,7 +80,8 @@ func driveTraffic(t *testing.T) traffic {
 	}
 	require.Equal(t, http.StatusUnprocessableEntity, p.createVenue(key, newVenue(), tenant...).status)
 
-	// Concurrent duplicates: one 201, the others 409 while it runs.
+	// Concurrent duplicates that ask not to wait (Prefer: wait=0): one
+	// 201, the others 409 while it runs.
 	key, venue = newKey(), newVenue()
 	var wg sync.WaitGroup
 	statuses := make([]int, 3)
@@ -88,7 +89,7 @@ func driveTraffic(t *testing.T) traffic {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			statuses[i] = p.createVenue(key, venue, tenant...).status
+			statuses[i] = p.createVenue(key, venue, append([]string{"Prefer", "wait=0"}, tenant...)...).status
 		}()
 	}
 	wg.Wait()
