@@ -196,7 +196,8 @@ func WithObserver(observe func(ctx context.Context, r Report)) Option {
 // failures, lost leases, requests served unprotected, failed webhook
 // functions. It never logs an Idempotency-Key, which would let a reader
 // fetch the stored response, only key_hash, the first 16 hex digits of
-// its SHA-256. Shared. Default: nil, silent.
+// its SHA-256. A webhook function's error is logged as its text: keep
+// payloads and secrets out of it. Shared. Default: nil, silent.
 func WithLogger(l *slog.Logger) Option {
 	return option("WithLogger", forBoth, func(s *settings) error {
 		s.logger = l
