@@ -12,6 +12,7 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/seed70ea8305/idempotency"
+	"github.com/seed70ea8305/idempotency/internal/benchtest"
 	"github.com/seed70ea8305/idempotency/internal/redistest"
 )
 
@@ -44,18 +45,18 @@ func BenchmarkMemoryOverhead(b *testing.B) {
 	bare := allocHandler()
 	h := newMiddleware(b, idempotency.NewMemoryStore()).Handler(allocHandler())
 	serve(h, allocRequest("replay"))
-	keys := benchKeys("first-", b.N)
+	keys := benchtest.Keys("first-", b.N)
 	var base, first, replay time.Duration
 	b.ResetTimer()
 	for i := range b.N {
-		base += timed(func() { bare.ServeHTTP(httptest.NewRecorder(), allocRequest(keys[i])) })
-		first += timed(func() { h.ServeHTTP(httptest.NewRecorder(), allocRequest(keys[i])) })
-		replay += timed(func() { h.ServeHTTP(httptest.NewRecorder(), allocRequest("replay")) })
+		base += benchtest.Timed(func() { bare.ServeHTTP(httptest.NewRecorder(), allocRequest(keys[i])) })
+		first += benchtest.Timed(func() { h.ServeHTTP(httptest.NewRecorder(), allocRequest(keys[i])) })
+		replay += benchtest.Timed(func() { h.ServeHTTP(httptest.NewRecorder(), allocRequest("replay")) })
 	}
 	n := float64(b.N)
-	b.ReportMetric(micros(base)/n, "bare-µs")
-	b.ReportMetric(micros(first-base)/n, "first-over-bare-µs")
-	b.ReportMetric(micros(replay-base)/n, "replay-over-bare-µs")
+	b.ReportMetric(benchtest.Micros(base)/n, "bare-µs")
+	b.ReportMetric(benchtest.Micros(first-base)/n, "first-over-bare-µs")
+	b.ReportMetric(benchtest.Micros(replay-base)/n, "replay-over-bare-µs")
 }
 
 // benchRedisClient is a go-redis client as the README recommends it:
@@ -108,12 +109,12 @@ func BenchmarkRedisOverhead(b *testing.B) {
 	if err := rawComplete.Load(ctx, client).Err(); err != nil {
 		b.Fatal(err)
 	}
-	keys := benchKeys("first-", b.N)
+	keys := benchtest.Keys("first-", b.N)
 	var floorFirst, first, floorReplay, replay time.Duration
 	b.ResetTimer()
 	for i := range b.N {
 		raw := prefix + "raw:" + keys[i]
-		floorFirst += timed(func() {
+		floorFirst += benchtest.Timed(func() {
 			bare.ServeHTTP(httptest.NewRecorder(), allocRequest(keys[i]))
 			if err := client.SetArgs(ctx, raw, claim, redis.SetArgs{Mode: "NX", TTL: time.Minute, Get: true}).Err(); err != redis.Nil {
 				b.Fatal(err)
@@ -122,20 +123,20 @@ func BenchmarkRedisOverhead(b *testing.B) {
 				b.Fatal(err)
 			}
 		})
-		first += timed(func() { h.ServeHTTP(httptest.NewRecorder(), allocRequest(keys[i])) })
-		floorReplay += timed(func() {
+		first += benchtest.Timed(func() { h.ServeHTTP(httptest.NewRecorder(), allocRequest(keys[i])) })
+		floorReplay += benchtest.Timed(func() {
 			bare.ServeHTTP(httptest.NewRecorder(), allocRequest("replay"))
 			if err := client.SetArgs(ctx, raw, claim, redis.SetArgs{Mode: "NX", TTL: time.Minute, Get: true}).Err(); err != nil {
 				b.Fatal(err)
 			}
 		})
-		replay += timed(func() { h.ServeHTTP(httptest.NewRecorder(), allocRequest("replay")) })
+		replay += benchtest.Timed(func() { h.ServeHTTP(httptest.NewRecorder(), allocRequest("replay")) })
 	}
 	n := float64(b.N)
-	b.ReportMetric(micros(floorFirst)/n, "floor-first-µs")
-	b.ReportMetric(micros(first-floorFirst)/n, "first-over-floor-µs")
-	b.ReportMetric(micros(floorReplay)/n, "floor-replay-µs")
-	b.ReportMetric(micros(replay-floorReplay)/n, "replay-over-floor-µs")
+	b.ReportMetric(benchtest.Micros(floorFirst)/n, "floor-first-µs")
+	b.ReportMetric(benchtest.Micros(first-floorFirst)/n, "first-over-floor-µs")
+	b.ReportMetric(benchtest.Micros(floorReplay)/n, "floor-replay-µs")
+	b.ReportMetric(benchtest.Micros(replay-floorReplay)/n, "replay-over-floor-µs")
 }
 
 func benchmarkStore(b *testing.B, store idempotency.Store) {
@@ -143,7 +144,7 @@ func benchmarkStore(b *testing.B, store idempotency.Store) {
 	var seq atomic.Int64
 
 	b.Run("first", func(b *testing.B) {
-		keys := benchKeys("first-"+strconv.FormatInt(seq.Add(1), 10)+"-", b.N)
+		keys := benchtest.Keys("first-"+strconv.FormatInt(seq.Add(1), 10)+"-", b.N)
 		b.ReportAllocs()
 		b.ResetTimer()
 		for i := range b.N {
@@ -170,21 +171,3 @@ func benchmarkStore(b *testing.B, store idempotency.Store) {
 		})
 	})
 }
-
-// benchKeys makes the keys beforehand, so that making them is not timed.
-func benchKeys(prefix string, n int) []string {
-	run := strconv.FormatInt(time.Now().UnixNano(), 36) + "-"
-	keys := make([]string, n)
-	for i := range keys {
-		keys[i] = prefix + run + strconv.Itoa(i)
-	}
-	return keys
-}
-
-func timed(f func()) time.Duration {
-	start := time.Now()
-	f()
-	return time.Since(start)
-}
-
-func micros(d time.Duration) float64 { return float64(d) / float64(time.Microsecond) }

@@ -4,10 +4,11 @@ import (
 	"context"
 	"net/http"
 	"net/http/httptest"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/seed70ea8305/idempotency/internal/benchtest"
 )
 
 // Benchmarks of the middleware on PostgreSQL. Run:
@@ -37,27 +38,10 @@ func benchRequest(key string) *http.Request {
 	return r
 }
 
-func benchKeys(prefix string, n int) []string {
-	run := strconv.FormatInt(time.Now().UnixNano(), 36) + "-"
-	keys := make([]string, n)
-	for i := range keys {
-		keys[i] = prefix + run + strconv.Itoa(i)
-	}
-	return keys
-}
-
-func timed(f func()) time.Duration {
-	start := time.Now()
-	f()
-	return time.Since(start)
-}
-
-func micros(d time.Duration) float64 { return float64(d) / float64(time.Microsecond) }
-
 func BenchmarkPostgres(b *testing.B) {
 	h := newMiddleware(b, newStore(b, testPool(b))).Handler(benchHandler())
 	b.Run("first", func(b *testing.B) {
-		keys := benchKeys("first-", b.N)
+		keys := benchtest.Keys("first-", b.N)
 		b.ReportAllocs()
 		b.ResetTimer()
 		for i := range b.N {
@@ -94,7 +78,7 @@ func BenchmarkPostgresOverhead(b *testing.B) {
 	)
 	h := newMiddleware(b, newStore(b, pool)).Handler(benchHandler())
 	h.ServeHTTP(httptest.NewRecorder(), benchRequest("replay"))
-	keys := benchKeys("first-", b.N)
+	keys := benchtest.Keys("first-", b.N)
 	bare := func(sql string, args ...any) {
 		if _, err := pool.Exec(ctx, sql, args...); err != nil {
 			b.Fatal(err)
@@ -106,14 +90,14 @@ func BenchmarkPostgresOverhead(b *testing.B) {
 	b.ResetTimer()
 	for i := range b.N {
 		key := []byte(keys[i])
-		floorFirst += timed(func() { bare(claim, key); bare(complete, key, benchBody) })
-		first += timed(func() { h.ServeHTTP(httptest.NewRecorder(), benchRequest(keys[i])) })
-		floorReplay += timed(func() { bare(claim, key) })
-		replay += timed(func() { h.ServeHTTP(httptest.NewRecorder(), benchRequest("replay")) })
+		floorFirst += benchtest.Timed(func() { bare(claim, key); bare(complete, key, benchBody) })
+		first += benchtest.Timed(func() { h.ServeHTTP(httptest.NewRecorder(), benchRequest(keys[i])) })
+		floorReplay += benchtest.Timed(func() { bare(claim, key) })
+		replay += benchtest.Timed(func() { h.ServeHTTP(httptest.NewRecorder(), benchRequest("replay")) })
 	}
 	n := float64(b.N)
-	b.ReportMetric(micros(floorFirst)/n, "floor-first-µs")
-	b.ReportMetric(micros(first-floorFirst)/n, "first-over-floor-µs")
-	b.ReportMetric(micros(floorReplay)/n, "floor-replay-µs")
-	b.ReportMetric(micros(replay-floorReplay)/n, "replay-over-floor-µs")
+	b.ReportMetric(benchtest.Micros(floorFirst)/n, "floor-first-µs")
+	b.ReportMetric(benchtest.Micros(first-floorFirst)/n, "first-over-floor-µs")
+	b.ReportMetric(benchtest.Micros(floorReplay)/n, "floor-replay-µs")
+	b.ReportMetric(benchtest.Micros(replay-floorReplay)/n, "replay-over-floor-µs")
 }
