@@ -42,15 +42,23 @@ func newEngine(store Store, s *settings, keepFailures bool) *engine {
 // isInstant reports whether store is a [MemoryStore], possibly inside
 // wrappers (metrics, tracing) that give the store they wrap with Unwrap.
 func isInstant(store Store) bool {
+	_, ok := findStore[*MemoryStore](store)
+	return ok
+}
+
+// findStore returns store, or the first store inside it (through the
+// Unwrap of wrappers such as the metrics' store) that is a T.
+func findStore[T any](store Store) (T, bool) {
 	for {
-		switch s := store.(type) {
-		case *MemoryStore:
-			return true
-		case interface{ Unwrap() Store }:
-			store = s.Unwrap()
-		default:
-			return false
+		if t, ok := store.(T); ok {
+			return t, true
 		}
+		u, ok := store.(interface{ Unwrap() Store })
+		if !ok {
+			var zero T
+			return zero, false
+		}
+		store = u.Unwrap()
 	}
 }
 

@@ -116,7 +116,7 @@ func (e *engine) wait(ctx context.Context, key string, claim Record, existing *R
 
 	var wake <-chan struct{}
 	poll := time.Duration(0)
-	if w, ok := e.store.(waker); !ok {
+	if w, ok := findStore[waker](e.store); !ok {
 		// A store without wake-ups (one from another package) is re-read
 		// at a modest pace instead.
 		poll = fallbackPoll
