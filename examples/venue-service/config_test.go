@@ -16,7 +16,7 @@ import (
 )
 
 // settingsEnv are the environment variables the service reads.
-var settingsEnv = []string{"ADDR", "REDIS_URL", "STRIPE_WEBHOOK_SECRET", "API_KEYS", "STRIPE_SECRET_KEY",
+var settingsEnv = []string{"ADDR", "REDIS_URL", "DATABASE_URL", "STRIPE_WEBHOOK_SECRET", "API_KEYS", "STRIPE_SECRET_KEY",
 	"FAKE_STRIPE_LATENCY", "CHAOS_FAIL_AFTER_STRIPE"}
 
 // runBinary runs the binary to its end with args and, of the settings,
@@ -59,11 +59,11 @@ func contains(list []string, s string) bool {
 // and the subcommands, on stdout, and exits 0.
 func TestHelp(t *testing.T) {
 	var flags []string
-	var a, b, c, d string
-	for _, o := range options(&a, &b, &c, &d) {
+	var a, b, c, d, e string
+	for _, o := range options(&a, &b, &c, &d, &e) {
 		flags = append(flags, o.flag)
 	}
-	assert.Equal(t, []string{"addr", "redis", "webhook-secret", "api-keys"}, flags, "the flags; update the test's list when adding one")
+	assert.Equal(t, []string{"addr", "redis", "database-url", "webhook-secret", "api-keys"}, flags, "the flags; update the test's list when adding one")
 
 	for _, arg := range []string{"-h", "-help", "--help"} {
 		stdout, stderr, code := runBinary(t, nil, arg)
@@ -74,6 +74,7 @@ func TestHelp(t *testing.T) {
 		for _, want := range []string{
 			"-addr, env ADDR (default: 127.0.0.1:8080)",
 			"-redis, env REDIS_URL (default: unset)",
+			"-database-url, env DATABASE_URL (default: unset)",
 			"-webhook-secret, env STRIPE_WEBHOOK_SECRET (default: unset)",
 			"unset: whsec_dev_secret with the fake Stripe, required with STRIPE_SECRET_KEY",
 			"-api-keys, env API_KEYS (default: unset)",

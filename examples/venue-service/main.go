@@ -15,9 +15,10 @@
 //
 // Without STRIPE_SECRET_KEY it talks to an in-process fake of Stripe's API
 // (package stripefake) with public development credentials; with it, it
-// refuses to start without STRIPE_WEBHOOK_SECRET and API_KEYS. Without
-// REDIS_URL it keeps idempotency records in memory. `venue-service -h`
-// lists every setting.
+// refuses to start without STRIPE_WEBHOOK_SECRET and API_KEYS. With
+// DATABASE_URL the venues and the idempotency records live in PostgreSQL;
+// with REDIS_URL the records live in Redis; else both stay in memory.
+// `venue-service -h` lists every setting.
 //
 // Run it with `go run ./examples/venue-service`; `go run
 // ./examples/venue-service sign < event.json` prints a Stripe-Signature
@@ -43,6 +44,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/redis/go-redis/v9"
@@ -55,6 +57,7 @@ import (
 
 	"github.com/seed70ea8305/idempotency"
 	"github.com/seed70ea8305/idempotency/idemotel"
+	"github.com/seed70ea8305/idempotency/pgstore"
 	"github.com/seed70ea8305/idempotency/stripefake"
 )
 
@@ -68,6 +71,7 @@ const (
 type config struct {
 	addr            string
 	redisURL        string
+	databaseURL     string
 	webhookSecret   string
 	apiKeys         apiKeys
 	stripeSecretKey string
@@ -85,10 +89,11 @@ type option struct {
 	value                *string
 }
 
-func options(webhookSecret, apiKeys, addr, redisURL *string) []option {
+func options(webhookSecret, apiKeys, addr, redisURL, databaseURL *string) []option {
 	return []option{
 		{"addr", "ADDR", "127.0.0.1:8080", "listen address", addr},
 		{"redis", "REDIS_URL", "", "Redis URL, e.g. redis://127.0.0.1:6379/0; unset: records in memory, forgotten on restart", redisURL},
+		{"database-url", "DATABASE_URL", "", "PostgreSQL URL, e.g. postgres://user@host/db: the venues and the idempotency records in PostgreSQL (tables created at start), kept across restarts; not with -redis", databaseURL},
 		{"webhook-secret", "STRIPE_WEBHOOK_SECRET", "", "Stripe webhook signing secret (whsec_...); unset: " + devWebhookSecret + " with the fake Stripe, required with STRIPE_SECRET_KEY", webhookSecret},
 		{"api-keys", "API_KEYS", "", "client API keys and their tenants, as key:tenant,key:tenant; unset: " + devAPIKeys + " with the fake Stripe, required with STRIPE_SECRET_KEY", apiKeys},
 	}
@@ -96,7 +101,7 @@ func options(webhookSecret, apiKeys, addr, redisURL *string) []option {
 
 // usage is the text of -h.
 func usage(w io.Writer) {
-	var a, b, c, d string
+	var a, b, c, d, e string
 	fmt.Fprint(w, `Usage:
   venue-service [flags]
       serve the venue API
@@ -108,7 +113,7 @@ func usage(w io.Writer) {
 
 Flags (a flag wins over its environment variable):
 `)
-	for _, o := range options(&a, &b, &c, &d) {
+	for _, o := range options(&a, &b, &c, &d, &e) {
 		def := "unset"
 		if o.def != "" {
 			def = o.def
@@ -188,7 +193,7 @@ func loadConfig(args []string, getenv func(string) string) (config, error) {
 	fs.SetOutput(io.Discard) // main prints the usage or the error
 	cfg := config{shutdownTimeout: 15 * time.Second}
 	var webhookSecret, apiKeysText string
-	for _, o := range options(&webhookSecret, &apiKeysText, &cfg.addr, &cfg.redisURL) {
+	for _, o := range options(&webhookSecret, &apiKeysText, &cfg.addr, &cfg.redisURL, &cfg.databaseURL) {
 		def := o.def
 		if v := getenv(o.env); v != "" {
 			def = v
@@ -200,6 +205,9 @@ func loadConfig(args []string, getenv func(string) string) (config, error) {
 	}
 	if fs.NArg() > 0 {
 		return cfg, fmt.Errorf("unexpected arguments %q (the only subcommand is sign)", fs.Args())
+	}
+	if cfg.redisURL != "" && cfg.databaseURL != "" {
+		return cfg, errors.New("REDIS_URL (-redis) and DATABASE_URL (-database-url) are both set: choose where the records live")
 	}
 	cfg.stripeSecretKey = getenv("STRIPE_SECRET_KEY")
 	test, err := loadTestSwitches(getenv)
@@ -236,7 +244,7 @@ func loadConfig(args []string, getenv func(string) string) (config, error) {
 
 // run serves until ctx is cancelled, then lets in-flight requests finish.
 func run(ctx context.Context, cfg config, logger *slog.Logger) error {
-	store, storeName, closeStore, err := openStore(ctx, cfg.redisURL)
+	store, venues, storeName, closeStore, err := openStore(ctx, cfg, logger)
 	if err != nil {
 		return err
 	}
@@ -251,7 +259,7 @@ func run(ctx context.Context, cfg config, logger *slog.Logger) error {
 	}
 	defer closeMetrics()
 
-	svc := newService(stripeClient, cfg.apiKeys, logger)
+	svc := newService(stripeClient, venues, cfg.apiKeys, logger)
 	cfg.test.apply(svc)
 	handler, err := svc.routes(store, cfg.webhookSecret, metrics, metricsHandler)
 	if err != nil {
@@ -311,11 +319,60 @@ func run(ctx context.Context, cfg config, logger *slog.Logger) error {
 	return nil
 }
 
-// openStore returns the Redis store when url is set, else the memory store.
-func openStore(ctx context.Context, url string) (idempotency.Store, string, func(), error) {
-	if url == "" {
-		return idempotency.NewMemoryStore(), "memory", func() {}, nil
+// openStore returns where the idempotency records and the venues live:
+// PostgreSQL (both) with DATABASE_URL, Redis (the records) with
+// REDIS_URL, else memory.
+func openStore(ctx context.Context, cfg config, logger *slog.Logger) (idempotency.Store, venueStore, string, func(), error) {
+	switch {
+	case cfg.databaseURL != "":
+		return openPostgres(ctx, cfg.databaseURL, logger)
+	case cfg.redisURL != "":
+		store, name, closeStore, err := openRedis(ctx, cfg.redisURL)
+		return store, &memoryVenues{}, name, closeStore, err
 	}
+	return idempotency.NewMemoryStore(), &memoryVenues{}, "memory", func() {}, nil
+}
+
+// openPostgres connects, creates the tables (pgstore's and the venues'),
+// and starts the cleanup of expired records, which stops with closing.
+func openPostgres(ctx context.Context, url string, logger *slog.Logger) (idempotency.Store, venueStore, string, func(), error) {
+	pool, err := pgxpool.New(ctx, url)
+	if err != nil {
+		return nil, nil, "", nil, fmt.Errorf("DATABASE_URL: %w", err)
+	}
+	setupCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	if err := pgstore.Migrate(setupCtx, pool); err != nil {
+		pool.Close()
+		return nil, nil, "", nil, fmt.Errorf("migrating the idempotency tables: %w", err)
+	}
+	if err := migrateVenues(setupCtx, pool); err != nil {
+		pool.Close()
+		return nil, nil, "", nil, fmt.Errorf("creating the venues table: %w", err)
+	}
+	store, err := pgstore.New(pool, pgstore.WithLogger(logger))
+	if err != nil {
+		pool.Close()
+		return nil, nil, "", nil, err
+	}
+	cleanupCtx, stopCleanup := context.WithCancel(context.WithoutCancel(ctx))
+	cleaned := make(chan struct{})
+	go func() {
+		defer close(cleaned)
+		if err := store.RunCleanup(cleanupCtx, time.Minute, 1000); err != nil {
+			logger.Warn("cleanup of expired idempotency records stopped", "error", err)
+		}
+	}()
+	closeAll := func() {
+		stopCleanup()
+		<-cleaned
+		pool.Close()
+	}
+	return store, pgVenues{pool}, "postgres " + pool.Config().ConnConfig.Host, closeAll, nil
+}
+
+// openRedis returns the Redis store for url.
+func openRedis(ctx context.Context, url string) (idempotency.Store, string, func(), error) {
 	opt, err := redis.ParseURL(url)
 	if err != nil {
 		return nil, "", nil, fmt.Errorf("REDIS_URL: %w", err)

@@ -2,10 +2,10 @@ package main
 
 import (
 	"context"
-	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net/http"
@@ -32,7 +32,7 @@ type Venue struct {
 }
 
 // service holds the venues and the counters behind GET /stats. Venues live
-// in memory: the example is about idempotency, not persistence.
+// in memory, or in PostgreSQL with DATABASE_URL.
 type service struct {
 	stripe  *client.API
 	apiKeys apiKeys
@@ -41,9 +41,9 @@ type service struct {
 	// to fail there (the test switch CHAOS_FAIL_AFTER_STRIPE).
 	failAfterStripe func() bool
 
+	venues venueStore
+
 	mu             sync.Mutex
-	venues         []*Venue
-	bySlug         map[tenantSlug]*Venue
 	stripeAccounts map[string]bool // distinct accounts Stripe returned
 
 	venuesCreated     atomic.Int64
@@ -51,15 +51,12 @@ type service struct {
 	webhookDuplicates atomic.Int64
 }
 
-// tenantSlug is a slug within a tenant: each tenant has its own slugs.
-type tenantSlug struct{ tenant, slug string }
-
-func newService(stripeClient *client.API, keys apiKeys, logger *slog.Logger) *service {
+func newService(stripeClient *client.API, venues venueStore, keys apiKeys, logger *slog.Logger) *service {
 	return &service{
 		stripe:         stripeClient,
+		venues:         venues,
 		apiKeys:        keys,
 		logger:         logger,
-		bySlug:         make(map[tenantSlug]*Venue),
 		stripeAccounts: make(map[string]bool),
 	}
 }
@@ -67,8 +64,7 @@ func newService(stripeClient *client.API, keys apiKeys, logger *slog.Logger) *se
 // routes wires the handlers, the idempotency middleware and the webhook
 // helper onto one mux, with the library's metrics behind GET /metrics.
 func (s *service) routes(store idempotency.Store, webhookSecret string, metrics *idemotel.Metrics, metricsHandler http.Handler) (http.Handler, error) {
-	// Time every store call. (A wrapped MemoryStore gets the store timeout
-	// like any other store: a timer per call, a few hundred nanoseconds.)
+	// Time every store call.
 	store = metrics.Store(store)
 	mw, err := idempotency.New(store,
 		// Records belong to the authenticated tenant (s.authenticate runs
@@ -138,7 +134,11 @@ func (s *service) createVenue(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	tenant := tenantFrom(r.Context())
-	if s.slugTaken(tenant, in.Slug) {
+	switch taken, err := s.venues.list(r.Context(), tenant, in.Slug); {
+	case err != nil:
+		s.internalError(w, r, "reading the venues", err)
+		return
+	case len(taken) > 0:
 		writeProblem(w, http.StatusConflict, "Slug taken", fmt.Sprintf("another venue already uses the slug %q", in.Slug))
 		return
 	}
@@ -172,66 +172,50 @@ func (s *service) createVenue(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 
-	venue, err := s.saveVenue(tenant, in.Name, in.Slug, account.ID)
-	if err != nil {
-		writeProblem(w, http.StatusConflict, "Slug taken", err.Error())
+	venue := Venue{ID: newVenueID(), Tenant: tenant, Name: in.Name, Slug: in.Slug, StripeAccountID: account.ID}
+	switch err := s.venues.save(r.Context(), venue); {
+	case errors.Is(err, errSlugTaken):
+		writeProblem(w, http.StatusConflict, "Slug taken", fmt.Sprintf("another venue already uses the slug %q", in.Slug))
+		return
+	case err != nil:
+		// 500: retryable, so the middleware frees the key; the retry gets
+		// the same Stripe account back through its derived key.
+		s.internalError(w, r, "saving the venue", err)
 		return
 	}
+	s.venuesCreated.Add(1)
 	w.Header().Set("Location", "/venues/"+venue.ID)
 	writeJSON(w, http.StatusCreated, venue)
 }
 
-func (s *service) slugTaken(tenant, slug string) bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.bySlug[tenantSlug{tenant, slug}] != nil
-}
-
-func (s *service) saveVenue(tenant, name, slug, accountID string) (Venue, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.bySlug[tenantSlug{tenant, slug}] != nil {
-		return Venue{}, fmt.Errorf("another venue already uses the slug %q", slug)
-	}
-	v := &Venue{ID: "ven_" + strings.ToLower(rand.Text()[:16]), Tenant: tenant, Name: name, Slug: slug, StripeAccountID: accountID}
-	s.venues = append(s.venues, v)
-	s.bySlug[tenantSlug{tenant, slug}] = v
-	s.venuesCreated.Add(1)
-	return *v, nil
+// internalError answers 500 and logs why.
+func (s *service) internalError(w http.ResponseWriter, r *http.Request, what string, err error) {
+	s.logger.ErrorContext(r.Context(), what, "error", err)
+	writeProblem(w, http.StatusInternalServerError, "Internal error", "")
 }
 
 // listVenues answers GET /venues: the tenant's venues, oldest first; with
 // ?slug=, only the venue with that slug.
 func (s *service) listVenues(w http.ResponseWriter, r *http.Request) {
-	tenant, slug := tenantFrom(r.Context()), r.URL.Query().Get("slug")
-	s.mu.Lock()
-	out := make([]Venue, 0, len(s.venues))
-	for _, v := range s.venues {
-		if v.Tenant == tenant && (slug == "" || v.Slug == slug) {
-			out = append(out, *v)
-		}
+	out, err := s.venues.list(r.Context(), tenantFrom(r.Context()), r.URL.Query().Get("slug"))
+	if err != nil {
+		s.internalError(w, r, "listing the venues", err)
+		return
 	}
-	s.mu.Unlock()
 	writeJSON(w, http.StatusOK, out)
 }
 
 // getVenue answers GET /venues/{id}, the Location of a created venue.
 func (s *service) getVenue(w http.ResponseWriter, r *http.Request) {
-	tenant, id := tenantFrom(r.Context()), r.PathValue("id")
-	s.mu.Lock()
-	var found *Venue
-	for _, v := range s.venues {
-		if v.Tenant == tenant && v.ID == id {
-			c := *v
-			found = &c
-		}
-	}
-	s.mu.Unlock()
-	if found == nil {
+	v, found, err := s.venues.get(r.Context(), tenantFrom(r.Context()), r.PathValue("id"))
+	switch {
+	case err != nil:
+		s.internalError(w, r, "reading the venue", err)
+	case !found:
 		writeProblem(w, http.StatusNotFound, "No such venue", "")
-		return
+	default:
+		writeJSON(w, http.StatusOK, v)
 	}
-	writeJSON(w, http.StatusOK, found)
 }
 
 // handleEvent is the webhook function: the library has verified the
@@ -245,15 +229,13 @@ func (s *service) handleEvent(ctx context.Context, event stripe.Event) error {
 	if err := json.Unmarshal(event.Data.Raw, &account); err != nil {
 		return fmt.Errorf("account.updated %s: %w", event.ID, err)
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	for _, v := range s.venues {
-		if v.StripeAccountID == account.ID {
-			v.ChargesEnabled = account.ChargesEnabled
-			return nil
-		}
+	found, err := s.venues.setChargesEnabled(ctx, account.ID, account.ChargesEnabled)
+	if err != nil {
+		return fmt.Errorf("account.updated %s: %w", event.ID, err)
 	}
-	s.logger.InfoContext(ctx, "account.updated for an account no venue uses", "event", event.ID, "stripe_account_id", account.ID)
+	if !found {
+		s.logger.InfoContext(ctx, "account.updated for an account no venue uses", "event", event.ID, "stripe_account_id", account.ID)
+	}
 	return nil
 }
 
