@@ -12,14 +12,29 @@ import (
 // invalid option makes New or Migrate fail. The zero Option is invalid.
 type Option struct {
 	name  string
+	use   uses // the constructors that take it
 	apply func(*config) error
 }
 
+// uses is a set of the constructors an [Option] applies to.
+type uses uint8
+
+const (
+	forStore  uses = 1 << iota // New, Migrate
+	forInbox                   // NewInbox
+	forWorker                  // NewWorker
+	forAdmin                   // (*Inbox).AdminHandler
+	forAll    = forStore | forInbox | forWorker | forAdmin
+)
+
 // config is what the options set.
 type config struct {
-	schema      string
-	lockTimeout time.Duration
-	logger      *slog.Logger
+	schema       string
+	lockTimeout  time.Duration
+	logger       *slog.Logger
+	inbox        inboxConfig
+	worker       workerConfig
+	adminRedrive bool
 }
 
 // Defaults.
@@ -30,10 +45,19 @@ const (
 )
 
 func newConfig(opts []Option) (*config, error) {
-	c := &config{lockTimeout: DefaultLockTimeout}
+	return newConfigFor(forStore, opts)
+}
+
+// newConfigFor applies opts for the constructor use, refusing the options
+// that do not apply to it.
+func newConfigFor(use uses, opts []Option) (*config, error) {
+	c := &config{lockTimeout: DefaultLockTimeout, inbox: defaultInboxConfig(), worker: defaultWorkerConfig()}
 	for _, opt := range opts {
 		if opt.apply == nil {
 			return nil, errors.New("pgstore: zero Option")
+		}
+		if opt.use&use == 0 {
+			return nil, fmt.Errorf("pgstore: %s does not apply here", opt.name)
 		}
 		if err := opt.apply(c); err != nil {
 			return nil, fmt.Errorf("pgstore: %s: %w", opt.name, err)
@@ -51,7 +75,7 @@ var schemaName = regexp.MustCompile(`^[a-z_][a-z0-9_]{0,62}$`)
 // tables are named without a schema and found through the search_path
 // (usually "public").
 func WithSchema(schema string) Option {
-	return Option{name: "WithSchema", apply: func(c *config) error {
+	return Option{name: "WithSchema", use: forAll, apply: func(c *config) error {
 		if !schemaName.MatchString(schema) {
 			return fmt.Errorf("schema %q is not a lower-case identifier of at most 63 bytes", schema)
 		}
@@ -69,7 +93,7 @@ func WithSchema(schema string) Option {
 // statement that times out fails with SQLSTATE 55P03, which the middleware
 // answers with 503. At least 1 ms. Default: [DefaultLockTimeout] (500 ms).
 func WithLockTimeout(d time.Duration) Option {
-	return Option{name: "WithLockTimeout", apply: func(c *config) error {
+	return Option{name: "WithLockTimeout", use: forStore, apply: func(c *config) error {
 		if d < time.Millisecond {
 			return fmt.Errorf("lock timeout %v is shorter than 1ms", d)
 		}
@@ -79,9 +103,10 @@ func WithLockTimeout(d time.Duration) Option {
 }
 
 // WithLogger logs, as warnings, the cleanup passes of [Store.RunCleanup]
-// that failed. Default: nil, silent.
+// that failed and, given to [NewWorker], the worker's failed attempts and
+// database errors. Default: nil, silent.
 func WithLogger(l *slog.Logger) Option {
-	return Option{name: "WithLogger", apply: func(c *config) error {
+	return Option{name: "WithLogger", use: forStore | forWorker, apply: func(c *config) error {
 		c.logger = l
 		return nil
 	}}

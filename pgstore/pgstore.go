@@ -33,8 +33,8 @@
 // idempotency_keys holds one row per record key: the claim while the work
 // runs (status in_flight, the owner's token, the lease's end), then the
 // stored response (status completed). idempotency_failures counts the
-// failed attempts of [idempotency.FailureRecorder]. webhook_events is
-// created for the webhook inbox to come and is not used yet. Keys are
+// failed attempts of [idempotency.FailureRecorder]. webhook_events is the
+// webhook inbox's ([Inbox], [Worker]; migration 0002 completes it). Keys are
 // opaque bytes (bytea); the primary key is their SHA-256, so keys of any
 // length fit.
 //
@@ -79,6 +79,30 @@
 //
 // A Store is safe for concurrent use, also from several processes sharing
 // one database; create it with [New].
+//
+// # Webhook inbox
+//
+// [Inbox] is the other way to receive Stripe webhooks: it verifies a
+// delivery as the root's WebhookHandler does, stores the event in
+// webhook_events in one statement and answers 200 at once; [Worker]s then
+// process the stored events, with retries, a dead-letter state, leases
+// and optional per-object ordering. [Inbox.Backfill] feeds the events
+// Stripe failed to deliver, and the operator functions ([Inbox.List],
+// [Inbox.Event], [Inbox.Redrive], [Inbox.Stats], [Inbox.AdminHandler])
+// show and redrive them:
+//
+//	inbox, err := pgstore.NewInbox(pool, []string{os.Getenv("STRIPE_WEBHOOK_SECRET")})
+//	if err != nil {
+//		return err
+//	}
+//	mux.Handle("POST /stripe/webhook", inbox)
+//	worker, err := pgstore.NewWorker(pool, func(ctx context.Context, ev stripe.Event) error {
+//		return handle(ctx, ev)
+//	}, pgstore.WithConcurrency(4))
+//	if err != nil {
+//		return err
+//	}
+//	go worker.Run(ctx) // until ctx ends
 package pgstore
 
 import (

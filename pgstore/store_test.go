@@ -121,7 +121,10 @@ func TestMigrateConcurrentAndIdempotent(t *testing.T) {
 		require.NoError(t, err)
 	}
 	require.NoError(t, pgstore.Migrate(context.Background(), pool), "again")
-	assert.Equal(t, 1, count(t, pool, "SELECT count(*) FROM idempotency_schema_migrations"))
+	files, err := fs.Glob(pgstore.Migrations(), "*.sql")
+	require.NoError(t, err)
+	assert.Len(t, files, 2)
+	assert.Equal(t, len(files), count(t, pool, "SELECT count(*) FROM idempotency_schema_migrations"))
 	for _, table := range []string{"idempotency_keys", "idempotency_failures", "webhook_events"} {
 		assert.Equal(t, 0, count(t, pool, "SELECT count(*) FROM "+table), table)
 	}

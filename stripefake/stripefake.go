@@ -13,7 +13,9 @@
 //     connected account ([Transfer]); the destination must exist;
 //   - GET /v1/events, GET /v1/events/{id}: the events the fake emitted
 //     ([Event]), newest first, with the type, limit and starting_after
-//     parameters, as stripe-go's iterator uses them.
+//     parameters, as stripe-go's iterator uses them, and the
+//     delivery_success and created[gt|gte|lt|lte] filters (see
+//     [Fake.SetDelivered]).
 //
 // Parameters arrive form-encoded, as stripe-go sends them; unknown
 // parameters are accepted and ignored. Every request needs an
@@ -222,6 +224,7 @@ type Fake struct {
 	accounts  []*Account
 	transfers []*Transfer
 	events    []*Event
+	delivered map[string]bool // event id: its webhook delivery succeeded
 	keys      map[string]*keyEntry
 	failures  []*Failure
 	requests  int
@@ -238,7 +241,7 @@ type keyEntry struct {
 
 // New returns an empty Fake.
 func New(opts ...Option) *Fake {
-	f := &Fake{keys: make(map[string]*keyEntry)}
+	f := &Fake{keys: make(map[string]*keyEntry), delivered: make(map[string]bool)}
 	for _, opt := range opts {
 		opt(f)
 	}
@@ -419,6 +422,24 @@ func (f *Fake) UpdateAccount(id string, update func(*Account)) (Event, error) {
 	update(a)
 	a.ID = id
 	return *f.emit("account.updated", a, id, ""), nil
+}
+
+// SetDelivered records whether the webhook delivery of the event with the
+// given ID succeeded, for the events list's delivery_success filter: with
+// delivery_success=true it lists the events marked delivered; with
+// delivery_success=false the others (as on Stripe, where an event whose
+// delivery is still pending or failed counts as not delivered). Events
+// start not delivered. It returns false when the fake has no such event.
+func (f *Fake) SetDelivered(eventID string, delivered bool) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, e := range f.events {
+		if e.ID == eventID {
+			f.delivered[eventID] = delivered
+			return true
+		}
+	}
+	return false
 }
 
 // emit records an event about obj; f.mu must be held.
@@ -622,7 +643,8 @@ func (f *Fake) getTransfer(w http.ResponseWriter, r *http.Request) {
 }
 
 // listEvents answers GET /v1/events: newest first, optionally of one type,
-// at most limit (default 10, at most 100), after the event starting_after.
+// of one delivery outcome and in a created range, at most limit (default
+// 10, at most 100), after the event starting_after.
 func (f *Fake) listEvents(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
 	limit := 10
@@ -636,6 +658,35 @@ func (f *Fake) listEvents(w http.ResponseWriter, r *http.Request) {
 		limit = n
 	}
 	typ, after := q.Get("type"), q.Get("starting_after")
+	var delivery *bool
+	switch v := q.Get("delivery_success"); v {
+	case "":
+	case "true", "false":
+		b := v == "true"
+		delivery = &b
+	default:
+		writeError(w, http.StatusBadRequest, apiError{Type: "invalid_request_error", Param: "delivery_success",
+			Message: "Invalid boolean: " + v})
+		return
+	}
+	var bounds [4]*int64 // gt, gte, lt, lte
+	for i, op := range []string{"gt", "gte", "lt", "lte"} {
+		v := q.Get("created[" + op + "]")
+		if v == "" {
+			continue
+		}
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil {
+			writeError(w, http.StatusBadRequest, apiError{Type: "invalid_request_error", Param: "created[" + op + "]",
+				Message: "Invalid integer: " + v})
+			return
+		}
+		bounds[i] = &n
+	}
+	inRange := func(c int64) bool {
+		return (bounds[0] == nil || c > *bounds[0]) && (bounds[1] == nil || c >= *bounds[1]) &&
+			(bounds[2] == nil || c < *bounds[2]) && (bounds[3] == nil || c <= *bounds[3])
+	}
 	f.mu.Lock()
 	data := []json.RawMessage{}
 	hasMore, started := false, after == ""
@@ -645,7 +696,7 @@ func (f *Fake) listEvents(w http.ResponseWriter, r *http.Request) {
 			started = e.ID == after
 			continue
 		}
-		if typ != "" && e.Type != typ {
+		if (typ != "" && e.Type != typ) || !inRange(e.Created) || (delivery != nil && f.delivered[e.ID] != *delivery) {
 			continue
 		}
 		if len(data) == limit {

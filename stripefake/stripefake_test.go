@@ -366,6 +366,49 @@ func TestEvents(t *testing.T) {
 	assert.Equal(t, http.StatusNotFound, stripeErr.HTTPStatusCode)
 }
 
+// TestEventsDeliveryAndCreatedFilters: delivery_success lists the events
+// marked delivered (true) or the others (false); created[...] bounds them.
+func TestEventsDeliveryAndCreatedFilters(t *testing.T) {
+	fake, base := start(t)
+	sc := stripefake.NewClient(base, stripefake.TestAPIKey)
+	acct, err := sc.Accounts.New(accountParams("a@example.com"))
+	require.NoError(t, err)
+	var ids []string
+	for range 3 {
+		ev, err := fake.UpdateAccount(acct.ID, func(a *stripefake.Account) { a.ChargesEnabled = true })
+		require.NoError(t, err)
+		ids = append(ids, ev.ID)
+	}
+	assert.True(t, fake.SetDelivered(ids[1], true))
+	assert.False(t, fake.SetDelivered("evt_missing", true))
+	list := func(p *stripe.EventListParams) []string {
+		var out []string
+		it := sc.Events.List(p)
+		for it.Next() {
+			out = append(out, it.Event().ID)
+		}
+		require.NoError(t, it.Err())
+		return out
+	}
+	assert.Equal(t, []string{ids[2], ids[0]}, list(&stripe.EventListParams{DeliverySuccess: stripe.Bool(false)}))
+	assert.Equal(t, []string{ids[1]}, list(&stripe.EventListParams{DeliverySuccess: stripe.Bool(true)}))
+	now := time.Now().Unix()
+	assert.Len(t, list(&stripe.EventListParams{CreatedRange: &stripe.RangeQueryParams{GreaterThanOrEqual: now - 60}}), 3)
+	assert.Empty(t, list(&stripe.EventListParams{CreatedRange: &stripe.RangeQueryParams{GreaterThan: now + 60}}))
+	assert.Empty(t, list(&stripe.EventListParams{CreatedRange: &stripe.RangeQueryParams{LesserThan: now - 60}}))
+	assert.Len(t, list(&stripe.EventListParams{CreatedRange: &stripe.RangeQueryParams{LesserThanOrEqual: now + 60}}), 3)
+
+	for _, q := range []string{"delivery_success=maybe", "created[gte]=soon"} {
+		req, err := http.NewRequest(http.MethodGet, base+"/v1/events?"+q, nil)
+		require.NoError(t, err)
+		req.Header.Set("Authorization", "Bearer "+stripefake.TestAPIKey)
+		resp, err := http.DefaultClient.Do(req)
+		require.NoError(t, err)
+		resp.Body.Close()
+		assert.Equal(t, http.StatusBadRequest, resp.StatusCode, q)
+	}
+}
+
 func TestEventPayloadVerifiesWithStripeGo(t *testing.T) {
 	fake, base := start(t)
 	sc := stripefake.NewClient(base, stripefake.TestAPIKey)

@@ -1,0 +1,223 @@
+package pgstore_test
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net/http"
+	"sort"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+	"github.com/stripe/stripe-go/v76"
+
+	"github.com/seed70ea8305/idempotency/pgstore"
+	"github.com/seed70ea8305/idempotency/stripefake"
+)
+
+// TestWorkerObjectOrdering: 30 objects with 10 events each, delivered in
+// a shuffled order, then processed by 3 workers (separate pools) of 4
+// goroutines each, with one in four first attempts failing: the events of
+// each object are processed one at a time, in created order.
+func TestWorkerObjectOrdering(t *testing.T) {
+	const objects, perObject = 30, 10
+	env := newInboxEnv(t)
+	base := time.Now().Unix() - 1000
+	type ev struct {
+		id, object string
+		created    int64
+	}
+	var all []ev
+	for o := range objects {
+		for k := range perObject {
+			all = append(all, ev{fmt.Sprintf("evt_%d_%d", o, k), fmt.Sprintf("acct_%d", o), base + int64(k)})
+		}
+	}
+	rand.Shuffle(len(all), func(i, j int) { all[i], all[j] = all[j], all[i] })
+	for _, e := range all {
+		payload := eventPayload(e.id, "account.updated", e.object, e.created)
+		require.Equal(t, http.StatusOK, deliver(env.inbox, payload, sign(payload, whSecret, time.Now())).Code)
+	}
+
+	var mu sync.Mutex
+	running := map[string]string{} // object: event running now
+	done := map[string][]int64{}   // object: created of each success, in order
+	attempts := map[string]int{}   // event: attempts
+	var violations []string
+	fn := func(ctx context.Context, event stripe.Event) error {
+		obj, _ := event.Data.Object["id"].(string)
+		mu.Lock()
+		if other, ok := running[obj]; ok {
+			violations = append(violations, fmt.Sprintf("%s runs while %s runs", event.ID, other))
+		}
+		running[obj] = event.ID
+		attempts[event.ID]++
+		first := attempts[event.ID] == 1
+		mu.Unlock()
+		time.Sleep(time.Millisecond)
+		mu.Lock()
+		defer mu.Unlock()
+		delete(running, obj)
+		if first && rand.IntN(4) == 0 {
+			return errors.New("transient")
+		}
+		done[obj] = append(done[obj], event.Created)
+		return nil
+	}
+	start := time.Now()
+	for range 3 {
+		runWorker(t, newWorker(t, env.newPool(t), fn, pgstore.WithObjectOrdering(), pgstore.WithConcurrency(4),
+			pgstore.WithPollInterval(5*time.Millisecond), pgstore.WithBackoff(5*time.Millisecond, 20*time.Millisecond)))
+	}
+	waitFor(t, 30*time.Second, "every event processed", func() bool { return stats(t, env.inbox).Processed == objects*perObject })
+	t.Logf("%d events of %d objects, 3 workers x 4, ordered: %v", objects*perObject, objects, time.Since(start))
+
+	// Then events arriving while the workers run, each object's in
+	// created order, the objects concurrently.
+	var wg sync.WaitGroup
+	for o := objects; o < 2*objects; o++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for k := range perObject {
+				payload := eventPayload(fmt.Sprintf("evt_%d_%d", o, k), "account.updated", fmt.Sprintf("acct_%d", o), base+int64(k))
+				if w := deliver(env.inbox, payload, sign(payload, whSecret, time.Now())); w.Code != http.StatusOK {
+					t.Errorf("delivery: %d", w.Code)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	waitFor(t, 30*time.Second, "every event processed", func() bool { return stats(t, env.inbox).Processed == 2*objects*perObject })
+	mu.Lock()
+	defer mu.Unlock()
+	require.Empty(t, violations)
+	require.Len(t, done, 2*objects)
+	for obj, created := range done {
+		require.Len(t, created, perObject, obj)
+		require.True(t, sort.SliceIsSorted(created, func(i, j int) bool { return created[i] < created[j] }), "%s: %v", obj, created)
+	}
+}
+
+// TestInboxAdmin: listing, paging, one event, stats, and cleanup.
+func TestInboxAdmin(t *testing.T) {
+	env := newInboxEnv(t)
+	ctx := context.Background()
+	for i := range 5 {
+		typ := "account.updated"
+		if i%2 == 1 {
+			typ = "transfer.created"
+		}
+		payload := eventPayload(fmt.Sprintf("evt_%d", i), typ, "acct_1", time.Now().Unix())
+		require.Equal(t, http.StatusOK, deliver(env.inbox, payload, sign(payload, whSecret, time.Now())).Code)
+	}
+	list, err := env.inbox.List(ctx, pgstore.Filter{Type: "transfer.created"})
+	require.NoError(t, err)
+	require.Len(t, list, 2)
+	page1, err := env.inbox.List(ctx, pgstore.Filter{Limit: 3})
+	require.NoError(t, err)
+	require.Len(t, page1, 3)
+	page2, err := env.inbox.List(ctx, pgstore.Filter{Limit: 3, Before: page1[2].ReceivedAt})
+	require.NoError(t, err)
+	require.Len(t, page2, 2)
+	_, err = env.inbox.List(ctx, pgstore.Filter{Status: "nope"})
+	require.Error(t, err)
+	_, err = env.inbox.Event(ctx, "evt_nope")
+	require.ErrorIs(t, err, pgstore.ErrEventNotFound)
+
+	time.Sleep(20 * time.Millisecond)
+	s := stats(t, env.inbox)
+	require.EqualValues(t, 5, s.Pending)
+	require.GreaterOrEqual(t, s.OldestPending, 20*time.Millisecond)
+
+	h, err := env.inbox.AdminHandler()
+	require.NoError(t, err)
+	w := serveAdmin(h, http.MethodGet, "/stats")
+	require.Equal(t, http.StatusOK, w.Code)
+	var got map[string]any
+	require.NoError(t, json.Unmarshal(w.Body.Bytes(), &got))
+	require.EqualValues(t, 5, got["pending"])
+	w = serveAdmin(h, http.MethodGet, "/events/evt_1")
+	require.Equal(t, http.StatusOK, w.Code)
+	var one pgstore.EventInfo
+	require.NoError(t, json.Unmarshal(w.Body.Bytes(), &one))
+	require.Equal(t, "transfer.created", one.Type)
+	require.NotEmpty(t, one.Payload)
+	require.Equal(t, http.StatusNotFound, serveAdmin(h, http.MethodGet, "/events/evt_nope").Code)
+	require.Equal(t, http.StatusBadRequest, serveAdmin(h, http.MethodGet, "/events?limit=0").Code)
+	require.Equal(t, http.StatusBadRequest, serveAdmin(h, http.MethodGet, "/events?status=x").Code)
+
+	// Cleanup deletes processed events past their expiry only.
+	runWorker(t, newWorker(t, env.newPool(t), func(context.Context, stripe.Event) error { return nil }, pgstore.WithPollInterval(5*time.Millisecond)))
+	waitFor(t, 5*time.Second, "processed", func() bool { return stats(t, env.inbox).Processed == 5 })
+	exec(t, env.pool, "UPDATE webhook_events SET expires_at = now() - interval '1 second' WHERE event_id IN ('evt_0', 'evt_1', 'evt_2')")
+	n, err := env.inbox.DeleteExpired(ctx, 2)
+	require.NoError(t, err)
+	require.Equal(t, 3, n)
+	require.EqualValues(t, 2, stats(t, env.inbox).Processed)
+}
+
+// TestBackfill feeds the events stripefake lists as undelivered into the
+// inbox, idempotently, and the worker processes each once, including one
+// that was also delivered.
+func TestBackfill(t *testing.T) {
+	env := newInboxEnv(t)
+	ctx := context.Background()
+	fake, srv := stripefake.NewServer()
+	defer srv.Close()
+	sc := stripefake.NewClient(srv.URL, stripefake.TestAPIKey)
+	var events []stripefake.Event
+	for range 7 {
+		a, err := sc.Accounts.New(&stripe.AccountParams{Type: stripe.String("express")})
+		require.NoError(t, err)
+		ev, err := fake.UpdateAccount(a.ID, func(a *stripefake.Account) { a.ChargesEnabled = true })
+		require.NoError(t, err)
+		events = append(events, ev)
+	}
+	// Stripe delivered the first two; the third reached us but Stripe
+	// counts it as failed (our answer was lost).
+	for _, ev := range events[:3] {
+		payload := ev.Payload()
+		require.Equal(t, http.StatusOK, deliver(env.inbox, payload, sign(payload, whSecret, time.Now())).Code)
+	}
+	require.True(t, fake.SetDelivered(events[0].ID, true))
+	require.True(t, fake.SetDelivered(events[1].ID, true))
+
+	res, err := env.inbox.Backfill(ctx, sc, time.Time{})
+	require.NoError(t, err)
+	require.Equal(t, pgstore.BackfillResult{Listed: 5, Stored: 4}, res)
+	res, err = env.inbox.Backfill(ctx, sc, time.Now().Add(-time.Hour))
+	require.NoError(t, err)
+	require.Equal(t, pgstore.BackfillResult{Listed: 5}, res)
+	res, err = env.inbox.Backfill(ctx, sc, time.Now().Add(time.Hour))
+	require.NoError(t, err)
+	require.Zero(t, res.Listed)
+
+	var mu sync.Mutex
+	seen := map[string]int{}
+	runWorker(t, newWorker(t, env.newPool(t), func(ctx context.Context, ev stripe.Event) error {
+		mu.Lock()
+		defer mu.Unlock()
+		if ev.Type != "account.updated" || ev.Data.Object["charges_enabled"] != true {
+			return fmt.Errorf("unexpected event %s %v", ev.Type, ev.Data.Object)
+		}
+		seen[ev.ID]++
+		return nil
+	}, pgstore.WithPollInterval(5*time.Millisecond), pgstore.WithConcurrency(3)))
+	waitFor(t, 5*time.Second, "every event processed", func() bool { return stats(t, env.inbox).Processed == 7 })
+	mu.Lock()
+	defer mu.Unlock()
+	require.Len(t, seen, 7)
+	for id, n := range seen {
+		require.Equal(t, 1, n, id)
+	}
+
+	// A Stripe that fails: the error is returned, nothing is stored.
+	fake.Fail(stripefake.Failure{Method: "GET", Path: "/v1/events", Status: 500, Times: 10})
+	_, err = env.inbox.Backfill(ctx, sc, time.Time{})
+	require.Error(t, err)
+}
