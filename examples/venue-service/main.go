@@ -261,9 +261,20 @@ func run(ctx context.Context, cfg config, logger *slog.Logger) error {
 
 	svc := newService(stripeClient, venues, cfg.apiKeys, logger)
 	cfg.test.apply(svc)
-	handler, err := svc.routes(store, cfg.webhookSecret, metrics, metricsHandler)
+	var pool *pgxpool.Pool
+	if pv, ok := venues.(pgVenues); ok {
+		pool = pv.pool
+	}
+	handler, err := svc.routes(store, pool, cfg.webhookSecret, metrics, metricsHandler)
 	if err != nil {
 		return err
+	}
+	if pool != nil {
+		stopWorker, err := startWorker(ctx, pool, svc, logger)
+		if err != nil {
+			return err
+		}
+		defer stopWorker()
 	}
 
 	listener, err := net.Listen("tcp", cfg.addr)
@@ -331,6 +342,30 @@ func openStore(ctx context.Context, cfg config, logger *slog.Logger) (idempotenc
 		return store, &memoryVenues{}, name, closeStore, err
 	}
 	return idempotency.NewMemoryStore(), &memoryVenues{}, "memory", func() {}, nil
+}
+
+// startWorker processes the events the webhook inbox stored, until the
+// returned function is called (after the server stopped taking requests).
+// Failed events are retried after 200 ms, then ever longer up to 5 s, so a
+// demonstration shows the retries quickly; a production service keeps the
+// library's defaults (10 s to 1 h).
+func startWorker(ctx context.Context, pool *pgxpool.Pool, svc *service, logger *slog.Logger) (func(), error) {
+	worker, err := pgstore.NewWorker(pool, svc.handleEvent,
+		pgstore.WithBackoff(200*time.Millisecond, 5*time.Second),
+		pgstore.WithPollInterval(100*time.Millisecond),
+		pgstore.WithLogger(logger))
+	if err != nil {
+		return nil, err
+	}
+	workerCtx, stop := context.WithCancel(context.WithoutCancel(ctx))
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := worker.Run(workerCtx); err != nil {
+			logger.Error("the webhook inbox worker stopped", "error", err)
+		}
+	}()
+	return func() { stop(); <-done }, nil
 }
 
 // openPostgres connects, creates the tables (pgstore's and the venues'),

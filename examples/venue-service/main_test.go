@@ -150,6 +150,7 @@ type stats struct {
 	StripeAccountsCreated  int `json:"stripe_accounts_created"`
 	WebhookEventsProcessed int `json:"webhook_events_processed"`
 	WebhookEventsDuplicate int `json:"webhook_events_duplicate"`
+	WebhookAttemptsFailed  int `json:"webhook_attempts_failed"`
 }
 
 func (p *process) stats() stats {

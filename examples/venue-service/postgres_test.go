@@ -1,13 +1,17 @@
 package main
 
 import (
+	"crypto/rand"
+	"fmt"
 	"net/http"
 	"net/url"
 	"os"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"github.com/stripe/stripe-go/v76"
 
 	"github.com/seed70ea8305/idempotency/internal/pgtest"
 )
@@ -17,13 +21,7 @@ import (
 // restarted service still replays a request it answered before, and lists
 // the venue that replay describes.
 func TestPostgresSurvivesARestart(t *testing.T) {
-	schema := pgtest.Schema(pgtest.Config(t)) // skips without a database
-	u, err := url.Parse(os.Getenv(pgtest.URLEnv))
-	require.NoError(t, err)
-	q := u.Query()
-	q.Set("search_path", schema)
-	u.RawQuery = q.Encode()
-	databaseURL := "DATABASE_URL=" + u.String()
+	databaseURL := databaseURLEnv(t)
 
 	p := start(t, databaseURL)
 	key := uniqueKey()
@@ -61,4 +59,51 @@ func TestPostgresAndRedisExclude(t *testing.T) {
 		return ""
 	})
 	assert.ErrorContains(t, err, "choose where the records live")
+}
+
+// databaseURLEnv returns DATABASE_URL=... for a schema of the test's own,
+// or skips the test without a database.
+func databaseURLEnv(t *testing.T) string {
+	t.Helper()
+	schema := pgtest.Schema(pgtest.Config(t))
+	u, err := url.Parse(os.Getenv(pgtest.URLEnv))
+	require.NoError(t, err)
+	q := u.Query()
+	q.Set("search_path", schema)
+	u.RawQuery = q.Encode()
+	return "DATABASE_URL=" + u.String()
+}
+
+// TestPostgresWebhookInbox: with DATABASE_URL, a delivery is stored and
+// answered 200 at once; the worker then processes it, here after two
+// failed attempts (CHAOS_FAIL_WEBHOOK=2), which GET /stats shows; a
+// redelivery is a duplicate and runs nothing.
+func TestPostgresWebhookInbox(t *testing.T) {
+	p := start(t, databaseURLEnv(t), "CHAOS_FAIL_WEBHOOK=2")
+	created := p.createVenue(uniqueKey(), `{"name":"Hall","slug":"hall"}`)
+	require.Equal(t, http.StatusCreated, created.status)
+	var venue Venue
+	created.json(t, &venue)
+
+	payload := fmt.Sprintf(`{"id":"evt_%s","object":"event","type":"account.updated","api_version":%q,"created":%d,`+
+		`"data":{"object":{"id":%q,"object":"account","charges_enabled":true}}}`,
+		rand.Text(), stripe.APIVersion, time.Now().Unix(), venue.StripeAccountID)
+	signature := signWithBinary(t, payload)
+	start := time.Now()
+	first := do(t, http.MethodPost, p.url+"/webhooks/stripe", payload, "Stripe-Signature", signature)
+	acked := time.Since(start)
+	require.Equal(t, http.StatusOK, first.status, "%s", first.body)
+	t.Logf("acknowledged in %v", acked)
+	second := do(t, http.MethodPost, p.url+"/webhooks/stripe", payload, "Stripe-Signature", signature)
+	assert.Equal(t, http.StatusOK, second.status)
+	assert.Equal(t, "true", second.header.Get("X-Idempotent-Replayed"))
+
+	require.Eventually(t, func() bool { return p.stats().WebhookEventsProcessed == 1 }, 10*time.Second, 50*time.Millisecond,
+		"the worker processed the event")
+	assert.Equal(t, stats{VenuesCreated: 1, StripeAccountsCreated: 1, WebhookEventsProcessed: 1, WebhookEventsDuplicate: 1, WebhookAttemptsFailed: 2}, p.stats())
+	var list []Venue
+	do(t, http.MethodGet, p.url+"/venues", "").json(t, &list)
+	require.Len(t, list, 1)
+	assert.True(t, list[0].ChargesEnabled, "account.updated enabled charges on the venue")
+	p.stop()
 }

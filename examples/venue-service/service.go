@@ -14,11 +14,13 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/stripe/stripe-go/v76"
 	"github.com/stripe/stripe-go/v76/client"
 
 	"github.com/seed70ea8305/idempotency"
 	"github.com/seed70ea8305/idempotency/idemotel"
+	"github.com/seed70ea8305/idempotency/pgstore"
 )
 
 // Venue is what the service stores and returns.
@@ -40,6 +42,9 @@ type service struct {
 	// failAfterStripe, when set, is asked after each Stripe call whether
 	// to fail there (the test switch CHAOS_FAIL_AFTER_STRIPE).
 	failAfterStripe func() bool
+	// failWebhook, when set, is asked at each webhook function call
+	// whether to fail it (the test switch CHAOS_FAIL_WEBHOOK).
+	failWebhook func() bool
 
 	venues venueStore
 
@@ -49,6 +54,7 @@ type service struct {
 	venuesCreated     atomic.Int64
 	webhooksProcessed atomic.Int64
 	webhookDuplicates atomic.Int64
+	webhookFailures   atomic.Int64
 }
 
 func newService(stripeClient *client.API, venues venueStore, keys apiKeys, logger *slog.Logger) *service {
@@ -63,7 +69,12 @@ func newService(stripeClient *client.API, venues venueStore, keys apiKeys, logge
 
 // routes wires the handlers, the idempotency middleware and the webhook
 // helper onto one mux, with the library's metrics behind GET /metrics.
-func (s *service) routes(store idempotency.Store, webhookSecret string, metrics *idemotel.Metrics, metricsHandler http.Handler) (http.Handler, error) {
+//
+// With a pool (DATABASE_URL), Stripe's deliveries go to the webhook inbox:
+// verified, stored and answered 200 at once, then processed by the worker
+// that run starts. Without one, the webhook helper processes each delivery
+// before answering.
+func (s *service) routes(store idempotency.Store, pool *pgxpool.Pool, webhookSecret string, metrics *idemotel.Metrics, metricsHandler http.Handler) (http.Handler, error) {
 	// Time every store call.
 	store = metrics.Store(store)
 	mw, err := idempotency.New(store,
@@ -84,15 +95,24 @@ func (s *service) routes(store idempotency.Store, webhookSecret string, metrics 
 	if err != nil {
 		return nil, err
 	}
-	webhooks, err := idempotency.NewWebhookHandler(store, []string{webhookSecret}, s.handleEvent,
-		idempotency.WithLogger(s.logger),
-		idempotency.WithObserver(func(ctx context.Context, r idempotency.Report) {
-			metrics.ObserveWebhook(ctx, r)
-			s.countWebhook(ctx, r)
-		}),
-	)
-	if err != nil {
-		return nil, err
+	var webhooks http.Handler
+	if pool != nil {
+		inbox, err := pgstore.NewInbox(pool, []string{webhookSecret})
+		if err != nil {
+			return nil, err
+		}
+		webhooks = s.countDuplicates(inbox)
+	} else {
+		webhooks, err = idempotency.NewWebhookHandler(store, []string{webhookSecret}, s.handleEvent,
+			idempotency.WithLogger(s.logger),
+			idempotency.WithObserver(func(ctx context.Context, r idempotency.Report) {
+				metrics.ObserveWebhook(ctx, r)
+				s.countWebhook(ctx, r)
+			}),
+		)
+		if err != nil {
+			return nil, err
+		}
 	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
@@ -221,7 +241,19 @@ func (s *service) getVenue(w http.ResponseWriter, r *http.Request) {
 // handleEvent is the webhook function: the library has verified the
 // signature and guarantees it runs once per event ID.
 func (s *service) handleEvent(ctx context.Context, event stripe.Event) error {
+	if s.failWebhook != nil && s.failWebhook() {
+		s.webhookFailures.Add(1)
+		return fmt.Errorf("CHAOS_FAIL_WEBHOOK: event %s", event.ID)
+	}
+	if err := s.applyEvent(ctx, event); err != nil {
+		s.webhookFailures.Add(1)
+		return err
+	}
 	s.webhooksProcessed.Add(1)
+	return nil
+}
+
+func (s *service) applyEvent(ctx context.Context, event stripe.Event) error {
 	if event.Type != stripe.EventTypeAccountUpdated {
 		return nil // acknowledged: not an event this service acts on
 	}
@@ -248,6 +280,7 @@ func (s *service) stats(w http.ResponseWriter, r *http.Request) {
 		"stripe_accounts_created":  int64(accounts),
 		"webhook_events_processed": s.webhooksProcessed.Load(),
 		"webhook_events_duplicate": s.webhookDuplicates.Load(),
+		"webhook_attempts_failed":  s.webhookFailures.Load(),
 	})
 }
 
@@ -261,6 +294,16 @@ func (s *service) auditReplay(ctx context.Context, e idempotency.Report) {
 		s.logger.InfoContext(ctx, "idempotency", "outcome", e.Outcome, "tenant", e.Scope,
 			"key_hash", hex.EncodeToString(sum[:8]), "method", e.Method, "path", e.Path, "status", e.Status)
 	}
+}
+
+// countDuplicates counts the deliveries the inbox answers as duplicates.
+func (s *service) countDuplicates(inbox http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		inbox.ServeHTTP(w, r)
+		if w.Header().Get("X-Idempotent-Replayed") == "true" {
+			s.webhookDuplicates.Add(1)
+		}
+	})
 }
 
 func (s *service) countWebhook(ctx context.Context, e idempotency.Report) {

@@ -17,7 +17,7 @@ import (
 )
 
 // testSwitchNames lists the switches' environment variables.
-const testSwitchNames = "FAKE_STRIPE_LATENCY and CHAOS_FAIL_AFTER_STRIPE"
+const testSwitchNames = "FAKE_STRIPE_LATENCY, CHAOS_FAIL_AFTER_STRIPE and CHAOS_FAIL_WEBHOOK"
 
 type testSwitches struct {
 	// fakeStripeLatency makes every call to the fake Stripe take this
@@ -26,6 +26,10 @@ type testSwitches struct {
 	// chaosFailAfterStripe makes the first N venue creations answer 500
 	// after the Stripe call, as a crash there would (CHAOS_FAIL_AFTER_STRIPE).
 	chaosFailAfterStripe int
+	// chaosFailWebhook makes the webhook function fail its first N calls,
+	// so Stripe's redeliveries, or the inbox worker's retries, show
+	// (CHAOS_FAIL_WEBHOOK).
+	chaosFailWebhook int
 }
 
 func testSwitchesUsage(w io.Writer) {
@@ -36,6 +40,9 @@ func testSwitchesUsage(w io.Writer) {
   CHAOS_FAIL_AFTER_STRIPE (default: 0)
       the first N venue creations answer 500 after the Stripe call: a retry
       with the same Idempotency-Key gets the same Stripe account back
+  CHAOS_FAIL_WEBHOOK (default: 0)
+      the webhook function fails its first N calls: with DATABASE_URL the
+      inbox worker retries them (GET /stats counts the failed attempts)
 `)
 }
 
@@ -55,11 +62,18 @@ func loadTestSwitches(getenv func(string) string) (testSwitches, error) {
 		}
 		ts.chaosFailAfterStripe = n
 	}
+	if v := getenv("CHAOS_FAIL_WEBHOOK"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 0 {
+			return ts, fmt.Errorf("CHAOS_FAIL_WEBHOOK=%q: want a non-negative integer", v)
+		}
+		ts.chaosFailWebhook = n
+	}
 	return ts, nil
 }
 
 func (ts testSwitches) enabled() bool {
-	return ts.fakeStripeLatency > 0 || ts.chaosFailAfterStripe > 0
+	return ts.fakeStripeLatency > 0 || ts.chaosFailAfterStripe > 0 || ts.chaosFailWebhook > 0
 }
 
 // String is how the startup line shows the switches that are on.
@@ -71,18 +85,29 @@ func (ts testSwitches) String() string {
 	if ts.chaosFailAfterStripe > 0 {
 		on = append(on, "CHAOS_FAIL_AFTER_STRIPE="+strconv.Itoa(ts.chaosFailAfterStripe))
 	}
+	if ts.chaosFailWebhook > 0 {
+		on = append(on, "CHAOS_FAIL_WEBHOOK="+strconv.Itoa(ts.chaosFailWebhook))
+	}
 	return strings.Join(on, " ")
 }
 
-// apply arms the chaos switch on the service: the first
-// chaosFailAfterStripe creations fail after their Stripe call.
+// apply arms the chaos switches on the service: the first
+// chaosFailAfterStripe creations fail after their Stripe call, the first
+// chaosFailWebhook webhook function calls fail.
 func (ts testSwitches) apply(s *service) {
-	if ts.chaosFailAfterStripe <= 0 {
-		return
+	s.failAfterStripe = countdown(ts.chaosFailAfterStripe)
+	s.failWebhook = countdown(ts.chaosFailWebhook)
+}
+
+// countdown returns a function that answers true n times, then false; nil
+// for n = 0.
+func countdown(n int) func() bool {
+	if n <= 0 {
+		return nil
 	}
 	var left atomic.Int64
-	left.Store(int64(ts.chaosFailAfterStripe))
-	s.failAfterStripe = func() bool {
+	left.Store(int64(n))
+	return func() bool {
 		for {
 			n := left.Load()
 			if n <= 0 {

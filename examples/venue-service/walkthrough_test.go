@@ -55,7 +55,7 @@ var walkthrough = []walkSession{
   -H 'Content-Type: application/json' -d '{"name":"Club","slug":"club"}'`,
 			want: []string{`(?m)^HTTP/1\.1 401 `, problemJSON}},
 		{cmd: `curl -s localhost:8080/stats`,
-			want: []string{`^\{"stripe_accounts_created":2,"venues_created":2,"webhook_events_duplicate":0,"webhook_events_processed":0\}\n$`}},
+			want: []string{`^\{"stripe_accounts_created":2,"venues_created":2,"webhook_attempts_failed":0,"webhook_events_duplicate":0,"webhook_events_processed":0\}\n$`}},
 		{cmd: `curl -s localhost:8080/metrics | grep idempotency_requests_total`,
 			want: []string{`idempotency_requests_total\{[^}]*outcome="executed"[^}]*\} 2\n`,
 				`idempotency_requests_total\{[^}]*outcome="replayed"[^}]*\} 1\n`,
