@@ -16,7 +16,7 @@ import (
 )
 
 // settingsEnv are the environment variables the service reads.
-var settingsEnv = []string{"ADDR", "REDIS_URL", "DATABASE_URL", "STRIPE_WEBHOOK_SECRET", "API_KEYS", "STRIPE_SECRET_KEY",
+var settingsEnv = []string{"ADDR", "REDIS_URL", "DATABASE_URL", "ADMIN_KEY", "ADMIN_REDRIVE", "STRIPE_WEBHOOK_SECRET", "API_KEYS", "STRIPE_SECRET_KEY",
 	"FAKE_STRIPE_LATENCY", "CHAOS_FAIL_AFTER_STRIPE"}
 
 // runBinary runs the binary to its end with args and, of the settings,
@@ -59,11 +59,11 @@ func contains(list []string, s string) bool {
 // and the subcommands, on stdout, and exits 0.
 func TestHelp(t *testing.T) {
 	var flags []string
-	var a, b, c, d, e string
-	for _, o := range options(&a, &b, &c, &d, &e) {
+	var a, b, c, d, e, f, g string
+	for _, o := range options(&a, &b, &c, &d, &e, &f, &g) {
 		flags = append(flags, o.flag)
 	}
-	assert.Equal(t, []string{"addr", "redis", "database-url", "webhook-secret", "api-keys"}, flags, "the flags; update the test's list when adding one")
+	assert.Equal(t, []string{"addr", "redis", "database-url", "webhook-secret", "api-keys", "admin-key", "admin-redrive"}, flags, "the flags; update the test's list when adding one")
 
 	for _, arg := range []string{"-h", "-help", "--help"} {
 		stdout, stderr, code := runBinary(t, nil, arg)

@@ -72,6 +72,8 @@ type config struct {
 	addr            string
 	redisURL        string
 	databaseURL     string
+	adminKey        string
+	adminRedrive    bool
 	webhookSecret   string
 	apiKeys         apiKeys
 	stripeSecretKey string
@@ -89,19 +91,21 @@ type option struct {
 	value                *string
 }
 
-func options(webhookSecret, apiKeys, addr, redisURL, databaseURL *string) []option {
+func options(webhookSecret, apiKeys, addr, redisURL, databaseURL, adminKey, adminRedrive *string) []option {
 	return []option{
 		{"addr", "ADDR", "127.0.0.1:8080", "listen address", addr},
 		{"redis", "REDIS_URL", "", "Redis URL, e.g. redis://127.0.0.1:6379/0; unset: records in memory, forgotten on restart", redisURL},
 		{"database-url", "DATABASE_URL", "", "PostgreSQL URL, e.g. postgres://user@host/db: the venues and the idempotency records in PostgreSQL (tables created at start), kept across restarts; not with -redis", databaseURL},
 		{"webhook-secret", "STRIPE_WEBHOOK_SECRET", "", "Stripe webhook signing secret (whsec_...); unset: " + devWebhookSecret + " with the fake Stripe, required with STRIPE_SECRET_KEY", webhookSecret},
 		{"api-keys", "API_KEYS", "", "client API keys and their tenants, as key:tenant,key:tenant; unset: " + devAPIKeys + " with the fake Stripe, required with STRIPE_SECRET_KEY", apiKeys},
+		{"admin-key", "ADMIN_KEY", "", "API key of the webhook inbox's operator API under /admin/webhooks/ (with DATABASE_URL); unset: no operator API", adminKey},
+		{"admin-redrive", "ADMIN_REDRIVE", "", "1: the operator API may redrive failed events; unset: read-only", adminRedrive},
 	}
 }
 
 // usage is the text of -h.
 func usage(w io.Writer) {
-	var a, b, c, d, e string
+	var a, b, c, d, e, f, g string
 	fmt.Fprint(w, `Usage:
   venue-service [flags]
       serve the venue API
@@ -113,7 +117,7 @@ func usage(w io.Writer) {
 
 Flags (a flag wins over its environment variable):
 `)
-	for _, o := range options(&a, &b, &c, &d, &e) {
+	for _, o := range options(&a, &b, &c, &d, &e, &f, &g) {
 		def := "unset"
 		if o.def != "" {
 			def = o.def
@@ -192,8 +196,8 @@ func loadConfig(args []string, getenv func(string) string) (config, error) {
 	fs := flag.NewFlagSet("venue-service", flag.ContinueOnError)
 	fs.SetOutput(io.Discard) // main prints the usage or the error
 	cfg := config{shutdownTimeout: 15 * time.Second}
-	var webhookSecret, apiKeysText string
-	for _, o := range options(&webhookSecret, &apiKeysText, &cfg.addr, &cfg.redisURL, &cfg.databaseURL) {
+	var webhookSecret, apiKeysText, adminRedrive string
+	for _, o := range options(&webhookSecret, &apiKeysText, &cfg.addr, &cfg.redisURL, &cfg.databaseURL, &cfg.adminKey, &adminRedrive) {
 		def := o.def
 		if v := getenv(o.env); v != "" {
 			def = v
@@ -205,6 +209,16 @@ func loadConfig(args []string, getenv func(string) string) (config, error) {
 	}
 	if fs.NArg() > 0 {
 		return cfg, fmt.Errorf("unexpected arguments %q (the only subcommand is sign)", fs.Args())
+	}
+	switch adminRedrive {
+	case "", "0":
+	case "1":
+		cfg.adminRedrive = true
+	default:
+		return cfg, fmt.Errorf("ADMIN_REDRIVE (-admin-redrive) is %q: want 1 or unset", adminRedrive)
+	}
+	if cfg.adminKey != "" && cfg.databaseURL == "" {
+		return cfg, errors.New("ADMIN_KEY (-admin-key) needs DATABASE_URL: the operator API is the webhook inbox's")
 	}
 	if cfg.redisURL != "" && cfg.databaseURL != "" {
 		return cfg, errors.New("REDIS_URL (-redis) and DATABASE_URL (-database-url) are both set: choose where the records live")
@@ -265,7 +279,7 @@ func run(ctx context.Context, cfg config, logger *slog.Logger) error {
 	if pv, ok := venues.(pgVenues); ok {
 		pool = pv.pool
 	}
-	handler, err := svc.routes(store, pool, cfg.webhookSecret, metrics, metricsHandler)
+	handler, err := svc.routes(store, pool, cfg, metrics, metricsHandler)
 	if err != nil {
 		return err
 	}
@@ -346,12 +360,14 @@ func openStore(ctx context.Context, cfg config, logger *slog.Logger) (idempotenc
 
 // startWorker processes the events the webhook inbox stored, until the
 // returned function is called (after the server stopped taking requests).
-// Failed events are retried after 200 ms, then ever longer up to 5 s, so a
-// demonstration shows the retries quickly; a production service keeps the
-// library's defaults (10 s to 1 h).
+// Failed events are retried after 200 ms, then ever longer up to 5 s, and
+// an event is failed (a dead letter, for the operator API) after 5
+// attempts, so a demonstration shows the retries quickly; a production
+// service keeps the library's defaults (10 s to 1 h, 10 attempts).
 func startWorker(ctx context.Context, pool *pgxpool.Pool, svc *service, logger *slog.Logger) (func(), error) {
 	worker, err := pgstore.NewWorker(pool, svc.handleEvent,
 		pgstore.WithBackoff(200*time.Millisecond, 5*time.Second),
+		pgstore.WithMaxAttempts(5),
 		pgstore.WithPollInterval(100*time.Millisecond),
 		pgstore.WithLogger(logger))
 	if err != nil {

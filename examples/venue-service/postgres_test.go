@@ -107,3 +107,46 @@ func TestPostgresWebhookInbox(t *testing.T) {
 	assert.True(t, list[0].ChargesEnabled, "account.updated enabled charges on the venue")
 	p.stop()
 }
+
+// TestPostgresInboxAdmin: with ADMIN_KEY the inbox's operator API is
+// mounted under /admin/webhooks/, for that key only, read-only unless
+// ADMIN_REDRIVE=1; a failed event is listed with its last error and, once
+// redriven, processed.
+func TestPostgresInboxAdmin(t *testing.T) {
+	const adminKey = "admin-key-test"
+	// The function fails as often as the example's worker tries (5), so
+	// the event ends failed; the redrive's attempt then succeeds.
+	p := start(t, databaseURLEnv(t), "ADMIN_KEY="+adminKey, "ADMIN_REDRIVE=1", "CHAOS_FAIL_WEBHOOK=5")
+	payload := fmt.Sprintf(`{"id":"evt_%s","object":"event","type":"customer.created","api_version":%q,"created":%d,"data":{"object":{"id":"cus_1","object":"customer"}}}`,
+		rand.Text(), stripe.APIVersion, time.Now().Unix())
+	require.Equal(t, http.StatusOK, do(t, http.MethodPost, p.url+"/webhooks/stripe", payload, "Stripe-Signature", signWithBinary(t, payload)).status)
+
+	admin := func(method, path string, key string) response {
+		return doBare(t, method, p.url+"/admin/webhooks"+path, "", "Authorization", "Bearer "+key)
+	}
+	assert.Equal(t, http.StatusUnauthorized, admin(http.MethodGet, "/events", "dev-key-a").status, "a tenant's key is no admin key")
+
+	var listed struct {
+		Events []struct {
+			ID        string `json:"id"`
+			Attempts  int    `json:"attempts"`
+			LastError string `json:"last_error"`
+		} `json:"events"`
+	}
+	require.Eventually(t, func() bool {
+		r := admin(http.MethodGet, "/events?status=failed", adminKey)
+		if r.status != http.StatusOK {
+			return false
+		}
+		r.json(t, &listed)
+		return len(listed.Events) == 1
+	}, 30*time.Second, 100*time.Millisecond, "the event ends failed after the worker's attempts")
+	assert.Equal(t, 5, listed.Events[0].Attempts)
+	assert.Contains(t, listed.Events[0].LastError, "CHAOS_FAIL_WEBHOOK")
+
+	r := admin(http.MethodPost, "/events/"+listed.Events[0].ID+"/redrive", adminKey)
+	require.Equal(t, http.StatusOK, r.status, "%s", r.body)
+	require.Eventually(t, func() bool { return p.stats().WebhookEventsProcessed == 1 }, 10*time.Second, 50*time.Millisecond,
+		"the redriven event is processed")
+	p.stop()
+}

@@ -74,7 +74,7 @@ func newService(stripeClient *client.API, venues venueStore, keys apiKeys, logge
 // verified, stored and answered 200 at once, then processed by the worker
 // that run starts. Without one, the webhook helper processes each delivery
 // before answering.
-func (s *service) routes(store idempotency.Store, pool *pgxpool.Pool, webhookSecret string, metrics *idemotel.Metrics, metricsHandler http.Handler) (http.Handler, error) {
+func (s *service) routes(store idempotency.Store, pool *pgxpool.Pool, cfg config, metrics *idemotel.Metrics, metricsHandler http.Handler) (http.Handler, error) {
 	// Time every store call.
 	store = metrics.Store(store)
 	mw, err := idempotency.New(store,
@@ -95,15 +95,26 @@ func (s *service) routes(store idempotency.Store, pool *pgxpool.Pool, webhookSec
 	if err != nil {
 		return nil, err
 	}
-	var webhooks http.Handler
+	var webhooks, admin http.Handler
 	if pool != nil {
-		inbox, err := pgstore.NewInbox(pool, []string{webhookSecret})
+		inbox, err := pgstore.NewInbox(pool, []string{cfg.webhookSecret})
 		if err != nil {
 			return nil, err
 		}
 		webhooks = s.countDuplicates(inbox)
+		if cfg.adminKey != "" {
+			var opts []pgstore.Option
+			if cfg.adminRedrive {
+				opts = append(opts, pgstore.WithAdminRedrive())
+			}
+			api, err := inbox.AdminHandler(opts...)
+			if err != nil {
+				return nil, err
+			}
+			admin = requireKey(cfg.adminKey, http.StripPrefix("/admin/webhooks", api))
+		}
 	} else {
-		webhooks, err = idempotency.NewWebhookHandler(store, []string{webhookSecret}, s.handleEvent,
+		webhooks, err = idempotency.NewWebhookHandler(store, []string{cfg.webhookSecret}, s.handleEvent,
 			idempotency.WithLogger(s.logger),
 			idempotency.WithObserver(func(ctx context.Context, r idempotency.Report) {
 				metrics.ObserveWebhook(ctx, r)
@@ -126,6 +137,11 @@ func (s *service) routes(store idempotency.Store, pool *pgxpool.Pool, webhookSec
 	// Stripe authenticates its deliveries with the Stripe-Signature header,
 	// which the webhook handler verifies before anything else.
 	mux.Handle("POST /webhooks/stripe", webhooks)
+	if admin != nil {
+		// The inbox's operator API: events across tenants, for operators
+		// with ADMIN_KEY only.
+		mux.Handle("/admin/webhooks/", admin)
+	}
 	// Operational endpoints, unauthenticated: keep them off the public
 	// network (or put them on another listener).
 	mux.HandleFunc("GET /stats", s.stats)
