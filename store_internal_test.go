@@ -15,7 +15,7 @@ func TestRedisCallReturnsByTheDeadline(t *testing.T) {
 	defer cancel()
 	finished := make(chan struct{})
 	start := time.Now()
-	err := s.call(ctx, func(context.Context) error {
+	err := s.call(ctx, 0, func(context.Context) error {
 		defer close(finished)
 		time.Sleep(200 * time.Millisecond) // a call that ignores its context
 		return nil
@@ -39,7 +39,7 @@ func TestRedisCallPassesResults(t *testing.T) {
 		s := &RedisStore{honoursDeadlines: honours}
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		v := 0
-		err := s.call(ctx, func(ctx context.Context) error {
+		err := s.call(ctx, 0, func(ctx context.Context) error {
 			if _, ok := ctx.Deadline(); !ok {
 				t.Error("the call's context has no deadline")
 			}

@@ -288,8 +288,8 @@ func (s *RedisStore) Acquire(ctx context.Context, key string, claim Record, leas
 	owner := ownerPrefix(claim.Token)
 	var fence uint64
 	var existing *Record
-	err := s.call(ctx, func(ctx context.Context) error {
-		reply, err := s.eval(ctx, redisAcquire, s.waitReplicas > 0, []string{rkey, fenceKey(rkey)},
+	err := s.call(ctx, 0, func(ctx context.Context) error {
+		reply, err := s.eval(ctx, redisAcquire, s.waitReplicas > 0, 0, []string{rkey, fenceKey(rkey)},
 			owner, encodeRecord(&claim, claim.Token), milliseconds(lease), notAfter)
 		if err != nil {
 			return err
@@ -358,9 +358,10 @@ func (s *RedisStore) Fail(ctx context.Context, key, token, reason string, ttl ti
 		return 0, ErrLeaseLost
 	}
 	rkey := s.redisKey(key)
+	budget := writeBudget(ctx)
 	var n int64
-	err := s.call(detachedFallback(ctx), func(ctx context.Context) error {
-		reply, err := s.eval(ctx, redisFail, false, []string{rkey, rkey + redisFailuresSuffix},
+	err := s.call(ctx, budget, func(ctx context.Context) error {
+		reply, err := s.eval(ctx, redisFail, false, budget, []string{rkey, rkey + redisFailuresSuffix},
 			ownerPrefix(token), reason, milliseconds(ttl), s.publish)
 		n, _ = reply.(int64)
 		return err
@@ -377,7 +378,7 @@ func (s *RedisStore) Fail(ctx context.Context, key, token, reason string, ttl ti
 // Failures implements [FailureRecorder].
 func (s *RedisStore) Failures(ctx context.Context, key string) (int, string, error) {
 	var values []any
-	err := s.call(ctx, func(ctx context.Context) error {
+	err := s.call(ctx, 0, func(ctx context.Context) error {
 		var err error
 		values, err = s.client.HMGet(ctx, s.redisKey(key)+redisFailuresSuffix, "attempts", "last_reason").Result()
 		return err
@@ -409,9 +410,10 @@ func (s *RedisStore) runOwned(ctx context.Context, op string, script *redis.Scri
 	}
 	argv := append([]any{ownerPrefix(token)}, args...)
 	keys := []string{s.redisKey(key)}
+	budget := writeBudget(ctx)
 	var n int64
-	err := s.call(detachedFallback(ctx), func(ctx context.Context) error {
-		reply, err := s.eval(ctx, script, wait, keys, argv...)
+	err := s.call(ctx, budget, func(ctx context.Context) error {
+		reply, err := s.eval(ctx, script, wait, budget, keys, argv...)
 		n, _ = reply.(int64)
 		return err
 	})
@@ -427,20 +429,19 @@ func (s *RedisStore) runOwned(ctx context.Context, op string, script *redis.Scri
 	}
 }
 
-// call runs op by ctx's deadline: inline when the client honours it,
-// else in a goroutine that is left to finish on its own if the deadline
-// comes first (op then writes results nobody reads).
-func (s *RedisStore) call(ctx context.Context, op func(context.Context) error) error {
+// call runs op by ctx's deadline, or extra later (room for a write's
+// fallback, see eval): inline when the client honours deadlines, else in
+// a goroutine that is left to finish on its own when that time comes (op
+// then writes results nobody reads).
+func (s *RedisStore) call(ctx context.Context, extra time.Duration, op func(context.Context) error) error {
 	if s.honoursDeadlines || ctx.Done() == nil {
 		return op(ctx)
 	}
 	wait := ctx
-	if started, ok := ctx.Value(fallbackBudget{}).(time.Time); ok {
-		if deadline, ok := ctx.Deadline(); ok { // room for a fallback
-			var cancel context.CancelFunc
-			wait, cancel = context.WithDeadline(context.WithoutCancel(ctx), deadline.Add(deadline.Sub(started)))
-			defer cancel()
-		}
+	if deadline, ok := ctx.Deadline(); ok && extra > 0 {
+		var cancel context.CancelFunc
+		wait, cancel = context.WithDeadline(context.WithoutCancel(ctx), deadline.Add(extra))
+		defer cancel()
 	}
 	done := make(chan error, 1)
 	go func() { done <- op(ctx) }()
@@ -452,31 +453,29 @@ func (s *RedisStore) call(ctx context.Context, op func(context.Context) error) e
 	}
 }
 
-// fallbackBudget marks the context of a write whose EVAL fallback gets a
-// budget of its own.
-type fallbackBudget struct{}
-
-// detachedFallback marks ctx so that a NOSCRIPT reply is answered by
-// sending the script with a fresh budget, as long as the first try took.
-func detachedFallback(ctx context.Context) context.Context {
-	return context.WithValue(ctx, fallbackBudget{}, time.Now())
+// writeBudget is the time a write has left before ctx's deadline as it
+// starts, 0 without one: its EVAL fallback after NOSCRIPT gets as long
+// again, since the first round trip may have used all of it and a write
+// must still land.
+func writeBudget(ctx context.Context) time.Duration {
+	if deadline, ok := ctx.Deadline(); ok {
+		return max(time.Until(deadline), 0)
+	}
+	return 0
 }
 
 // eval runs script by its SHA and, if the server has lost it, by its
-// body. With wait, WAIT goes in the same pipeline and its count is checked.
-func (s *RedisStore) eval(ctx context.Context, script *redis.Script, wait bool, keys []string, args ...any) (any, error) {
+// body, then within fallback (when positive) instead of ctx's deadline.
+// With wait, WAIT goes in the same pipeline and its count is checked.
+func (s *RedisStore) eval(ctx context.Context, script *redis.Script, wait bool, fallback time.Duration, keys []string, args ...any) (any, error) {
 	reply, err := s.evalOnce(ctx, script, false, wait, keys, args)
 	if !redis.HasErrorPrefix(err, "NOSCRIPT") {
 		return reply, err
 	}
-	// The first round trip may have used the caller's whole budget; a
-	// write must still land, so its fallback gets as long again.
-	if started, ok := ctx.Value(fallbackBudget{}).(time.Time); ok {
-		if deadline, ok := ctx.Deadline(); ok {
-			var cancel context.CancelFunc
-			ctx, cancel = context.WithTimeout(context.WithoutCancel(ctx), deadline.Sub(started))
-			defer cancel()
-		}
+	if fallback > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(context.WithoutCancel(ctx), fallback)
+		defer cancel()
 	}
 	return s.evalOnce(ctx, script, true, wait, keys, args)
 }
