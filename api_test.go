@@ -14,7 +14,7 @@ import (
 // maxExported exported types, functions, methods, constants and
 // variables, counted in the package's own (non-test) files.
 func TestExportedNames(t *testing.T) {
-	const maxExported = 90
+	const maxExported = 100
 	fset := token.NewFileSet()
 	paths, err := filepath.Glob("*.go")
 	if err != nil {

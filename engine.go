@@ -64,6 +64,7 @@ func findStore[T any](store Store) (T, bool) {
 
 // attempt is one run of the work as the owner of a claimed key.
 type attempt struct {
+	engine   *engine
 	claim    Claim
 	key      string // the record's key in the store
 	token    string
@@ -82,6 +83,9 @@ type attempt struct {
 	// keep is what the work asked for its outcome with [Claim.Keep]: 0
 	// nothing, keepNothing to store nothing, else the record's TTL.
 	keep atomic.Int64
+	// hold: the response waits for its outcome to be stored
+	// ([Claim.HoldResponse]).
+	hold atomic.Bool
 }
 
 // keepNothing in attempt.keep: store nothing, free the key.
@@ -145,20 +149,33 @@ func (e *engine) bound(ctx context.Context) (context.Context, context.CancelFunc
 	return context.WithTimeout(ctx, e.timeout)
 }
 
+// acquired is what acquire found: a claim (fence > 0), possibly resuming
+// from a recovery point, or the record already there.
+type acquired struct {
+	fence    uint64
+	existing *Record // the record that holds the key; nil when claimed
+	resumed  *Record // on a claim: the suspended record it took over ([Checkpointer])
+	sent     time.Time
+}
+
 // acquire claims key for rec.Token, or returns the record already there.
-// It returns when the claim was sent, from which its lease counts.
-func (e *engine) acquire(ctx context.Context, key string, rec Record) (fence uint64, existing *Record, sent time.Time, err error) {
+// It also returns when the claim was sent, from which its lease counts.
+func (e *engine) acquire(ctx context.Context, key string, rec Record) (acquired, error) {
 	callCtx, cancel := e.bound(ctx)
-	sent = time.Now()
-	fence, existing, err = e.store.Acquire(callCtx, key, rec, e.lease)
+	got := acquired{sent: time.Now()}
+	var err error
+	got.fence, got.existing, err = e.store.Acquire(callCtx, key, rec, e.lease)
 	cancel()
 	if err != nil {
 		if !e.instant {
 			e.takeBack(ctx, key, rec.Token)
 		}
-		return 0, nil, sent, fmt.Errorf("%w: %w", ErrStoreUnavailable, err)
+		return acquired{sent: got.sent}, fmt.Errorf("%w: %w", ErrStoreUnavailable, err)
 	}
-	return fence, existing, sent, nil
+	if got.fence > 0 {
+		got.resumed, got.existing = got.existing, nil
+	}
+	return got, nil
 }
 
 // takeBackDelays space the attempts to free a claim whose acquire failed.
@@ -190,8 +207,13 @@ func (e *engine) takeBack(ctx context.Context, key, token string) {
 // context the work runs in: it carries the claim and parent's values, and
 // is cancelled when the lease is lost, on shutdown, and (only if
 // cancelWithParent) when parent is.
-func (e *engine) start(a *attempt, parent context.Context, sent time.Time, cancelWithParent bool) context.Context {
+func (e *engine) start(a *attempt, parent context.Context, got acquired, cancelWithParent bool) context.Context {
+	a.engine = e
 	a.claim.attempt = a
+	a.claim.Fence = got.fence
+	if r := got.resumed; r != nil {
+		a.claim.RecoveryPoint, a.claim.RecoveryData = r.RecoveryPoint, r.RecoveryData
+	}
 	a.detached = claimContext{parent: parent, claim: &a.claim}
 	var base context.Context = &a.detached
 	if cancelWithParent {
@@ -200,7 +222,7 @@ func (e *engine) start(a *attempt, parent context.Context, sent time.Time, cance
 	ctx, cancel := context.WithCancelCause(base)
 	a.cancel = cancel
 	a.index = -1
-	e.leases.keep(a, sent)
+	e.leases.keep(a, got.sent)
 	return ctx
 }
 
@@ -228,7 +250,13 @@ func (e *engine) execute(ctx context.Context, a *attempt, w work) {
 		w.settled(e.free(a, cause, reason))
 		return
 	}
-	w.settled(e.complete(a, done))
+	outcome, err := e.complete(a, done)
+	if outcome == OutcomeStoreError && a.hold.Load() {
+		// The client has not seen the response; free the key for its
+		// retry. Owner-checked: a completion that landed after all stays.
+		e.free(a, err, "")
+	}
+	w.settled(outcome, err)
 }
 
 // complete stores rec as the outcome of a's claim, detached from the

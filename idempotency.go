@@ -41,6 +41,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 )
 
@@ -126,6 +127,13 @@ type Claim struct {
 	// version column, UPDATE ... WHERE fence < $1) rejects an owner whose
 	// lease lapsed while it still ran.
 	Fence uint64
+
+	// RecoveryPoint and RecoveryData are the last recovery point recorded
+	// with [Claim.Checkpoint] by an earlier attempt at this key and request
+	// that did not finish (it crashed, lost its lease or failed): the work
+	// resumes after it. Empty for a fresh start.
+	RecoveryPoint string
+	RecoveryData  []byte
 
 	created time.Time
 	attempt *attempt // nil for a Claim that no attempt runs
@@ -291,14 +299,15 @@ func (m *Middleware) serve(w http.ResponseWriter, r *http.Request, next http.Han
 	created := time.Now()
 
 	claim := Record{Token: token, Fingerprint: fingerprint, CreatedAt: created}
-	fence, existing, sent, err := m.engine.acquire(r.Context(), storeKey, claim)
-	if err == nil && existing != nil && existing.Response == nil && existing.Fingerprint == fingerprint && m.s.wait > 0 {
+	got, err := m.engine.acquire(r.Context(), storeKey, claim)
+	if err == nil && got.existing != nil && got.existing.Response == nil && got.existing.Fingerprint == fingerprint && m.s.wait > 0 {
 		// Only a duplicate of a running request gets here: the fast path
 		// pays for waiting with one comparison.
 		if d := waitFor(r.Header, m.s.wait); d > 0 {
-			fence, existing, sent, err = m.engine.wait(r.Context(), storeKey, claim, existing, time.Now().Add(d))
+			got, err = m.engine.wait(r.Context(), storeKey, claim, got, time.Now().Add(d))
 		}
 	}
+	existing := got.existing
 	switch {
 	case err != nil && m.s.failOpen:
 		rep.Err = err
@@ -322,14 +331,14 @@ func (m *Middleware) serve(w http.ResponseWriter, r *http.Request, next http.Han
 		m.observe(r.Context(), &rep)
 	default:
 		a := &httpAttempt{m: m, w: w, r: r, next: next, rep: rep}
-		a.claim = Claim{Kind: httpRecordKind, Scope: rep.Scope, Key: key, Fingerprint: fingerprint, Fence: fence, created: created}
+		a.claim = Claim{Kind: httpRecordKind, Scope: rep.Scope, Key: key, Fingerprint: fingerprint, created: created}
 		a.key, a.token = storeKey, token
 		a.body.b = *body
-		a.rec = recorder{w: w, capture: true, maxBody: m.s.maxStoredBytes, keep: m.s.storeHeader}
+		a.rec = recorder{w: w, capture: true, maxBody: m.s.maxStoredBytes, keep: m.s.storeHeader, hold: &a.hold}
 		if outer := w.Header(); len(outer) > 0 {
 			a.rec.outer = outer.Clone()
 		}
-		ctx := m.engine.start(&a.attempt, r.Context(), sent, m.s.cancelOnDisconnect)
+		ctx := m.engine.start(&a.attempt, r.Context(), got, m.s.cancelOnDisconnect)
 		m.engine.execute(ctx, &a.attempt, a)
 	}
 }
@@ -366,6 +375,8 @@ type httpAttempt struct {
 	rec  recorder
 	body bodyReader
 	rep  Report
+
+	returned bool // the handler returned (did not panic)
 }
 
 func (a *httpAttempt) run(ctx context.Context) (*Record, string, error) {
@@ -374,6 +385,7 @@ func (a *httpAttempt) run(ctx context.Context) (*Record, string, error) {
 	start := time.Now()
 	a.next.ServeHTTP(&a.rec, r)
 	a.rep.Duration = time.Since(start)
+	a.returned = true
 
 	if !a.rec.wroteHeader && ctx.Err() != nil {
 		cause := context.Cause(ctx)
@@ -398,6 +410,17 @@ func (a *httpAttempt) settled(outcome Outcome, err error) {
 	a.rep.Outcome, a.rep.Err = outcome, err
 	if a.rep.Status == 0 {
 		a.rep.Status = a.rec.status
+	}
+	if a.rec.held && a.returned {
+		switch outcome {
+		case OutcomeStoreError, OutcomeLeaseLost:
+			// Not stored (nor, with a transaction, committed): the client
+			// must not take it for a success.
+			a.m.s.errorHandler(a.w, a.r, err)
+			a.rep.Status = StatusCode(err)
+		default:
+			a.rec.sendHeld()
+		}
 	}
 	switch outcome {
 	case OutcomeLeaseLost:
@@ -549,7 +572,9 @@ type recorder struct {
 	capture     bool
 	maxBody     int
 	keep        func(name string) bool
-	outer       http.Header // the headers set before the handler ran; nil if none
+	outer       http.Header  // the headers set before the handler ran; nil if none
+	hold        *atomic.Bool // the attempt's [Claim.HoldResponse]; nil if none
+	held        bool         // the response is held, not yet sent
 	wroteHeader bool
 	status      int
 	header      http.Header
@@ -560,10 +585,16 @@ type recorder struct {
 func (rec *recorder) Header() http.Header { return rec.w.Header() }
 
 func (rec *recorder) WriteHeader(code int) {
-	rec.w.WriteHeader(code)
 	// 1xx answers other than 101 are informational; the final status
 	// follows. Later calls are superfluous: net/http ignores them too.
-	if rec.wroteHeader || (code >= 100 && code < 200 && code != http.StatusSwitchingProtocols) {
+	informational := code >= 100 && code < 200 && code != http.StatusSwitchingProtocols
+	if !rec.wroteHeader && !informational && rec.hold != nil && rec.hold.Load() {
+		rec.held = true
+	}
+	if !rec.held {
+		rec.w.WriteHeader(code)
+	}
+	if rec.wroteHeader || informational {
 		return
 	}
 	rec.wroteHeader, rec.status = true, code
@@ -620,13 +651,23 @@ func (rec *recorder) Write(p []byte) (int, error) {
 	// Record what the handler wrote even if the client is gone: the retry
 	// deserves the whole response.
 	if rec.capture && !rec.omitted {
-		if len(rec.body)+len(p) > rec.maxBody {
+		if len(rec.body)+len(p) > rec.maxBody && !rec.held {
 			rec.omitted, rec.body = true, nil
 		} else {
 			rec.body = append(rec.body, p...)
 		}
 	}
+	if rec.held {
+		return len(p), nil
+	}
 	return rec.w.Write(p)
+}
+
+// sendHeld writes the held response to the client; its headers are
+// already in place.
+func (rec *recorder) sendHeld() {
+	rec.w.WriteHeader(rec.status)
+	rec.w.Write(rec.body)
 }
 
 // FlushError sends buffered data to the client; [http.ResponseController]
@@ -634,6 +675,9 @@ func (rec *recorder) Write(p []byte) (int, error) {
 func (rec *recorder) FlushError() error {
 	if !rec.wroteHeader {
 		rec.WriteHeader(http.StatusOK)
+	}
+	if rec.held {
+		return nil
 	}
 	return http.NewResponseController(rec.w).Flush()
 }
@@ -667,5 +711,9 @@ func (rec *recorder) statusOr200() int {
 }
 
 func (rec *recorder) response() *Record {
+	if rec.held && len(rec.body) > rec.maxBody {
+		// Held in full for the client; stored as omitted, as when passed through.
+		return newCompletion(Response{StatusCode: rec.status, Header: rec.header, BodyOmitted: true})
+	}
 	return newCompletion(Response{StatusCode: rec.status, Header: rec.header, Body: rec.body, BodyOmitted: rec.omitted})
 }

@@ -107,10 +107,9 @@ const leaseSlack = 5 * time.Millisecond
 // freed key is claimed by exactly one waiter, which then runs the work;
 // the others see its claim and keep waiting. wait returns what the last
 // acquire returned; an in-flight existing means the wait ended first.
-func (e *engine) wait(ctx context.Context, key string, claim Record, existing *Record, deadline time.Time) (fence uint64, rec *Record, sent time.Time, err error) {
-	rec = existing
+func (e *engine) wait(ctx context.Context, key string, claim Record, got acquired, deadline time.Time) (acquired, error) {
 	if !e.waiting.enter() {
-		return 0, rec, sent, nil
+		return got, nil
 	}
 	defer e.waiting.leave()
 
@@ -136,13 +135,15 @@ func (e *engine) wait(ctx context.Context, key string, claim Record, existing *R
 	for {
 		// Re-read after the watch is in place: an outcome stored between
 		// the first read and the watch is seen here, not missed.
-		fence, rec, sent, err = e.acquire(ctx, key, claim)
+		var err error
+		got, err = e.acquire(ctx, key, claim)
+		rec := got.existing
 		if err != nil || rec == nil || rec.Response != nil || rec.Fingerprint != claim.Fingerprint {
-			return fence, rec, sent, err
+			return got, err
 		}
 		now := time.Now()
 		if !now.Before(deadline) || ctx.Err() != nil {
-			return fence, rec, sent, nil
+			return got, nil
 		}
 		next := deadline
 		if poll > 0 {
@@ -156,7 +157,7 @@ func (e *engine) wait(ctx context.Context, key string, claim Record, existing *R
 		case <-wake:
 		case <-timer.C:
 		case <-ctx.Done():
-			return fence, rec, sent, nil
+			return got, nil
 		}
 	}
 }

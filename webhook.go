@@ -250,7 +250,8 @@ func (h *WebhookHandler) handle(ctx context.Context, rep *Report, payload []byte
 	token := rand.Text()
 	created := h.s.now()
 
-	fence, existing, sent, err := h.engine.acquire(ctx, key, Record{Token: token, CreatedAt: created})
+	got, err := h.engine.acquire(ctx, key, Record{Token: token, CreatedAt: created})
+	existing := got.existing
 	switch {
 	case err != nil:
 		rep.Err = err
@@ -262,9 +263,9 @@ func (h *WebhookHandler) handle(ctx context.Context, rep *Report, payload []byte
 		return OutcomeReplayed, h.finish(ctx, rep, OutcomeReplayed, nil)
 	}
 	a := &webhookAttempt{h: h, ctx: ctx, event: event, payload: payload, rep: rep}
-	a.claim = Claim{Kind: webhookRecordKind, Scope: rep.Scope, Key: event.ID, Fence: fence, created: created}
+	a.claim = Claim{Kind: webhookRecordKind, Scope: rep.Scope, Key: event.ID, created: created}
 	a.key, a.token = key, token
-	fnCtx := h.engine.start(&a.attempt, ctx, sent, false)
+	fnCtx := h.engine.start(&a.attempt, ctx, got, false)
 	h.engine.execute(fnCtx, &a.attempt, a)
 	return a.outcome, a.err
 }

@@ -55,6 +55,12 @@ func Run(t *testing.T, newHarness func(t *testing.T) Harness) {
 		{"ConcurrentAcquireHasOneWinner", testConcurrentAcquire},
 		{"FencesGrow", testFencesGrow},
 		{"FailureHistory", testFailureHistory},
+		{"CheckpointResumesAfterLapse", testCheckpointResumesAfterLapse},
+		{"CheckpointSurvivesRelease", testCheckpointSurvivesRelease},
+		{"CheckpointBindsRequest", testCheckpointBindsRequest},
+		{"CheckpointEndsWithCompletion", testCheckpointEndsWithCompletion},
+		{"CheckpointOwnerChecked", testCheckpointOwnerChecked},
+		{"CheckpointExpires", testCheckpointExpires},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
