@@ -168,6 +168,8 @@ func NewRedisStore(client RedisClient, opts ...Option) (*RedisStore, error) {
 var (
 	_ Store           = (*RedisStore)(nil)
 	_ FailureRecorder = (*RedisStore)(nil)
+	_ Checkpointer    = (*RedisStore)(nil)
+	_ Reader          = (*RedisStore)(nil)
 	_ waker           = (*RedisStore)(nil)
 )
 
@@ -195,21 +197,33 @@ func fenceKey(rkey string) string {
 // Scripts. Each compares the stored value's owner prefix (see ownerPrefix)
 // with the caller's, so it acts only for the token that holds the key.
 var (
-	// KEYS: record, fence counter. ARGV: owner prefix, claim, lease ms,
-	// not-after (Unix ms by the caller's clock; 0: none). Returns the
-	// fence (acquired), the record already there (with its PTTL when in
-	// flight: the 409's Retry-After and a waiter's timer), or -1 (too
-	// late).
+	// KEYS: record, fence counter, recovery point. ARGV: owner prefix,
+	// claim, lease ms, not-after (Unix ms by the caller's clock; 0: none),
+	// the claim's encoded fingerprint. Returns the fence (acquired), the
+	// record already there (with its PTTL when in flight: the 409's
+	// Retry-After and a waiter's timer), -1 (too late), or, when a
+	// recovery point is kept under the key (see redisCheckpoint), {fence,
+	// its fingerprint, point, data}: fence is 0 when the point belongs to
+	// another request and nothing was claimed.
 	redisAcquire = redis.NewScript(`
 local v = redis.call('GET', KEYS[1])
 if v then
   if string.sub(v, 1, #ARGV[1]) == ARGV[1] then
-    return tonumber(redis.call('GET', KEYS[2]) or '0')
+    local f = tonumber(redis.call('GET', KEYS[2]) or '0')
+    local rp = redis.call('HMGET', KEYS[3], 'fp', 'point', 'data')
+    if rp[1] and string.sub(rp[1], 1, #ARGV[5]) == ARGV[5] then
+      return {f, rp[1], rp[2], rp[3]}
+    end
+    return f
   end
   if string.sub(v, 2, 2) == 'F' then
     return {v, redis.call('PTTL', KEYS[1])}
   end
   return v
+end
+local rp = redis.call('HMGET', KEYS[3], 'fp', 'point', 'data')
+if rp[1] and string.sub(rp[1], 1, #ARGV[5]) ~= ARGV[5] then
+  return {0, rp[1], rp[2], rp[3]}
 end
 if ARGV[4] ~= '0' then
   local t = redis.call('TIME')
@@ -219,7 +233,44 @@ if ARGV[4] ~= '0' then
 end
 local f = redis.call('INCR', KEYS[2])
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+if rp[1] then
+  return {f, rp[1], rp[2], rp[3]}
+end
 return f`)
+
+	// Checkpoint keeps the recovery point in a hash beside the record
+	// (KEYS[2], same hash tag), so that it outlives the record's lease and
+	// a release: Release and Fail delete only the record, which leaves the
+	// key suspended. Its 'fp' is the in-flight value after the owner
+	// prefix, which starts with the length-prefixed fingerprint that
+	// Acquire compares. ARGV: owner prefix, point, data, keep ms.
+	redisCheckpoint = redis.NewScript(`
+local v = redis.call('GET', KEYS[1])
+if v and string.sub(v, 1, #ARGV[1]) == ARGV[1] then
+  redis.call('HSET', KEYS[2], 'fp', string.sub(v, #ARGV[1] + 1), 'point', ARGV[2], 'data', ARGV[3])
+  if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[4]) then
+    redis.call('PEXPIRE', KEYS[2], ARGV[4])
+  end
+  return 1
+end
+return 0`)
+
+	// Get reads a record without claiming it: the value (with its PTTL
+	// when in flight, and the recovery point if any), or {0, fp, point,
+	// data} for a suspended key.
+	redisGet = redis.NewScript(`
+local v = redis.call('GET', KEYS[1])
+local rp = redis.call('HMGET', KEYS[2], 'fp', 'point', 'data')
+if v then
+  if string.sub(v, 2, 2) == 'F' then
+    return {v, redis.call('PTTL', KEYS[1]), rp[2], rp[3]}
+  end
+  return v
+end
+if rp[1] then
+  return {0, rp[1], rp[2], rp[3]}
+end
+return false`)
 
 	redisExtend = redis.NewScript(`
 local v = redis.call('GET', KEYS[1])
@@ -229,7 +280,8 @@ if v and string.sub(v, 1, #ARGV[1]) == ARGV[1] then
 end
 return 0`)
 
-	// Complete also succeeds when this token already completed the record
+	// Complete drops the recovery point (KEYS[2]) with the in-flight
+	// state. It also succeeds when this token already completed the record
 	// (ARGV[4] is its completedPrefix): go-redis re-sent the script after
 	// the first run's reply was lost. Complete, Release and Fail publish on
 	// the record's channel (its own key name, so the same hash slot) with
@@ -240,6 +292,7 @@ return 0`)
 local v = redis.call('GET', KEYS[1])
 if v and string.sub(v, 1, #ARGV[1]) == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  redis.call('DEL', KEYS[2])
   if ARGV[5] ~= '' then redis.pcall(ARGV[5], KEYS[1], 'c') end
   return 1
 end
@@ -289,37 +342,20 @@ func (s *RedisStore) Acquire(ctx context.Context, key string, claim Record, leas
 	var fence uint64
 	var existing *Record
 	err := s.call(ctx, 0, func(ctx context.Context) error {
-		reply, err := s.eval(ctx, redisAcquire, s.waitReplicas > 0, 0, []string{rkey, fenceKey(rkey)},
-			owner, encodeRecord(&claim, claim.Token), milliseconds(lease), notAfter)
+		reply, err := s.eval(ctx, redisAcquire, s.waitReplicas > 0, 0, []string{rkey, fenceKey(rkey), rkey + redisRecoverySuffix},
+			owner, encodeRecord(&claim, claim.Token), milliseconds(lease), notAfter, string(appendString(nil, claim.Fingerprint)))
 		if err != nil {
 			return err
 		}
-		switch v := reply.(type) {
-		case int64:
+		if v, ok := reply.(int64); ok {
 			if v < 0 {
 				return errTooLate
 			}
 			fence = uint64(v)
 			return nil
-		case string:
-			rec, _, err := decodeRecord(v)
-			existing = rec
-			return err
-		case []any: // an in-flight record and its PTTL
-			if len(v) == 2 {
-				value, ok1 := v[0].(string)
-				pttl, ok2 := v[1].(int64)
-				if ok1 && ok2 {
-					rec, _, err := decodeRecord(value)
-					if rec != nil && pttl > 0 {
-						rec.LeaseLeft = time.Duration(pttl) * time.Millisecond
-					}
-					existing = rec
-					return err
-				}
-			}
 		}
-		return fmt.Errorf("unexpected reply %T", reply)
+		fence, existing, err = decodeRedisRecord(reply)
+		return err
 	})
 	if err != nil {
 		return 0, nil, fmt.Errorf("idempotency: redis acquire: %w", err)
@@ -327,12 +363,97 @@ func (s *RedisStore) Acquire(ctx context.Context, key string, claim Record, leas
 	return fence, existing, nil
 }
 
+// decodeRedisRecord decodes a record that the acquire and get scripts
+// return: a value, an in-flight value with its PTTL and recovery point, or
+// a fence with a recovery point.
+func decodeRedisRecord(reply any) (uint64, *Record, error) {
+	switch v := reply.(type) {
+	case string:
+		rec, _, err := decodeRecord(v)
+		return 0, rec, err
+	case []any:
+		if len(v) < 2 {
+			break
+		}
+		if value, ok := v[0].(string); ok { // in flight, with its PTTL
+			pttl, ok := v[1].(int64)
+			if !ok {
+				break
+			}
+			rec, _, err := decodeRecord(value)
+			if err != nil {
+				return 0, nil, err
+			}
+			if pttl > 0 {
+				rec.LeaseLeft = time.Duration(pttl) * time.Millisecond
+			}
+			if len(v) == 4 {
+				rec.RecoveryPoint, _ = v[2].(string)
+				if data, _ := v[3].(string); data != "" {
+					rec.RecoveryData = []byte(data)
+				}
+			}
+			return 0, rec, nil
+		}
+		fence, ok := v[0].(int64)
+		if !ok || len(v) != 4 || fence < 0 {
+			break
+		}
+		fp, _ := v[1].(string)
+		point, _ := v[2].(string)
+		data, _ := v[3].(string)
+		d := decoder{b: fp}
+		rec := &Record{Fingerprint: d.string(), RecoveryPoint: point}
+		if data != "" {
+			rec.RecoveryData = []byte(data)
+		}
+		if d.err != nil || point == "" {
+			return 0, nil, fmt.Errorf("%w: recovery point", errCorruptRecord)
+		}
+		return uint64(fence), rec, nil
+	}
+	return 0, nil, fmt.Errorf("unexpected reply %T", reply)
+}
+
+// redisRecoverySuffix names the hash that keeps a key's recovery point,
+// after the record's own key, hash tag included.
+const redisRecoverySuffix = ":recovery"
+
+// Checkpoint implements [Checkpointer] in one round trip.
+func (s *RedisStore) Checkpoint(ctx context.Context, key, token, point string, data []byte, ttl time.Duration) error {
+	if ttl <= 0 {
+		return fmt.Errorf("idempotency: recovery point TTL %v is not positive", ttl)
+	}
+	return s.runOwned(ctx, "checkpoint", redisCheckpoint, false, key, token, []string{redisRecoverySuffix}, point, data, milliseconds(ttl))
+}
+
+// Get implements [Reader] in one round trip.
+func (s *RedisStore) Get(ctx context.Context, key string) (*Record, error) {
+	rkey := s.redisKey(key)
+	var rec *Record
+	err := s.call(ctx, 0, func(ctx context.Context) error {
+		reply, err := s.eval(ctx, redisGet, false, 0, []string{rkey, rkey + redisRecoverySuffix})
+		if errors.Is(err, redis.Nil) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		_, rec, err = decodeRedisRecord(reply)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("idempotency: redis get: %w", err)
+	}
+	return rec, nil
+}
+
 // Extend implements [Store].
 func (s *RedisStore) Extend(ctx context.Context, key, token string, lease time.Duration) error {
 	if lease <= 0 {
 		return fmt.Errorf("idempotency: lease %v is not positive", lease)
 	}
-	return s.runOwned(ctx, "extend", redisExtend, false, key, token, milliseconds(lease))
+	return s.runOwned(ctx, "extend", redisExtend, false, key, token, nil, milliseconds(lease))
 }
 
 // Complete implements [Store].
@@ -340,13 +461,13 @@ func (s *RedisStore) Complete(ctx context.Context, key, token string, rec *Recor
 	if err := validateCompletion(rec, ttl); err != nil {
 		return err
 	}
-	return s.runOwned(ctx, "complete", redisComplete, s.waitReplicas > 0, key, token,
+	return s.runOwned(ctx, "complete", redisComplete, s.waitReplicas > 0, key, token, []string{redisRecoverySuffix},
 		encodeRecord(rec, token), milliseconds(ttl), completedPrefix(token), s.publish)
 }
 
 // Release implements [Store].
 func (s *RedisStore) Release(ctx context.Context, key, token string) error {
-	return s.runOwned(ctx, "release", redisRelease, false, key, token, s.publish)
+	return s.runOwned(ctx, "release", redisRelease, false, key, token, nil, s.publish)
 }
 
 // Fail implements [FailureRecorder] in one round trip.
@@ -403,13 +524,18 @@ func (s *RedisStore) Failures(ctx context.Context, key string) (int, string, err
 const redisFailuresSuffix = ":failures"
 
 // runOwned runs an owner-checked write script, which answers 1 (done) or
-// 0 (the token does not own the key).
-func (s *RedisStore) runOwned(ctx context.Context, op string, script *redis.Script, wait bool, key, token string, args ...any) error {
+// 0 (the token does not own the key). Its KEYS are the record and, after
+// it, the record's key with each of suffixes (same hash tag).
+func (s *RedisStore) runOwned(ctx context.Context, op string, script *redis.Script, wait bool, key, token string, suffixes []string, args ...any) error {
 	if token == "" {
 		return ErrLeaseLost
 	}
 	argv := append([]any{ownerPrefix(token)}, args...)
-	keys := []string{s.redisKey(key)}
+	rkey := s.redisKey(key)
+	keys := []string{rkey}
+	for _, suffix := range suffixes {
+		keys = append(keys, rkey+suffix)
+	}
 	budget := writeBudget(ctx)
 	var n int64
 	err := s.call(ctx, budget, func(ctx context.Context) error {

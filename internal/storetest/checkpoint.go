@@ -180,3 +180,54 @@ func testCheckpointExpires(t *testing.T, h Harness) {
 	require.NotZero(t, fence, "an expired recovery point binds nothing")
 	assert.Nil(t, rec)
 }
+
+// testReaderSeesRecords runs for stores that implement idempotency.Reader:
+// Get reads every state of a key and claims nothing.
+func testReaderSeesRecords(t *testing.T, h Harness) {
+	r, ok := h.Store.(idempotency.Reader)
+	if !ok {
+		t.Skipf("%T cannot read records", h.Store)
+	}
+	ctx := context.Background()
+	k := key(t)
+	rec, err := r.Get(ctx, k)
+	require.NoError(t, err)
+	assert.Nil(t, rec, "a free key")
+	rec, err = r.Get(ctx, k)
+	require.NoError(t, err)
+	assert.Nil(t, rec, "Get claims nothing")
+
+	c := claim("fp")
+	acquireFence(t, h.Store, k, c)
+	rec, err = r.Get(ctx, k)
+	require.NoError(t, err)
+	require.NotNil(t, rec, "in flight")
+	assert.Equal(t, c.Token, rec.Token)
+	assert.Equal(t, "fp", rec.Fingerprint)
+	assert.Nil(t, rec.Response)
+	assert.LessOrEqual(t, rec.LeaseLeft, lease)
+
+	if cp, ok := h.Store.(idempotency.Checkpointer); ok {
+		require.NoError(t, cp.Checkpoint(ctx, k, c.Token, "half", []byte("d"), ttl))
+		require.NoError(t, h.Store.Release(ctx, k, c.Token))
+		rec, err = r.Get(ctx, k)
+		require.NoError(t, err)
+		require.NotNil(t, rec, "suspended")
+		assert.Empty(t, rec.Token, "a suspended record has no owner")
+		assert.Equal(t, "half", rec.RecoveryPoint)
+		assert.Equal(t, []byte("d"), rec.RecoveryData)
+		assert.Equal(t, "fp", rec.Fingerprint)
+		c = claim("fp")
+		fence, _ := claimOrFind(t, h.Store, k, c)
+		require.NotZero(t, fence)
+	}
+
+	require.NoError(t, h.Store.Complete(ctx, k, c.Token, done("fp", 201, "made"), ttl))
+	rec, err = r.Get(ctx, k)
+	require.NoError(t, err)
+	require.NotNil(t, rec, "completed")
+	require.NotNil(t, rec.Response)
+	assert.Equal(t, 201, rec.Response.StatusCode)
+	assert.Equal(t, "made", string(rec.Response.Body))
+	assert.Empty(t, rec.RecoveryPoint)
+}

@@ -61,6 +61,7 @@ func Run(t *testing.T, newHarness func(t *testing.T) Harness) {
 		{"CheckpointEndsWithCompletion", testCheckpointEndsWithCompletion},
 		{"CheckpointOwnerChecked", testCheckpointOwnerChecked},
 		{"CheckpointExpires", testCheckpointExpires},
+		{"ReaderSeesRecords", testReaderSeesRecords},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
