@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -84,7 +85,8 @@ func WithWebhookPayload() Option {
 // The store keeps a processing status per event (in flight while the
 // function runs, then processed) and, when it implements
 // [FailureRecorder] as [MemoryStore] and [RedisStore] do, how often the
-// function failed for it and the last error ([WebhookHandler.Failures]).
+// function failed for it and the last error; [WebhookHandler.Event] reads
+// them.
 // Every attempt, with its error and that count, also reaches the observer
 // and the logger.
 //
@@ -198,18 +200,71 @@ func (h *WebhookHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	writeWebhookAnswer(w, outcome, err)
 }
 
-// Failures returns how often the function failed for the event eventID,
-// counted while the history lasts ([WithTTL] after the last failure), and
-// the last failure's error text (the function's error, or "panic"). The
-// history outlives a later success. The error wraps
-// [errors.ErrUnsupported] when the store keeps no history (see
-// [FailureRecorder]; [MemoryStore] and [RedisStore] do).
-func (h *WebhookHandler) Failures(ctx context.Context, eventID string) (attempts int, lastError string, err error) {
-	recorder, ok := h.engine.store.(FailureRecorder)
+// WebhookEvent is what the store knows of one Stripe event: see
+// [WebhookHandler.Event].
+type WebhookEvent struct {
+	ID string
+	// Status is "processed" (the function succeeded: later deliveries are
+	// acknowledged without running it), "processing" (a delivery's attempt
+	// holds the event now), "failed" (the last attempt failed or was cut
+	// off: Stripe's next delivery runs the function again), or "unseen"
+	// (nothing is kept: never received, or its record expired).
+	Status string
+	// Attempts counts the failed attempts, and LastError is the last one's
+	// error text (the function's error, or "panic"), while the history
+	// lasts ([WithTTL] after the last failure; it outlives a later
+	// success). Zero when none failed or the store keeps no history
+	// ([FailureRecorder]).
+	Attempts  int
+	LastError string
+	// ClaimedAt is when the attempt that processed the event, or that
+	// holds it, began; zero otherwise.
+	ClaimedAt time.Time
+	// RecoveryPoint is the last checkpoint of an unfinished attempt
+	// ([Claim.Checkpoint]).
+	RecoveryPoint string
+	// Payload is the event as Stripe sent it, for a processed event when
+	// [WithWebhookPayload] keeps it.
+	Payload []byte
+}
+
+// Event tells what became of the event eventID, for an operator or an
+// admin endpoint: read from the store, claiming nothing and running
+// nothing. Each store call is bounded by [WithStoreTimeout]. The error
+// wraps [errors.ErrUnsupported] when the store cannot read records
+// without claiming them ([Reader]; every store of this module can).
+func (h *WebhookHandler) Event(ctx context.Context, eventID string) (WebhookEvent, error) {
+	ev := WebhookEvent{ID: eventID, Status: "unseen"}
+	reader, ok := findStore[Reader](h.engine.store)
 	if !ok {
-		return 0, "", fmt.Errorf("idempotency: %T keeps no failure history: %w", h.engine.store, errors.ErrUnsupported)
+		return ev, fmt.Errorf("idempotency: %T cannot read records: %w", h.engine.store, errors.ErrUnsupported)
 	}
-	return recorder.Failures(ctx, recordKey(webhookRecordKind, h.s.webhookScope, eventID))
+	key := recordKey(webhookRecordKind, h.s.webhookScope, eventID)
+	callCtx, cancel := h.engine.bound(ctx)
+	defer cancel()
+	rec, err := reader.Get(callCtx, key)
+	if err != nil {
+		return ev, fmt.Errorf("%w: %w", ErrStoreUnavailable, err)
+	}
+	if recorder, ok := findStore[FailureRecorder](h.engine.store); ok {
+		if ev.Attempts, ev.LastError, err = recorder.Failures(callCtx, key); err != nil {
+			return ev, fmt.Errorf("%w: %w", ErrStoreUnavailable, err)
+		}
+	}
+	switch {
+	case rec != nil && rec.Response != nil:
+		ev.Status, ev.ClaimedAt = "processed", rec.CreatedAt
+		if len(rec.Response.Body) > 0 {
+			ev.Payload = slices.Clone(rec.Response.Body)
+		}
+	case rec != nil && rec.Token != "":
+		ev.Status, ev.ClaimedAt, ev.RecoveryPoint = "processing", rec.CreatedAt, rec.RecoveryPoint
+	case rec != nil: // suspended: an attempt stopped after a checkpoint
+		ev.Status, ev.RecoveryPoint = "failed", rec.RecoveryPoint
+	case ev.Attempts > 0:
+		ev.Status = "failed"
+	}
+	return ev, nil
 }
 
 // Handle is the core of the handler, for deliveries that do not arrive as

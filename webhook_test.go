@@ -443,10 +443,9 @@ func TestWebhookCountsFailedAttempts(t *testing.T) {
 		}, idempotency.WithObserver(obs.observe))
 		payload := whEvent("evt_flaky")
 
-		attempts, lastError, err := h.Failures(context.Background(), "evt_flaky")
+		ev, err := h.Event(context.Background(), "evt_flaky")
 		require.NoError(t, err)
-		assert.Zero(t, attempts)
-		assert.Empty(t, lastError)
+		assert.Equal(t, idempotency.WebhookEvent{ID: "evt_flaky", Status: "unseen"}, ev)
 
 		whAssertProblem(t, serve(h, whRequest(payload, whSecret)), http.StatusInternalServerError)
 		assert.Equal(t, 1, obs.last().Attempts)
@@ -456,25 +455,30 @@ func TestWebhookCountsFailedAttempts(t *testing.T) {
 		whAssertProblem(t, serve(h, whRequest(payload, whSecret)), http.StatusInternalServerError)
 		assert.Equal(t, 3, obs.last().Attempts)
 
-		attempts, lastError, err = h.Failures(context.Background(), "evt_flaky")
+		ev, err = h.Event(context.Background(), "evt_flaky")
 		require.NoError(t, err)
-		assert.Equal(t, 3, attempts)
-		assert.Equal(t, "ledger refused the entry", lastError)
+		assert.Equal(t, "failed", ev.Status)
+		assert.Equal(t, 3, ev.Attempts)
+		assert.Equal(t, "ledger refused the entry", ev.LastError)
+		assert.Zero(t, ev.ClaimedAt)
 
 		whAssertReceived(t, serve(h, whRequest(payload, whSecret)), false)
 		assert.Equal(t, idempotency.OutcomeExecuted, obs.last().Outcome)
-		attempts, _, err = h.Failures(context.Background(), "evt_flaky")
+		ev, err = h.Event(context.Background(), "evt_flaky")
 		require.NoError(t, err)
-		assert.Equal(t, 3, attempts, "the history outlives the success")
+		assert.Equal(t, "processed", ev.Status)
+		assert.False(t, ev.ClaimedAt.IsZero())
+		assert.Equal(t, 3, ev.Attempts, "the history outlives the success")
+		assert.Empty(t, ev.Payload, "not kept without WithWebhookPayload")
 		assert.EqualValues(t, 4, calls.Load())
 	})
 
-	t.Run("store without history", func(t *testing.T) {
+	t.Run("store that cannot read records", func(t *testing.T) {
 		h := whNew(t, &whRecordingStore{Store: idempotency.NewMemoryStore()}, func(context.Context, stripe.Event) error {
 			return errors.New("boom")
 		})
 		whAssertProblem(t, serve(h, whRequest(whEvent("evt_x"), whSecret)), http.StatusInternalServerError)
-		_, _, err := h.Failures(context.Background(), "evt_x")
+		_, err := h.Event(context.Background(), "evt_x")
 		assert.ErrorIs(t, err, errors.ErrUnsupported)
 	})
 }
@@ -715,6 +719,35 @@ func TestWebhookKeepsThePayload(t *testing.T) {
 		require.NotNil(t, rec.Response)
 		assert.Equal(t, payload, rec.Response.Body)
 		assert.False(t, rec.CreatedAt.IsZero())
+	})
+}
+
+// TestWebhookEventLookup: an operator reads an event's status while it is
+// processed and after, with the payload when it is kept.
+func TestWebhookEventLookup(t *testing.T) {
+	whForEachStore(t, func(t *testing.T, store idempotency.Store) {
+		entered, proceed := make(chan struct{}), make(chan struct{})
+		h := whNew(t, store, func(ctx context.Context, ev stripe.Event) error {
+			close(entered)
+			<-proceed
+			return nil
+		}, idempotency.WithWebhookPayload())
+		payload := whEvent("evt_lookup")
+		done := make(chan *httptest.ResponseRecorder)
+		go func() { done <- serve(h, whRequest(payload, whSecret)) }()
+		<-entered
+		ev, err := h.Event(context.Background(), "evt_lookup")
+		require.NoError(t, err)
+		assert.Equal(t, "processing", ev.Status)
+		assert.False(t, ev.ClaimedAt.IsZero())
+		close(proceed)
+		whAssertReceived(t, <-done, false)
+
+		ev, err = h.Event(context.Background(), "evt_lookup")
+		require.NoError(t, err)
+		assert.Equal(t, "processed", ev.Status)
+		assert.Equal(t, payload, ev.Payload, "the raw event, kept with WithWebhookPayload")
+		assert.Zero(t, ev.Attempts)
 	})
 }
 

@@ -298,9 +298,10 @@ func TestWebhookDeliveries(t *testing.T) {
 	outcome, err := wh.Handle(context.Background(), other, otherSig)
 	require.NoError(t, err)
 	assert.Equal(t, idempotency.OutcomeExecuted, outcome)
-	attempts, _, err := wh.Failures(context.Background(), "evt_fail_secret")
+	ev, err := wh.Event(context.Background(), "evt_fail_secret")
 	require.NoError(t, err)
-	assert.Equal(t, 1, attempts, "the wrapper passes the failure history through")
+	assert.Equal(t, 1, ev.Attempts, "the wrapper passes the failure history through")
+	assert.Equal(t, "failed", ev.Status)
 
 	deliveries := func(outcome idempotency.Outcome, method string, status int, errorType string) string {
 		kv := []any{"outcome", string(outcome), "http.response.status_code", status}
