@@ -193,7 +193,7 @@ func TestHeldResponse(t *testing.T) {
 		go func() {
 			req, _ := http.NewRequest(http.MethodPost, srv.URL, strings.NewReader(`{}`))
 			req.Header.Set("Idempotency-Key", key)
-			resp, err := http.DefaultClient.Do(req)
+			resp, err := srv.Client().Do(req)
 			if err != nil {
 				close(got)
 				return
@@ -244,5 +244,6 @@ func TestHeldResponse(t *testing.T) {
 	require.NotNil(t, resp)
 	assert.Equal(t, http.StatusCreated, resp.StatusCode)
 	assert.Equal(t, "true", resp.Header.Get("X-Idempotent-Replayed"))
+	assert.Equal(t, `{"id":1}`, body(resp))
 	assert.Equal(t, int32(2), runs.Load())
 }

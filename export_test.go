@@ -21,10 +21,10 @@ const (
 	MaxKeyLength               = maxKeyLength
 )
 
-// NewMemoryStoreWithClock returns a MemoryStore that reads the time from
-// now, so tests move time forward without sleeping.
-func NewMemoryStoreWithClock(now func() time.Time) *MemoryStore {
-	s := NewMemoryStore()
+// NewMemoryStoreWithClock returns a MemoryStore configured by opts that
+// reads the time from now, so tests move time forward without sleeping.
+func NewMemoryStoreWithClock(now func() time.Time, opts ...Option) *MemoryStore {
+	s := NewMemoryStore(opts...)
 	s.now = now
 	return s
 }
@@ -35,6 +35,42 @@ func (s *MemoryStore) Len() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return len(s.records)
+}
+
+// The MemoryStore's accounting and purge constants.
+const (
+	MemoryEntryOverhead       = memoryEntryOverhead
+	MemoryHeaderMapOverhead   = memoryHeaderMapOverhead
+	MemoryHeaderValueOverhead = memoryHeaderValueOverhead
+	MemoryPurgeBatch          = memoryPurgeBatch
+)
+
+// Bytes returns the bytes the store counts against its limits.
+func (s *MemoryStore) Bytes() int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.bytes
+}
+
+// OnPurge has f called after every purge batch, under the store's lock,
+// with the expiry slots the batch took and how long it held the lock.
+func (s *MemoryStore) OnPurge(f func(slots int, held time.Duration)) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.onPurge = f
+}
+
+// WaitPurge returns once no background purge runs.
+func (s *MemoryStore) WaitPurge() {
+	for {
+		s.mu.Lock()
+		purging := s.purging
+		s.mu.Unlock()
+		if !purging {
+			return
+		}
+		time.Sleep(time.Millisecond)
+	}
 }
 
 // WithWebhookClock makes a WebhookHandler read the time from now when it

@@ -11,7 +11,8 @@ import (
 )
 
 // Option configures a [Middleware] ([New]), a [WebhookHandler]
-// ([NewWebhookHandler]) or a [RedisStore] ([NewRedisStore]). Options
+// ([NewWebhookHandler]), a [RedisStore] ([NewRedisStore]) or a
+// [MemoryStore] ([NewMemoryStore]). Options
 // shared by the middleware and the webhook helper say so; the others name
 // what they configure, and the other constructors reject them. An invalid
 // option makes the constructor fail.
@@ -27,6 +28,7 @@ const (
 	forMiddleware target = 1 << iota
 	forWebhook
 	forRedisStore
+	forMemoryStore
 	forBoth = forMiddleware | forWebhook
 )
 
@@ -68,6 +70,10 @@ type settings struct {
 	redisPrefix  string
 	waitReplicas int
 	waitTimeout  time.Duration
+
+	// MemoryStore.
+	memoryMaxRecords int
+	memoryMaxBytes   int64
 }
 
 // Defaults shared by the middleware and the webhook helper.
@@ -91,7 +97,7 @@ func (s *settings) apply(t target, opts []Option) error {
 			return fmt.Errorf("idempotency: %s: %w", opt.name, err)
 		}
 	}
-	if t != forRedisStore && s.lease >= s.ttl {
+	if t&forBoth != 0 && s.lease >= s.ttl {
 		return fmt.Errorf("idempotency: lease %v must be shorter than the TTL %v", s.lease, s.ttl)
 	}
 	return nil
@@ -103,6 +109,8 @@ func (t target) String() string {
 		return "WebhookHandler"
 	case forRedisStore:
 		return "RedisStore"
+	case forMemoryStore:
+		return "MemoryStore"
 	}
 	return "Middleware"
 }
