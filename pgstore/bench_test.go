@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
+
 	"github.com/seed70ea8305/idempotency/internal/benchtest"
 )
 
@@ -38,16 +40,56 @@ func benchRequest(key string) *http.Request {
 	return r
 }
 
+// BenchmarkPostgres measures the middleware on PostgreSQL: a first
+// request and a replay of a handler that writes nothing, and a first
+// request of a handler that inserts one row, in the claim's transaction
+// (first-tx: the row commits with the response) or in a transaction of its
+// own that it commits before answering (first-own-tx: the same work
+// without the atomicity, for comparison).
 func BenchmarkPostgres(b *testing.B) {
-	h := newMiddleware(b, newStore(b, testPool(b))).Handler(benchHandler())
-	b.Run("first", func(b *testing.B) {
-		keys := benchtest.Keys("first-", b.N)
-		b.ReportAllocs()
-		b.ResetTimer()
-		for i := range b.N {
-			h.ServeHTTP(httptest.NewRecorder(), benchRequest(keys[i]))
+	pool := testPool(b)
+	exec(b, pool, "CREATE TABLE bench_venues (key text, body bytea)")
+	store := newStore(b, pool)
+	h := newMiddleware(b, store).Handler(benchHandler())
+	const insert = "INSERT INTO bench_venues (key, body) VALUES ($1, $2)"
+	inTx := newMiddleware(b, store).Handler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		tx, err := store.Tx(r.Context())
+		if err != nil {
+			b.Error(err)
+			return
 		}
-	})
+		if _, err := tx.Exec(r.Context(), insert, r.Header.Get("Idempotency-Key"), benchBody); err != nil {
+			b.Error(err)
+		}
+		benchHandler().ServeHTTP(w, r)
+	}))
+	ownTx := newMiddleware(b, store).Handler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		err := pgx.BeginFunc(r.Context(), pool, func(tx pgx.Tx) error {
+			_, err := tx.Exec(r.Context(), insert, r.Header.Get("Idempotency-Key"), benchBody)
+			return err
+		})
+		if err != nil {
+			b.Error(err)
+		}
+		benchHandler().ServeHTTP(w, r)
+	}))
+	first := func(h http.Handler) func(b *testing.B) {
+		return func(b *testing.B) {
+			keys := benchtest.Keys(b.Name()+"-", b.N)
+			b.ReportAllocs()
+			b.ResetTimer()
+			for i := range b.N {
+				w := httptest.NewRecorder()
+				h.ServeHTTP(w, benchRequest(keys[i]))
+				if w.Code != http.StatusCreated {
+					b.Fatalf("status %d", w.Code)
+				}
+			}
+		}
+	}
+	b.Run("first", first(h))
+	b.Run("first-tx", first(inTx))
+	b.Run("first-own-tx", first(ownTx))
 	b.Run("replay", func(b *testing.B) {
 		h.ServeHTTP(httptest.NewRecorder(), benchRequest("replay"))
 		b.ReportAllocs()

@@ -11,8 +11,9 @@ import (
 const maxBatch = 100_000
 
 // DeleteExpired deletes the rows that no longer count: records past their
-// TTL, claims whose lease lapsed, and failure histories past theirs. It
-// never deletes a live claim, and skips rows that another transaction
+// TTL, claims whose lease lapsed (suspended ones, with a recovery point,
+// once that is past its TTL), and failure histories past theirs. It never
+// deletes a live claim or a suspended record, and skips rows that another transaction
 // holds locked. It deletes in batches of at most batch rows (1 to 100,000),
 // one statement and one transaction each, until a batch comes back short
 // or ctx ends, and returns how many rows it deleted. The webhook_events

@@ -117,8 +117,8 @@ func TestCleanupNeverTakesLiveClaims(t *testing.T) {
 		defer wg.Done()
 		for i := 0; ctx.Err() == nil; i++ {
 			if _, err := pool.Exec(ctx, `INSERT INTO idempotency_keys (key, token, fingerprint, fence, status, lease_expires_at, expires_at, created_at)
-				SELECT convert_to($1 || i, 'UTF8'), 'tok', 'fp', 0, 'in_flight', clock_timestamp(), clock_timestamp(), now()
-				FROM generate_series(1, 50) AS i`, "lapsed-"+rand.Text()); err != nil && ctx.Err() == nil {
+				SELECT convert_to($1 || i, 'UTF8'), 'tok', 'fp', 0, 'in_flight', t.now, t.now, now()
+				FROM generate_series(1, 50) AS i, (SELECT clock_timestamp() AS now) AS t`, "lapsed-"+rand.Text()); err != nil && ctx.Err() == nil {
 				t.Error(err)
 				return
 			}

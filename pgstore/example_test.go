@@ -2,12 +2,14 @@ package pgstore_test
 
 import (
 	"context"
+	"crypto/rand"
 	"fmt"
 	"log"
 	"net/http"
 	"os"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/seed70ea8305/idempotency"
@@ -64,4 +66,45 @@ func ExampleWithSchema() {
 		log.Fatal(err)
 	}
 	_ = store
+}
+
+// A handler in two atomic phases, as in Brandur Leach's design: the venue
+// is created in a phase of its own, which commits with a recovery point
+// naming it; then a foreign call (here a Stripe account, with an
+// idempotency key derived from the claim); then the last phase, in the
+// claim's transaction, commits the account's row together with the stored
+// response. A retry after a crash resumes after the venue: it creates no
+// second one. (It needs a database, so it does not run as a test.)
+func ExampleStore_Phase() {
+	var store *pgstore.Store // as in the package example
+	createVenue := func(w http.ResponseWriter, r *http.Request) {
+		ctx := r.Context()
+		claim, _ := idempotency.ClaimFromContext(ctx)
+		venueID := string(claim.RecoveryData)
+		if claim.RecoveryPoint != "venue_created" {
+			venueID = "v_" + rand.Text() // the phase's data: made before it
+			err := store.Phase(ctx, "venue_created", []byte(venueID), func(tx pgx.Tx) error {
+				_, err := tx.Exec(ctx, "INSERT INTO venues (id, name) VALUES ($1, 'Hall')", venueID)
+				return err
+			})
+			if err != nil {
+				http.Error(w, "unavailable", http.StatusServiceUnavailable) // 5xx: the key is freed, kept suspended
+				return
+			}
+		}
+		account := "acct_1" // created with idempotency.StripeKey(ctx, "account"): a retry gets the same one
+
+		tx, err := store.Tx(ctx) // the last phase: the store commits it with the response
+		if err != nil {
+			http.Error(w, "unavailable", idempotency.StatusCode(err))
+			return
+		}
+		if _, err := tx.Exec(ctx, "UPDATE venues SET stripe_account = $1 WHERE id = $2", account, venueID); err != nil {
+			http.Error(w, "unavailable", http.StatusServiceUnavailable)
+			return
+		}
+		w.WriteHeader(http.StatusCreated)
+		fmt.Fprintf(w, `{"id":%q,"stripe_account":%q}`, venueID, account)
+	}
+	_ = createVenue
 }

@@ -104,12 +104,18 @@ func kinds(sql []string) []string {
 			out[i] = "acquire"
 		case strings.Contains(s, "SET status = 'completed'"):
 			out[i] = "complete"
+		case strings.Contains(s, "counted AS"):
+			out[i] = "fail"
+		case strings.Contains(s, "released AS"):
+			out[i] = "release"
 		case strings.Contains(s, "SET lease_expires_at"):
 			out[i] = "extend"
-		case strings.Contains(s, "released AS"):
-			out[i] = "fail"
-		case strings.HasPrefix(s, "WITH cfg") && strings.Contains(s, "DELETE FROM"):
-			out[i] = "release"
+		case strings.Contains(s, "SET recovery_point"):
+			out[i] = "checkpoint"
+		case strings.HasPrefix(s, "SELECT EXISTS") && strings.Contains(s, "k.fence = $2"):
+			out[i] = "holds"
+		case s == "begin", s == "commit", s == "rollback":
+			out[i] = s
 		default:
 			out[i] = s
 		}

@@ -31,6 +31,7 @@ const (
 type config struct {
 	schema       string
 	lockTimeout  time.Duration
+	recoveryTTL  time.Duration
 	logger       *slog.Logger
 	inbox        inboxConfig
 	worker       workerConfig
@@ -42,6 +43,11 @@ const (
 	// DefaultLockTimeout is the longest a statement waits for a row lock
 	// unless [WithLockTimeout] says otherwise.
 	DefaultLockTimeout = 500 * time.Millisecond
+
+	// DefaultRecoveryTTL is how long a recovery point recorded by
+	// [Store.Phase] keeps its record unless [WithRecoveryTTL] says
+	// otherwise: the middleware's default TTL.
+	DefaultRecoveryTTL = 24 * time.Hour
 )
 
 func newConfig(opts []Option) (*config, error) {
@@ -51,7 +57,7 @@ func newConfig(opts []Option) (*config, error) {
 // newConfigFor applies opts for the constructor use, refusing the options
 // that do not apply to it.
 func newConfigFor(use uses, opts []Option) (*config, error) {
-	c := &config{lockTimeout: DefaultLockTimeout, inbox: defaultInboxConfig(), worker: defaultWorkerConfig()}
+	c := &config{lockTimeout: DefaultLockTimeout, recoveryTTL: DefaultRecoveryTTL, inbox: defaultInboxConfig(), worker: defaultWorkerConfig()}
 	for _, opt := range opts {
 		if opt.apply == nil {
 			return nil, errors.New("pgstore: zero Option")
@@ -98,6 +104,23 @@ func WithLockTimeout(d time.Duration) Option {
 			return fmt.Errorf("lock timeout %v is shorter than 1ms", d)
 		}
 		c.lockTimeout = d
+		return nil
+	}}
+}
+
+// WithRecoveryTTL sets how long a recovery point recorded by [Store.Phase]
+// keeps its record after the last phase: while the attempt runs, and
+// suspended after it failed or crashed, until a retry of the same request
+// resumes it. Give it the middleware's [idempotency.WithTTL] (or the
+// webhook helper's). [idempotency.Claim.Checkpoint] passes the
+// middleware's TTL itself. At least 1 s. Default: [DefaultRecoveryTTL]
+// (24 h).
+func WithRecoveryTTL(d time.Duration) Option {
+	return Option{name: "WithRecoveryTTL", use: forStore, apply: func(c *config) error {
+		if d < time.Second {
+			return fmt.Errorf("recovery TTL %v is shorter than 1s", d)
+		}
+		c.recoveryTTL = d
 		return nil
 	}}
 }

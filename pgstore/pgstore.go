@@ -32,25 +32,27 @@
 //
 // idempotency_keys holds one row per record key: the claim while the work
 // runs (status in_flight, the owner's token, the lease's end), then the
-// stored response (status completed). idempotency_failures counts the
-// failed attempts of [idempotency.FailureRecorder]. webhook_events is the
-// webhook inbox's ([Inbox], [Worker]; migration 0002 completes it). Keys are
-// opaque bytes (bytea); the primary key is their SHA-256, so keys of any
-// length fit.
+// stored response (status completed); a claim may carry a recovery point
+// (migration 0003), which keeps the row, suspended, after its owner
+// stopped. idempotency_failures counts the failed attempts of
+// [idempotency.FailureRecorder]. webhook_events is the webhook inbox's
+// ([Inbox], [Worker]; migration 0002 completes it). Keys are opaque bytes
+// (bytea); the primary key is their SHA-256, so keys of any length fit.
 //
 // # Protocol
 //
 // Every call is one statement, one round trip, in its own implicit
 // transaction; nothing on the request path takes a table or advisory lock.
 // [Store.Acquire] is one INSERT … ON CONFLICT DO UPDATE that claims a free
-// key, or a key whose row expired, and otherwise returns the live row. The
-// later writes ([Store.Extend], [Store.Complete], [Store.Release],
-// [Store.Fail]) change the row only WHERE the caller's token owns it, in
-// flight, with its lease unexpired, and return [idempotency.ErrLeaseLost]
-// when no row matched. A first request through the middleware thus costs
-// two statements (claim, then complete); a replay, a 409 or a 422 one.
-// Leases and expiry use the database's clock (clock_timestamp()), never
-// the client's.
+// key, or a key whose row expired, or a suspended row of the same request
+// (keeping its recovery point), and otherwise returns the live row. The
+// later writes ([Store.Extend], [Store.Checkpoint], [Store.Complete],
+// [Store.Release], [Store.Fail]) change the row only WHERE the caller's
+// token owns it, in flight, with its lease unexpired, and return
+// [idempotency.ErrLeaseLost] when no row matched. A first request through
+// the middleware thus costs two statements (claim, then complete); a
+// replay, a 409 or a 422 one. Leases and expiry use the database's clock
+// (clock_timestamp()), never the client's.
 //
 // Fences come from one sequence for every key (idempotency_fence): it only
 // grows, so every new owner of a key gets a greater fence than the owners
@@ -79,6 +81,43 @@
 //
 // A Store is safe for concurrent use, also from several processes sharing
 // one database; create it with [New].
+//
+// # Transactions and recovery points
+//
+// A handler can write its business rows in the claim's transaction,
+// [Store.Tx]: the middleware stores the response in the same transaction
+// and commits it after the handler returns, so the rows and the stored
+// response commit together or not at all. The response is held until the
+// commit succeeded; when it fails (a lost lease, a broken connection),
+// the client gets 503 and the key is free for its retry, with nothing
+// committed. The transaction locks no row of the store, so lease renewals
+// and duplicates (409) are never blocked by it.
+//
+//	func createVenue(w http.ResponseWriter, r *http.Request) {
+//		tx, err := store.Tx(r.Context()) // the store commits it
+//		if err != nil {
+//			http.Error(w, "unavailable", idempotency.StatusCode(err))
+//			return
+//		}
+//		var id int64
+//		if err := tx.QueryRow(r.Context(), "INSERT INTO venues (name) VALUES ($1) RETURNING id", "Hall").Scan(&id); err != nil {
+//			http.Error(w, "unavailable", http.StatusServiceUnavailable) // 5xx: rolled back, key freed
+//			return
+//		}
+//		w.WriteHeader(http.StatusCreated)
+//		fmt.Fprintf(w, `{"id":%d}`, id)
+//	}
+//
+// Work with several phases (a foreign call between two sets of writes)
+// records recovery points, as in Brandur Leach's atomic phases:
+// [Store.Phase] commits a phase's writes together with its recovery point,
+// and a retry after a crash, a lost lease or a failure resumes from the
+// last one ([idempotency.Claim.RecoveryPoint]); the claim's transaction is
+// then the last phase. Until the retry comes, the key is bound to that
+// request: another request under it gets 422. The store implements
+// [idempotency.Checkpointer] ([Store.Checkpoint], a recovery point on its
+// own, which [idempotency.Claim.Checkpoint] calls) and
+// [idempotency.Reader] ([Store.Get]).
 //
 // # Webhook inbox
 //
@@ -114,6 +153,7 @@ import (
 	"net"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -130,13 +170,20 @@ import (
 type Store struct {
 	pool        *pgxpool.Pool
 	lockTimeout time.Duration
+	recoveryTTL time.Duration
+	orphanGrace time.Duration
 	logger      *slog.Logger
 	sql         statements
+
+	txMu sync.Mutex
+	txs  map[uint64]*claimTx // the claims' open transactions, by fence ([Store.Tx])
 }
 
 var (
 	_ idempotency.Store           = (*Store)(nil)
 	_ idempotency.FailureRecorder = (*Store)(nil)
+	_ idempotency.Checkpointer    = (*Store)(nil)
+	_ idempotency.Reader          = (*Store)(nil)
 )
 
 // New returns a Store on the tables that [Migrate] created (with the same
@@ -149,17 +196,25 @@ func New(pool *pgxpool.Pool, opts ...Option) (*Store, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Store{pool: pool, lockTimeout: c.lockTimeout, logger: c.logger, sql: newStatements(c.schema)}, nil
+	return &Store{
+		pool: pool, lockTimeout: c.lockTimeout, recoveryTTL: c.recoveryTTL, orphanGrace: orphanGrace,
+		logger: c.logger, sql: newStatements(c.schema), txs: make(map[uint64]*claimTx),
+	}, nil
 }
 
 // statements are the store's SQL, with its table names filled in.
 type statements struct {
 	acquire, extend, complete, release, fail, failures string
+	releaseByFence, checkpoint, checkpointByFence      string
+	holds, get                                         string
 	deleteKeys, deleteFailures                         string
 }
 
 // Parameters shared by the statements: $1 is always the record key. The
 // lock timeout is a text parameter in milliseconds.
+//
+// A row with a recovery point whose lease lapsed (or was ended by Release
+// or Fail) is suspended until its expires_at: see migration 0003.
 func newStatements(schema string) statements {
 	keys, failures, fence := name(schema, "idempotency_keys"), name(schema, "idempotency_failures"), name(schema, "idempotency_fence")
 	// sql fills in the table names: %[1]s the keys, %[2]s the failures,
@@ -167,17 +222,75 @@ func newStatements(schema string) statements {
 	sql := func(format string) string {
 		return strings.TrimSpace(fmt.Sprintf(format, keys, failures, "'"+fence+"'"))
 	}
+	// setPoint records a recovery point on the row an owner holds, and
+	// keeps the row at least $5 from now: the owner is $2, a token
+	// (checkpoint) or a fence (checkpointByFence).
+	// $1 key, $2 owner, $3 point, $4 data, $5 TTL (µs), $6 lock timeout.
+	setPoint := func(owner string) string {
+		return sql(`
+WITH cfg AS MATERIALIZED (
+    SELECT clock_timestamp() AS now, set_config('lock_timeout', $6::text, true) AS lock_timeout
+)
+UPDATE %[1]s AS k
+SET recovery_point = $3::text, recovery_data = $4::bytea,
+    expires_at = greatest(k.lease_expires_at, cfg.now + $5::bigint * interval '1 microsecond')
+FROM cfg
+WHERE k.key_hash = sha256($1::bytea) AND ` + owner + `
+  AND k.status = 'in_flight' AND k.lease_expires_at > clock_timestamp()`)
+	}
+	// freed frees the row that $2 owns, as Release and Fail do: a row
+	// without a recovery point is deleted, a row with one is suspended
+	// (its lease ends now; it stays until its expires_at). Follows a
+	// cfg, which sets the lock timeout before either locks the row.
+	// $1 key, $2 owner (a token, or a fence for releaseByFence);
+	// released holds the freed row's key.
+	freed := func(owner string) string {
+		return `
+suspended AS (
+    UPDATE %[1]s AS k SET lease_expires_at = clock_timestamp()
+    FROM cfg
+    WHERE k.key_hash = sha256($1::bytea) AND ` + owner + `
+      AND k.status = 'in_flight' AND k.lease_expires_at > clock_timestamp()
+      AND k.recovery_point IS NOT NULL
+    RETURNING k.key
+), deleted AS (
+    DELETE FROM %[1]s AS k USING cfg
+    WHERE k.key_hash = sha256($1::bytea) AND ` + owner + `
+      AND k.status = 'in_flight' AND k.lease_expires_at > clock_timestamp()
+      AND k.recovery_point IS NULL
+    RETURNING k.key
+), released AS (
+    SELECT key FROM suspended UNION ALL SELECT key FROM deleted
+)`
+	}
+	const byToken, byFence = "k.token = $2::bytea", "k.fence = $2::bigint"
+	// release: $1 key, $2 owner, $3 lock timeout. Returns the rows freed.
+	release := func(owner string) string {
+		return sql(`
+WITH cfg AS MATERIALIZED (
+    SELECT set_config('lock_timeout', $3::text, true) AS lock_timeout
+), ` + strings.TrimSpace(freed(owner)) + `
+SELECT count(*) FROM released`)
+	}
+	// resumable: the conflicting row k is suspended, for the same request,
+	// at the statement's start (one instant for WHERE and SET alike).
+	const resumable = `(k.status = 'in_flight' AND k.recovery_point IS NOT NULL
+         AND k.fingerprint = excluded.fingerprint
+         AND k.lease_expires_at <= (SELECT now FROM clock) AND k.expires_at > (SELECT now FROM clock))`
 	return statements{
 		// $1 key, $2 token, $3 fingerprint, $4 created, $5 lease (µs),
 		// $6 not-after (NULL: none), $7 lock timeout. Returns one row:
-		// the new fence (claimed), whether the server's clock is past
-		// not-after, and the live row already there (if not claimed).
+		// the new fence and the recovery point it resumes from (claimed),
+		// whether the server's clock is past not-after, and the live row
+		// already there (if not claimed).
 		// A live row (as of the statement's snapshot) is returned without
 		// touching it: a replay, a 409 or a 422 locks nothing and writes
-		// nothing. Otherwise the INSERT claims the key, or takes over a
-		// row that expired; a live row it finds that the snapshot could
-		// not see (committed by a concurrent claim meanwhile) leaves every
-		// column NULL, and Acquire sends the statement again.
+		// nothing. Otherwise the INSERT claims the key, takes over a row
+		// that expired (dropping whatever it held), or takes over a
+		// suspended row of the same request (keeping its recovery point).
+		// A live row it finds that the snapshot could not see (committed
+		// by a concurrent claim meanwhile) leaves every column NULL, and
+		// Acquire sends the statement again.
 		acquire: sql(`
 WITH clock AS MATERIALIZED (
     SELECT t.now,
@@ -187,6 +300,8 @@ WITH clock AS MATERIALIZED (
 ), live AS MATERIALIZED (
     SELECT e.status, e.token, e.fence, e.fingerprint, e.created_at,
            e.response_status, e.response_headers, e.response_body, e.body_omitted,
+           e.recovery_point, e.recovery_data,
+           (e.status = 'in_flight' AND e.lease_expires_at <= clock.now) AS suspended,
            (extract(epoch FROM e.lease_expires_at - clock.now) * 1000000)::bigint AS lease_left
     FROM %[1]s AS e, clock
     WHERE e.key_hash = sha256($1::bytea) AND e.expires_at > clock.now
@@ -197,30 +312,39 @@ WITH clock AS MATERIALIZED (
            clock.now + $5::bigint * interval '1 microsecond',
            $4::timestamptz
     FROM clock
-    WHERE NOT clock.too_late AND NOT EXISTS (SELECT 1 FROM live)
+    WHERE NOT clock.too_late
+      AND NOT EXISTS (SELECT 1 FROM live WHERE NOT (live.suspended AND live.fingerprint = $3::bytea))
     ON CONFLICT (key_hash) DO UPDATE SET
         token = excluded.token, fingerprint = excluded.fingerprint, fence = nextval(%[3]s),
         status = 'in_flight', lease_expires_at = excluded.lease_expires_at,
-        expires_at = excluded.expires_at, created_at = excluded.created_at, completed_at = NULL,
-        response_status = NULL, response_headers = NULL, response_body = NULL, body_omitted = false
-    WHERE k.expires_at <= clock_timestamp()
+        expires_at = CASE WHEN ` + resumable + ` THEN greatest(k.expires_at, excluded.expires_at)
+                          ELSE excluded.expires_at END,
+        created_at = excluded.created_at, completed_at = NULL,
+        response_status = NULL, response_headers = NULL, response_body = NULL, body_omitted = false,
+        recovery_point = CASE WHEN ` + resumable + ` THEN k.recovery_point END,
+        recovery_data = CASE WHEN ` + resumable + ` THEN k.recovery_data END
+    WHERE (k.expires_at <= clock_timestamp() OR ` + resumable + `)
       AND ($6::timestamptz IS NULL OR clock_timestamp() <= $6::timestamptz)
-    RETURNING k.fence
+    RETURNING k.fence, k.recovery_point, k.recovery_data
 )
-SELECT c.fence, clock.too_late, e.status, e.token, e.fence, e.fingerprint, e.created_at,
-       e.response_status, e.response_headers, e.response_body, e.body_omitted, e.lease_left
+SELECT c.fence, c.recovery_point, c.recovery_data, clock.too_late,
+       e.status, e.token, e.fence, e.fingerprint, e.created_at,
+       e.response_status, e.response_headers, e.response_body, e.body_omitted,
+       e.suspended, e.recovery_point, e.recovery_data, e.lease_left
 FROM clock
 LEFT JOIN claimed AS c ON true
 LEFT JOIN live AS e ON c.fence IS NULL`),
 
-		// $1 key, $2 token, $3 lease (µs), $4 lock timeout.
+		// $1 key, $2 token, $3 lease (µs), $4 lock timeout. A row with a
+		// recovery point keeps its expiry if that is later.
 		extend: sql(`
 WITH cfg AS MATERIALIZED (
     SELECT clock_timestamp() AS now, set_config('lock_timeout', $4::text, true) AS lock_timeout
 )
 UPDATE %[1]s AS k
 SET lease_expires_at = cfg.now + $3::bigint * interval '1 microsecond',
-    expires_at = cfg.now + $3::bigint * interval '1 microsecond'
+    expires_at = CASE WHEN k.recovery_point IS NULL THEN cfg.now + $3::bigint * interval '1 microsecond'
+                      ELSE greatest(k.expires_at, cfg.now + $3::bigint * interval '1 microsecond') END
 FROM cfg
 WHERE k.key_hash = sha256($1::bytea) AND k.token = $2::bytea
   AND k.status = 'in_flight' AND k.lease_expires_at > clock_timestamp()`),
@@ -228,6 +352,7 @@ WHERE k.key_hash = sha256($1::bytea) AND k.token = $2::bytea
 		// $1 key, $2 token, $3 TTL (µs), $4 fingerprint, $5 created,
 		// $6 status, $7 header, $8 body, $9 body omitted, $10 lock
 		// timeout. Returns whether the record is now completed by $2.
+		// The recovery point goes with the in-flight state.
 		complete: sql(`
 WITH cfg AS MATERIALIZED (
     SELECT clock_timestamp() AS now, set_config('lock_timeout', $10::text, true) AS lock_timeout
@@ -236,7 +361,8 @@ WITH cfg AS MATERIALIZED (
     SET status = 'completed', lease_expires_at = NULL,
         expires_at = cfg.now + $3::bigint * interval '1 microsecond', completed_at = cfg.now,
         fingerprint = $4::bytea, created_at = $5::timestamptz, response_status = $6::integer,
-        response_headers = $7::bytea, response_body = $8::bytea, body_omitted = $9::boolean
+        response_headers = $7::bytea, response_body = $8::bytea, body_omitted = $9::boolean,
+        recovery_point = NULL, recovery_data = NULL
     FROM cfg
     WHERE k.key_hash = sha256($1::bytea) AND k.token = $2::bytea
       AND k.status = 'in_flight' AND k.lease_expires_at > clock_timestamp()
@@ -247,14 +373,8 @@ SELECT EXISTS (SELECT 1 FROM done) OR EXISTS (
     WHERE k.key_hash = sha256($1::bytea) AND k.token = $2::bytea
       AND k.status = 'completed' AND k.expires_at > cfg.now)`),
 
-		// $1 key, $2 token, $3 lock timeout.
-		release: sql(`
-WITH cfg AS MATERIALIZED (
-    SELECT set_config('lock_timeout', $3::text, true) AS lock_timeout
-)
-DELETE FROM %[1]s AS k USING cfg
-WHERE k.key_hash = sha256($1::bytea) AND k.token = $2::bytea
-  AND k.status = 'in_flight' AND k.lease_expires_at > clock_timestamp()`),
+		release:        release(byToken),
+		releaseByFence: release(byFence),
 
 		// $1 key, $2 token, $3 reason, $4 TTL (µs), $5 lock timeout.
 		// Returns the attempts counted, or no row when $2 owned nothing
@@ -262,12 +382,7 @@ WHERE k.key_hash = sha256($1::bytea) AND k.token = $2::bytea
 		fail: sql(`
 WITH cfg AS MATERIALIZED (
     SELECT clock_timestamp() AS now, set_config('lock_timeout', $5::text, true) AS lock_timeout
-), released AS (
-    DELETE FROM %[1]s AS k USING cfg
-    WHERE k.key_hash = sha256($1::bytea) AND k.token = $2::bytea
-      AND k.status = 'in_flight' AND k.lease_expires_at > clock_timestamp()
-    RETURNING k.key
-), counted AS (
+), ` + strings.TrimSpace(freed(byToken)) + `, counted AS (
     INSERT INTO %[2]s AS f (key, attempts, last_reason, last_token, failed_at, expires_at)
     SELECT r.key, 1, $3::text, $2::bytea, cfg.now, cfg.now + $4::bigint * interval '1 microsecond'
     FROM released AS r, cfg
@@ -288,10 +403,31 @@ WHERE NOT EXISTS (SELECT 1 FROM counted)
 SELECT attempts, last_reason FROM %[2]s
 WHERE key_hash = sha256($1::bytea) AND expires_at > clock_timestamp()`),
 
+		checkpoint:        setPoint(byToken),
+		checkpointByFence: setPoint(byFence),
+
+		// $1 key, $2 fence. Whether the claim with fence $2 holds the key,
+		// in flight, its lease unexpired. Locks nothing.
+		holds: sql(`
+SELECT EXISTS (
+    SELECT 1 FROM %[1]s AS k
+    WHERE k.key_hash = sha256($1::bytea) AND k.fence = $2::bigint
+      AND k.status = 'in_flight' AND k.lease_expires_at > clock_timestamp())`),
+
+		// $1 key. The live row, if any.
+		get: sql(`
+SELECT e.status, e.token, e.fingerprint, e.created_at,
+       e.response_status, e.response_headers, e.response_body, e.body_omitted,
+       e.lease_expires_at <= t.now AS suspended, e.recovery_point, e.recovery_data,
+       (extract(epoch FROM e.lease_expires_at - t.now) * 1000000)::bigint AS lease_left
+FROM %[1]s AS e, (SELECT clock_timestamp() AS now) AS t
+WHERE e.key_hash = sha256($1::bytea) AND e.expires_at > t.now`),
+
 		// $1 batch size. Rows past their expiry: completed records past
-		// their TTL and claims whose lease lapsed, never a live claim.
-		// Rows another transaction holds locked (a claim taking the key
-		// over) are skipped.
+		// their TTL, claims whose lease lapsed, suspended records past
+		// their recovery point's TTL; never a live claim or a suspended
+		// record. Rows another transaction holds locked (a claim taking
+		// the key over) are skipped.
 		deleteKeys: sql(`
 DELETE FROM %[1]s AS k
 WHERE k.ctid = ANY (ARRAY(
@@ -378,6 +514,8 @@ func (s *Store) Acquire(ctx context.Context, key string, claim idempotency.Recor
 func (s *Store) acquireOnce(ctx context.Context, key string, claim *idempotency.Record, lease time.Duration, notAfter *time.Time) (uint64, *idempotency.Record, error) {
 	var (
 		fence, rowFence      *int64
+		point, rowPoint      *string
+		data, rowData        []byte
 		tooLate              bool
 		status               *string
 		token, fingerprint   []byte
@@ -385,18 +523,19 @@ func (s *Store) acquireOnce(ctx context.Context, key string, claim *idempotency.
 		respStatus           *int32
 		respHeader, respBody []byte
 		bodyOmitted          *bool
+		suspended            *bool
 		leaseLeft            *int64
 	)
 	err := s.pool.QueryRow(ctx, s.sql.acquire,
 		[]byte(key), []byte(claim.Token), []byte(claim.Fingerprint), claim.CreatedAt,
 		lease.Microseconds(), notAfter, s.lockTimeoutParam(ctx),
-	).Scan(&fence, &tooLate, &status, &token, &rowFence, &fingerprint, &created,
-		&respStatus, &respHeader, &respBody, &bodyOmitted, &leaseLeft)
+	).Scan(&fence, &point, &data, &tooLate, &status, &token, &rowFence, &fingerprint, &created,
+		&respStatus, &respHeader, &respBody, &bodyOmitted, &suspended, &rowPoint, &rowData, &leaseLeft)
 	switch {
 	case err != nil:
 		return 0, nil, err
 	case fence != nil:
-		return uint64(*fence), nil, nil
+		return uint64(*fence), resumed(claim.Fingerprint, point, data), nil
 	case status == nil && tooLate:
 		return 0, nil, errTooLate
 	case status == nil:
@@ -407,31 +546,66 @@ func (s *Store) acquireOnce(ctx context.Context, key string, claim *idempotency.
 		rec.CreatedAt = *created
 	}
 	if *status == statusInFlight {
-		if string(token) == claim.Token && rowFence != nil {
+		switch {
+		case *suspended && string(fingerprint) == claim.Fingerprint && tooLate:
+			return 0, nil, errTooLate
+		case *suspended && string(fingerprint) == claim.Fingerprint:
+			// The snapshot saw a suspended row this request could take
+			// over, but the row had changed by the time the INSERT locked
+			// it (another claim resumed it first).
+			return 0, nil, errRaced
+		case *suspended:
+			// Partly done work of another request: no owner, no lease.
+			if rowPoint != nil {
+				rec.RecoveryPoint, rec.RecoveryData = *rowPoint, rowData
+			}
+			return 0, rec, nil
+		case string(token) == claim.Token && rowFence != nil:
 			// Our own claim: this statement was sent again after the
 			// first one's reply was lost.
-			return uint64(*rowFence), nil, nil
+			return uint64(*rowFence), resumed(claim.Fingerprint, rowPoint, rowData), nil
 		}
 		rec.Token = string(token)
 		if leaseLeft != nil {
 			// By the database's clock.
 			rec.LeaseLeft = max(time.Duration(*leaseLeft)*time.Microsecond, 0)
 		}
+		if rowPoint != nil {
+			rec.RecoveryPoint, rec.RecoveryData = *rowPoint, rowData
+		}
 		return 0, rec, nil
 	}
-	header, err := decodeHeader(respHeader)
+	resp, err := response(respStatus, respHeader, respBody, bodyOmitted)
 	if err != nil {
 		return 0, nil, err
 	}
-	resp := &idempotency.Response{Header: header, Body: respBody}
-	if respStatus != nil {
-		resp.StatusCode = int(*respStatus)
+	rec.Response = resp
+	return 0, rec, nil
+}
+
+// resumed is what Acquire returns with a claim that took over a suspended
+// record: its recovery point; nil when the claim starts afresh.
+func resumed(fingerprint string, point *string, data []byte) *idempotency.Record {
+	if point == nil {
+		return nil
+	}
+	return &idempotency.Record{Fingerprint: fingerprint, RecoveryPoint: *point, RecoveryData: data}
+}
+
+// response decodes a stored response's columns.
+func response(status *int32, header, body []byte, bodyOmitted *bool) (*idempotency.Response, error) {
+	h, err := decodeHeader(header)
+	if err != nil {
+		return nil, err
+	}
+	resp := &idempotency.Response{Header: h, Body: body}
+	if status != nil {
+		resp.StatusCode = int(*status)
 	}
 	if bodyOmitted != nil {
 		resp.BodyOmitted = *bodyOmitted
 	}
-	rec.Response = resp
-	return 0, rec, nil
+	return resp, nil
 }
 
 const statusInFlight = "in_flight"
@@ -447,40 +621,61 @@ func (s *Store) Extend(ctx context.Context, key, token string, lease time.Durati
 	})
 }
 
-// Complete implements [idempotency.Store] in one statement. The store
-// keeps the token that completed the record, so that the same call
-// repeated succeeds and changes nothing.
+// Complete implements [idempotency.Store] in one statement, and drops the
+// record's recovery point. The store keeps the token that completed the
+// record, so that the same call repeated succeeds and changes nothing.
+//
+// When the claim in ctx has a transaction open ([Store.Tx]), Complete runs
+// its statement in that transaction and commits it: the handler's writes
+// and the stored response commit together, or neither does. Then nothing
+// is sent again on another connection: a lost lease returns
+// [idempotency.ErrLeaseLost], any other failure (a broken connection, a
+// failed commit) an error, after the transaction was rolled back, so that
+// the middleware answers 503 and frees the key.
 func (s *Store) Complete(ctx context.Context, key, token string, rec *idempotency.Record, ttl time.Duration) error {
 	switch {
 	case rec == nil || rec.Response == nil:
+		s.abandonTx(ctx, key)
 		return errors.New("pgstore: completion without a response")
 	case ttl <= 0:
+		s.abandonTx(ctx, key)
 		return fmt.Errorf("pgstore: record TTL %v is not positive", ttl)
 	}
 	resp := rec.Response
-	header := encodeHeader(resp.Header)
+	args := []any{[]byte(key), []byte(token), ttl.Microseconds(),
+		[]byte(rec.Fingerprint), rec.CreatedAt, int32(resp.StatusCode), encodeHeader(resp.Header), resp.Body, resp.BodyOmitted,
+		s.lockTimeoutParam(ctx)}
+	if t := s.takeTx(ctx, key); t != nil {
+		return s.completeInTx(ctx, t, token, args)
+	}
 	return s.owned(ctx, "complete", token, func() (bool, error) {
 		var done bool
-		err := s.pool.QueryRow(ctx, s.sql.complete, []byte(key), []byte(token), ttl.Microseconds(),
-			[]byte(rec.Fingerprint), rec.CreatedAt, int32(resp.StatusCode), header, resp.Body, resp.BodyOmitted,
-			s.lockTimeoutParam(ctx)).Scan(&done)
+		err := s.pool.QueryRow(ctx, s.sql.complete, args...).Scan(&done)
 		return done, err
 	})
 }
 
-// Release implements [idempotency.Store] in one statement.
+// Release implements [idempotency.Store] in one statement. A record with
+// a recovery point ([Store.Checkpoint], [Store.Phase]) is suspended rather
+// than deleted: see [idempotency.Checkpointer]. A transaction the claim in
+// ctx has open ([Store.Tx]) is rolled back first.
 func (s *Store) Release(ctx context.Context, key, token string) error {
+	s.abandonTx(ctx, key)
 	return s.owned(ctx, "release", token, func() (bool, error) {
-		tag, err := s.pool.Exec(ctx, s.sql.release, []byte(key), []byte(token), s.lockTimeoutParam(ctx))
-		return tag.RowsAffected() == 1, err
+		var n int64
+		err := s.pool.QueryRow(ctx, s.sql.release, []byte(key), []byte(token), s.lockTimeoutParam(ctx)).Scan(&n)
+		return n == 1, err
 	})
 }
 
 // Fail implements [idempotency.FailureRecorder] in one statement: it
-// deletes the claim and counts the failure together. The reason is kept
-// as text: invalid UTF-8 and NUL bytes become U+FFFD. Repeated by the same
-// token after it succeeded, it returns the same count again.
+// frees the claim, as Release does, and counts the failure together. The
+// reason is kept as text: invalid UTF-8 and NUL bytes become U+FFFD.
+// Repeated by the same token after it succeeded, it returns the same count
+// again. A transaction the claim in ctx has open ([Store.Tx]) is rolled
+// back first.
 func (s *Store) Fail(ctx context.Context, key, token, reason string, ttl time.Duration) (int, error) {
+	s.abandonTx(ctx, key)
 	if ttl <= 0 {
 		return 0, fmt.Errorf("pgstore: failure TTL %v is not positive", ttl)
 	}

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/stretchr/testify/assert"
@@ -44,14 +45,34 @@ func TestConformanceWithSchema(t *testing.T) {
 
 // TestRoundTrips pins the round-trip floor with a pgx tracer: a first
 // request sends two statements (claim, complete), a replay, a 409 and a
-// 422 one each.
+// 422 one each. A first request whose handler writes in the claim's
+// transaction sends four more than its own statements: begin, the check
+// that the claim holds its key, then the completion and the commit; a
+// phase three (begin, recovery point, commit).
 func TestRoundTrips(t *testing.T) {
 	counter := &statementCounter{}
 	pool := testPool(t, func(cfg *pgxpool.Config) { cfg.ConnConfig.Tracer = counter })
+	exec(t, pool, "CREATE TABLE venues (name text)")
 	entered, finish := make(chan struct{}), make(chan struct{})
 	handler := &counted{}
-	h := newMiddleware(t, newStore(t, pool)).Handler(handler)
-	counter.take() // the migration
+	store := newStore(t, pool)
+	h := newMiddleware(t, store).Handler(handler)
+	const insert = "INSERT INTO venues (name) VALUES ('Hall')"
+	inTx := newMiddleware(t, store).Handler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ctx := r.Context()
+		if r.URL.Query().Has("phase") {
+			require.NoError(t, store.Phase(ctx, "venue_created", []byte("1"), func(tx pgx.Tx) error {
+				_, err := tx.Exec(ctx, insert)
+				return err
+			}))
+		}
+		tx, err := store.Tx(ctx)
+		require.NoError(t, err)
+		_, err = tx.Exec(ctx, insert)
+		require.NoError(t, err)
+		w.WriteHeader(http.StatusCreated)
+	}))
+	counter.take() // the migration and the table
 
 	require.Equal(t, http.StatusCreated, serve(h, post("k", `{}`)).Code)
 	assert.Equal(t, []string{"acquire", "complete"}, kinds(counter.take()), "first request")
@@ -73,6 +94,19 @@ func TestRoundTrips(t *testing.T) {
 	assert.Equal(t, []string{"acquire"}, kinds(counter.take()), "409")
 	close(finish)
 	<-done
+	counter.take()
+
+	require.Equal(t, http.StatusCreated, serve(inTx, post("tx", `{}`)).Code)
+	assert.Equal(t, []string{"acquire", "begin", "holds", insert, "complete", "commit"}, kinds(counter.take()), "first request, Tx")
+	w = serve(inTx, post("tx", `{}`))
+	require.Equal(t, "true", w.Header().Get("X-Idempotent-Replayed"))
+	assert.Equal(t, []string{"acquire"}, kinds(counter.take()), "replay, Tx")
+
+	r := post("phase", `{}`)
+	r.URL.RawQuery = "phase"
+	require.Equal(t, http.StatusCreated, serve(inTx, r).Code)
+	assert.Equal(t, []string{"acquire", "begin", insert, "checkpoint", "commit", "begin", "holds", insert, "complete", "commit"},
+		kinds(counter.take()), "first request, a phase and Tx")
 }
 
 func TestNewValidates(t *testing.T) {
@@ -89,11 +123,12 @@ func TestNewValidates(t *testing.T) {
 		"long schema":         pgstore.WithSchema(string(make([]byte, 64))),
 		"zero lock timeout":   pgstore.WithLockTimeout(0),
 		"sub-ms lock timeout": pgstore.WithLockTimeout(time.Microsecond),
+		"short recovery TTL":  pgstore.WithRecoveryTTL(time.Millisecond),
 	} {
 		_, err := pgstore.New(pool, opt)
 		assert.Error(t, err, name)
 	}
-	_, err = pgstore.New(pool, pgstore.WithSchema("idem_2"), pgstore.WithLockTimeout(time.Second), pgstore.WithLogger(nil))
+	_, err = pgstore.New(pool, pgstore.WithSchema("idem_2"), pgstore.WithLockTimeout(time.Second), pgstore.WithLogger(nil), pgstore.WithRecoveryTTL(time.Hour))
 	assert.NoError(t, err)
 }
 
@@ -123,7 +158,7 @@ func TestMigrateConcurrentAndIdempotent(t *testing.T) {
 	require.NoError(t, pgstore.Migrate(context.Background(), pool), "again")
 	files, err := fs.Glob(pgstore.Migrations(), "*.sql")
 	require.NoError(t, err)
-	assert.Len(t, files, 2)
+	assert.Len(t, files, 3)
 	assert.Equal(t, len(files), count(t, pool, "SELECT count(*) FROM idempotency_schema_migrations"))
 	for _, table := range []string{"idempotency_keys", "idempotency_failures", "webhook_events"} {
 		assert.Equal(t, 0, count(t, pool, "SELECT count(*) FROM "+table), table)

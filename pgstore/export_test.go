@@ -1,0 +1,17 @@
+package pgstore
+
+import "time"
+
+// RecordKey is recordKey, for TestRecordKey.
+var RecordKey = recordKey
+
+// SetOrphanGrace changes how long a claim's transaction may stay open
+// after its handler's context ended; call it before the store is used.
+func (s *Store) SetOrphanGrace(d time.Duration) { s.orphanGrace = d }
+
+// OpenTxs returns how many claims' transactions the store has registered.
+func (s *Store) OpenTxs() int {
+	s.txMu.Lock()
+	defer s.txMu.Unlock()
+	return len(s.txs)
+}
