@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
+	"unicode/utf8"
 )
 
 // Checkpointer is implemented by stores that keep recovery points: named
@@ -51,8 +53,9 @@ const (
 // to the last checkpoint recorded, and can skip what was done.
 //
 // The checkpoint is kept by the store only while this claim still owns the
-// key: the error wraps [ErrLeaseLost] when it does not (stop the work
-// then), [ErrStoreUnavailable] when the store failed, and
+// key: the error wraps [ErrLeaseLost] when it does not, and the work's
+// context is then cancelled with it, as when a renewal finds the key
+// taken; it wraps [ErrStoreUnavailable] when the store failed, and
 // [errors.ErrUnsupported] when the store keeps no recovery points. A
 // stored response ends the recovery point's life. ctx should be the
 // handler's context; the call is bounded by the store timeout.
@@ -61,8 +64,8 @@ func (c Claim) Checkpoint(ctx context.Context, point string, data []byte) error 
 	switch {
 	case a == nil:
 		return fmt.Errorf("%w: no attempt to checkpoint", ErrNoClaim)
-	case point == "" || len(point) > maxRecoveryPoint:
-		return fmt.Errorf("idempotency: recovery point name must be 1 to %d bytes", maxRecoveryPoint)
+	case point == "" || len(point) > maxRecoveryPoint || !utf8.ValidString(point) || strings.IndexByte(point, 0) >= 0:
+		return fmt.Errorf("idempotency: recovery point name must be 1 to %d bytes of UTF-8 without NUL", maxRecoveryPoint)
 	case len(data) > maxRecoveryData:
 		return fmt.Errorf("idempotency: recovery data of %d bytes exceeds %d", len(data), maxRecoveryData)
 	}
@@ -74,7 +77,11 @@ func (c Claim) Checkpoint(ctx context.Context, point string, data []byte) error 
 	defer cancel()
 	err := cp.Checkpoint(callCtx, a.key, a.token, point, data, a.engine.ttl)
 	switch {
-	case err == nil, errors.Is(err, ErrLeaseLost):
+	case err == nil:
+		return nil
+	case errors.Is(err, ErrLeaseLost):
+		// The work must stop, as when a renewal finds the key taken.
+		a.cancel(err)
 		return err
 	default:
 		return fmt.Errorf("%w: recording recovery point %q: %w", ErrStoreUnavailable, point, err)

@@ -401,6 +401,9 @@ func (a *httpAttempt) run(ctx context.Context) (*Record, string, error) {
 	case a.rec.status < http.StatusOK:
 		return nil, "", fmt.Errorf("idempotency: handler answered %d, which cannot be replayed", a.rec.status)
 	case a.m.s.retryable(a.rec.status) && a.keep.Load() <= 0:
+		if ctx.Err() != nil { // say why: a lost lease, a shutdown
+			return nil, "", fmt.Errorf("idempotency: handler answered %d: %w", a.rec.status, context.Cause(ctx))
+		}
 		return nil, "", fmt.Errorf("idempotency: handler answered %d", a.rec.status)
 	}
 	return a.rec.response(), "", nil
