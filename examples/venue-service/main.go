@@ -419,7 +419,7 @@ func openPostgres(ctx context.Context, url string, logger *slog.Logger) (idempot
 		<-cleaned
 		pool.Close()
 	}
-	return store, pgVenues{pool}, "postgres " + pool.Config().ConnConfig.Host, closeAll, nil
+	return store, pgVenues{pool: pool, store: store}, "postgres " + pool.Config().ConnConfig.Host, closeAll, nil
 }
 
 // openRedis returns the Redis store for url.

@@ -31,6 +31,8 @@ type Venue struct {
 	Slug            string `json:"slug"`
 	StripeAccountID string `json:"stripe_account_id"`
 	ChargesEnabled  bool   `json:"charges_enabled"`
+	// Status is "pending" while the venue is being created, then "active".
+	Status string `json:"status"`
 }
 
 // service holds the venues and the counters behind GET /stats. Venues live
@@ -45,6 +47,9 @@ type service struct {
 	// failWebhook, when set, is asked at each webhook function call
 	// whether to fail it (the test switch CHAOS_FAIL_WEBHOOK).
 	failWebhook func() bool
+	// crashAfter, when set, is asked at each recovery point of a venue
+	// creation whether to crash there (the test switch CHAOS_CRASH_AFTER).
+	crashAfter func(point string) bool
 
 	venues venueStore
 
@@ -149,10 +154,18 @@ func (s *service) routes(store idempotency.Store, pool *pgxpool.Pool, cfg config
 	return mux, nil
 }
 
-// createVenue creates the venue's Stripe Connect account, then the venue.
-// The Stripe call carries a key derived from this request's Idempotency-Key,
-// so when a failure after the call makes the client retry, Stripe returns
-// the account it created the first time instead of creating another.
+// createVenue creates a venue in three steps, each ending with a recovery
+// point of the request's claim, so that a retry after a crash or a failure
+// resumes where the last attempt stopped instead of starting over:
+//
+//  1. the venue, pending ("venue_created");
+//  2. its Stripe Connect account ("account_created"): the Stripe call
+//     carries a key derived from this request's Idempotency-Key, so even
+//     a retry that repeats it gets the account created the first time;
+//  3. the venue, active: the response.
+//
+// The venue's ID is derived from the claim too, so a step run again finds
+// what it stored before.
 func (s *service) createVenue(w http.ResponseWriter, r *http.Request) {
 	var in struct {
 		Name string `json:"name"`
@@ -169,59 +182,121 @@ func (s *service) createVenue(w http.ResponseWriter, r *http.Request) {
 		writeProblem(w, http.StatusBadRequest, "Missing field", "name and slug are required")
 		return
 	}
-	tenant := tenantFrom(r.Context())
-	switch taken, err := s.venues.list(r.Context(), tenant, in.Slug); {
-	case err != nil:
-		s.internalError(w, r, "reading the venues", err)
-		return
-	case len(taken) > 0:
-		writeProblem(w, http.StatusConflict, "Slug taken", fmt.Sprintf("another venue already uses the slug %q", in.Slug))
-		return
+	ctx := r.Context()
+	tenant := tenantFrom(ctx)
+	claim, _ := idempotency.ClaimFromContext(ctx)
+	var progress venueProgress
+	if claim.RecoveryPoint != "" {
+		if err := json.Unmarshal(claim.RecoveryData, &progress); err != nil {
+			s.internalError(w, r, "reading the recovery point", err)
+			return
+		}
+		s.logger.InfoContext(ctx, "resuming a venue creation", "recovery_point", claim.RecoveryPoint, "venue_id", progress.VenueID)
 	}
 
-	params := &stripe.AccountParams{
-		Type:     stripe.String(string(stripe.AccountTypeExpress)),
-		Metadata: map[string]string{"venue_slug": in.Slug},
-	}
-	params.Context = r.Context()
-	key, err := idempotency.StripeKey(r.Context(), "accounts.create")
-	if err != nil {
-		s.logger.ErrorContext(r.Context(), "deriving the Stripe idempotency key", "error", err)
-		writeProblem(w, http.StatusInternalServerError, "Internal error", "")
-		return
-	}
-	params.SetIdempotencyKey(key)
-	account, err := s.stripe.Accounts.New(params)
-	if err != nil {
-		// 502: retryable, so the middleware frees the key for the retry.
-		s.logger.WarnContext(r.Context(), "creating the Stripe account failed", "error", err)
-		writeProblem(w, http.StatusBadGateway, "Stripe unavailable", "creating the payment account failed; retry with the same Idempotency-Key")
-		return
-	}
-	s.mu.Lock()
-	s.stripeAccounts[account.ID] = true
-	s.mu.Unlock()
+	switch claim.RecoveryPoint {
+	case "":
+		id, err := venueID(ctx)
+		if err != nil {
+			s.internalError(w, r, "deriving the venue ID", err)
+			return
+		}
+		progress.VenueID = id
+		venue := Venue{ID: id, Tenant: tenant, Name: in.Name, Slug: in.Slug, Status: venuePending}
+		switch err := s.venues.createPending(ctx, venue, progress.encode()); {
+		case errors.Is(err, errSlugTaken):
+			writeProblem(w, http.StatusConflict, "Slug taken", fmt.Sprintf("another venue already uses the slug %q", in.Slug))
+			return
+		case err != nil:
+			s.stepFailed(w, r, "saving the venue", err)
+			return
+		}
+		s.chaos("venue_created")
+		fallthrough
 
-	if s.failAfterStripe != nil && s.failAfterStripe() {
-		s.logger.WarnContext(r.Context(), "chaos: failing after the Stripe call", "stripe_account_id", account.ID)
-		writeProblem(w, http.StatusInternalServerError, "Injected failure", "CHAOS_FAIL_AFTER_STRIPE: the venue was not saved; retry with the same Idempotency-Key")
-		return
-	}
+	case "venue_created":
+		params := &stripe.AccountParams{
+			Type:     stripe.String(string(stripe.AccountTypeExpress)),
+			Metadata: map[string]string{"venue_id": progress.VenueID, "venue_slug": in.Slug},
+		}
+		params.Context = ctx
+		key, err := idempotency.StripeKey(ctx, "accounts.create")
+		if err != nil {
+			s.internalError(w, r, "deriving the Stripe idempotency key", err)
+			return
+		}
+		params.SetIdempotencyKey(key)
+		account, err := s.stripe.Accounts.New(params)
+		if err != nil {
+			// 502: retryable; the retry resumes after the venue.
+			s.logger.WarnContext(ctx, "creating the Stripe account failed", "error", err)
+			writeProblem(w, http.StatusBadGateway, "Stripe unavailable", "creating the payment account failed; retry with the same Idempotency-Key")
+			return
+		}
+		s.mu.Lock()
+		s.stripeAccounts[account.ID] = true
+		s.mu.Unlock()
+		if s.failAfterStripe != nil && s.failAfterStripe() {
+			s.logger.WarnContext(ctx, "chaos: failing after the Stripe call", "stripe_account_id", account.ID)
+			writeProblem(w, http.StatusInternalServerError, "Injected failure", "CHAOS_FAIL_AFTER_STRIPE: the account was not saved with the venue; retry with the same Idempotency-Key")
+			return
+		}
+		progress.AccountID = account.ID
+		if err := s.venues.attachAccount(ctx, tenant, progress.VenueID, account.ID, progress.encode()); err != nil {
+			s.stepFailed(w, r, "saving the venue's account", err)
+			return
+		}
+		s.chaos("account_created")
+		fallthrough
 
-	venue := Venue{ID: newVenueID(), Tenant: tenant, Name: in.Name, Slug: in.Slug, StripeAccountID: account.ID}
-	switch err := s.venues.save(r.Context(), venue); {
-	case errors.Is(err, errSlugTaken):
-		writeProblem(w, http.StatusConflict, "Slug taken", fmt.Sprintf("another venue already uses the slug %q", in.Slug))
-		return
-	case err != nil:
-		// 500: retryable, so the middleware frees the key; the retry gets
-		// the same Stripe account back through its derived key.
-		s.internalError(w, r, "saving the venue", err)
+	case "account_created":
+		venue, err := s.venues.activate(ctx, tenant, progress.VenueID)
+		if err != nil {
+			s.stepFailed(w, r, "activating the venue", err)
+			return
+		}
+		s.venuesCreated.Add(1)
+		w.Header().Set("Location", "/venues/"+venue.ID)
+		writeJSON(w, http.StatusCreated, venue)
+
+	default:
+		s.internalError(w, r, "resuming", fmt.Errorf("unknown recovery point %q", claim.RecoveryPoint))
+	}
+}
+
+// venueProgress is the data of createVenue's recovery points.
+type venueProgress struct {
+	VenueID   string `json:"venue_id"`
+	AccountID string `json:"account_id,omitempty"`
+}
+
+func (p venueProgress) encode() []byte {
+	b, _ := json.Marshal(p) // two strings cannot fail to encode
+	return b
+}
+
+// chaos crashes the request after point when the test switch
+// CHAOS_CRASH_AFTER names it: the handler panics with
+// http.ErrAbortHandler, so the client's connection is cut without an
+// answer, as when a process dies.
+func (s *service) chaos(point string) {
+	if s.crashAfter != nil && s.crashAfter(point) {
+		s.logger.Warn("chaos: crashing the request", "after", point)
+		panic(http.ErrAbortHandler)
+	}
+}
+
+// stepFailed answers a failed step of a venue creation: the library's own
+// status for its errors (503 for a lost claim or a failing store), else
+// 500. Both are retryable, so the middleware frees the key, and the retry
+// resumes after the last step that recorded its recovery point.
+func (s *service) stepFailed(w http.ResponseWriter, r *http.Request, what string, err error) {
+	if status := idempotency.StatusCode(err); status != http.StatusInternalServerError {
+		s.logger.WarnContext(r.Context(), what, "error", err)
+		idempotency.WriteError(w, r, err)
 		return
 	}
-	s.venuesCreated.Add(1)
-	w.Header().Set("Location", "/venues/"+venue.ID)
-	writeJSON(w, http.StatusCreated, venue)
+	s.internalError(w, r, what, err)
 }
 
 // internalError answers 500 and logs why.

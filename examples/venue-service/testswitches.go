@@ -17,7 +17,7 @@ import (
 )
 
 // testSwitchNames lists the switches' environment variables.
-const testSwitchNames = "FAKE_STRIPE_LATENCY, CHAOS_FAIL_AFTER_STRIPE and CHAOS_FAIL_WEBHOOK"
+const testSwitchNames = "FAKE_STRIPE_LATENCY, CHAOS_FAIL_AFTER_STRIPE, CHAOS_CRASH_AFTER and CHAOS_FAIL_WEBHOOK"
 
 type testSwitches struct {
 	// fakeStripeLatency makes every call to the fake Stripe take this
@@ -26,6 +26,9 @@ type testSwitches struct {
 	// chaosFailAfterStripe makes the first N venue creations answer 500
 	// after the Stripe call, as a crash there would (CHAOS_FAIL_AFTER_STRIPE).
 	chaosFailAfterStripe int
+	// chaosCrashAfter makes the first venue creation that reaches this
+	// recovery point crash there (CHAOS_CRASH_AFTER).
+	chaosCrashAfter string
 	// chaosFailWebhook makes the webhook function fail its first N calls,
 	// so Stripe's redeliveries, or the inbox worker's retries, show
 	// (CHAOS_FAIL_WEBHOOK).
@@ -40,6 +43,10 @@ func testSwitchesUsage(w io.Writer) {
   CHAOS_FAIL_AFTER_STRIPE (default: 0)
       the first N venue creations answer 500 after the Stripe call: a retry
       with the same Idempotency-Key gets the same Stripe account back
+  CHAOS_CRASH_AFTER (default: none)
+      venue_created or account_created: the first venue creation that
+      reaches this step crashes there (its connection is cut, no answer);
+      the retry with the same Idempotency-Key resumes after the step
   CHAOS_FAIL_WEBHOOK (default: 0)
       the webhook function fails its first N calls: with DATABASE_URL the
       inbox worker retries them (GET /stats counts the failed attempts)
@@ -62,6 +69,12 @@ func loadTestSwitches(getenv func(string) string) (testSwitches, error) {
 		}
 		ts.chaosFailAfterStripe = n
 	}
+	switch v := getenv("CHAOS_CRASH_AFTER"); v {
+	case "", "venue_created", "account_created":
+		ts.chaosCrashAfter = v
+	default:
+		return ts, fmt.Errorf("CHAOS_CRASH_AFTER=%q: want venue_created or account_created", v)
+	}
 	if v := getenv("CHAOS_FAIL_WEBHOOK"); v != "" {
 		n, err := strconv.Atoi(v)
 		if err != nil || n < 0 {
@@ -73,7 +86,7 @@ func loadTestSwitches(getenv func(string) string) (testSwitches, error) {
 }
 
 func (ts testSwitches) enabled() bool {
-	return ts.fakeStripeLatency > 0 || ts.chaosFailAfterStripe > 0 || ts.chaosFailWebhook > 0
+	return ts.fakeStripeLatency > 0 || ts.chaosFailAfterStripe > 0 || ts.chaosCrashAfter != "" || ts.chaosFailWebhook > 0
 }
 
 // String is how the startup line shows the switches that are on.
@@ -85,6 +98,9 @@ func (ts testSwitches) String() string {
 	if ts.chaosFailAfterStripe > 0 {
 		on = append(on, "CHAOS_FAIL_AFTER_STRIPE="+strconv.Itoa(ts.chaosFailAfterStripe))
 	}
+	if ts.chaosCrashAfter != "" {
+		on = append(on, "CHAOS_CRASH_AFTER="+ts.chaosCrashAfter)
+	}
 	if ts.chaosFailWebhook > 0 {
 		on = append(on, "CHAOS_FAIL_WEBHOOK="+strconv.Itoa(ts.chaosFailWebhook))
 	}
@@ -93,9 +109,14 @@ func (ts testSwitches) String() string {
 
 // apply arms the chaos switches on the service: the first
 // chaosFailAfterStripe creations fail after their Stripe call, the first
+// creation to reach chaosCrashAfter crashes there, the first
 // chaosFailWebhook webhook function calls fail.
 func (ts testSwitches) apply(s *service) {
 	s.failAfterStripe = countdown(ts.chaosFailAfterStripe)
+	if point := ts.chaosCrashAfter; point != "" {
+		once := countdown(1)
+		s.crashAfter = func(reached string) bool { return reached == point && once() }
+	}
 	s.failWebhook = countdown(ts.chaosFailWebhook)
 }
 

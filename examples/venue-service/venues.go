@@ -2,23 +2,40 @@ package main
 
 import (
 	"context"
-	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
-	"strings"
 	"sync"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/seed70ea8305/idempotency"
+	"github.com/seed70ea8305/idempotency/pgstore"
 )
 
 // venueStore keeps the venues: in memory by default, in PostgreSQL with
 // DATABASE_URL (then beside the idempotency records, and they survive a
 // restart).
+//
+// A venue is created in steps, each ending with a recovery point of the
+// request's claim (see createVenue): createPending, attachAccount, then
+// activate. On PostgreSQL each step's writes commit together with its
+// recovery point, and activate's with the stored response.
 type venueStore interface {
-	// save stores a new venue, or fails with errSlugTaken.
-	save(ctx context.Context, v Venue) error
+	// createPending stores v (pending, without its account) and records
+	// the recovery point "venue_created" with data. Storing a venue whose
+	// ID is already there with the same tenant and slug succeeds, so a
+	// step that ran without its recovery point can run again; another
+	// venue with the slug fails with errSlugTaken.
+	createPending(ctx context.Context, v Venue, data []byte) error
+	// attachAccount sets the pending venue's Stripe account and records
+	// the recovery point "account_created" with data.
+	attachAccount(ctx context.Context, tenant, venueID, accountID string, data []byte) error
+	// activate makes the venue active and returns it.
+	activate(ctx context.Context, tenant, venueID string) (Venue, error)
 	// list returns the tenant's venues, oldest first; with a slug, only
 	// the one with that slug.
 	list(ctx context.Context, tenant, slug string) ([]Venue, error)
@@ -28,9 +45,28 @@ type venueStore interface {
 	setChargesEnabled(ctx context.Context, accountID string, enabled bool) (bool, error)
 }
 
-var errSlugTaken = errors.New("slug taken")
+// Venue statuses: pending until its creation finished.
+const (
+	venuePending = "pending"
+	venueActive  = "active"
+)
 
-func newVenueID() string { return "ven_" + strings.ToLower(rand.Text()[:16]) }
+var (
+	errSlugTaken   = errors.New("slug taken")
+	errNoSuchVenue = errors.New("no such venue")
+)
+
+// venueID derives the ID of the venue a request creates from its claim:
+// the same on every attempt, so a step that is run again finds the venue
+// it stored the first time.
+func venueID(ctx context.Context) (string, error) {
+	key, err := idempotency.StripeKey(ctx, "venues.create")
+	if err != nil {
+		return "", err
+	}
+	sum := sha256.Sum256([]byte(key))
+	return "ven_" + hex.EncodeToString(sum[:8]), nil
+}
 
 // memoryVenues is the venueStore of a service without a database.
 type memoryVenues struct {
@@ -38,16 +74,63 @@ type memoryVenues struct {
 	venues []*Venue
 }
 
-func (m *memoryVenues) save(_ context.Context, v Venue) error {
+// createPending stores v, then records the recovery point: two steps
+// here, so a crash between them leaves a pending venue that the retry
+// finds by its ID.
+func (m *memoryVenues) createPending(ctx context.Context, v Venue, data []byte) error {
+	if err := m.insert(v); err != nil {
+		return err
+	}
+	return checkpoint(ctx, "venue_created", data)
+}
+
+func (m *memoryVenues) insert(v Venue) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	for _, o := range m.venues {
-		if o.Tenant == v.Tenant && o.Slug == v.Slug {
+		switch {
+		case o.ID == v.ID && o.Tenant == v.Tenant && o.Slug == v.Slug:
+			return nil
+		case o.Tenant == v.Tenant && o.Slug == v.Slug:
 			return errSlugTaken
 		}
 	}
 	m.venues = append(m.venues, &v)
 	return nil
+}
+
+func (m *memoryVenues) attachAccount(ctx context.Context, tenant, venueID, accountID string, data []byte) error {
+	if err := m.update(tenant, venueID, func(v *Venue) { v.StripeAccountID = accountID }); err != nil {
+		return err
+	}
+	return checkpoint(ctx, "account_created", data)
+}
+
+func (m *memoryVenues) activate(_ context.Context, tenant, venueID string) (Venue, error) {
+	var out Venue
+	err := m.update(tenant, venueID, func(v *Venue) { v.Status = venueActive; out = *v })
+	return out, err
+}
+
+func (m *memoryVenues) update(tenant, id string, change func(*Venue)) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for _, v := range m.venues {
+		if v.Tenant == tenant && v.ID == id {
+			change(v)
+			return nil
+		}
+	}
+	return errNoSuchVenue
+}
+
+// checkpoint records a recovery point of the request's claim.
+func checkpoint(ctx context.Context, point string, data []byte) error {
+	claim, ok := idempotency.ClaimFromContext(ctx)
+	if !ok {
+		return idempotency.ErrNoClaim
+	}
+	return claim.Checkpoint(ctx, point, data)
 }
 
 func (m *memoryVenues) list(_ context.Context, tenant, slug string) ([]Venue, error) {
@@ -86,8 +169,14 @@ func (m *memoryVenues) setChargesEnabled(_ context.Context, accountID string, en
 }
 
 // pgVenues keeps the venues in PostgreSQL, in the venues table that
-// migrateVenues creates.
-type pgVenues struct{ pool *pgxpool.Pool }
+// migrateVenues creates. Each step of a creation runs in a transaction
+// that pgstore commits with the step's recovery point (Phase), and the
+// last in the claim's own transaction, which commits with the stored
+// response (Tx).
+type pgVenues struct {
+	pool  *pgxpool.Pool
+	store *pgstore.Store
+}
 
 // venuesTable is the service's own schema, created at start.
 const venuesTable = `
@@ -100,23 +189,65 @@ CREATE TABLE IF NOT EXISTS venues (
     charges_enabled   boolean NOT NULL DEFAULT false,
     created_at        timestamptz NOT NULL DEFAULT clock_timestamp(),
     UNIQUE (tenant, slug)
-)`
+);
+ALTER TABLE venues ADD COLUMN IF NOT EXISTS status text NOT NULL DEFAULT 'active'`
 
 func migrateVenues(ctx context.Context, pool *pgxpool.Pool) error {
 	_, err := pool.Exec(ctx, venuesTable)
 	return err
 }
 
-const venueColumns = `id, tenant, name, slug, stripe_account_id, charges_enabled`
+const venueColumns = `id, tenant, name, slug, stripe_account_id, charges_enabled, status`
 
-func (p pgVenues) save(ctx context.Context, v Venue) error {
-	_, err := p.pool.Exec(ctx, `INSERT INTO venues (`+venueColumns+`) VALUES ($1, $2, $3, $4, $5, $6)`,
-		v.ID, v.Tenant, v.Name, v.Slug, v.StripeAccountID, v.ChargesEnabled)
+func (p pgVenues) createPending(ctx context.Context, v Venue, data []byte) error {
+	err := p.store.Phase(ctx, "venue_created", data, func(tx pgx.Tx) error {
+		tag, err := tx.Exec(ctx, `INSERT INTO venues (`+venueColumns+`) VALUES ($1, $2, $3, $4, $5, $6, $7)
+            ON CONFLICT (id) DO NOTHING`,
+			v.ID, v.Tenant, v.Name, v.Slug, v.StripeAccountID, v.ChargesEnabled, v.Status)
+		if err == nil && tag.RowsAffected() == 0 {
+			// Stored by an attempt that stopped before its recovery point.
+			var same bool
+			err = tx.QueryRow(ctx, `SELECT tenant = $2 AND slug = $3 FROM venues WHERE id = $1`, v.ID, v.Tenant, v.Slug).Scan(&same)
+			if err == nil && !same {
+				err = errSlugTaken
+			}
+		}
+		return err
+	})
 	var pgErr *pgconn.PgError
 	if errors.As(err, &pgErr) && pgErr.Code == "23505" { // unique_violation
 		return errSlugTaken
 	}
 	return err
+}
+
+func (p pgVenues) attachAccount(ctx context.Context, tenant, venueID, accountID string, data []byte) error {
+	return p.store.Phase(ctx, "account_created", data, func(tx pgx.Tx) error {
+		tag, err := tx.Exec(ctx, `UPDATE venues SET stripe_account_id = $3 WHERE tenant = $1 AND id = $2`, tenant, venueID, accountID)
+		if err == nil && tag.RowsAffected() == 0 {
+			err = errNoSuchVenue
+		}
+		return err
+	})
+}
+
+// activate runs in the claim's transaction: the venue turns active if and
+// only if the response saying so is stored.
+func (p pgVenues) activate(ctx context.Context, tenant, venueID string) (Venue, error) {
+	tx, err := p.store.Tx(ctx)
+	if err != nil {
+		return Venue{}, err
+	}
+	rows, err := tx.Query(ctx, `UPDATE venues SET status = 'active' WHERE tenant = $1 AND id = $2
+        RETURNING `+venueColumns, tenant, venueID)
+	if err != nil {
+		return Venue{}, err
+	}
+	v, err := pgx.CollectOneRow(rows, scanVenue)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return Venue{}, errNoSuchVenue
+	}
+	return v, err
 }
 
 func (p pgVenues) list(ctx context.Context, tenant, slug string) ([]Venue, error) {
@@ -151,7 +282,7 @@ func (p pgVenues) setChargesEnabled(ctx context.Context, accountID string, enabl
 
 func scanVenue(row pgx.CollectableRow) (Venue, error) {
 	var v Venue
-	err := row.Scan(&v.ID, &v.Tenant, &v.Name, &v.Slug, &v.StripeAccountID, &v.ChargesEnabled)
+	err := row.Scan(&v.ID, &v.Tenant, &v.Name, &v.Slug, &v.StripeAccountID, &v.ChargesEnabled, &v.Status)
 	if err != nil {
 		return v, fmt.Errorf("reading a venue: %w", err)
 	}

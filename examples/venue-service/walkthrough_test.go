@@ -104,6 +104,18 @@ done; wait    # five 201: one execution, four duplicates that waited for it`,
 		{cmd: `curl -s localhost:8080/stats    # "stripe_accounts_created":1,"venues_created":1`,
 			want: []string{`"stripe_accounts_created":1,"venues_created":1,`}},
 	}},
+	{start: "CHAOS_CRASH_AFTER=account_created go run ./examples/venue-service", steps: []walkStep{
+		{cmd: `curl -s -o /dev/null -w '%{http_code}\n' -X POST localhost:8080/venues -H 'Authorization: Bearer dev-key-a' \
+  -H 'Idempotency-Key: venue-5' -H 'Content-Type: application/json' -d '{"name":"Hall","slug":"hall"}'   # 000: no answer`,
+			want: []string{`^000\n$`}},
+		{cmd: `curl -s 'localhost:8080/venues?slug=hall' -H 'Authorization: Bearer dev-key-a'   # "status":"pending", with its account`,
+			want: []string{`"status":"pending"`, `"stripe_account_id":"acct_`}},
+		{cmd: `curl -s -X POST localhost:8080/venues -H 'Authorization: Bearer dev-key-a' \
+  -H 'Idempotency-Key: venue-5' -H 'Content-Type: application/json' -d '{"name":"Hall","slug":"hall"}'   # "status":"active"`,
+			want: []string{`"slug":"hall"`, `"status":"active"`}},
+		{cmd: `curl -s localhost:8080/stats    # "stripe_accounts_created":1,"venues_created":1`,
+			want: []string{`"stripe_accounts_created":1,"venues_created":1,`}},
+	}},
 }
 
 func TestWalkthrough(t *testing.T) {

@@ -1,0 +1,73 @@
+package main
+
+import (
+	"net/http"
+	"strings"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// TestResumesAfterCrash: a venue creation that crashes after a step
+// (CHAOS_CRASH_AFTER: the handler panics, the client gets no answer) is
+// resumed by the retry with the same key, after that step: one venue, one
+// Stripe account, on memory and on PostgreSQL.
+func TestResumesAfterCrash(t *testing.T) {
+	stores := []struct {
+		name string
+		env  func(t *testing.T) []string
+	}{
+		{"memory", func(*testing.T) []string { return nil }},
+		{"postgres", func(t *testing.T) []string { return []string{databaseURLEnv(t)} }},
+	}
+	for _, store := range stores {
+		for _, point := range []string{"venue_created", "account_created"} {
+			t.Run(store.name+"/"+point, func(t *testing.T) {
+				p := start(t, append(store.env(t), "CHAOS_CRASH_AFTER="+point)...)
+				key, body := uniqueKey(), `{"name":"Hall","slug":"hall"}`
+
+				req, err := http.NewRequest(http.MethodPost, p.url+"/venues", strings.NewReader(body))
+				require.NoError(t, err)
+				req.Header.Set("Authorization", "Bearer dev-key-a")
+				req.Header.Set("Idempotency-Key", key)
+				resp, err := http.DefaultClient.Do(req)
+				if err == nil {
+					resp.Body.Close()
+				}
+				require.Error(t, err, "the crashed request gets no answer")
+
+				list := do(t, http.MethodGet, p.url+"/venues?slug=hall", "")
+				var pending []Venue
+				list.json(t, &pending)
+				require.Len(t, pending, 1, "the first step's venue is there")
+				assert.Equal(t, venuePending, pending[0].Status)
+				assert.Equal(t, point == "account_created", pending[0].StripeAccountID != "")
+
+				other := p.createVenue(key, `{"name":"Other","slug":"other"}`)
+				assert.Equal(t, http.StatusUnprocessableEntity, other.status, "the key is bound to the half-done creation")
+
+				retry := p.createVenue(key, body)
+				require.Equal(t, http.StatusCreated, retry.status, "%s", retry.body)
+				var venue Venue
+				retry.json(t, &venue)
+				assert.Equal(t, pending[0].ID, venue.ID, "the retry finished the venue the crash left")
+				assert.Equal(t, venueActive, venue.Status)
+				assert.True(t, strings.HasPrefix(venue.StripeAccountID, "acct_"))
+
+				replay := p.createVenue(key, body)
+				assert.Equal(t, "true", replay.header.Get("X-Idempotent-Replayed"))
+				assert.Equal(t, string(retry.body), string(replay.body))
+
+				list = do(t, http.MethodGet, p.url+"/venues?slug=hall", "")
+				var venues []Venue
+				list.json(t, &venues)
+				assert.Equal(t, []Venue{venue}, venues, "one venue")
+				s := p.stats()
+				assert.Equal(t, 1, s.StripeAccountsCreated, "one Stripe account")
+				assert.Equal(t, 1, s.VenuesCreated)
+				p.stop()
+			})
+		}
+	}
+}
