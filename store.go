@@ -60,7 +60,7 @@ type Store interface {
 // attempts per key. The webhook helper uses it, when its store has it,
 // instead of [Store.Release] after the webhook function failed, so an
 // operator can see how often an event failed and why (see
-// [WebhookHandler.Failures]).
+// [WebhookHandler.Event]).
 type FailureRecorder interface {
 	// Fail releases the in-flight record that token owns, as Release does,
 	// and counts a failed attempt under key with reason as the last error,
