@@ -39,10 +39,11 @@ import (
 	"net"
 	"net/http"
 	"slices"
-	"strconv"
 	"strings"
 	"sync/atomic"
 	"time"
+
+	"github.com/seed70ea8305/idempotency/internal/recordkey"
 )
 
 // Outcome names what happened to one request or webhook delivery. Its
@@ -172,18 +173,8 @@ func ClaimFromContext(ctx context.Context) (Claim, bool) {
 	return *c, true
 }
 
-// recordKey names a claim's record in a [Store]. The kind keeps HTTP keys
-// and webhook event IDs apart; the scope is quoted, which keeps the name
-// unambiguous whatever either part holds.
-func recordKey(kind, scope, key string) string {
-	var buf [128]byte
-	b := append(buf[:0], kind...)
-	b = append(b, ':')
-	b = strconv.AppendQuote(b, scope)
-	b = append(b, ':')
-	b = append(b, key...)
-	return string(b)
-}
+// recordKey names a claim's record in a [Store].
+func recordKey(kind, scope, key string) string { return recordkey.Name(kind, scope, key) }
 
 const (
 	httpRecordKind = "http"

@@ -2,9 +2,6 @@ package pgstore
 
 import "time"
 
-// RecordKey is recordKey, for TestRecordKey.
-var RecordKey = recordKey
-
 // SetOrphanGrace changes how long a claim's transaction may stay open
 // after its handler's context ended; call it before the store is used.
 func (s *Store) SetOrphanGrace(d time.Duration) { s.orphanGrace = d }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -13,6 +12,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/seed70ea8305/idempotency"
+	"github.com/seed70ea8305/idempotency/internal/recordkey"
 )
 
 // This file holds what commits a claim's outcome with the handler's own
@@ -39,21 +39,13 @@ var (
 	errTxOpen        = errors.New("pgstore: the claim's transaction is open: its writes commit with the response, so a recovery point now could outlive them; record recovery points before calling Tx")
 )
 
-// recordKey names a claim's record in the store as the middleware and the
-// webhook helper do (the root package's recordKey, which is unexported;
-// TestRecordKey pins the two together): the kind, the quoted scope and the
-// client's key.
-func recordKey(kind, scope, key string) string {
-	return kind + ":" + strconv.Quote(scope) + ":" + key
-}
-
 // claimOf returns the claim in ctx and the store key of its record.
 func claimOf(ctx context.Context) (idempotency.Claim, string, bool) {
 	claim, ok := idempotency.ClaimFromContext(ctx)
 	if !ok || claim.Fence == 0 {
 		return idempotency.Claim{}, "", false
 	}
-	return claim, recordKey(claim.Kind, claim.Scope, claim.Key), true
+	return claim, recordkey.Name(claim.Kind, claim.Scope, claim.Key), true
 }
 
 // txState is where a claim's transaction is.

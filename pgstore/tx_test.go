@@ -19,6 +19,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/seed70ea8305/idempotency"
+	"github.com/seed70ea8305/idempotency/internal/recordkey"
 	"github.com/seed70ea8305/idempotency/pgstore"
 )
 
@@ -117,8 +118,8 @@ func requireProblem(t *testing.T, w *httptest.ResponseRecorder, status int) {
 	assert.Equal(t, "application/problem+json", w.Header().Get("Content-Type"))
 }
 
-// TestRecordKey pins pgstore's copy of the root package's record key
-// format to what the middleware stores, for scopes that need quoting.
+// TestRecordKey: Tx finds the claim's row by the record key the
+// middleware stores, also for scopes that need quoting.
 func TestRecordKey(t *testing.T) {
 	env := newTxEnv(t)
 	scopes := []string{"", "tenant 1", `a"b\c:d`, "é\x00\xff\n"}
@@ -135,7 +136,7 @@ func TestRecordKey(t *testing.T) {
 		r.Header.Set("X-Scope", fmt.Sprint(i))
 		require.Equal(t, http.StatusCreated, serve(h, r).Code, "Tx found the claim's row by its key")
 		assert.Equal(t, 1, count(t, env.pool, "SELECT count(*) FROM idempotency_keys WHERE key = $1",
-			[]byte(pgstore.RecordKey("http", s, key))), "scope %q", s)
+			[]byte(recordkey.Name("http", s, key))), "scope %q", s)
 		env.report(t)
 	}
 	assert.Equal(t, len(scopes), env.venues(t))
@@ -525,7 +526,7 @@ func TestPhaseRecovery(t *testing.T) {
 			assert.Equal(t, 1, env.venues(t), "the first phase committed")
 			venueID := fmt.Sprint(count(t, env.pool, "SELECT id FROM venues"))
 
-			rec, err := env.store.Get(context.Background(), pgstore.RecordKey("http", "", "k"))
+			rec, err := env.store.Get(context.Background(), recordkey.Name("http", "", "k"))
 			require.NoError(t, err)
 			require.NotNil(t, rec)
 			assert.Equal(t, "venue_created", rec.RecoveryPoint)
@@ -555,7 +556,7 @@ func TestPhaseRecovery(t *testing.T) {
 			w = serve(h, post("k", `{"name":"Hall"}`))
 			assert.Equal(t, "true", w.Header().Get("X-Idempotent-Replayed"))
 			assert.Equal(t, venueID, w.Body.String())
-			rec, err = env.store.Get(context.Background(), pgstore.RecordKey("http", "", "k"))
+			rec, err = env.store.Get(context.Background(), recordkey.Name("http", "", "k"))
 			require.NoError(t, err)
 			assert.Empty(t, rec.RecoveryPoint, "the stored response dropped the recovery point")
 			env.report(t)
@@ -595,11 +596,11 @@ func TestPhaseRollsBack(t *testing.T) {
 	done := make(chan struct{})
 	go func() { defer close(done); serve(h, post("k", `{}`)) }()
 	<-takenOver
-	rec, err := env.store.Get(context.Background(), pgstore.RecordKey("http", "", "k"))
+	rec, err := env.store.Get(context.Background(), recordkey.Name("http", "", "k"))
 	require.NoError(t, err)
 	assert.Empty(t, rec.RecoveryPoint)
 	time.Sleep(lease + 50*time.Millisecond)
-	_, _, err = env.store.Acquire(context.Background(), pgstore.RecordKey("http", "", "k"),
+	_, _, err = env.store.Acquire(context.Background(), recordkey.Name("http", "", "k"),
 		idempotency.Record{Token: "other", Fingerprint: rec.Fingerprint}, time.Minute)
 	require.NoError(t, err)
 	close(proceed)
@@ -612,7 +613,7 @@ func TestPhaseRollsBack(t *testing.T) {
 	assert.ErrorContains(t, errs[2], "exceeds")
 	assert.ErrorIs(t, errs[3], idempotency.ErrLeaseLost)
 	assert.Zero(t, env.venues(t))
-	rec, err = env.store.Get(context.Background(), pgstore.RecordKey("http", "", "k"))
+	rec, err = env.store.Get(context.Background(), recordkey.Name("http", "", "k"))
 	require.NoError(t, err)
 	assert.Equal(t, "other", rec.Token)
 	assert.Empty(t, rec.RecoveryPoint)
