@@ -55,7 +55,7 @@
 // work finished but its claim had lapsed, "released" when its context was
 // cancelled with [idempotency.ErrLeaseLost] and it was cut short. Store
 // instruments carry operation ("acquire", "extend", "complete", "release",
-// "fail", "failures"), store ("memory", "redis", or the Go type of another
+// "fail", "failures", "checkpoint", "get"), store ("memory", "redis", or the Go type of another
 // store) and, for failed calls, error.type.
 //
 // error.type is low-cardinality by construction: for reports, the

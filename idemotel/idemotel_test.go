@@ -185,6 +185,26 @@ func TestRequestOutcomes(t *testing.T) {
 	}
 }
 
+// TestCheckpointAndGetMeasured: a handler's recovery point and a webhook
+// event lookup go through the wrapper, which times them.
+func TestCheckpointAndGetMeasured(t *testing.T) {
+	m, reader := newMetrics(t)
+	store := m.Store(idempotency.NewMemoryStore())
+	h := serveMux(middleware(t, store, m.Observer()).Handler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		claim, _ := idempotency.ClaimFromContext(r.Context())
+		require.NoError(t, claim.Checkpoint(r.Context(), "step", []byte("x")))
+		created.ServeHTTP(w, r)
+	})))
+	assert.Equal(t, http.StatusCreated, serve(h, newRequest("secret-key-1", body)).Code)
+	got, err := store.(idempotency.Reader).Get(context.Background(), "no-such-key")
+	require.NoError(t, err)
+	assert.Nil(t, got)
+	c := collect(t, reader)
+	assert.Equal(t, int64(1), c.values[storeSeries("idempotency.store.duration", memory, "checkpoint", "")], "collected:\n%s", c)
+	assert.Equal(t, int64(1), c.values[storeSeries("idempotency.store.duration", memory, "get", "")], "collected:\n%s", c)
+	assertNoLeak(t, c)
+}
+
 // blocking answers 201 once released.
 type blocking struct {
 	running chan struct{}
@@ -330,6 +350,7 @@ func TestWebhookDeliveries(t *testing.T) {
 		storeSeries("idempotency.store.duration", memory, "complete", ""):         2,
 		storeSeries("idempotency.store.duration", memory, "fail", ""):             1,
 		storeSeries("idempotency.store.duration", memory, "failures", ""):         1,
+		storeSeries("idempotency.store.duration", memory, "get", ""):              1,
 	}, c.values, "collected:\n%s", c)
 	assertNoLeak(t, c)
 }
@@ -342,6 +363,10 @@ func TestStoreWrapperInterfaces(t *testing.T) {
 	assert.True(t, ok, "MemoryStore keeps a failure history")
 	_, ok = m.Store(&faultyStore{Store: idempotency.NewMemoryStore()}).(idempotency.FailureRecorder)
 	assert.False(t, ok, "a store without Fail does not gain one")
+	_, ok = m.Store(idempotency.NewMemoryStore()).(idempotency.Checkpointer)
+	assert.True(t, ok, "MemoryStore keeps recovery points")
+	_, ok = m.Store(&faultyStore{Store: idempotency.NewMemoryStore()}).(idempotency.Reader)
+	assert.False(t, ok, "a store without Get does not gain one")
 
 	inner := idempotency.NewMemoryStore()
 	unwrapper, ok := m.Store(inner).(interface{ Unwrap() idempotency.Store })

@@ -22,10 +22,12 @@ const (
 	opRelease
 	opFail
 	opFailures
+	opCheckpoint
+	opGet
 	numOperations
 )
 
-var operationNames = [numOperations]string{"acquire", "extend", "complete", "release", "fail", "failures"}
+var operationNames = [numOperations]string{"acquire", "extend", "complete", "release", "fail", "failures", "checkpoint", "get"}
 
 // The error types of a failed store call.
 const (
@@ -60,7 +62,10 @@ func storeErrorType(err error) int {
 // store attribute is "memory" for an [*idempotency.MemoryStore], "redis"
 // for an [*idempotency.RedisStore], else store's Go type. When store
 // implements [idempotency.FailureRecorder], so does the result, so the
-// webhook helper still counts failed attempts.
+// webhook helper still counts failed attempts; when it implements
+// [idempotency.Checkpointer] and [idempotency.Reader] too, as every store
+// of this module does, so does the result, and those calls are measured
+// as well.
 //
 // With [WithTracing], each call also adds an event to the span in the
 // call's context, when that span is recording (see [WithTracing]).
@@ -88,10 +93,17 @@ func (m *Metrics) Store(store idempotency.Store) idempotency.Store {
 		}
 		s.renewalSets[e] = newMeasurement(attribute.NewSet(kv...))
 	}
-	if recorder, ok := store.(idempotency.FailureRecorder); ok {
-		return &recordingStore{instrumentedStore: s, recorder: recorder}
+	recorder, ok := store.(idempotency.FailureRecorder)
+	if !ok {
+		return s
 	}
-	return s
+	rs := &recordingStore{instrumentedStore: s, recorder: recorder}
+	checkpointer, ok1 := store.(idempotency.Checkpointer)
+	reader, ok2 := store.(idempotency.Reader)
+	if ok1 && ok2 {
+		return &completeStore{recordingStore: rs, checkpointer: checkpointer, reader: reader}
+	}
+	return rs
 }
 
 func storeKind(store idempotency.Store) string {
@@ -117,6 +129,8 @@ type instrumentedStore struct {
 var (
 	_ idempotency.Store           = (*instrumentedStore)(nil)
 	_ idempotency.FailureRecorder = (*recordingStore)(nil)
+	_ idempotency.Checkpointer    = (*completeStore)(nil)
+	_ idempotency.Reader          = (*completeStore)(nil)
 )
 
 // record records one call of op that started at start.
@@ -211,4 +225,28 @@ func (s *recordingStore) Failures(ctx context.Context, key string) (int, string,
 	n, reason, err := s.recorder.Failures(ctx, key)
 	s.record(ctx, opFailures, start, err)
 	return n, reason, err
+}
+
+// completeStore is the store [Metrics.Store] returns for a store with
+// every optional interface: failure history, recovery points and reads.
+type completeStore struct {
+	*recordingStore
+	checkpointer idempotency.Checkpointer
+	reader       idempotency.Reader
+}
+
+// Checkpoint implements [idempotency.Checkpointer].
+func (s *completeStore) Checkpoint(ctx context.Context, key, token, point string, data []byte, ttl time.Duration) error {
+	start := time.Now()
+	err := s.checkpointer.Checkpoint(ctx, key, token, point, data, ttl)
+	s.record(ctx, opCheckpoint, start, err)
+	return err
+}
+
+// Get implements [idempotency.Reader].
+func (s *completeStore) Get(ctx context.Context, key string) (*idempotency.Record, error) {
+	start := time.Now()
+	rec, err := s.reader.Get(ctx, key)
+	s.record(ctx, opGet, start, err)
+	return rec, err
 }
