@@ -16,6 +16,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/seed70ea8305/idempotency"
+	"github.com/seed70ea8305/idempotency/internal/recordkey"
 	"github.com/seed70ea8305/idempotency/internal/redistest"
 )
 
@@ -246,4 +247,42 @@ func TestHeldResponse(t *testing.T) {
 	assert.Equal(t, "true", resp.Header.Get("X-Idempotent-Replayed"))
 	assert.Equal(t, `{"id":1}`, body(resp))
 	assert.Equal(t, int32(2), runs.Load())
+}
+
+// TestCheckpointFindsLeaseLost: a checkpoint refused because another
+// attempt took the key over cancels the work, as a failed renewal does,
+// and the report says the lease was lost.
+func TestCheckpointFindsLeaseLost(t *testing.T) {
+	clock := newFakeClock()
+	store := idempotency.NewMemoryStoreWithClock(clock.Now)
+	obs := &observed{}
+	taken := make(chan struct{})
+	var checkpointErr, cause error
+	mw := newMiddleware(t, store, idempotency.WithObserver(obs.observe)).
+		Handler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			<-taken
+			claim, _ := idempotency.ClaimFromContext(r.Context())
+			checkpointErr = claim.Checkpoint(r.Context(), "step", nil)
+			cause = context.Cause(r.Context())
+			idempotency.WriteError(w, r, checkpointErr)
+		}))
+	done := make(chan *httptest.ResponseRecorder)
+	go func() { done <- serve(mw, post("k", `{}`)) }()
+
+	// The store's clock passes the lease (the engine's timer has not) and
+	// another owner claims the key.
+	require.Eventually(t, func() bool {
+		rec, err := store.Get(context.Background(), recordkey.Name("http", "", "k"))
+		return err == nil && rec != nil
+	}, time.Second, time.Millisecond)
+	clock.Advance(time.Minute)
+	fence, _, err := store.Acquire(context.Background(), recordkey.Name("http", "", "k"), idempotency.Record{Token: "other", Fingerprint: "x"}, time.Minute)
+	require.NoError(t, err)
+	require.NotZero(t, fence)
+	close(taken)
+
+	requireProblem(t, <-done, http.StatusServiceUnavailable)
+	assert.ErrorIs(t, checkpointErr, idempotency.ErrLeaseLost)
+	assert.ErrorIs(t, cause, idempotency.ErrLeaseLost, "the work's context was cancelled with it")
+	assert.ErrorIs(t, obs.last().Err, idempotency.ErrLeaseLost, "the report says why the attempt ended")
 }

@@ -124,3 +124,44 @@ func FuzzRedisKey(f *testing.F) {
 		}
 	})
 }
+
+// FuzzDecodeRedisReply: the acquire and get scripts' replies, whatever a
+// server sends in their shapes, decode or fail without a panic; a decoded
+// recovery point is never empty.
+func FuzzDecodeRedisReply(f *testing.F) {
+	inFlight := encodeRecord(&Record{Token: "T", Fingerprint: "fp", CreatedAt: time.UnixMilli(1)}, "T")
+	fp := string(appendString(nil, "fp")) + "\x02"
+	f.Add(uint8(0), int64(0), inFlight, "", "")
+	f.Add(uint8(1), int64(1500), inFlight, "", "")
+	f.Add(uint8(2), int64(1500), inFlight, "point", "data")
+	f.Add(uint8(3), int64(7), fp, "point", "data")
+	f.Add(uint8(3), int64(0), fp, "point", "")
+	f.Add(uint8(4), int64(-1), "", "", "")
+	f.Fuzz(func(t *testing.T, shape uint8, n int64, a, b, c string) {
+		var reply any
+		switch shape % 6 {
+		case 0:
+			reply = a
+		case 1:
+			reply = []any{a, n}
+		case 2:
+			reply = []any{a, n, b, c}
+		case 3:
+			reply = []any{n, a, b, c}
+		case 4:
+			reply = []any{n}
+		case 5:
+			reply = []any{a, b, n, c}
+		}
+		fence, rec, err := decodeRedisRecord(reply)
+		if err != nil {
+			return
+		}
+		if rec == nil {
+			t.Fatal("no error and no record")
+		}
+		if fence > 0 && rec.RecoveryPoint == "" {
+			t.Fatal("a claim resumed from an empty recovery point")
+		}
+	})
+}
