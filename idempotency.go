@@ -226,7 +226,8 @@ func New(store Store, opts ...Option) (*Middleware, error) {
 // 503. A handler that writes nothing otherwise answers 200, which is stored.
 //
 // The writer it gets passes the response through to the client as it is
-// written and records it for replay, like [http.TimeoutHandler]'s contract
+// written (or, after [Claim.HoldResponse], holds it until it is stored)
+// and records it for replay, like [http.TimeoutHandler]'s contract
 // spelled out:
 //   - headers are snapshotted at the first WriteHeader (or Write): the
 //     headers the handler set, less those outer middleware had set before
@@ -247,6 +248,10 @@ func New(store Store, opts ...Option) (*Middleware, error) {
 // rest of the running request's lease, rounded up to whole seconds), or,
 // with [WithWait], waits for its outcome. The handler decides for its own
 // response with [Claim.Keep] whether, and for how long, it is stored.
+//
+// A handler that does several things in turn can record recovery points
+// with [Claim.Checkpoint], so that a retry after a crash or a failure
+// resumes after the last one instead of starting over.
 //
 // A panic frees the key, then continues with its original stack.
 func (m *Middleware) Handler(next http.Handler) http.Handler {
