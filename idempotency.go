@@ -10,7 +10,8 @@
 // rest of the first's lease), or waits for the first's outcome and gets
 // the replay ([WithWait]); the same key with a
 // different request gets 422. Failed attempts (5xx, panics, handlers cut
-// short) free the key so the client can retry.
+// short) free the key so the client can retry; a handler that recorded
+// recovery points ([Claim.Checkpoint]) is resumed after the last one.
 //
 //	store := idempotency.NewMemoryStore() // or idempotency.NewRedisStore(rdb)
 //	mw, err := idempotency.New(store,
@@ -22,7 +23,8 @@
 //	mux.Handle("POST /venues", mw.Handler(http.HandlerFunc(createVenue)))
 //
 // Records live in a [Store]: [MemoryStore] for one process, [RedisStore]
-// for several. The webhook helper ([WebhookHandler]) runs attempts the same
+// for several, or PostgreSQL (package pgstore), where the stored response
+// can commit in the handler's own transaction. The webhook helper ([WebhookHandler]) runs attempts the same
 // way to process each Stripe event exactly once, and [StripeKey] derives
 // idempotency keys for outgoing Stripe calls from the request being served.
 package idempotency
