@@ -4,6 +4,7 @@ import (
 	"net/http"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -70,4 +71,52 @@ func TestResumesAfterCrash(t *testing.T) {
 			})
 		}
 	}
+}
+
+// TestPostgresResumesAfterKill: the process is killed (SIGKILL) while a
+// venue creation waits for Stripe, after its first step committed. A new
+// process on the same database answers the retry 409 until the dead
+// claim's lease (30 s) lapses, then resumes after that step: the same
+// venue, made active, and no second one.
+func TestPostgresResumesAfterKill(t *testing.T) {
+	databaseURL := databaseURLEnv(t)
+	p := start(t, databaseURL, "FAKE_STRIPE_LATENCY=5s")
+	key, body := uniqueKey(), `{"name":"Hall","slug":"hall"}`
+	go func() {
+		req, _ := http.NewRequest(http.MethodPost, p.url+"/venues", strings.NewReader(body))
+		req.Header.Set("Authorization", "Bearer dev-key-a")
+		req.Header.Set("Idempotency-Key", key)
+		if resp, err := http.DefaultClient.Do(req); err == nil {
+			resp.Body.Close()
+		}
+	}()
+	var pending []Venue
+	require.Eventually(t, func() bool {
+		do(t, http.MethodGet, p.url+"/venues?slug=hall", "").json(t, &pending)
+		return len(pending) == 1
+	}, 5*time.Second, 20*time.Millisecond, "the first step committed")
+	require.Equal(t, venuePending, pending[0].Status)
+	require.NoError(t, p.cmd.Process.Kill())
+	<-p.done
+	killed := time.Now()
+
+	p = start(t, databaseURL)
+	var retry response
+	for {
+		retry = p.createVenue(key, body, "Prefer", "wait=0")
+		if retry.status != http.StatusConflict || time.Since(killed) > 45*time.Second {
+			break
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	require.Equal(t, http.StatusCreated, retry.status, "%s", retry.body)
+	t.Logf("the retry resumed %v after the kill", time.Since(killed).Round(100*time.Millisecond))
+	var venue Venue
+	retry.json(t, &venue)
+	assert.Equal(t, pending[0].ID, venue.ID, "the venue the killed process stored")
+	assert.Equal(t, venueActive, venue.Status)
+	var venues []Venue
+	do(t, http.MethodGet, p.url+"/venues?slug=hall", "").json(t, &venues)
+	assert.Equal(t, []Venue{venue}, venues, "one venue")
+	p.stop()
 }
