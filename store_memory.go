@@ -251,23 +251,14 @@ func (s *MemoryStore) Extend(ctx context.Context, key, token string, lease time.
 	if lease <= 0 {
 		return fmt.Errorf("idempotency: lease %v is not positive", lease)
 	}
-	if err := ctx.Err(); err != nil {
-		return err
-	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	now := s.now().UnixNano()
-	e := s.ownedLocked(key, token, now)
-	if e == nil || e.done != nil {
-		return ErrLeaseLost
-	}
-	e.lease = now + int64(lease)
-	e.until = e.lease
-	if x := e.extra; x != nil && x.point != "" {
-		e.until = max(e.lease, x.pointUntil)
-	}
-	s.settleLocked(e)
-	return nil
+	return s.withInFlight(ctx, key, token, func(now int64, e *memoryEntry) {
+		e.lease = now + int64(lease)
+		e.until = e.lease
+		if x := e.extra; x != nil && x.point != "" {
+			e.until = max(e.lease, x.pointUntil)
+		}
+		s.settleLocked(e)
+	})
 }
 
 // Complete implements [Store]; the store keeps rec itself, without its
@@ -306,21 +297,9 @@ func (s *MemoryStore) Complete(ctx context.Context, key, token string, rec *Reco
 // Release implements [Store]. A claim that recorded a recovery point is
 // suspended rather than deleted (see [Checkpointer]).
 func (s *MemoryStore) Release(ctx context.Context, key, token string) error {
-	if s.err != nil {
-		return s.err
-	}
-	if err := ctx.Err(); err != nil {
-		return err
-	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	now := s.now().UnixNano()
-	e := s.ownedLocked(key, token, now)
-	if e == nil || e.done != nil {
-		return ErrLeaseLost
-	}
-	s.freeLocked(e, now)
-	return nil
+	return s.withInFlight(ctx, key, token, func(now int64, e *memoryEntry) {
+		s.freeLocked(e, now)
+	})
 }
 
 // Fail implements [FailureRecorder]; like Release, it suspends a claim
@@ -332,29 +311,18 @@ func (s *MemoryStore) Fail(ctx context.Context, key, token, reason string, ttl t
 	if ttl <= 0 {
 		return 0, fmt.Errorf("idempotency: failure TTL %v is not positive", ttl)
 	}
-	if err := ctx.Err(); err != nil {
-		return 0, err
-	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	now := s.now().UnixNano()
-	e := s.ownedLocked(key, token, now)
-	if e == nil || e.done != nil {
-		return 0, ErrLeaseLost
-	}
-	x := e.extra
-	if x == nil {
-		x = new(memoryExtra)
-		e.extra = x
-	}
-	if now >= x.failUntil {
-		x.attempts = 0
-	}
-	x.attempts++
-	x.reason, x.failUntil = reason, now+int64(ttl)
-	attempts := x.attempts
-	s.freeLocked(e, now)
-	return attempts, nil
+	var attempts int
+	err := s.withInFlight(ctx, key, token, func(now int64, e *memoryEntry) {
+		x := e.extras()
+		if now >= x.failUntil {
+			x.attempts = 0
+		}
+		x.attempts++
+		x.reason, x.failUntil = reason, now+int64(ttl)
+		attempts = x.attempts
+		s.freeLocked(e, now)
+	})
+	return attempts, err
 }
 
 // freeLocked ends the claim in flight in e: suspended when it holds a
@@ -397,26 +365,13 @@ func (s *MemoryStore) Checkpoint(ctx context.Context, key, token, point string, 
 	case ttl <= 0:
 		return fmt.Errorf("idempotency: recovery point TTL %v is not positive", ttl)
 	}
-	if err := ctx.Err(); err != nil {
-		return err
-	}
 	data = bytes.Clone(data)
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	now := s.now().UnixNano()
-	e := s.ownedLocked(key, token, now)
-	if e == nil || e.done != nil {
-		return ErrLeaseLost
-	}
-	x := e.extra
-	if x == nil {
-		x = new(memoryExtra)
-		e.extra = x
-	}
-	x.point, x.data, x.pointUntil = point, data, now+int64(ttl)
-	e.until = max(e.lease, x.pointUntil)
-	s.settleLocked(e)
-	return nil
+	return s.withInFlight(ctx, key, token, func(now int64, e *memoryEntry) {
+		x := e.extras()
+		x.point, x.data, x.pointUntil = point, data, now+int64(ttl)
+		e.until = max(e.lease, x.pointUntil)
+		s.settleLocked(e)
+	})
 }
 
 // Get implements [Reader].
@@ -462,6 +417,27 @@ func (s *MemoryStore) wakeLocked(key string) {
 	if len(s.waiting.byKey) > 0 {
 		s.waiting.wake(key)
 	}
+}
+
+// withInFlight runs change under the lock if token owns a live claim in
+// flight under key; else it returns ErrLeaseLost (or the store's error, or
+// ctx's).
+func (s *MemoryStore) withInFlight(ctx context.Context, key, token string, change func(now int64, e *memoryEntry)) error {
+	if s.err != nil {
+		return s.err
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	now := s.now().UnixNano()
+	e := s.ownedLocked(key, token, now)
+	if e == nil || e.done != nil {
+		return ErrLeaseLost
+	}
+	change(now, e)
+	return nil
 }
 
 // ownedLocked returns the entry under key if token owns its record: in
@@ -620,6 +596,14 @@ func (e *memoryEntry) next() int64 {
 		at = x.failUntil
 	}
 	return at
+}
+
+// extras returns e's out-of-line part, made if e has none.
+func (e *memoryEntry) extras() *memoryExtra {
+	if e.extra == nil {
+		e.extra = new(memoryExtra)
+	}
+	return e.extra
 }
 
 // clearRecord drops e's record, keeping its failure history.
