@@ -54,6 +54,14 @@ var (
 	// given to [WithShutdown] ended (503 when it then answers nothing).
 	ErrShutdown error = newKind(http.StatusServiceUnavailable, "shutting down", "ErrShutdown", "The server is shutting down")
 
+	// ErrRecordUnreadable: the record stored under the key cannot be
+	// decoded (corrupt, truncated, or written by an incompatible version),
+	// so the request can be neither replayed nor run (500, no
+	// Retry-After: retrying changes nothing). Stores return errors wrapping
+	// it; the record stays until its TTL ends or an operator removes it
+	// ([Remover]).
+	ErrRecordUnreadable error = newKind(http.StatusInternalServerError, "record unreadable", "ErrRecordUnreadable", "The stored record for this Idempotency-Key is unreadable")
+
 	// ErrWebhookSignature: the Stripe-Signature header is missing or
 	// malformed, no signature matches any of the secrets, or its timestamp
 	// is older than the tolerance (400). It wraps the error from stripe-go's

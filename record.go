@@ -2,7 +2,6 @@ package idempotency
 
 import (
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"net/http"
 	"time"
@@ -79,7 +78,9 @@ func appendString(b []byte, s string) []byte {
 	return append(b, s...)
 }
 
-var errCorruptRecord = errors.New("idempotency: corrupt record")
+// errCorruptRecord is what the decoders wrap: a record the store holds
+// but this code cannot read.
+var errCorruptRecord = ErrRecordUnreadable
 
 // decodeRecord parses a stored value and returns the record and the token
 // of its owner (in flight) or of the owner that completed it; a completed

@@ -85,6 +85,19 @@ type Reader interface {
 	Get(ctx context.Context, key string) (*Record, error)
 }
 
+// Remover is implemented by stores that can delete what they keep under a
+// key whatever its state: the operator's way out of a record that cannot
+// be read ([ErrRecordUnreadable]). Every store of this module implements
+// it.
+type Remover interface {
+	// Remove deletes the record under key, in any state, with its recovery
+	// point and failure history; a key with nothing under it is no error.
+	// A record in flight loses its owner: a duplicate may then run the
+	// work again, so use it only on a record that is unreadable or known
+	// to be abandoned.
+	Remove(ctx context.Context, key string) error
+}
+
 // Record is what a [Store] keeps under one key.
 type Record struct {
 	// Token identifies the owner of an in-flight record. It is empty once

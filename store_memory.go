@@ -157,6 +157,7 @@ var (
 	_ FailureRecorder = (*MemoryStore)(nil)
 	_ Checkpointer    = (*MemoryStore)(nil)
 	_ Reader          = (*MemoryStore)(nil)
+	_ Remover         = (*MemoryStore)(nil)
 	_ waker           = (*MemoryStore)(nil)
 )
 
@@ -393,6 +394,25 @@ func (s *MemoryStore) Get(ctx context.Context, key string) (*Record, error) {
 		return e.done, nil
 	}
 	return e.record(now), nil
+}
+
+// Remove implements [Remover].
+func (s *MemoryStore) Remove(ctx context.Context, key string) error {
+	if s.err != nil {
+		return s.err
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if e := s.records[key]; e != nil {
+		e.clearRecord()
+		e.extra = nil
+		s.settleLocked(e)
+		s.wakeLocked(key)
+	}
+	return nil
 }
 
 // watch implements waker: a condition per waiter, signalled under the

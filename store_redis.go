@@ -170,6 +170,7 @@ var (
 	_ FailureRecorder = (*RedisStore)(nil)
 	_ Checkpointer    = (*RedisStore)(nil)
 	_ Reader          = (*RedisStore)(nil)
+	_ Remover         = (*RedisStore)(nil)
 	_ waker           = (*RedisStore)(nil)
 )
 
@@ -517,6 +518,27 @@ func (s *RedisStore) Failures(ctx context.Context, key string) (int, string, err
 		return 0, "", fmt.Errorf("%w: failure count %v", errCorruptRecord, values[0])
 	}
 	return attempts, reason, nil
+}
+
+// redisRemove deletes a record with its recovery point and failure
+// history, and wakes the waiters on it. ARGV: the publish command ('' for
+// none).
+var redisRemove = redis.NewScript(`
+local n = redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+if ARGV[1] ~= '' then redis.pcall(ARGV[1], KEYS[1], 'r') end
+return n`)
+
+// Remove implements [Remover] in one round trip.
+func (s *RedisStore) Remove(ctx context.Context, key string) error {
+	rkey := s.redisKey(key)
+	err := s.call(ctx, 0, func(ctx context.Context) error {
+		_, err := s.eval(ctx, redisRemove, false, 0, []string{rkey, rkey + redisRecoverySuffix, rkey + redisFailuresSuffix}, s.publish)
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("idempotency: redis remove: %w", err)
+	}
+	return nil
 }
 
 // redisFailuresSuffix names the hash that counts a key's failed attempts,
