@@ -11,10 +11,11 @@ import (
 )
 
 // TestExportedNames keeps the root package's API small: at most
-// maxExported exported types, functions, methods, constants and
-// variables, counted in the package's own (non-test) files.
+// maxExported package-level exported types, functions, constants and
+// variables, counted in the package's own (non-test) files; methods are
+// listed too, and not counted.
 func TestExportedNames(t *testing.T) {
-	const maxExported = 100
+	const maxExported = 80
 	fset := token.NewFileSet()
 	paths, err := filepath.Glob("*.go")
 	if err != nil {
@@ -66,8 +67,14 @@ func TestExportedNames(t *testing.T) {
 		}
 	}
 	sort.Strings(names)
-	t.Logf("%d exported names: %s", len(names), strings.Join(names, " "))
-	if len(names) > maxExported {
-		t.Errorf("%d exported names, at most %d", len(names), maxExported)
+	packageLevel := 0
+	for _, name := range names {
+		if !strings.Contains(name, ".") {
+			packageLevel++
+		}
+	}
+	t.Logf("%d exported names, %d of them package-level: %s", len(names), packageLevel, strings.Join(names, " "))
+	if packageLevel > maxExported {
+		t.Errorf("%d package-level exported names, at most %d", packageLevel, maxExported)
 	}
 }

@@ -89,15 +89,13 @@ func (c Claim) Checkpoint(ctx context.Context, point string, data []byte) error 
 }
 
 // HoldResponse makes the middleware hold this claim's response until its
-// outcome is stored, instead of passing it through as it is written: the
-// client gets it only once [Store.Complete] succeeded, and an error (503,
-// or 409 when the lease was lost) otherwise, with the key freed for its
-// retry. A store that commits the response with the handler's own writes
-// asks for it (pgstore's Tx does), so that a client never sees a success
-// that was rolled back. Call it before the handler writes; flushing then
-// does nothing. It does nothing for a webhook function, whose answer is
-// written after its outcome is stored anyway, or on a Claim no attempt
-// runs.
+// outcome is stored, also on a route served [WithStreaming], where
+// responses otherwise pass through as they are written (without it, every
+// response is held). A store that commits the response with the handler's
+// own writes asks for it (pgstore's Tx does), so that a client never sees
+// a success that was rolled back. Call it before the handler writes. It
+// does nothing for a webhook function, whose answer is written after its
+// outcome is stored anyway, or on a Claim no attempt runs.
 func (c Claim) HoldResponse() {
 	if c.attempt != nil {
 		c.attempt.hold.Store(true)

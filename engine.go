@@ -69,7 +69,12 @@ type attempt struct {
 	key      string // the record's key in the store
 	token    string
 	detached claimContext // the caller's values and the claim, never cancelled
+	work     workContext  // the work's context, on detached or on the caller's
 	cancel   context.CancelCauseFunc
+
+	// expires is deadline on the monotonic clock, as nanoseconds since
+	// monotonicOrigin, read without a lock by the work's context.
+	expires atomic.Int64
 
 	// Guarded by the engine's leases.mu.
 	deadline time.Time // cancel the work then unless renewed
@@ -79,6 +84,12 @@ type attempt struct {
 	ended    bool
 
 	failures int // failed attempts the store has counted, this one included
+
+	// early is the outcome settled while the work still ran (a held
+	// response that outgrew the stored-size limit), with earlyErr; "" if
+	// none was. Only the work's goroutine touches them.
+	early    Outcome
+	earlyErr error
 
 	// keep is what the work asked for its outcome with [Claim.Keep]: 0
 	// nothing, keepNothing to store nothing, else the record's TTL.
@@ -222,9 +233,41 @@ func (e *engine) start(a *attempt, parent context.Context, got acquired, cancelW
 	ctx, cancel := context.WithCancelCause(base)
 	a.cancel = cancel
 	a.index = -1
+	a.expires.Store(noExpiry)
+	a.work = workContext{Context: ctx, a: a}
 	e.leases.keep(a, got.sent)
-	return ctx
+	return &a.work
 }
+
+// workContext is the context the work runs in. It checks the lease's
+// deadline on the monotonic clock whenever it is asked whether it is done
+// (Done, Err, and Value, through which [context.Cause] asks), rather than
+// relying on the lease timer alone: a process resumed after a pause
+// longer than its lease may run the work's next line before any timer,
+// and that line must see the lease gone. Contexts derived from it learn
+// of the end when the timer runs, or when the work's own context is next
+// asked.
+type workContext struct {
+	context.Context // a cancel context, cancelled on a lost lease, on shutdown, at the end
+	a               *attempt
+}
+
+func (c *workContext) Done() <-chan struct{} {
+	c.a.checkLease()
+	return c.Context.Done()
+}
+
+func (c *workContext) Err() error {
+	c.a.checkLease()
+	return c.Context.Err()
+}
+
+func (c *workContext) Value(key any) any {
+	c.a.checkLease()
+	return c.Context.Value(key)
+}
+
+func (c *workContext) String() string { return "idempotency.workContext" }
 
 // execute runs w as the owner of a's key and settles the outcome: the
 // response is stored, or the key freed. On a panic it frees the key in a
@@ -235,6 +278,10 @@ func (e *engine) execute(ctx context.Context, a *attempt, w work) {
 		if !returned {
 			e.leases.release(a)
 			a.cancel(nil)
+			if a.early != "" {
+				w.settled(a.early, a.earlyErr)
+				return
+			}
 			cause := errors.New("idempotency: panic")
 			w.settled(e.free(a, cause, "panic"))
 		}
@@ -243,6 +290,10 @@ func (e *engine) execute(ctx context.Context, a *attempt, w work) {
 	returned = true
 	e.leases.release(a)
 	a.cancel(nil)
+	if a.early != "" {
+		w.settled(a.early, a.earlyErr)
+		return
+	}
 	if done != nil && a.keep.Load() == keepNothing {
 		done, cause, reason = nil, errKeptNothing, errKeptNothing.Error()
 	}
@@ -257,6 +308,22 @@ func (e *engine) execute(ctx context.Context, a *attempt, w work) {
 		e.free(a, err, "")
 	}
 	w.settled(outcome, err)
+}
+
+// settle records the outcome of a's attempt, settled (with complete)
+// while its work still runs. Once it is stored, the lease is no longer
+// kept, and the work's context no longer ends with it: the key is not
+// claimed any more, it is done. When storing failed, the key is freed
+// (owner-checked: a completion that landed after all stays).
+func (a *attempt) settle(outcome Outcome, err error) {
+	a.early, a.earlyErr = outcome, err
+	switch outcome {
+	case OutcomeExecuted:
+		a.engine.leases.release(a)
+		a.expires.Store(noExpiry)
+	case OutcomeStoreError:
+		a.engine.free(a, err, "")
+	}
 }
 
 // complete stores rec as the outcome of a's claim, detached from the

@@ -222,15 +222,30 @@ func New(store Store, opts ...Option) (*Middleware, error) {
 // sharing the store. Its context carries the request's values and the
 // [Claim]; it is cancelled when the lease is lost (see [WithLease]), on
 // shutdown ([WithShutdown]), and not when the client disconnects unless
-// [WithCancelOnDisconnect] is set. A handler that returns without writing
-// a response after its context was cancelled is taken as cut short:
-// nothing is stored, the key is freed, and a client still connected gets
-// 503. A handler that writes nothing otherwise answers 200, which is stored.
+// [WithCancelOnDisconnect] is set. The context reports a lost lease as
+// soon as the lease's deadline has passed on the monotonic clock, even in
+// a process resumed from a pause longer than the lease before any timer
+// ran: check ctx.Err() (or Done) of the handler's own context right before
+// a side effect, and guard writes to other systems with [Claim.Fence]. A
+// handler that returns without writing a response after its context was
+// cancelled is taken as cut short: nothing is stored, the key is freed,
+// and a client still connected gets 503. A handler that writes nothing
+// otherwise answers 200, which is stored.
 //
-// The writer it gets passes the response through to the client as it is
-// written (or, after [Claim.HoldResponse], holds it until it is stored)
-// and records it for replay, like [http.TimeoutHandler]'s contract
-// spelled out:
+// No answer leaves before its outcome is stored: the writer the handler
+// gets holds the response, and the client gets it only once
+// [Store.Complete] succeeded; when storing fails, or the lease was lost
+// meanwhile, the client gets a 503 problem with Retry-After instead (and
+// the key is free for its retry), never a success that a replay would
+// contradict. A response that is not stored (a retryable status, see
+// [WithRetryableStatus]) is sent once the key is freed. A response whose
+// body outgrows [WithMaxStoredBytes] is stored, with its status and
+// headers and without its body, when it passes that size and before any
+// of it is sent; the rest then streams through. [WithStreaming] gives up
+// holding for routes that stream, with a weaker promise.
+//
+// The writer records the response for replay, like
+// [http.TimeoutHandler]'s contract spelled out:
 //   - headers are snapshotted at the first WriteHeader (or Write): the
 //     headers the handler set, less those outer middleware had set before
 //     the middleware ran, hop-by-hop headers, trailers, and what
@@ -240,11 +255,14 @@ func New(store Store, opts ...Option) (*Middleware, error) {
 //     ([WithRetryableStatus]);
 //   - the body is recorded through Write only, up to [WithMaxStoredBytes];
 //     there is deliberately no ReadFrom, so io.Copy cannot bypass it;
-//   - Flush and [http.ResponseController] Flush write through (the bytes are
-//     still recorded); Hijack fails with an error wrapping
-//     [http.ErrNotSupported], since a hijacked connection cannot be
-//     replayed; deadlines and full duplex reach the connection through
-//     Unwrap; trailers are sent but not stored.
+//   - Flush and [http.ResponseController] Flush do nothing while the
+//     response is held, and write through once it is not (with
+//     [WithStreaming], or past the size limit); Hijack fails with an error
+//     wrapping [http.ErrNotSupported], since a hijacked connection cannot
+//     be replayed; deadlines and full duplex reach the connection through
+//     Unwrap; trailers are sent but not stored;
+//   - a Write after storing failed returns the error, so the handler can
+//     stop.
 //
 // A duplicate of a request still running gets 409 with Retry-After (the
 // rest of the running request's lease, rounded up to whole seconds), or,
@@ -332,7 +350,8 @@ func (m *Middleware) serve(w http.ResponseWriter, r *http.Request, next http.Han
 		a.claim = Claim{Kind: httpRecordKind, Scope: rep.Scope, Key: key, Fingerprint: fingerprint, created: created}
 		a.key, a.token = storeKey, token
 		a.body.b = *body
-		a.rec = recorder{w: w, capture: true, maxBody: m.s.maxStoredBytes, keep: m.s.storeHeader, hold: &a.hold}
+		a.hold.Store(!m.s.streaming)
+		a.rec = recorder{w: w, capture: true, maxBody: m.s.maxStoredBytes, keep: m.s.storeHeader, hold: &a.hold, spill: a.spill}
 		if outer := w.Header(); len(outer) > 0 {
 			a.rec.outer = outer.Clone()
 		}
@@ -398,13 +417,44 @@ func (a *httpAttempt) run(ctx context.Context) (*Record, string, error) {
 	switch {
 	case a.rec.status < http.StatusOK:
 		return nil, "", fmt.Errorf("idempotency: handler answered %d, which cannot be replayed", a.rec.status)
-	case a.m.s.retryable(a.rec.status) && a.keep.Load() <= 0:
+	case !a.stored(a.rec.status):
 		if ctx.Err() != nil { // say why: a lost lease, a shutdown
 			return nil, "", fmt.Errorf("idempotency: handler answered %d: %w", a.rec.status, context.Cause(ctx))
 		}
 		return nil, "", fmt.Errorf("idempotency: handler answered %d", a.rec.status)
 	}
 	return a.rec.response(), "", nil
+}
+
+// stored reports whether a response with status is to be stored rather
+// than free the key: by the route's rule, unless the handler decided
+// otherwise with [Claim.Keep].
+func (a *httpAttempt) stored(status int) bool {
+	keep := a.keep.Load()
+	return keep > 0 || (keep == 0 && !a.m.s.retryable(status))
+}
+
+// spill settles a held response that has outgrown the stored-size limit,
+// before any of it is sent: a response to be stored is stored now, with
+// its status and headers and its body omitted (as a replay of it gives
+// it), so that the client never gets a success the store does not hold;
+// one that is not to be stored is simply sent on. When storing fails, the
+// client gets the error instead, the work is cancelled, and spill returns
+// the error.
+func (a *httpAttempt) spill() error {
+	if !a.stored(a.rec.status) {
+		return nil
+	}
+	outcome, err := a.engine.complete(&a.attempt, newCompletion(Response{StatusCode: a.rec.status, Header: a.rec.header, BodyOmitted: true}))
+	a.settle(outcome, err)
+	if err == nil {
+		return nil
+	}
+	a.cancel(err)
+	a.rec.dropHeaders()
+	a.m.s.errorHandler(a.w, a.r, err)
+	a.rep.Status = StatusCode(err)
+	return fmt.Errorf("idempotency: the response was not sent: %w", err)
 }
 
 func (a *httpAttempt) settled(outcome Outcome, err error) {
@@ -417,6 +467,7 @@ func (a *httpAttempt) settled(outcome Outcome, err error) {
 		case OutcomeStoreError, OutcomeLeaseLost:
 			// Not stored (nor, with a transaction, committed): the client
 			// must not take it for a success.
+			a.rec.dropHeaders()
 			a.m.s.errorHandler(a.w, a.r, err)
 			a.rep.Status = StatusCode(err)
 		default:
@@ -574,8 +625,10 @@ type recorder struct {
 	maxBody     int
 	keep        func(name string) bool
 	outer       http.Header  // the headers set before the handler ran; nil if none
-	hold        *atomic.Bool // the attempt's [Claim.HoldResponse]; nil if none
+	hold        *atomic.Bool // hold the response until it is stored; nil never
+	spill       func() error // settles a held response that outgrew maxBody
 	held        bool         // the response is held, not yet sent
+	failed      error        // the response was given up: Write returns it
 	wroteHeader bool
 	status      int
 	header      http.Header
@@ -649,13 +702,20 @@ func (rec *recorder) Write(p []byte) (int, error) {
 	if !rec.wroteHeader {
 		rec.WriteHeader(http.StatusOK)
 	}
+	if rec.failed != nil {
+		return 0, rec.failed
+	}
 	// Record what the handler wrote even if the client is gone: the retry
 	// deserves the whole response.
 	if rec.capture && !rec.omitted {
-		if len(rec.body)+len(p) > rec.maxBody && !rec.held {
-			rec.omitted, rec.body = true, nil
-		} else {
+		if len(rec.body)+len(p) <= rec.maxBody {
 			rec.body = append(rec.body, p...)
+		} else if rec.held {
+			if err := rec.release(); err != nil {
+				return 0, err
+			}
+		} else {
+			rec.omitted, rec.body = true, nil
 		}
 	}
 	if rec.held {
@@ -664,11 +724,39 @@ func (rec *recorder) Write(p []byte) (int, error) {
 	return rec.w.Write(p)
 }
 
+// release ends the holding of a response that outgrew maxBody: once spill
+// has settled its outcome, what was held is sent and the rest streams
+// through, recorded as omitted.
+func (rec *recorder) release() error {
+	rec.held = false
+	if err := rec.spill(); err != nil {
+		rec.failed = err
+		return err
+	}
+	rec.omitted = true
+	rec.sendHeld()
+	rec.body = nil
+	return nil
+}
+
 // sendHeld writes the held response to the client; its headers are
 // already in place.
 func (rec *recorder) sendHeld() {
 	rec.w.WriteHeader(rec.status)
 	rec.w.Write(rec.body)
+}
+
+// dropHeaders takes the headers the handler set off the response, before
+// an error answer replaces a response that was held.
+func (rec *recorder) dropHeaders() {
+	h := rec.w.Header()
+	for name := range h {
+		if outer, set := rec.outer[name]; set {
+			h[name] = outer
+		} else {
+			delete(h, name)
+		}
+	}
 }
 
 // FlushError sends buffered data to the client; [http.ResponseController]
@@ -712,9 +800,5 @@ func (rec *recorder) statusOr200() int {
 }
 
 func (rec *recorder) response() *Record {
-	if rec.held && len(rec.body) > rec.maxBody {
-		// Held in full for the client; stored as omitted, as when passed through.
-		return newCompletion(Response{StatusCode: rec.status, Header: rec.header, BodyOmitted: true})
-	}
 	return newCompletion(Response{StatusCode: rec.status, Header: rec.header, Body: rec.body, BodyOmitted: rec.omitted})
 }

@@ -633,7 +633,9 @@ func TestClientDisconnectStillStores(t *testing.T) {
 // TestLeaseExpiryStaleOwnerLoses: the first owner's lease lapses while its
 // handler still runs (the clock jumps; no renewal fires in time); a retry
 // takes the key and completes; the first owner's late response must not
-// overwrite the retry's record.
+// overwrite the retry's record, and its client must not get it as a
+// success that the replay contradicts (issue 19: it got 200 "attempt 2"
+// while the record said otherwise).
 func TestLeaseExpiryStaleOwnerLoses(t *testing.T) {
 	for _, kind := range storeKinds[:2] { // fake clocks only
 		t.Run(kind.name, func(t *testing.T) {
@@ -659,7 +661,9 @@ func TestLeaseExpiryStaleOwnerLoses(t *testing.T) {
 			assert.Equal(t, "attempt 2", second.Body.String(), "the lapsed key was taken over")
 			close(finish)
 			first := <-firstDone
-			assert.Equal(t, "attempt 2", first.Body.String()) // n was 2 when the first wrote
+			p := requireProblem(t, first, http.StatusServiceUnavailable)
+			assert.Contains(t, p.Type, "#ErrLeaseLost", "the stale owner's response was held, and not sent")
+			assert.Equal(t, "1", first.Header().Get("Retry-After"))
 			assert.Equal(t, idempotency.OutcomeLeaseLost, obs.last().Outcome)
 
 			retry := serve(h, post("k", `{}`))

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"sync"
 	"time"
 )
@@ -57,7 +58,7 @@ func (l *leases) keep(a *attempt, sent time.Time) {
 	if l.shutdown != nil {
 		a.cancel(l.shutdown)
 	}
-	a.deadline = l.deadline(sent)
+	a.setDeadline(l.deadline(sent))
 	a.due = sent.Add(l.renewInterval())
 	heap.Push(&l.queue, a)
 	l.armLocked(a.due)
@@ -99,7 +100,7 @@ func (l *leases) fire() {
 		a := l.queue[0]
 		if !now.Before(a.deadline) {
 			heap.Pop(&l.queue)
-			a.cancel(fmt.Errorf("%w: not renewed by its deadline", ErrLeaseLost))
+			a.cancel(errLeaseExpired)
 			continue
 		}
 		// Until the renewal succeeds, the next thing due is the deadline.
@@ -130,7 +131,7 @@ func (l *leases) renew(a *attempt, sent, deadline time.Time) {
 	}
 	switch {
 	case err == nil:
-		a.deadline = l.deadline(sent)
+		a.setDeadline(l.deadline(sent))
 		a.due = sent.Add(l.renewInterval())
 	case errors.Is(err, ErrLeaseLost):
 		heap.Remove(&l.queue, a.index)
@@ -143,6 +144,36 @@ func (l *leases) renew(a *attempt, sent, deadline time.Time) {
 	heap.Fix(&l.queue, a.index)
 	l.armLocked(l.queue[0].due)
 }
+
+// errLeaseExpired is the cause of a work's context whose lease deadline
+// passed without a renewal.
+var errLeaseExpired = fmt.Errorf("%w: not renewed by its deadline", ErrLeaseLost)
+
+// monotonicOrigin anchors the attempts' lease deadlines on the monotonic
+// clock, as nanoseconds since it, so that the work's context can check
+// its deadline with one atomic load and no lock.
+var monotonicOrigin = time.Now()
+
+// setDeadline moves a's lease deadline to t; called with the leases' lock
+// held, or before a is shared.
+func (a *attempt) setDeadline(t time.Time) {
+	a.deadline = t
+	a.expires.Store(int64(t.Sub(monotonicOrigin)))
+}
+
+// checkLease cancels a's work if its lease deadline has passed: the
+// work's context calls it whenever it is asked whether it is done, so it
+// tells the truth the moment the deadline passes, also in a process that
+// was stopped (SIGSTOP, a long GC pause, a frozen VM) and has not run its
+// timers yet. The monotonic clock counts the time the process was stopped.
+func (a *attempt) checkLease() {
+	if exp := a.expires.Load(); exp != noExpiry && int64(time.Since(monotonicOrigin)) >= exp {
+		a.cancel(errLeaseExpired)
+	}
+}
+
+// noExpiry in attempt.expires: no lease to check (the outcome is stored).
+const noExpiry = math.MaxInt64
 
 // stop cancels every running attempt, and every later one as it starts,
 // with cause.

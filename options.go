@@ -56,6 +56,7 @@ type settings struct {
 	errorHandler       func(http.ResponseWriter, *http.Request, error)
 	storeHeader        func(name string) bool
 	cancelOnDisconnect bool
+	streaming          bool
 	wait               time.Duration // 0: duplicates do not wait
 	maxWaiters         int
 
@@ -404,6 +405,24 @@ func defaultStoredHeader(name string) bool { return name != "Set-Cookie" }
 func WithCancelOnDisconnect() Option {
 	return option("WithCancelOnDisconnect", forMiddleware, func(s *settings) error {
 		s.cancelOnDisconnect = true
+		return nil
+	})
+}
+
+// WithStreaming passes each response through to the client as the handler
+// writes it, instead of holding it until its outcome is stored: for routes
+// whose responses stream (large exports, progress reports), which then
+// reach the client sooner and cost no copy beyond [WithMaxStoredBytes].
+// The promise is weaker: when storing the outcome fails, or the lease was
+// lost, after the client received a success, nothing is stored, and the
+// client's retry runs the handler again and may answer differently.
+// Flush writes through. Give it to a Middleware that wraps only such
+// routes; a handler that commits its writes with the stored response
+// ([Claim.HoldResponse], pgstore's Tx) is held all the same. Middleware.
+// Default: off, responses are held until stored.
+func WithStreaming() Option {
+	return option("WithStreaming", forMiddleware, func(s *settings) error {
+		s.streaming = true
 		return nil
 	})
 }

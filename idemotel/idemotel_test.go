@@ -137,14 +137,18 @@ func TestRequestOutcomes(t *testing.T) {
 		name:  "store fails after the handler ran",
 		store: func() idempotency.Store { return &faultyStore{Store: idempotency.NewMemoryStore(), complete: fail} },
 		drive: func(t *testing.T, h http.Handler, b *blocking) {
-			assert.Equal(t, http.StatusCreated, serve(h, newRequest("secret-key-1", body)).Code)
+			// The response was held: the client gets 503, not a 201
+			// the store does not hold.
+			assert.Equal(t, http.StatusServiceUnavailable, serve(h, newRequest("secret-key-1", body)).Code)
 		},
 		want: map[string]int64{
-			requestSeries(idempotency.OutcomeStoreError, 201, "store_unavailable"):  1,
-			durationSeries(idempotency.OutcomeStoreError, 201, "store_unavailable"): 1,
+			requestSeries(idempotency.OutcomeStoreError, 503, "store_unavailable"):  1,
+			durationSeries(idempotency.OutcomeStoreError, 503, "store_unavailable"): 1,
 			storeSeries("idempotency.store.duration", faulty, "acquire", ""):        1,
 			storeSeries("idempotency.store.duration", faulty, "complete", "_OTHER"): 1,
 			storeSeries("idempotency.store.errors", faulty, "complete", "_OTHER"):   1,
+			// The key is freed for the client's retry.
+			storeSeries("idempotency.store.duration", faulty, "release", ""): 1,
 		},
 	}, {
 		name: "lease lapsed before the response was stored",
@@ -152,11 +156,13 @@ func TestRequestOutcomes(t *testing.T) {
 			return &faultyStore{Store: idempotency.NewMemoryStore(), complete: leaseLost}
 		},
 		drive: func(t *testing.T, h http.Handler, b *blocking) {
-			assert.Equal(t, http.StatusCreated, serve(h, newRequest("secret-key-1", body)).Code)
+			// The response was held: the client gets 503, not a 201
+			// the store does not hold.
+			assert.Equal(t, http.StatusServiceUnavailable, serve(h, newRequest("secret-key-1", body)).Code)
 		},
 		want: map[string]int64{
-			requestSeries(idempotency.OutcomeLeaseLost, 201, "lease_lost"):              1,
-			durationSeries(idempotency.OutcomeLeaseLost, 201, "lease_lost"):             1,
+			requestSeries(idempotency.OutcomeLeaseLost, 503, "lease_lost"):              1,
+			durationSeries(idempotency.OutcomeLeaseLost, 503, "lease_lost"):             1,
 			series("idempotency.lease.lost", "kind", "http", "outcome", "lease_lost"):   1,
 			storeSeries("idempotency.store.duration", faulty, "acquire", ""):            1,
 			storeSeries("idempotency.store.duration", faulty, "complete", "lease_lost"): 1,
