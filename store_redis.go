@@ -521,8 +521,8 @@ func (s *RedisStore) Failures(ctx context.Context, key string) (int, string, err
 }
 
 // redisRemove deletes a record with its recovery point and failure
-// history, and wakes the waiters on it. ARGV: the publish command ('' for
-// none).
+// history, and wakes the waiters on it. ARGV: the publish command, empty
+// for none.
 var redisRemove = redis.NewScript(`
 local n = redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
 if ARGV[1] ~= '' then redis.pcall(ARGV[1], KEYS[1], 'r') end
