@@ -22,10 +22,20 @@ const (
 )
 
 // NewMemoryStoreWithClock returns a MemoryStore configured by opts that
-// reads the time from now, so tests move time forward without sleeping.
+// reads the time from now, as its monotonic clock and its wall clock, so
+// tests move time forward without sleeping.
 func NewMemoryStoreWithClock(now func() time.Time, opts ...Option) *MemoryStore {
+	return NewMemoryStoreWithClocks(now, now, opts...)
+}
+
+// NewMemoryStoreWithClocks returns a MemoryStore configured by opts whose
+// monotonic clock reads the time passed since monotonic's first reading,
+// and whose wall clock is wall: a test steps one without the other.
+func NewMemoryStoreWithClocks(monotonic, wall func() time.Time, opts ...Option) *MemoryStore {
 	s := NewMemoryStore(opts...)
-	s.now = now
+	start := monotonic()
+	s.clock = func() int64 { return int64(monotonic().Sub(start)) }
+	s.wall = wall
 	return s
 }
 

@@ -26,7 +26,11 @@ import (
 // store's lock, so a purge never stalls the requests for long. A
 // MemoryStore is safe for concurrent use; create it with [NewMemoryStore].
 type MemoryStore struct {
-	now        func() time.Time
+	// clock reads the monotonic clock, in nanoseconds since the store was
+	// made: every lease and TTL runs on it, so a step of the wall clock
+	// (NTP, an operator) changes no outcome. wall is read for fences only.
+	clock      func() int64
+	wall       func() time.Time
 	err        error // an invalid option: every call fails with it
 	maxRecords int   // 0: no limit
 	maxBytes   int64 // 0: no limit
@@ -36,7 +40,7 @@ type MemoryStore struct {
 	records map[string]*memoryEntry
 	expiry  memoryHeap
 	bytes   int64  // counted for the entries held, expired ones not yet purged included
-	fence   uint64 // the last fence handed out, for any key
+	fence   uint64 // the last fence handed out, for any key (see nextFenceLocked)
 	purging bool   // a background purge is under way
 	peak    int    // the most entries held since the map was last rebuilt
 	waiting waiters
@@ -63,11 +67,12 @@ type memoryEntry struct {
 	fingerprint string  // in flight or suspended; a completed record has its own
 	done        *Record // the completed record; nil until then
 	extra       *memoryExtra
-	created     int64 // in flight or suspended, Unix nanoseconds like the others
-	lease       int64 // in flight: when the owner's lease ends
-	until       int64 // when the record ends; 0: none, only a failure history
-	at          int64 // the time of e's newest slot in the expiry heap
-	size        int64 // the bytes counted for the entry
+	created     int64 // in flight or suspended: the claim's CreatedAt, Unix nanoseconds
+	// lease, until and at are on the store's clock (monotonic nanoseconds).
+	lease int64 // in flight: when the owner's lease ends
+	until int64 // when the record ends; 0: none, only a failure history
+	at    int64 // the time of e's newest slot in the expiry heap
+	size  int64 // the bytes counted for the entry
 }
 
 // memoryExtra holds what few entries have: a recovery point, a failure
@@ -143,7 +148,13 @@ var errMemoryFull = errors.New("idempotency: memory store full (see WithMemoryLi
 // request (the middleware answers 503) instead of being ignored.
 func NewMemoryStore(opts ...Option) *MemoryStore {
 	set := settings{memoryMaxBytes: defaultMemoryMaxBytes}
-	s := &MemoryStore{now: time.Now, records: make(map[string]*memoryEntry), seed: maphash.MakeSeed()}
+	start := time.Now()
+	s := &MemoryStore{
+		clock:   func() int64 { return int64(time.Since(start)) },
+		wall:    time.Now,
+		records: make(map[string]*memoryEntry),
+		seed:    maphash.MakeSeed(),
+	}
 	if err := set.apply(forMemoryStore, opts); err != nil {
 		s.err = fmt.Errorf("%w; NewMemoryStore made a store that refuses every call", err)
 		return s
@@ -162,7 +173,7 @@ var (
 )
 
 // Acquire implements [Store]. Fences come from one counter for the whole
-// store, so they grow per key too.
+// store, so they grow per key too (see nextFenceLocked for where it starts).
 func (s *MemoryStore) Acquire(ctx context.Context, key string, claim Record, lease time.Duration) (uint64, *Record, error) {
 	if s.err != nil {
 		return 0, nil, s.err
@@ -175,7 +186,7 @@ func (s *MemoryStore) Acquire(ctx context.Context, key string, claim Record, lea
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	now := s.now().UnixNano()
+	now := s.clock()
 	if !s.purging && len(s.expiry) > 0 && s.expiry[0].at <= now && s.purgeLocked(now) {
 		// More has expired than one batch takes: the rest in the
 		// background, so this request pays for one batch only.
@@ -202,8 +213,7 @@ func (s *MemoryStore) Acquire(ctx context.Context, key string, claim Record, lea
 				e.until = max(e.lease, x.pointUntil)
 			}
 			s.settleLocked(e)
-			s.fence++
-			return s.fence, resumed, nil
+			return s.nextFenceLocked(), resumed, nil
 		}
 		// The record ended; a failure history may stay.
 		e.clearRecord()
@@ -233,8 +243,18 @@ func (s *MemoryStore) Acquire(ctx context.Context, key string, claim Record, lea
 	e.lease = now + int64(lease)
 	e.until = e.lease
 	s.settleLocked(e)
-	s.fence++
-	return s.fence, nil, nil
+	return s.nextFenceLocked(), nil, nil
+}
+
+// nextFenceLocked hands out a fence: one more than the last, or the wall
+// clock in nanoseconds if that is greater. Fences thus grow within the
+// store, and a store in a new process (whose records are gone, but whose
+// fences may be remembered downstream) starts above those of the process
+// before it, unless the wall clock stepped back by more than the restart
+// took.
+func (s *MemoryStore) nextFenceLocked() uint64 {
+	s.fence = max(s.fence+1, uint64(max(s.wall().UnixNano(), 0)))
+	return s.fence
 }
 
 // fullLocked reports whether need more bytes, in a new entry if newEntry,
@@ -277,7 +297,7 @@ func (s *MemoryStore) Complete(ctx context.Context, key, token string, rec *Reco
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	now := s.now().UnixNano()
+	now := s.clock()
 	e := s.ownedLocked(key, token, now)
 	switch {
 	case e == nil:
@@ -350,7 +370,7 @@ func (s *MemoryStore) Failures(ctx context.Context, key string) (int, string, er
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	e := s.records[key]
-	if e == nil || e.extra == nil || s.now().UnixNano() >= e.extra.failUntil {
+	if e == nil || e.extra == nil || s.clock() >= e.extra.failUntil {
 		return 0, "", nil
 	}
 	return e.extra.attempts, e.extra.reason, nil
@@ -385,7 +405,7 @@ func (s *MemoryStore) Get(ctx context.Context, key string) (*Record, error) {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	now := s.now().UnixNano()
+	now := s.clock()
 	e := s.records[key]
 	switch {
 	case e == nil || now >= e.until:
@@ -451,7 +471,7 @@ func (s *MemoryStore) withInFlight(ctx context.Context, key, token string, chang
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	now := s.now().UnixNano()
+	now := s.clock()
 	e := s.ownedLocked(key, token, now)
 	if e == nil || e.done != nil {
 		return ErrLeaseLost
@@ -581,7 +601,7 @@ func (s *MemoryStore) purge() {
 	for {
 		runtime.Gosched() // the callers that waited for the lock go first
 		s.mu.Lock()
-		more := s.purgeLocked(s.now().UnixNano())
+		more := s.purgeLocked(s.clock())
 		s.purging = more
 		s.mu.Unlock()
 		if !more {

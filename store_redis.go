@@ -32,9 +32,18 @@ type RedisClient interface {
 // (the re-sent script finds our own claim and counts it as acquired), and
 // refuses to claim once the call's deadline has passed by the server's
 // clock, so a claim queued behind a stalled server cannot land after the
-// caller gave up. Fences come from a counter per hash tag (65,536 of them,
-// a few MiB at most, never expiring). Keys carry a hash tag, so the store
-// works on Redis Cluster.
+// caller gave up. Keys carry a hash tag, so the store works on Redis
+// Cluster.
+//
+// Fences never go backwards, also when Redis loses its memory (a restart
+// without persistence, a failover to a replica that missed the last
+// writes): a new fence is the greater of the last fence under the key's
+// hash tag plus one and the server's clock in microseconds, so a counter
+// that was lost restarts above every fence handed out before, as long as
+// the server's clock did not step back by more than the outage lasted.
+// The counters, one per hash tag (65,536 of them, a few MiB at most),
+// never expire. Fences are below 2^53, which Lua's numbers hold exactly,
+// until the year 2255.
 //
 // Calls honour their context's deadline when the client has
 // ContextTimeoutEnabled, and then run on the caller's goroutine; otherwise
@@ -226,13 +235,13 @@ local rp = redis.call('HMGET', KEYS[3], 'fp', 'point', 'data')
 if rp[1] and string.sub(rp[1], 1, #ARGV[5]) ~= ARGV[5] then
   return {0, rp[1], rp[2], rp[3]}
 end
-if ARGV[4] ~= '0' then
-  local t = redis.call('TIME')
-  if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > tonumber(ARGV[4]) then
-    return -1
-  end
+local t = redis.call('TIME')
+local us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+if ARGV[4] ~= '0' and math.floor(us / 1000) > tonumber(ARGV[4]) then
+  return -1
 end
-local f = redis.call('INCR', KEYS[2])
+local f = math.max(tonumber(redis.call('GET', KEYS[2]) or '0') + 1, us)
+redis.call('SET', KEYS[2], string.format('%.0f', f))
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 if rp[1] then
   return {f, rp[1], rp[2], rp[3]}
