@@ -178,6 +178,11 @@ func (e *engine) acquire(ctx context.Context, key string, rec Record) (acquired,
 	got.fence, got.existing, err = e.store.Acquire(callCtx, key, rec, e.lease)
 	cancel()
 	if err != nil {
+		if errors.Is(err, ErrRecordUnreadable) {
+			// The store read a record and claimed nothing: no outage, and
+			// nothing to take back.
+			return acquired{sent: got.sent}, fmt.Errorf("idempotency: acquire: %w", err)
+		}
 		if !e.instant {
 			e.takeBack(ctx, key, rec.Token)
 		}

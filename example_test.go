@@ -139,8 +139,8 @@ func ExampleFingerprinter() {
 	fmt.Println(sum(`{ "slug": "hall", "name": "Hall" }`))
 	fmt.Println(sum(`{"name":"Hall"`))
 	// Output:
-	// 10d0fd7de177
-	// 10d0fd7de177
+	// e096ab44d913
+	// e096ab44d913
 	// idempotency: invalid JSON body: unexpected end of input
 }
 

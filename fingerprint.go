@@ -20,11 +20,18 @@ import (
 )
 
 // Fingerprinter computes request fingerprints: a hex SHA-256 over the
-// method, the path, the query (with parameters sorted), the headers named in
-// Headers and the body. Every part is length-prefixed, so no two different
-// requests share an input.
+// method, the path, the query (with parameters sorted), the Content-Type,
+// the headers named in Headers and the body. Every part is
+// length-prefixed, so no two different requests share an input.
 //
-// The zero value hashes method, path, query and body. A Fingerprinter is
+// The Content-Type counts because the same bytes sent as text/plain and
+// then as application/json are two requests, which a handler may answer
+// differently; it is compared as a media type, so case, spacing and the
+// order of parameters do not matter ("application/json; charset=UTF-8"
+// and "Application/JSON;charset=utf-8" are one). A fingerprint function of
+// your own ([WithFingerprint]) can leave it out.
+//
+// The zero value hashes method, path, query, Content-Type and body. A Fingerprinter is
 // safe for concurrent use; its Fingerprint method fits [WithFingerprint].
 type Fingerprinter struct {
 	// Headers lists request headers that belong to the request's identity,
@@ -56,10 +63,11 @@ func (f Fingerprinter) Fingerprint(r *http.Request, body []byte) (string, error)
 	st.h.Reset()
 	// Everything but the body goes to the hash in one write.
 	b := st.buf[:0]
-	b = appendField(b, "idempotency-fingerprint-v1")
+	b = appendField(b, "idempotency-fingerprint-v2")
 	b = appendField(b, r.Method)
 	b = appendField(b, r.URL.EscapedPath())
 	b = appendField(b, sortedQuery(r.URL.RawQuery))
+	b = appendMediaType(b, r.Header.Get("Content-Type"))
 	if len(f.Headers) == 0 {
 		b = appendLength(b, 0)
 	} else {
@@ -125,6 +133,32 @@ func sortedQuery(raw string) string {
 		return raw
 	}
 	return values.Encode()
+}
+
+// appendMediaType appends a Content-Type in one form: without spaces, in
+// lower case, parameters sorted; one that does not parse is kept as sent.
+// The usual value without parameters costs no allocation.
+func appendMediaType(b []byte, contentType string) []byte {
+	if strings.IndexByte(contentType, ';') < 0 {
+		contentType = strings.TrimSpace(contentType)
+		b = appendLength(b, len(contentType))
+		for i := 0; i < len(contentType); i++ {
+			c := contentType[i]
+			if 'A' <= c && c <= 'Z' {
+				c += 'a' - 'A'
+			}
+			b = append(b, c)
+		}
+		return b
+	}
+	mt, params, err := mime.ParseMediaType(contentType)
+	if err != nil {
+		return appendField(b, contentType)
+	}
+	if cs, ok := params["charset"]; ok {
+		params["charset"] = strings.ToLower(cs) // charset names are case-insensitive
+	}
+	return appendField(b, mime.FormatMediaType(mt, params))
 }
 
 func isJSON(contentType string) bool {

@@ -81,6 +81,10 @@ const (
 	// OutcomeUnprotected: the request carried no key and the route allows
 	// that; the handler ran without protection.
 	OutcomeUnprotected Outcome = "unprotected"
+	// OutcomeUnreadable: the record under the key cannot be read
+	// ([ErrRecordUnreadable]); the request was refused with 500 and
+	// nothing ran.
+	OutcomeUnreadable Outcome = "unreadable"
 )
 
 // Report describes the outcome of one request or webhook delivery, for an
@@ -325,6 +329,13 @@ func (m *Middleware) serve(w http.ResponseWriter, r *http.Request, next http.Han
 	}
 	existing := got.existing
 	switch {
+	case errors.Is(err, ErrRecordUnreadable):
+		// Not an outage: retrying cannot help, and running the handler
+		// could do the work twice. 500, until the record ends or an
+		// operator removes it.
+		rep.Err = err
+		m.log(r.Context(), "idempotency: the record under this key is unreadable; remove it with Middleware.Remove", &rep)
+		m.reject(w, r, &rep, OutcomeUnreadable, err)
 	case err != nil && m.s.failOpen:
 		rep.Err = err
 		m.log(r.Context(), "idempotency: store failed, serving unprotected", &rep)
@@ -351,13 +362,39 @@ func (m *Middleware) serve(w http.ResponseWriter, r *http.Request, next http.Han
 		a.key, a.token = storeKey, token
 		a.body.b = *body
 		a.hold.Store(!m.s.streaming)
-		a.rec = recorder{w: w, capture: true, maxBody: m.s.maxStoredBytes, keep: m.s.storeHeader, hold: &a.hold, spill: a.spill}
+		a.rec = recorder{w: w, capture: true, maxBody: m.s.maxStoredBytes, keep: m.s.storeHeader, hold: &a.hold, spill: a}
 		if outer := w.Header(); len(outer) > 0 {
 			a.rec.outer = outer.Clone()
 		}
 		ctx := m.engine.start(&a.attempt, r.Context(), got, m.s.cancelOnDisconnect)
 		m.engine.execute(ctx, &a.attempt, a)
 	}
+}
+
+// Remove deletes the record kept for key (as the client sends it in
+// Idempotency-Key) in scope (as [WithScope] derives it), whatever its
+// state: the operator's way out of a record that cannot be read
+// ([ErrRecordUnreadable]), which the logger names by its scope and
+// key_hash. A request under the key then runs its handler afresh. A
+// record in flight loses its owner, so a duplicate may run while the
+// first still does: remove only records that are unreadable or known to
+// be abandoned. The error wraps [errors.ErrUnsupported] when the store
+// cannot remove records ([Remover]; every store of this module can), and
+// [ErrKeyInvalid] for a key the middleware would refuse.
+func (m *Middleware) Remove(ctx context.Context, scope, key string) error {
+	if _, err := ParseKey(key); err != nil {
+		return err
+	}
+	remover, ok := findStore[Remover](m.engine.store)
+	if !ok {
+		return fmt.Errorf("idempotency: %T cannot remove records: %w", m.engine.store, errors.ErrUnsupported)
+	}
+	callCtx, cancel := m.engine.bound(ctx)
+	defer cancel()
+	if err := remover.Remove(callCtx, recordKey(httpRecordKind, scope, key)); err != nil {
+		return fmt.Errorf("%w: removing a record: %w", ErrStoreUnavailable, err)
+	}
+	return nil
 }
 
 // serveUnprotected runs next without a claim and reports it afterwards,
@@ -626,7 +663,7 @@ type recorder struct {
 	keep        func(name string) bool
 	outer       http.Header  // the headers set before the handler ran; nil if none
 	hold        *atomic.Bool // hold the response until it is stored; nil never
-	spill       func() error // settles a held response that outgrew maxBody
+	spill       spiller      // settles a held response that outgrew maxBody
 	held        bool         // the response is held, not yet sent
 	failed      error        // the response was given up: Write returns it
 	wroteHeader bool
@@ -724,12 +761,16 @@ func (rec *recorder) Write(p []byte) (int, error) {
 	return rec.w.Write(p)
 }
 
+// spiller settles the outcome of a held response that outgrew the
+// stored-size limit; httpAttempt is one.
+type spiller interface{ spill() error }
+
 // release ends the holding of a response that outgrew maxBody: once spill
 // has settled its outcome, what was held is sent and the rest streams
 // through, recorded as omitted.
 func (rec *recorder) release() error {
 	rec.held = false
-	if err := rec.spill(); err != nil {
+	if err := rec.spill.spill(); err != nil {
 		rec.failed = err
 		return err
 	}

@@ -105,8 +105,10 @@ func decodeRecord(b string) (*Record, string, error) {
 	case stateCompleted:
 		rec.Fingerprint = d.string()
 		rec.CreatedAt = d.time()
+		// A stored status is a final one (1xx are never stored) that
+		// net/http accepts: 200 to 999.
 		resp := &Response{StatusCode: int(d.uvarint(999))}
-		if resp.StatusCode < 100 {
+		if resp.StatusCode < 200 {
 			d.fail("bad status")
 		}
 		resp.BodyOmitted = d.byte()&flagBodyOmitted != 0

@@ -1,7 +1,10 @@
 package idempotency_test
 
 import (
+	"bytes"
 	"context"
+	"encoding/binary"
+	"log/slog"
 	"net"
 	"net/http"
 	"strings"
@@ -155,17 +158,65 @@ func TestRedisWaitRoundTrips(t *testing.T) {
 	assert.Equal(t, int32(3), handler.calls.Load())
 }
 
-// TestRedisStoreCorruptRecord: a value under our key that is not a record
-// is a store failure (503), never a panic or a replay of garbage.
-func TestRedisStoreCorruptRecord(t *testing.T) {
-	mr, client := redistest.Miniredis(t)
-	store := newRedisStore(t, client)
-	h := newMiddleware(t, store).Handler(createVenue())
-	require.Equal(t, http.StatusCreated, serve(h, post("k", `{}`)).Code)
-	keys := recordKeys(mr)
-	require.Len(t, keys, 1)
-	require.NoError(t, mr.Set(keys[0], "\x01Cgarbage"))
-	requireProblem(t, serve(h, post("k", `{}`)), http.StatusServiceUnavailable)
+// TestRedisStoreUnreadableRecord: a value under the key that is not a
+// record this code can read gets a finite, documented answer: 500 naming
+// the record as unreadable, no Retry-After (retrying cannot help), the
+// handler not run, the key's hash in the log, the outcome counted; and an
+// operator removes it with Middleware.Remove, after which the request
+// runs afresh. Before issue 19 it answered 503 with Retry-After: 1 for as
+// long as the record lived, so clients retried forever; and a stored 101
+// was replayed as 101.
+func TestRedisStoreUnreadableRecord(t *testing.T) {
+	completed := func(status uint64) string {
+		b := []byte{0x01, 'C'}
+		for _, s := range []string{"tok", "fp"} {
+			b = binary.AppendUvarint(b, uint64(len(s)))
+			b = append(b, s...)
+		}
+		b = binary.AppendVarint(b, 0)       // createdAt
+		b = binary.AppendUvarint(b, status) // status
+		return string(append(b, 0, 0, 0))   // flags, no headers, empty body
+	}
+	for name, value := range map[string]string{
+		"garbage":     "\x01Cgarbage",
+		"version 9":   "\x09F\x03tok",
+		"status 101":  completed(101),
+		"status 0":    completed(0),
+		"status 1000": completed(1000),
+	} {
+		t.Run(name, func(t *testing.T) {
+			const key = "secret-key-7"
+			mr, client := redistest.Miniredis(t)
+			store := newRedisStore(t, client)
+			obs := &observed{}
+			var logs bytes.Buffer
+			handler := createVenue()
+			m := newMiddleware(t, store, idempotency.WithObserver(obs.observe),
+				idempotency.WithLogger(slog.New(slog.NewTextHandler(&logs, nil))))
+			h := m.Handler(handler)
+			require.Equal(t, http.StatusCreated, serve(h, post(key, `{}`)).Code)
+			keys := recordKeys(mr)
+			require.Len(t, keys, 1)
+			require.NoError(t, mr.Set(keys[0], value))
+
+			for range 2 {
+				w := serve(h, post(key, `{}`))
+				p := requireProblem(t, w, http.StatusInternalServerError)
+				assert.Contains(t, p.Type, "#ErrRecordUnreadable")
+				assert.Empty(t, w.Header().Get("Retry-After"), "retrying cannot help")
+			}
+			assert.Equal(t, idempotency.OutcomeUnreadable, obs.last().Outcome)
+			assert.ErrorIs(t, obs.last().Err, idempotency.ErrRecordUnreadable)
+			assert.Contains(t, logs.String(), "key_hash=", "the log names the record by its key's hash")
+			assert.NotContains(t, logs.String(), key, "and never by the key")
+			assert.Equal(t, int32(1), handler.calls.Load(), "nothing ran")
+
+			require.NoError(t, m.Remove(context.Background(), "", key))
+			w := serve(h, post(key, `{}`))
+			assert.Equal(t, http.StatusCreated, w.Code, "removed, the key runs afresh: %s", w.Body)
+			assert.Equal(t, int32(2), handler.calls.Load())
+		})
+	}
 }
 
 // TestRedisKeysOnTheWire: client keys never appear in Redis key names.

@@ -267,6 +267,25 @@ func (h *WebhookHandler) Event(ctx context.Context, eventID string) (WebhookEven
 	return ev, nil
 }
 
+// Remove deletes what the store keeps of the event eventID, whatever its
+// state: the operator's way out of a record that cannot be read
+// ([ErrRecordUnreadable]), which makes every delivery of the event fail
+// with 500 until it ends. The next delivery then processes the event. The
+// error wraps [errors.ErrUnsupported] when the store cannot remove
+// records ([Remover]).
+func (h *WebhookHandler) Remove(ctx context.Context, eventID string) error {
+	remover, ok := findStore[Remover](h.engine.store)
+	if !ok {
+		return fmt.Errorf("idempotency: %T cannot remove records: %w", h.engine.store, errors.ErrUnsupported)
+	}
+	callCtx, cancel := h.engine.bound(ctx)
+	defer cancel()
+	if err := remover.Remove(callCtx, recordKey(webhookRecordKind, h.s.webhookScope, eventID)); err != nil {
+		return fmt.Errorf("%w: removing a record: %w", ErrStoreUnavailable, err)
+	}
+	return nil
+}
+
 // Handle is the core of the handler, for deliveries that do not arrive as
 // an [http.Request] (a queue, a serverless runtime): it verifies payload
 // against signatureHeader, the value of the Stripe-Signature header,
@@ -308,6 +327,10 @@ func (h *WebhookHandler) handle(ctx context.Context, rep *Report, payload []byte
 	got, err := h.engine.acquire(ctx, key, Record{Token: token, CreatedAt: created})
 	existing := got.existing
 	switch {
+	case errors.Is(err, ErrRecordUnreadable):
+		rep.Err = err
+		h.log(ctx, slog.LevelError, "idempotency: the event's record is unreadable; remove it with WebhookHandler.Remove", rep, event.Type)
+		return OutcomeUnreadable, h.finish(ctx, rep, OutcomeUnreadable, err)
 	case err != nil:
 		rep.Err = err
 		h.log(ctx, slog.LevelWarn, "idempotency: webhook store failed, delivery refused", rep, event.Type)

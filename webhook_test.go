@@ -1037,3 +1037,31 @@ func FuzzWebhookHandle(f *testing.F) {
 		}
 	})
 }
+
+// TestWebhookUnreadableRecord: an event whose record cannot be read gets
+// 500 on every delivery, runs nothing, and is processed again once an
+// operator removes the record.
+func TestWebhookUnreadableRecord(t *testing.T) {
+	mr, client := redistest.Miniredis(t)
+	store := newRedisStore(t, client)
+	var calls atomic.Int64
+	obs := &observed{}
+	h := whNew(t, store, func(ctx context.Context, ev stripe.Event) error {
+		calls.Add(1)
+		return nil
+	}, idempotency.WithObserver(obs.observe))
+	payload := whEvent("evt_unreadable")
+	whAssertReceived(t, serve(h, whRequest(payload, whSecret)), false)
+	keys := recordKeys(mr)
+	require.Len(t, keys, 1)
+	require.NoError(t, mr.Set(keys[0], "\x01Cgarbage"))
+
+	p := whAssertProblem(t, serve(h, whRequest(payload, whSecret)), http.StatusInternalServerError)
+	assert.Contains(t, p.Type, "#ErrRecordUnreadable")
+	assert.Equal(t, idempotency.OutcomeUnreadable, obs.last().Outcome)
+	assert.EqualValues(t, 1, calls.Load())
+
+	require.NoError(t, h.Remove(context.Background(), "evt_unreadable"))
+	whAssertReceived(t, serve(h, whRequest(payload, whSecret)), false)
+	assert.EqualValues(t, 2, calls.Load())
+}

@@ -425,6 +425,7 @@ var reportErrors = [...]struct {
 	{idempotency.ErrLeaseLost, "lease_lost"},
 	{idempotency.ErrShutdown, "shutdown"},
 	{idempotency.ErrStoreUnavailable, "store_unavailable"},
+	{idempotency.ErrRecordUnreadable, "record_unreadable"},
 	{idempotency.ErrKeyMissing, "key_missing"},
 	{idempotency.ErrKeyInvalid, "key_invalid"},
 	{idempotency.ErrBodyTooLarge, "body_too_large"},

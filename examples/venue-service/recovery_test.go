@@ -31,6 +31,7 @@ func TestResumesAfterCrash(t *testing.T) {
 				req, err := http.NewRequest(http.MethodPost, p.url+"/venues", strings.NewReader(body))
 				require.NoError(t, err)
 				req.Header.Set("Authorization", "Bearer dev-key-a")
+				req.Header.Set("Content-Type", "application/json") // as createVenue's retries send it
 				req.Header.Set("Idempotency-Key", key)
 				resp, err := http.DefaultClient.Do(req)
 				if err == nil {
