@@ -86,6 +86,12 @@ var (
 	ErrWebhookNotRecorded error = newKind(http.StatusOK, "webhook processed but not recorded", "ErrWebhookNotRecorded", "Webhook processed")
 )
 
+// ErrNoClaim: [StripeKey] was called with a context that
+// belongs to no idempotent request or webhook event, so there is nothing
+// durable to derive a key from. Use [StripeKeyFrom] with explicit parts
+// outside requests.
+var ErrNoClaim = errors.New("idempotency: no idempotent request in context")
+
 // kind is the type of every sentinel above: its status and problem text
 // travel with it, so the mapping holds whatever wraps the error and in
 // whatever order the sentinels are declared.

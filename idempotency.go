@@ -37,11 +37,13 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
 	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -116,67 +118,6 @@ type Report struct {
 	// failed attempts the store has recorded for the event, this one
 	// included; 0 when the store keeps no history ([FailureRecorder]).
 	Attempts int
-}
-
-// Claim identifies the idempotent work being served. Handlers wrapped by the
-// middleware, and webhook functions, find it in their context with
-// [ClaimFromContext].
-type Claim struct {
-	// Kind tells what is being served: "http" for the middleware,
-	// "stripe-webhook" for the webhook helper.
-	Kind        string
-	Scope       string
-	Key         string
-	Fingerprint string
-
-	// Fence is the claim's fencing token: it grows with every new owner of
-	// the key, in every store, so a downstream write guarded by it (a
-	// version column, UPDATE ... WHERE fence < $1) rejects an owner whose
-	// lease lapsed while it still ran.
-	Fence uint64
-
-	// RecoveryPoint and RecoveryData are the last recovery point recorded
-	// with [Claim.Checkpoint] by an earlier attempt at this key and request
-	// that did not finish (it crashed, lost its lease or failed): the work
-	// resumes after it. Empty for a fresh start.
-	RecoveryPoint string
-	RecoveryData  []byte
-
-	created time.Time
-	attempt *attempt // nil for a Claim that no attempt runs
-}
-
-// Keep decides, for the response of the attempt this claim belongs to, what
-// is stored: ttl > 0 keeps it for ttl instead of [WithTTL], whatever its
-// status (the handler's word wins over [WithRetryableStatus]); ttl <= 0
-// stores nothing and frees the key, as a 5xx does, so a retry (or a
-// waiting duplicate, see [WithWait]) runs the handler again. A response
-// that cannot be replayed (1xx, a handler cut short) is never stored. The
-// last call before the handler returns counts; calls after it, and on a
-// Claim no attempt runs, do nothing. Safe for concurrent use. For a
-// webhook function, ttl <= 0 leaves the event unrecorded, so a later
-// delivery processes it again.
-func (c Claim) Keep(ttl time.Duration) {
-	if c.attempt == nil {
-		return
-	}
-	if ttl <= 0 {
-		c.attempt.keep.Store(keepNothing)
-		return
-	}
-	c.attempt.keep.Store(int64(ttl))
-}
-
-type claimContextKey struct{}
-
-// ClaimFromContext returns the claim of the idempotent request or webhook
-// event that ctx belongs to.
-func ClaimFromContext(ctx context.Context) (Claim, bool) {
-	c, ok := ctx.Value(claimContextKey{}).(*Claim)
-	if !ok {
-		return Claim{}, false
-	}
-	return *c, true
 }
 
 // recordKey names a claim's record in a [Store].
@@ -843,3 +784,77 @@ func (rec *recorder) statusOr200() int {
 func (rec *recorder) response() *Record {
 	return newCompletion(Response{StatusCode: rec.status, Header: rec.header, Body: rec.body, BodyOmitted: rec.omitted})
 }
+
+// Request bodies are read into pooled buffers: a body is needed only
+// until the handler returns (net/http forbids reading it after), so the
+// same few buffers serve every request.
+var bufferPool = sync.Pool{New: func() any { b := make([]byte, 0, 4<<10); return &b }}
+
+// maxPooledBuffer keeps rare large bodies from pinning memory in the pool.
+const maxPooledBuffer = 64 << 10
+
+func getBuffer() *[]byte { return bufferPool.Get().(*[]byte) }
+
+func putBuffer(b *[]byte) {
+	if cap(*b) <= maxPooledBuffer {
+		*b = (*b)[:0]
+		bufferPool.Put(b)
+	}
+}
+
+// readBody reads the whole request body into buf, up to limit bytes, and
+// returns buf.
+func readBody(r *http.Request, limit int64, buf *[]byte) (*[]byte, error) {
+	b := (*buf)[:0]
+	if r.Body == nil || r.Body == http.NoBody {
+		*buf = b
+		return buf, nil
+	}
+	if r.ContentLength > limit {
+		return nil, newRequestError(ErrBodyTooLarge, fmt.Sprintf("%d bytes, limit %d", r.ContentLength, limit))
+	}
+	if want := r.ContentLength + 1; want > 1 && int64(cap(b)) < want { // +1: room to read the EOF
+		b = make([]byte, 0, want)
+	}
+	for {
+		if len(b) == cap(b) {
+			b = append(b, 0)[:len(b)]
+		}
+		n, err := r.Body.Read(b[len(b):cap(b)])
+		b = b[:len(b)+n]
+		if int64(len(b)) > limit {
+			return nil, newRequestError(ErrBodyTooLarge, fmt.Sprintf("limit %d bytes", limit))
+		}
+		if err == io.EOF {
+			*buf = b
+			return buf, nil
+		}
+		if err != nil {
+			return nil, fmt.Errorf("%w: %w", ErrBodyUnreadable, err)
+		}
+	}
+}
+
+// bodyReader gives the handler the body the middleware read.
+type bodyReader struct {
+	b   []byte
+	off int
+}
+
+func (r *bodyReader) Read(p []byte) (int, error) {
+	if r.off >= len(r.b) {
+		return 0, io.EOF
+	}
+	n := copy(p, r.b[r.off:])
+	r.off += n
+	return n, nil
+}
+
+// WriteTo lets io.Copy and io.ReadAll-like callers take the bytes at once.
+func (r *bodyReader) WriteTo(w io.Writer) (int64, error) {
+	n, err := w.Write(r.b[r.off:])
+	r.off += n
+	return int64(n), err
+}
+
+func (r *bodyReader) Close() error { return nil }

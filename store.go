@@ -98,6 +98,42 @@ type Remover interface {
 	Remove(ctx context.Context, key string) error
 }
 
+// Checkpointer is implemented by stores that keep recovery points: named
+// checkpoints with a little data that an owner records as its work
+// progresses, so that after a crash the next attempt resumes from the last
+// one instead of starting over (Brandur Leach's "atomic phases"). Every
+// store of this module implements it.
+//
+// A recovery point outlives its owner. When the lease of a record that
+// holds one lapses, or its owner frees it ([Store.Release],
+// [FailureRecorder.Fail]), the record is suspended rather than deleted,
+// until ttl after the last checkpoint:
+//
+//   - [Store.Acquire] with the same fingerprint claims it as usual (a new
+//     owner, a greater fence) and the claim keeps the recovery point;
+//     Acquire then returns the fence together with the suspended record,
+//     which carries RecoveryPoint and RecoveryData (and no Token, no
+//     Response): a non-zero fence means claimed, whatever else is returned;
+//   - Acquire with another fingerprint claims nothing and returns the
+//     suspended record, so the middleware answers 422: the key is bound to
+//     work already partly done;
+//   - [Store.Complete] drops the recovery point with the in-flight state.
+type Checkpointer interface {
+	// Checkpoint records point and data as the recovery point of the
+	// in-flight record that token owns, replacing the one before, and keeps
+	// it at least ttl from now. It returns ErrLeaseLost, and changes
+	// nothing, when token does not own a live in-flight record under key.
+	// Repeating the call is harmless.
+	Checkpoint(ctx context.Context, key, token, point string, data []byte, ttl time.Duration) error
+}
+
+// Limits on what a recovery point holds: a name and a little data (an ID or
+// two), not a payload.
+const (
+	maxRecoveryPoint = 255
+	maxRecoveryData  = 64 << 10
+)
+
 // Record is what a [Store] keeps under one key.
 type Record struct {
 	// Token identifies the owner of an in-flight record. It is empty once

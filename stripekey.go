@@ -8,12 +8,6 @@ import (
 	"fmt"
 )
 
-// ErrNoClaim: [StripeKey] was called with a context that
-// belongs to no idempotent request or webhook event, so there is nothing
-// durable to derive a key from. Use [StripeKeyFrom] with explicit parts
-// outside requests.
-var ErrNoClaim = errors.New("idempotency: no idempotent request in context")
-
 // stripeKeyPrefix starts every derived key; the hex SHA-256 after it makes
 // keys 69 characters long, well within Stripe's 255.
 const stripeKeyPrefix = "idem_"
