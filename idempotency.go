@@ -428,7 +428,7 @@ func (a *httpAttempt) spill() error {
 	if err == nil {
 		return nil
 	}
-	a.cancel(err)
+	a.lease.Cancel(err)
 	a.rec.dropHeaders()
 	a.m.s.errorHandler(a.w, a.r, err)
 	a.rep.Status = StatusCode(err)
