@@ -108,7 +108,7 @@ func (in *Inbox) storeEvents(ctx context.Context, events []stripe.Event) (int, e
 	ctx, cancel := context.WithTimeout(ctx, in.c.timeout)
 	defer cancel()
 	var stored int64
-	err := resend(ctx, func() error {
+	err := resend(ctx, in.pool, func() error {
 		tag, err := in.pool.Exec(ctx, in.sql.insertMany, ids, types, objects, created, payloads, in.c.retention.Milliseconds())
 		stored = tag.RowsAffected()
 		return err

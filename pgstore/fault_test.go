@@ -2,6 +2,7 @@ package pgstore_test
 
 import (
 	"context"
+	"fmt"
 	"net"
 	"net/http"
 	"strconv"
@@ -86,11 +87,35 @@ func proxied(t *testing.T, maxConns int32) (through, direct *pgxpool.Pool, proxy
 	return through, direct, proxy
 }
 
-// TestFaultBackendTerminated: while the handler runs (its lease renewed
-// every 100 ms), the server terminates every backend of the store's pool
-// (pg_terminate_backend), twice. The renewals and the completion find
-// their connections dead, are sent again on new ones, and the response is
-// stored: 201, one execution, the retry replays.
+// renewalStore reports, for each lease renewal that succeeded, how many
+// kills had happened when it was sent.
+type renewalStore struct {
+	idempotency.Store
+	kills   *atomic.Int64
+	renewed chan int64
+}
+
+func (s renewalStore) Unwrap() idempotency.Store { return s.Store }
+
+func (s renewalStore) Extend(ctx context.Context, key, token string, lease time.Duration) error {
+	kills := s.kills.Load()
+	err := s.Store.Extend(ctx, key, token, lease)
+	if err == nil {
+		select {
+		case s.renewed <- kills:
+		default:
+		}
+	}
+	return err
+}
+
+// TestFaultBackendTerminated: while the handler runs, its lease renewed,
+// the server terminates every backend of the store's pool
+// (pg_terminate_backend), twice. The renewal after the first kill and the
+// completion after the second find their connections dead, are sent again
+// on new ones, and the response is stored: 201, one execution, the retry
+// replays. The handler waits for renewals, not for a duration; the lease
+// is long enough that a loaded machine's stalls do not end it.
 func TestFaultBackendTerminated(t *testing.T) {
 	cfg := pgtest.Config(t)
 	app := cfg.ConnConfig.RuntimeParams["application_name"]
@@ -101,28 +126,47 @@ func TestFaultBackendTerminated(t *testing.T) {
 	require.NoError(t, err)
 	defer killer.Close(context.Background())
 
-	var killed atomic.Int64
+	var kills, terminated atomic.Int64
 	kill := func() {
 		var n int64
 		require.NoError(t, killer.QueryRow(context.Background(),
 			`SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1`, app).Scan(&n))
-		killed.Add(n)
+		terminated.Add(n)
+		kills.Add(1)
+	}
+	renewed := make(chan int64, 100)
+	// renewal waits for a renewal sent after kill number after succeeded.
+	renewal := func(after int64) {
+		timeout := time.After(10 * time.Second)
+		for {
+			select {
+			case k := <-renewed:
+				if k >= after {
+					return
+				}
+			case <-timeout:
+				t.Errorf("no renewal sent after kill %d succeeded", after)
+				return
+			}
+		}
 	}
 	handler := &counted{hold: func() {
-		time.Sleep(250 * time.Millisecond) // renewals run
+		renewal(0)
 		kill()
-		time.Sleep(250 * time.Millisecond)
-		kill()
+		renewal(1) // on a new connection
+		kill()     // before the completion
 	}}
 	obs := newObserved()
-	h := newMiddleware(t, newStore(t, pool), idempotency.WithLease(300*time.Millisecond),
-		idempotency.WithObserver(obs.observe)).Handler(handler)
+	store := renewalStore{Store: newStore(t, pool), kills: &kills, renewed: renewed}
+	h := newMiddleware(t, store, idempotency.WithLease(2*time.Second), idempotency.WithObserver(obs.observe)).Handler(handler)
 
+	conns := pool.Stat().NewConnsCount()
 	w := serve(h, post("k", `{}`))
 	require.Equal(t, http.StatusCreated, w.Code, "body: %s", w.Body)
 	assert.Equal(t, idempotency.OutcomeExecuted, obs.last(t), "the response was stored")
-	assert.Positive(t, killed.Load(), "backends were terminated")
-	t.Logf("%d backends terminated while the handler ran", killed.Load())
+	assert.Positive(t, terminated.Load(), "backends were terminated")
+	assert.GreaterOrEqual(t, pool.Stat().NewConnsCount()-conns, int64(2), "the renewal and the completion went on new connections")
+	t.Logf("%d backends terminated while the handler ran", terminated.Load())
 
 	handler.hold = nil
 	kill() // and once more before the retry
@@ -241,4 +285,90 @@ func TestFaultPoolExhausted(t *testing.T) {
 	require.Equal(t, http.StatusCreated, w.Code, "nothing was claimed: %s", w.Body)
 	assert.Equal(t, int32(2), handler.calls.Load())
 	assert.Equal(t, 2, count(t, pool, "SELECT count(*) FROM idempotency_keys"))
+}
+
+// TestFaultAllBackendsTerminated: the pool holds its 4 connections idle
+// and the server terminates every one of them before each call, so the
+// pool hands out 4 dead connections in a row before it dials a new one.
+// Each call (claim, renewal, completion, read, removal, release) reaches a
+// live connection within the store timeout, 10 times over.
+func TestFaultAllBackendsTerminated(t *testing.T) {
+	cfg := pgtest.Config(t)
+	pool := pgtest.Pool(t, cfg)
+	const conns = 4
+	require.EqualValues(t, conns, pool.Stat().MaxConns())
+	killer, err := pgx.ConnectConfig(context.Background(), cfg.ConnConfig.Copy())
+	require.NoError(t, err)
+	defer killer.Close(context.Background())
+	store := newStore(t, pool)
+
+	// killAll fills the pool with idle connections, has the server
+	// terminate each, and waits until their backends are gone.
+	killAll := func() {
+		t.Helper()
+		ctx := context.Background()
+		held := make([]*pgxpool.Conn, conns)
+		pids := make([]uint32, conns)
+		for i := range held {
+			c, err := pool.Acquire(ctx)
+			require.NoError(t, err)
+			held[i], pids[i] = c, c.Conn().PgConn().PID()
+		}
+		for _, c := range held {
+			c.Release()
+		}
+		require.EqualValues(t, conns, pool.Stat().IdleConns())
+		var terminated int
+		require.NoError(t, killer.QueryRow(ctx,
+			`SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM unnest($1::int[]) AS pid`, pids).Scan(&terminated))
+		require.Equal(t, conns, terminated)
+		for left := 1; left > 0; { // until the backends exited
+			require.NoError(t, killer.QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1::int[])`, pids).Scan(&left))
+		}
+	}
+	// call is a call's context: the middleware's default store timeout.
+	call := func() (context.Context, context.CancelFunc) {
+		return context.WithTimeout(context.Background(), 3*time.Second)
+	}
+
+	for i := range 10 {
+		key, other := fmt.Sprintf("k%d", i), fmt.Sprintf("other%d", i)
+		claim := idempotency.Record{Token: "t" + key, Fingerprint: "fp", CreatedAt: time.Now()}
+		rec := &idempotency.Record{Fingerprint: claim.Fingerprint, CreatedAt: claim.CreatedAt,
+			Response: &idempotency.Response{StatusCode: http.StatusCreated, Body: []byte(key)}}
+		steps := []struct {
+			name string
+			run  func(ctx context.Context) error
+		}{
+			{"acquire", func(ctx context.Context) error {
+				fence, existing, err := store.Acquire(ctx, key, claim, time.Minute)
+				if err == nil && (fence == 0 || existing != nil) {
+					err = fmt.Errorf("not claimed: fence %d, existing %+v", fence, existing)
+				}
+				return err
+			}},
+			{"extend", func(ctx context.Context) error { return store.Extend(ctx, key, claim.Token, time.Minute) }},
+			{"complete", func(ctx context.Context) error { return store.Complete(ctx, key, claim.Token, rec, time.Hour) }},
+			{"get", func(ctx context.Context) error {
+				got, err := store.Get(ctx, key)
+				if err == nil && (got == nil || got.Response == nil || string(got.Response.Body) != key) {
+					err = fmt.Errorf("not the stored record: %+v", got)
+				}
+				return err
+			}},
+			{"remove", func(ctx context.Context) error { return store.Remove(ctx, key) }},
+			{"acquire another key", func(ctx context.Context) error {
+				_, _, err := store.Acquire(ctx, other, claim, time.Minute)
+				return err
+			}},
+			{"release", func(ctx context.Context) error { return store.Release(ctx, other, claim.Token) }},
+		}
+		for _, step := range steps {
+			killAll()
+			ctx, cancel := call()
+			err := step.run(ctx)
+			cancel()
+			require.NoError(t, err, "round %d: %s", i, step.name)
+		}
+	}
 }

@@ -2,8 +2,10 @@ package pgstore
 
 import (
 	"encoding/binary"
-	"errors"
+	"fmt"
 	"net/http"
+
+	"github.com/seed70ea8305/idempotency"
 )
 
 // The response header is stored in a bytea column, since header values may
@@ -16,7 +18,9 @@ import (
 // header is stored as NULL.
 const headerVersion = 0x01
 
-var errCorruptHeader = errors.New("pgstore: stored response header is corrupt")
+// errCorruptHeader: the stored header does not decode, so neither does
+// its record.
+var errCorruptHeader = fmt.Errorf("%w: stored response header is corrupt", idempotency.ErrRecordUnreadable)
 
 // encodeHeader returns h encoded, or nil when h is empty.
 func encodeHeader(h http.Header) []byte {

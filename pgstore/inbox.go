@@ -252,7 +252,7 @@ func (in *Inbox) Receive(ctx context.Context, payload []byte, signatureHeader st
 	ctx, cancel := context.WithTimeout(ctx, in.c.timeout)
 	defer cancel()
 	var n int64
-	err = resend(ctx, func() error {
+	err = resend(ctx, in.pool, func() error {
 		tag, err := in.pool.Exec(ctx, in.sql.insert, event.ID, string(event.Type), objectID(event), event.Created, payload, in.c.retention.Milliseconds())
 		n = tag.RowsAffected()
 		return err
@@ -351,18 +351,6 @@ func (in *Inbox) DeleteExpired(ctx context.Context, batch int) (deleted int, err
 		deleted += n
 		if n < batch {
 			return deleted, nil
-		}
-	}
-}
-
-// resend runs op, and again on another connection while it failed
-// because its connection broke and ctx has time left; op must be safe to
-// repeat.
-func resend(ctx context.Context, op func() error) error {
-	for resends := 0; ; resends++ {
-		err := op()
-		if err == nil || resends == maxResends || ctx.Err() != nil || !brokenConnection(err) {
-			return err
 		}
 	}
 }

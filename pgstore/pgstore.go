@@ -68,14 +68,25 @@
 // middleware answered 503. Each statement waits at most [WithLockTimeout]
 // for a row lock. A statement whose connection broke (the server
 // terminated the backend, a reset) is sent again on another connection,
-// up to three more times within the deadline: every statement is safe to
+// as often as it takes to reach a live one before the call's deadline (a
+// call without one: for 5 s), never after it: every statement is safe to
 // repeat (a repeated claim finds the caller's own claim and counts as
-// acquired; a repeated completion or failure finds its own outcome).
+// acquired; a repeated completion or failure finds its own outcome). The
+// pool may hold many idle connections that a restart killed, each found
+// dead only when used and then dropped; those re-sends go at once, until
+// the pool dials a new connection. When a new connection cannot be made
+// (the server is down or starting), re-sends wait a little longer each
+// time, up to 100 ms.
 //
-// Every error other than [idempotency.ErrLeaseLost] — a lock timeout
-// (SQLSTATE 55P03), a statement_timeout or cancellation (57014), a pool
-// that had no free connection before the deadline, a connection that could
-// not be made — is a store failure, which the middleware wraps in
+// A live record that cannot be decoded (a stored status outside 200 to
+// 999, a corrupt header, a row no version of the store writes) makes
+// [Store.Acquire] and [Store.Get] return an error wrapping
+// [idempotency.ErrRecordUnreadable], which the middleware answers with
+// 500: retrying changes nothing. [Store.Remove] deletes it. Every other
+// error except [idempotency.ErrLeaseLost] — a lock timeout (SQLSTATE
+// 55P03), a statement_timeout or cancellation (57014), a pool that had no
+// free connection before the deadline, a connection that could not be
+// made — is a store failure, which the middleware wraps in
 // [idempotency.ErrStoreUnavailable] and answers with 503 and Retry-After
 // (or runs the handler unprotected under [idempotency.WithFailOpen]).
 //
@@ -116,8 +127,9 @@
 // then the last phase. Until the retry comes, the key is bound to that
 // request: another request under it gets 422. The store implements
 // [idempotency.Checkpointer] ([Store.Checkpoint], a recovery point on its
-// own, which [idempotency.Claim.Checkpoint] calls) and
-// [idempotency.Reader] ([Store.Get]).
+// own, which [idempotency.Claim.Checkpoint] calls),
+// [idempotency.Reader] ([Store.Get]) and [idempotency.Remover]
+// ([Store.Remove]).
 //
 // # Webhook inbox
 //
@@ -148,25 +160,23 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
-	"net"
 	"strconv"
 	"strings"
 	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/seed70ea8305/idempotency"
 )
 
 // Store is an [idempotency.Store] and [idempotency.FailureRecorder] in
-// PostgreSQL. See the package documentation for the protocol and how it
-// fails. It is safe for concurrent use; the zero value is not usable,
-// create one with [New].
+// PostgreSQL, also an [idempotency.Checkpointer], [idempotency.Reader]
+// and [idempotency.Remover]. See the package documentation for the
+// protocol and how it fails. It is safe for concurrent use; the zero
+// value is not usable, create one with [New].
 type Store struct {
 	pool        *pgxpool.Pool
 	lockTimeout time.Duration
@@ -184,6 +194,7 @@ var (
 	_ idempotency.FailureRecorder = (*Store)(nil)
 	_ idempotency.Checkpointer    = (*Store)(nil)
 	_ idempotency.Reader          = (*Store)(nil)
+	_ idempotency.Remover         = (*Store)(nil)
 )
 
 // New returns a Store on the tables that [Migrate] created (with the same
@@ -206,7 +217,7 @@ func New(pool *pgxpool.Pool, opts ...Option) (*Store, error) {
 type statements struct {
 	acquire, extend, complete, release, fail, failures string
 	releaseByFence, checkpoint, checkpointByFence      string
-	holds, get                                         string
+	holds, get, remove                                 string
 	deleteKeys, deleteFailures                         string
 }
 
@@ -423,6 +434,16 @@ SELECT e.status, e.token, e.fingerprint, e.created_at,
 FROM %[1]s AS e, (SELECT clock_timestamp() AS now) AS t
 WHERE e.key_hash = sha256($1::bytea) AND e.expires_at > t.now`),
 
+		// $1 key, $2 lock timeout. Deletes the key's row, whatever its
+		// state (its recovery point goes with it), and its failures.
+		remove: sql(`
+WITH cfg AS MATERIALIZED (
+    SELECT set_config('lock_timeout', $2::text, true) AS lock_timeout
+), keys AS (
+    DELETE FROM %[1]s AS k USING cfg WHERE k.key_hash = sha256($1::bytea)
+)
+DELETE FROM %[2]s AS f USING cfg WHERE f.key_hash = sha256($1::bytea)`),
+
 		// $1 batch size. Rows past their expiry: completed records past
 		// their TTL, claims whose lease lapsed, suspended records past
 		// their recovery point's TTL; never a live claim or a suspended
@@ -471,6 +492,9 @@ const maxAcquireRaces = 3
 // claim when the server's clock is past ctx's deadline. It repeats the
 // statement only when its connection broke, or when it lost a race with
 // a concurrent claim of the same key whose row its snapshot could not see.
+// A live record that cannot be decoded (a stored status outside 200 to
+// 999, a corrupt header) is an error wrapping
+// [idempotency.ErrRecordUnreadable]; [Store.Remove] deletes it.
 func (s *Store) Acquire(ctx context.Context, key string, claim idempotency.Record, lease time.Duration) (uint64, *idempotency.Record, error) {
 	switch {
 	case claim.Token == "":
@@ -513,73 +537,50 @@ func (s *Store) Acquire(ctx context.Context, key string, claim idempotency.Recor
 
 func (s *Store) acquireOnce(ctx context.Context, key string, claim *idempotency.Record, lease time.Duration, notAfter *time.Time) (uint64, *idempotency.Record, error) {
 	var (
-		fence, rowFence      *int64
-		point, rowPoint      *string
-		data, rowData        []byte
-		tooLate              bool
-		status               *string
-		token, fingerprint   []byte
-		created              *time.Time
-		respStatus           *int32
-		respHeader, respBody []byte
-		bodyOmitted          *bool
-		suspended            *bool
-		leaseLeft            *int64
+		fence   *int64
+		point   *string
+		data    []byte
+		tooLate bool
+		row     storedRow
 	)
 	err := s.pool.QueryRow(ctx, s.sql.acquire,
 		[]byte(key), []byte(claim.Token), []byte(claim.Fingerprint), claim.CreatedAt,
 		lease.Microseconds(), notAfter, s.lockTimeoutParam(ctx),
-	).Scan(&fence, &point, &data, &tooLate, &status, &token, &rowFence, &fingerprint, &created,
-		&respStatus, &respHeader, &respBody, &bodyOmitted, &suspended, &rowPoint, &rowData, &leaseLeft)
+	).Scan(&fence, &point, &data, &tooLate, &row.status, &row.token, &row.fence, &row.fingerprint, &row.created,
+		&row.respStatus, &row.respHeader, &row.respBody, &row.bodyOmitted, &row.suspended, &row.point, &row.data, &row.leaseLeft)
 	switch {
 	case err != nil:
 		return 0, nil, err
 	case fence != nil:
 		return uint64(*fence), resumed(claim.Fingerprint, point, data), nil
-	case status == nil && tooLate:
+	case row.status == nil && tooLate:
 		return 0, nil, errTooLate
-	case status == nil:
+	case row.status == nil:
 		return 0, nil, errRaced
 	}
-	rec := &idempotency.Record{Fingerprint: string(fingerprint)}
-	if created != nil {
-		rec.CreatedAt = *created
-	}
-	if *status == statusInFlight {
-		switch {
-		case *suspended && string(fingerprint) == claim.Fingerprint && tooLate:
-			return 0, nil, errTooLate
-		case *suspended && string(fingerprint) == claim.Fingerprint:
-			// The snapshot saw a suspended row this request could take
-			// over, but the row had changed by the time the INSERT locked
-			// it (another claim resumed it first).
-			return 0, nil, errRaced
-		case *suspended:
-			// Partly done work of another request: no owner, no lease.
-			if rowPoint != nil {
-				rec.RecoveryPoint, rec.RecoveryData = *rowPoint, rowData
-			}
-			return 0, rec, nil
-		case string(token) == claim.Token && rowFence != nil:
-			// Our own claim: this statement was sent again after the
-			// first one's reply was lost.
-			return uint64(*rowFence), resumed(claim.Fingerprint, rowPoint, rowData), nil
-		}
-		rec.Token = string(token)
-		if leaseLeft != nil {
-			// By the database's clock.
-			rec.LeaseLeft = max(time.Duration(*leaseLeft)*time.Microsecond, 0)
-		}
-		if rowPoint != nil {
-			rec.RecoveryPoint, rec.RecoveryData = *rowPoint, rowData
-		}
-		return 0, rec, nil
-	}
-	resp, err := response(respStatus, respHeader, respBody, bodyOmitted)
+	rec, err := row.record()
 	if err != nil {
 		return 0, nil, err
 	}
-	rec.Response = resp
+	if rec.Response != nil {
+		return 0, rec, nil
+	}
+	sameRequest := string(row.fingerprint) == claim.Fingerprint
+	switch {
+	case *row.suspended && sameRequest && tooLate:
+		return 0, nil, errTooLate
+	case *row.suspended && sameRequest:
+		// The snapshot saw a suspended row this request could take over,
+		// but the row had changed by the time the INSERT locked it
+		// (another claim resumed it first).
+		return 0, nil, errRaced
+	case !*row.suspended && rec.Token == claim.Token && row.fence != nil:
+		// Our own claim: this statement was sent again after the first
+		// one's reply was lost.
+		return uint64(*row.fence), resumed(claim.Fingerprint, row.point, row.data), nil
+	}
+	// Another request's claim, or partly done work of another request
+	// (suspended: no owner, no lease).
 	return 0, rec, nil
 }
 
@@ -592,23 +593,95 @@ func resumed(fingerprint string, point *string, data []byte) *idempotency.Record
 	return &idempotency.Record{Fingerprint: fingerprint, RecoveryPoint: *point, RecoveryData: data}
 }
 
-// response decodes a stored response's columns.
+// storedRow is a live row of idempotency_keys as Acquire and Get read it,
+// every column nullable: the row may have been written by hand or by
+// another version, and decoding it must fail, not panic.
+type storedRow struct {
+	status, point        *string
+	token, fingerprint   []byte
+	fence                *int64 // Acquire only
+	created              *time.Time
+	respStatus           *int32
+	respHeader, respBody []byte
+	bodyOmitted          *bool
+	suspended            *bool // in flight, lease lapsed
+	data                 []byte
+	leaseLeft            *int64 // µs, by the database's clock
+}
+
+// record decodes r. A row this store cannot have written is an error
+// wrapping [idempotency.ErrRecordUnreadable].
+func (r *storedRow) record() (*idempotency.Record, error) {
+	if r.status == nil {
+		return nil, unreadable("no state")
+	}
+	rec := &idempotency.Record{Fingerprint: string(r.fingerprint)}
+	if r.created != nil {
+		rec.CreatedAt = *r.created
+	}
+	switch *r.status {
+	case statusCompleted:
+		resp, err := response(r.respStatus, r.respHeader, r.respBody, r.bodyOmitted)
+		if err != nil {
+			return nil, err
+		}
+		rec.Response = resp
+		return rec, nil
+	case statusInFlight:
+	default:
+		return nil, unreadable("state %q", *r.status)
+	}
+	if r.suspended == nil {
+		return nil, unreadable("in flight without a lease")
+	}
+	if r.point != nil {
+		rec.RecoveryPoint, rec.RecoveryData = *r.point, r.data
+	}
+	if *r.suspended {
+		return rec, nil
+	}
+	if len(r.token) == 0 {
+		return nil, unreadable("in flight without an owner")
+	}
+	rec.Token = string(r.token)
+	if r.leaseLeft != nil {
+		rec.LeaseLeft = max(time.Duration(*r.leaseLeft)*time.Microsecond, 0)
+	}
+	return rec, nil
+}
+
+// response decodes a stored response's columns. Only a status the
+// middleware or the webhook helper stores is valid (200 to 999; 1xx are
+// never stored): replaying another would make the middleware's
+// WriteHeader panic, or send an interim response as the final one.
 func response(status *int32, header, body []byte, bodyOmitted *bool) (*idempotency.Response, error) {
+	switch {
+	case status == nil:
+		return nil, unreadable("completed without a status")
+	case *status < 200 || *status > 999:
+		return nil, unreadable("status %d is not from 200 to 999", *status)
+	}
 	h, err := decodeHeader(header)
 	if err != nil {
 		return nil, err
 	}
-	resp := &idempotency.Response{Header: h, Body: body}
-	if status != nil {
-		resp.StatusCode = int(*status)
-	}
+	resp := &idempotency.Response{StatusCode: int(*status), Header: h, Body: body}
 	if bodyOmitted != nil {
 		resp.BodyOmitted = *bodyOmitted
 	}
 	return resp, nil
 }
 
-const statusInFlight = "in_flight"
+// unreadable returns an error wrapping [idempotency.ErrRecordUnreadable]
+// that says what is wrong with the stored record.
+func unreadable(format string, args ...any) error {
+	return fmt.Errorf("%w: "+format, append([]any{idempotency.ErrRecordUnreadable}, args...)...)
+}
+
+const (
+	statusInFlight  = "in_flight"
+	statusCompleted = "completed"
+)
 
 // Extend implements [idempotency.Store] in one statement.
 func (s *Store) Extend(ctx context.Context, key, token string, lease time.Duration) error {
@@ -713,6 +786,23 @@ func (s *Store) Failures(ctx context.Context, key string) (int, string, error) {
 	return int(attempts), reason, nil
 }
 
+// Remove implements [idempotency.Remover] in one statement: it deletes
+// the record under key in any state, with its recovery point and its
+// failure history; a key with nothing under it is no error. A claim in
+// flight loses its key: its later calls return [idempotency.ErrLeaseLost],
+// and a transaction it has open ([Store.Tx]) is rolled back at its
+// completion.
+func (s *Store) Remove(ctx context.Context, key string) error {
+	err := s.retry(ctx, func() error {
+		_, err := s.pool.Exec(ctx, s.sql.remove, []byte(key), s.lockTimeoutParam(ctx))
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("pgstore: remove: %w", err)
+	}
+	return nil
+}
+
 // owned runs an owner-checked write, which reports whether it matched a
 // row, and turns no match into ErrLeaseLost.
 func (s *Store) owned(ctx context.Context, op, token string, write func() (matched bool, err error)) error {
@@ -734,39 +824,11 @@ func (s *Store) owned(ctx context.Context, op, token string, write func() (match
 	return nil
 }
 
-// maxResends bounds how often a statement is sent again after its
-// connection broke: a pool may hold several connections that a restart or
-// pg_terminate_backend closed, each found broken only when used.
-const maxResends = 3
-
-// retry runs op, and again, on another connection, while it failed because
-// its connection broke and ctx has time left. Every statement of the store
-// is safe to repeat.
+// retry runs op, and again on another connection while it failed because
+// its connection broke, until ctx's deadline ([resend]). Every statement
+// of the store is safe to repeat.
 func (s *Store) retry(ctx context.Context, op func() error) error {
-	for resends := 0; ; resends++ {
-		err := op()
-		if err == nil || resends == maxResends || ctx.Err() != nil || !brokenConnection(err) {
-			return err
-		}
-	}
-}
-
-// brokenConnection reports whether err says the connection failed rather
-// than the statement: the statement may or may not have run.
-func brokenConnection(err error) bool {
-	var pgErr *pgconn.PgError
-	if errors.As(err, &pgErr) {
-		// FATAL: the server ends the session (57P01 after
-		// pg_terminate_backend or a fast shutdown); class 08: connection
-		// exceptions.
-		return pgErr.Severity == "FATAL" || strings.HasPrefix(pgErr.Code, "08")
-	}
-	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) || pgconn.Timeout(err) {
-		return false
-	}
-	var netErr net.Error
-	return pgconn.SafeToRetry(err) || errors.As(err, &netErr) ||
-		errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF)
+	return resend(ctx, s.pool, op)
 }
 
 // lockTimeoutParam is the lock_timeout for a statement run under ctx, in

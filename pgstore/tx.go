@@ -199,19 +199,20 @@ func (s *Store) open(ctx context.Context, t *claimTx) error {
 	}
 	t.tx, t.handle = tx, &heldTx{Tx: tx, t: t}
 	t.done = make(chan struct{})
-	t.stop = context.AfterFunc(ctx, func() { s.watch(t) })
+	t.stop = context.AfterFunc(ctx, func() { s.watch(context.WithoutCancel(ctx), t) })
 	return nil
 }
 
-// watch runs once the handler's context ended: unless the claim's
-// transaction leaves the registry within orphanGrace, it revokes it.
-func (s *Store) watch(t *claimTx) {
+// watch runs once the handler's context ended (ctx keeps its values):
+// unless the claim's transaction leaves the registry within orphanGrace,
+// it revokes it.
+func (s *Store) watch(ctx context.Context, t *claimTx) {
 	timer := time.NewTimer(s.orphanGrace)
 	defer timer.Stop()
 	select {
 	case <-t.done:
 	case <-timer.C:
-		s.revoke(t)
+		s.revoke(ctx, t)
 	}
 }
 
@@ -220,7 +221,7 @@ func (s *Store) watch(t *claimTx) {
 // recovery point), so that no Complete can store the response without the
 // transaction's writes; a Complete waiting for t meanwhile fails with
 // ErrLeaseLost.
-func (s *Store) revoke(t *claimTx) {
+func (s *Store) revoke(ctx context.Context, t *claimTx) {
 	s.txMu.Lock()
 	registered := s.txs[t.fence] == t
 	s.txMu.Unlock()
@@ -237,7 +238,7 @@ func (s *Store) revoke(t *claimTx) {
 	default:
 		return
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), s.lockTimeout+5*time.Second)
+	ctx, cancel := context.WithTimeout(ctx, s.lockTimeout+5*time.Second)
 	defer cancel()
 	var n int64
 	err := s.retry(ctx, func() error {
@@ -479,22 +480,14 @@ func (phaseTx) Rollback(context.Context) error { return errPhaseEnds }
 
 // Get implements [idempotency.Reader] in one statement: the live record
 // under key (completed, in flight with its owner's token and lease left,
-// or suspended with its recovery point and no token), or nil.
+// or suspended with its recovery point and no token), or nil. A record
+// that cannot be decoded is an error wrapping
+// [idempotency.ErrRecordUnreadable].
 func (s *Store) Get(ctx context.Context, key string) (*idempotency.Record, error) {
-	var (
-		status, point        *string
-		token, fingerprint   []byte
-		created              time.Time
-		respStatus           *int32
-		respHeader, respBody []byte
-		bodyOmitted          *bool
-		suspended            *bool
-		data                 []byte
-		leaseLeft            *int64
-	)
+	var row storedRow
 	err := s.retry(ctx, func() error {
-		return s.pool.QueryRow(ctx, s.sql.get, []byte(key)).Scan(&status, &token, &fingerprint, &created,
-			&respStatus, &respHeader, &respBody, &bodyOmitted, &suspended, &point, &data, &leaseLeft)
+		return s.pool.QueryRow(ctx, s.sql.get, []byte(key)).Scan(&row.status, &row.token, &row.fingerprint, &row.created,
+			&row.respStatus, &row.respHeader, &row.respBody, &row.bodyOmitted, &row.suspended, &row.point, &row.data, &row.leaseLeft)
 	})
 	switch {
 	case errors.Is(err, pgx.ErrNoRows):
@@ -502,21 +495,9 @@ func (s *Store) Get(ctx context.Context, key string) (*idempotency.Record, error
 	case err != nil:
 		return nil, fmt.Errorf("pgstore: get: %w", err)
 	}
-	rec := &idempotency.Record{Fingerprint: string(fingerprint), CreatedAt: created}
-	if *status != statusInFlight {
-		if rec.Response, err = response(respStatus, respHeader, respBody, bodyOmitted); err != nil {
-			return nil, fmt.Errorf("pgstore: get: %w", err)
-		}
-		return rec, nil
-	}
-	if point != nil {
-		rec.RecoveryPoint, rec.RecoveryData = *point, data
-	}
-	if suspended == nil || !*suspended {
-		rec.Token = string(token)
-		if leaseLeft != nil {
-			rec.LeaseLeft = max(time.Duration(*leaseLeft)*time.Microsecond, 0)
-		}
+	rec, err := row.record()
+	if err != nil {
+		return nil, fmt.Errorf("pgstore: get: %w", err)
 	}
 	return rec, nil
 }

@@ -309,7 +309,7 @@ func (w *Worker) claim(ctx context.Context, n int) ([]claimed, error) {
 	defer cancel()
 	token := rand.Text()
 	var out []claimed
-	err := resend(ctx, func() error {
+	err := resend(ctx, w.pool, func() error {
 		rows, err := w.pool.Query(ctx, w.sql.claim, n, token, w.c.lease.Milliseconds())
 		if err != nil {
 			return err
@@ -367,7 +367,7 @@ func (w *Worker) process(ctx context.Context, c claimed) {
 	default:
 		backoff := w.backoff(c.attempt)
 		var status string
-		e := resend(rec, func() error {
+		e := resend(rec, w.pool, func() error {
 			return w.pool.QueryRow(rec, w.sql.fail, c.id, c.token, w.c.maxAttempts, err.Error(), backoff.Milliseconds()).Scan(&status)
 		})
 		switch {
@@ -396,7 +396,7 @@ func (w *Worker) call(ctx context.Context, event stripe.Event) (err error) {
 // record runs an owner-checked write of an event's outcome.
 func (w *Worker) record(ctx context.Context, op, stmt string, c claimed, args ...any) {
 	var n int64
-	err := resend(ctx, func() error {
+	err := resend(ctx, w.pool, func() error {
 		tag, err := w.pool.Exec(ctx, stmt, append([]any{c.id, c.token}, args...)...)
 		n = tag.RowsAffected()
 		return err
