@@ -226,3 +226,25 @@ func TestStreamingPassesThrough(t *testing.T) {
 	assert.Equal(t, "part 1;part 2", w.Body.String())
 	assert.Equal(t, "part 1;part 2", serve(h, post("k", `{}`)).Body.String(), "and stored whole")
 }
+
+// releaseFails is a store whose Release always fails.
+type releaseFails struct{ idempotency.Store }
+
+func (s *releaseFails) Release(context.Context, string, string) error {
+	return errors.New("connection reset")
+}
+
+// TestOwnErrorSentWhenFreeingFails: a handler's own 503 is not a response
+// to store, so its client gets it even when freeing the key fails (before,
+// the held 503 became a 500 problem). Found by internal/lincheck.
+func TestOwnErrorSentWhenFreeingFails(t *testing.T) {
+	h := newMiddleware(t, &releaseFails{idempotency.NewMemoryStore()}).Handler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Retry-After", "7")
+		w.WriteHeader(http.StatusServiceUnavailable)
+		io.WriteString(w, "busy")
+	}))
+	w := serve(h, post("k", `{}`))
+	assert.Equal(t, http.StatusServiceUnavailable, w.Code)
+	assert.Equal(t, "busy", w.Body.String())
+	assert.Equal(t, "7", w.Header().Get("Retry-After"))
+}

@@ -441,8 +441,12 @@ func (a *httpAttempt) settled(outcome Outcome, err error) {
 		a.rep.Status = a.rec.status
 	}
 	if a.rec.held && a.returned {
-		switch outcome {
-		case OutcomeStoreError, OutcomeLeaseLost:
+		switch {
+		case !a.stored(a.rec.status):
+			// Not a response to store (a 5xx, a 429): the client may
+			// have it whether or not freeing the key worked.
+			a.rec.sendHeld()
+		case outcome == OutcomeStoreError || outcome == OutcomeLeaseLost:
 			// Not stored (nor, with a transaction, committed): the client
 			// must not take it for a success.
 			a.rec.dropHeaders()
