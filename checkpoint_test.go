@@ -91,21 +91,24 @@ func TestRecoveryPointResumesAfterFailure(t *testing.T) {
 func TestRecoveryPointAfterCrash(t *testing.T) {
 	mr, direct := redistest.Miniredis(t)
 	proxy := startProxy(t, mr.Addr())
-	const lease = 300 * time.Millisecond
+	// Miniredis' clock moves only when told to, so the lease lapses in
+	// Redis by FastForward below; in the cut-off instance it lapses by
+	// its own clock, after at most a lease. The store timeout leaves its
+	// calls before the cut, through the proxy, time on a busy machine.
+	const lease, storeTimeout = 2 * time.Second, time.Second
 	prefix := idempotency.WithRedisPrefix(redistest.Prefix(t))
-	cutOff, err := idempotency.NewRedisStore(redistest.ClientFor(t, proxy.Addr()), prefix)
+	cutOff, err := idempotency.NewRedisStore(faultClient(t, proxy.Addr(), faultReadTimeout), prefix)
 	require.NoError(t, err)
 	healthy, err := idempotency.NewRedisStore(direct, prefix)
 	require.NoError(t, err)
 
 	var created atomic.Int32
-	checkpointed := make(chan struct{})
-	crashing := newMiddleware(t, cutOff, idempotency.WithLease(lease), idempotency.WithStoreTimeout(100*time.Millisecond)).
+	checkpointed := make(chan error, 1)
+	crashing := newMiddleware(t, cutOff, idempotency.WithLease(lease), idempotency.WithStoreTimeout(storeTimeout)).
 		Handler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			claim, _ := idempotency.ClaimFromContext(r.Context())
 			created.Add(1)
-			require.NoError(t, claim.Checkpoint(r.Context(), "created", []byte("obj_1")))
-			close(checkpointed)
+			checkpointed <- claim.Checkpoint(r.Context(), "created", []byte("obj_1"))
 			<-r.Context().Done() // the lease is lost: this attempt is over
 		}))
 	resumed := make(chan idempotency.Claim, 1)
@@ -117,11 +120,12 @@ func TestRecoveryPointAfterCrash(t *testing.T) {
 			w.Write(claim.RecoveryData)
 		}))
 
-	done := make(chan *httptest.ResponseRecorder)
+	done := make(chan *httptest.ResponseRecorder, 1)
 	go func() { done <- serve(crashing, post("k", `{}`)) }()
-	<-checkpointed
+	require.NoError(t, waitFor(t, checkpointed, eventBound, "the handler did not reach its checkpoint"))
 	proxy.Blackhole()
-	<-done // the cut-off instance gave up when its lease could not be renewed
+	// The cut-off instance gives up when its lease cannot be renewed.
+	waitFor(t, done, eventBound, "the cut-off instance did not give up")
 
 	w := serve(survivor, post("k", `{}`))
 	requireProblem(t, w, http.StatusConflict) // the lapsed lease has not ended by Redis' clock yet
@@ -167,13 +171,19 @@ type onlyStore struct{ idempotency.Store }
 func TestHeldResponse(t *testing.T) {
 	mr, _ := redistest.Miniredis(t)
 	proxy := startProxy(t, mr.Addr())
-	store, err := idempotency.NewRedisStore(redistest.ClientFor(t, proxy.Addr()), idempotency.WithRedisPrefix(redistest.Prefix(t)))
+	// go-redis waits up to faultReadTimeout for a reply, longer than the
+	// store timeout, so the late reply below is not retried and answered
+	// in time.
+	store, err := idempotency.NewRedisStore(faultClient(t, proxy.Addr(), faultReadTimeout), idempotency.WithRedisPrefix(redistest.Prefix(t)))
 	require.NoError(t, err)
 
 	var runs atomic.Int32
-	release := make(chan struct{})
+	flushed, release := make(chan struct{}, 1), make(chan struct{})
 	var slowStore atomic.Bool
-	mw := newMiddleware(t, store, idempotency.WithStoreTimeout(150*time.Millisecond)).
+	// The store timeout leaves the store calls time on a busy machine; the
+	// delayed reply below comes after it, when Heal sends it.
+	const storeTimeout = time.Second
+	mw := newMiddleware(t, store, idempotency.WithStoreTimeout(storeTimeout)).
 		Handler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			claim, _ := idempotency.ClaimFromContext(r.Context())
 			claim.HoldResponse()
@@ -182,12 +192,19 @@ func TestHeldResponse(t *testing.T) {
 			w.WriteHeader(http.StatusCreated)
 			io.WriteString(w, `{"id":1}`)
 			http.NewResponseController(w).Flush() // does nothing while held
+			flushed <- struct{}{}
 			<-release
 			if slowStore.Load() {
-				proxy.DelayNextReplies(1, time.Second) // the completion's reply
+				proxy.DelayNextReplies(1, time.Minute) // the completion's reply
 			}
 		}))
-	srv := httptest.NewServer(mw)
+	// What reached the connection: whatever the middleware lets through
+	// is written to it by the handler's goroutine, before the handler
+	// returns, so this is exact at any moment the handler is blocked.
+	var reached atomic.Bool
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mw.ServeHTTP(&connWriter{ResponseWriter: w, reached: &reached}, r)
+	}))
 	t.Cleanup(srv.Close)
 	send := func(key string) chan *http.Response {
 		got := make(chan *http.Response, 1)
@@ -210,19 +227,16 @@ func TestHeldResponse(t *testing.T) {
 	}
 
 	got := send("k1")
-	select {
-	case <-got:
-		t.Fatal("the response was sent before it was stored")
-	case <-time.After(200 * time.Millisecond):
-	}
+	waitFor(t, flushed, eventBound, "the handler did not write its response")
+	require.False(t, reached.Load(), "the response was sent before it was stored")
 	release <- struct{}{}
-	resp := <-got
+	resp := waitFor(t, got, eventBound, "no response")
 	require.NotNil(t, resp)
 	assert.Equal(t, http.StatusCreated, resp.StatusCode)
 	assert.Equal(t, `{"id":1}`, body(resp))
 	assert.Equal(t, "/venues/1", resp.Header.Get("Location"))
 
-	resp = <-send("k1")
+	resp = waitFor(t, send("k1"), eventBound, "no replay")
 	require.NotNil(t, resp)
 	assert.Equal(t, http.StatusCreated, resp.StatusCode)
 	assert.Equal(t, "true", resp.Header.Get("X-Idempotent-Replayed"))
@@ -234,20 +248,44 @@ func TestHeldResponse(t *testing.T) {
 	// (the reply was late, not the write), so the retry replays it.
 	slowStore.Store(true)
 	got = send("k2")
+	waitFor(t, flushed, eventBound, "the handler did not write its response")
 	release <- struct{}{}
-	resp = <-got
+	resp = waitFor(t, got, eventBound, "no response")
 	require.NotNil(t, resp)
 	assert.Equal(t, http.StatusServiceUnavailable, resp.StatusCode, body(resp))
 	assert.Equal(t, "application/problem+json", resp.Header.Get("Content-Type"))
-	proxy.Heal()
-	time.Sleep(time.Second) // the delayed reply drains
-	resp = <-send("k2")
+	proxy.Heal() // sends the delayed reply now; the retry does not wait for it
+	resp = waitFor(t, send("k2"), eventBound, "no replay")
 	require.NotNil(t, resp)
 	assert.Equal(t, http.StatusCreated, resp.StatusCode)
 	assert.Equal(t, "true", resp.Header.Get("X-Idempotent-Replayed"))
 	assert.Equal(t, `{"id":1}`, body(resp))
 	assert.Equal(t, int32(2), runs.Load())
 }
+
+// connWriter records whether anything of a response reached the
+// connection under it.
+type connWriter struct {
+	http.ResponseWriter
+	reached *atomic.Bool
+}
+
+func (w *connWriter) WriteHeader(code int) {
+	w.reached.Store(true)
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *connWriter) Write(p []byte) (int, error) {
+	w.reached.Store(true)
+	return w.ResponseWriter.Write(p)
+}
+
+func (w *connWriter) Flush() {
+	w.reached.Store(true)
+	http.NewResponseController(w.ResponseWriter).Flush()
+}
+
+func (w *connWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 
 // TestCheckpointFindsLeaseLost: a checkpoint refused because another
 // attempt took the key over cancels the work, as a failed renewal does,
@@ -258,30 +296,32 @@ func TestCheckpointFindsLeaseLost(t *testing.T) {
 	obs := &observed{}
 	taken := make(chan struct{})
 	var checkpointErr, cause error
+	entered := make(chan struct{})
 	mw := newMiddleware(t, store, idempotency.WithObserver(obs.observe)).
 		Handler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			close(entered)
 			<-taken
 			claim, _ := idempotency.ClaimFromContext(r.Context())
 			checkpointErr = claim.Checkpoint(r.Context(), "step", nil)
 			cause = context.Cause(r.Context())
 			idempotency.WriteError(w, r, checkpointErr)
 		}))
-	done := make(chan *httptest.ResponseRecorder)
+	done := make(chan *httptest.ResponseRecorder, 1)
 	go func() { done <- serve(mw, post("k", `{}`)) }()
 
-	// The store's clock passes the lease (the engine's timer has not) and
-	// another owner claims the key.
-	require.Eventually(t, func() bool {
-		rec, err := store.Get(context.Background(), recordkey.Name("http", "", "k"))
-		return err == nil && rec != nil
-	}, time.Second, time.Millisecond)
+	// Once the handler runs, the key is claimed. The store's clock passes
+	// the lease (the engine's timer has not) and another owner claims it.
+	waitFor(t, entered, eventBound, "the handler did not start")
+	rec, err := store.Get(context.Background(), recordkey.Name("http", "", "k"))
+	require.NoError(t, err)
+	require.NotNil(t, rec, "the key is claimed while the handler runs")
 	clock.Advance(time.Minute)
 	fence, _, err := store.Acquire(context.Background(), recordkey.Name("http", "", "k"), idempotency.Record{Token: "other", Fingerprint: "x"}, time.Minute)
 	require.NoError(t, err)
 	require.NotZero(t, fence)
 	close(taken)
 
-	requireProblem(t, <-done, http.StatusServiceUnavailable)
+	requireProblem(t, waitFor(t, done, eventBound, "the request did not end"), http.StatusServiceUnavailable)
 	assert.ErrorIs(t, checkpointErr, idempotency.ErrLeaseLost)
 	assert.ErrorIs(t, cause, idempotency.ErrLeaseLost, "the work's context was cancelled with it")
 	assert.ErrorIs(t, obs.last().Err, idempotency.ErrLeaseLost, "the report says why the attempt ended")

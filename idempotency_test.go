@@ -273,9 +273,9 @@ func testMiddleware(t *testing.T, newStore func(t *testing.T) idempotency.Store)
 			w.WriteHeader(http.StatusCreated)
 		}}
 		h := newMiddleware(t, newStore(t)).Handler(handler)
-		done := make(chan *httptest.ResponseRecorder)
+		done := make(chan *httptest.ResponseRecorder, 1)
 		go func() { done <- serve(h, post("k", `{"n":1}`)) }()
-		<-entered
+		waitFor(t, entered, eventBound, "the handler did not start")
 
 		w := serve(h, post("k", `{"n":1}`))
 		p := requireProblem(t, w, http.StatusConflict)
@@ -287,7 +287,7 @@ func testMiddleware(t *testing.T, newStore func(t *testing.T) idempotency.Store)
 		requireProblem(t, serve(h, post("k", `{"n":2}`)), http.StatusUnprocessableEntity)
 
 		close(release)
-		assert.Equal(t, http.StatusCreated, (<-done).Code)
+		assert.Equal(t, http.StatusCreated, waitFor(t, done, eventBound, "the first request did not end").Code)
 		assert.Equal(t, "true", serve(h, post("k", `{"n":1}`)).Header().Get("X-Idempotent-Replayed"))
 		assert.Equal(t, int32(1), handler.calls.Load())
 	})
@@ -362,8 +362,10 @@ func testMiddleware(t *testing.T, newStore func(t *testing.T) idempotency.Store)
 	// With WithCancelOnDisconnect, a handler that returns without
 	// answering after its client hung up was cut short: the key is freed.
 	t.Run("CancelledBeforeWritingReleases", func(t *testing.T) {
+		entered := make(chan struct{})
 		handler := &counted{serve: func(w http.ResponseWriter, r *http.Request) {
 			if r.Header.Get("X-Attempt") == "1" {
+				close(entered)
 				<-r.Context().Done()
 				return
 			}
@@ -371,10 +373,21 @@ func testMiddleware(t *testing.T, newStore func(t *testing.T) idempotency.Store)
 		}}
 		h := newMiddleware(t, newStore(t), idempotency.WithCancelOnDisconnect()).Handler(handler)
 		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
 		r := post("k", `{}`).WithContext(ctx)
 		r.Header.Set("X-Attempt", "1")
-		time.AfterFunc(20*time.Millisecond, cancel)
+		// The client hangs up once the handler runs, not after a timer:
+		// on a busy machine a timer could fire before the claim, whose
+		// store call it would cut short instead.
+		go func() {
+			select {
+			case <-entered:
+				cancel()
+			case <-ctx.Done(): // serve returned without running the handler
+			}
+		}()
 		serve(h, r)
+		require.Equal(t, int32(1), handler.calls.Load(), "the first attempt ran its handler")
 
 		retry := serve(h, post("k", `{}`))
 		assert.Equal(t, http.StatusCreated, retry.Code)
@@ -581,45 +594,45 @@ func TestClientDisconnectStillStores(t *testing.T) {
 	for _, kind := range storeKinds {
 		t.Run(kind.name, func(t *testing.T) {
 			store, _ := kind.new(t)
-			gone := make(chan struct{})
+			entered, gone := make(chan struct{}), make(chan struct{})
 			handler := &counted{serve: func(w http.ResponseWriter, r *http.Request) {
+				close(entered)
 				<-r.Context().Done() // the client hangs up while the work runs...
 				close(gone)
 				w.WriteHeader(http.StatusCreated) // ...and the work completes anyway
 				io.WriteString(w, `{"id":"v_1"}`)
 			}}
+			// The observer is called once the outcome is stored.
+			stored := make(chan idempotency.Report, 8)
+			observe := func(_ context.Context, r idempotency.Report) { stored <- r }
 			// WithCancelOnDisconnect: the handler learns of the hang-up.
-			srv := httptest.NewServer(newMiddleware(t, store, idempotency.WithCancelOnDisconnect()).Handler(handler))
+			srv := httptest.NewServer(newMiddleware(t, store, idempotency.WithCancelOnDisconnect(),
+				idempotency.WithObserver(observe)).Handler(handler))
 			defer srv.Close()
 
 			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
 			req, err := http.NewRequestWithContext(ctx, http.MethodPost, srv.URL, strings.NewReader(`{}`))
 			require.NoError(t, err)
 			req.Header.Set("Idempotency-Key", "k")
-			time.AfterFunc(50*time.Millisecond, cancel)
+			go func() { // the client hangs up once the handler runs
+				select {
+				case <-entered:
+					cancel()
+				case <-ctx.Done():
+				}
+			}()
 			_, err = srv.Client().Do(req)
 			require.ErrorIs(t, err, context.Canceled)
-			<-gone
+			waitFor(t, gone, eventBound, "the handler did not learn of the hang-up")
+			first := waitFor(t, stored, eventBound, "the first request's outcome was not stored")
+			assert.Equal(t, idempotency.OutcomeExecuted, first.Outcome, "err: %v", first.Err)
 
-			// The store write happens after the handler returns; poll for it.
-			var retry *http.Response
-			require.Eventually(t, func() bool {
-				req, _ := http.NewRequest(http.MethodPost, srv.URL, strings.NewReader(`{}`))
-				req.Header.Set("Idempotency-Key", "k")
-				resp, err := srv.Client().Do(req)
-				if err != nil {
-					return false
-				}
-				if resp.StatusCode == http.StatusConflict {
-					// Unread, the body would keep the connection and its
-					// goroutines alive past the test (goleak).
-					io.Copy(io.Discard, resp.Body)
-					resp.Body.Close()
-					return false
-				}
-				retry = resp
-				return true
-			}, 5*time.Second, 10*time.Millisecond)
+			req, err = http.NewRequest(http.MethodPost, srv.URL, strings.NewReader(`{}`))
+			require.NoError(t, err)
+			req.Header.Set("Idempotency-Key", "k")
+			retry, err := srv.Client().Do(req)
+			require.NoError(t, err)
 			body, _ := io.ReadAll(retry.Body)
 			retry.Body.Close()
 			assert.Equal(t, http.StatusCreated, retry.StatusCode)
@@ -652,15 +665,15 @@ func TestLeaseExpiryStaleOwnerLoses(t *testing.T) {
 			obs := &observed{}
 			h := newMiddleware(t, store, idempotency.WithLease(time.Minute), idempotency.WithObserver(obs.observe)).Handler(handler)
 
-			firstDone := make(chan *httptest.ResponseRecorder)
+			firstDone := make(chan *httptest.ResponseRecorder, 1)
 			go func() { firstDone <- serve(h, post("k", `{}`)) }()
-			<-entered
+			waitFor(t, entered, eventBound, "the handler did not start")
 			advance(2 * time.Minute)
 
 			second := serve(h, post("k", `{}`))
 			assert.Equal(t, "attempt 2", second.Body.String(), "the lapsed key was taken over")
 			close(finish)
-			first := <-firstDone
+			first := waitFor(t, firstDone, eventBound, "the first request did not end")
 			p := requireProblem(t, first, http.StatusServiceUnavailable)
 			assert.Contains(t, p.Type, "#ErrLeaseLost", "the stale owner's response was held, and not sent")
 			assert.Equal(t, "1", first.Header().Get("Retry-After"))
@@ -679,13 +692,19 @@ func TestConcurrentDuplicates(t *testing.T) {
 	for _, kind := range storeKinds {
 		t.Run(kind.name, func(t *testing.T) {
 			store, _ := kind.new(t)
+			const n = 50
+			// The handler runs until every request has read the key, so
+			// that all of them overlap it however the machine schedules
+			// them (a sleep here only made that likely).
+			acquires := newAcquireLog()
 			handler := &counted{serve: func(w http.ResponseWriter, r *http.Request) {
-				time.Sleep(20 * time.Millisecond)
+				if !acquires.until(func() bool { return acquires.calls >= n }) {
+					t.Errorf("%d of %d requests read the key within %v", acquires.count(), n, eventBound)
+				}
 				w.WriteHeader(http.StatusCreated)
 				io.WriteString(w, "created")
 			}}
-			h := newMiddleware(t, store).Handler(handler)
-			const n = 50
+			h := newMiddleware(t, acquires.wrap(store)).Handler(handler)
 			var wg sync.WaitGroup
 			var created, replayed, conflicts atomic.Int32
 			start := make(chan struct{})
@@ -829,25 +848,32 @@ func TestLeaseRenewedWhileHandlerRuns(t *testing.T) {
 			// Renewals run every lease/3; the margin absorbs a loaded
 			// machine running the race detector.
 			const lease = 600 * time.Millisecond
-			entered := make(chan struct{})
+			entered, finish := make(chan struct{}), make(chan struct{})
+			finished := sync.OnceFunc(func() { close(finish) })
+			defer finished()
 			var once sync.Once
 			handler := &counted{serve: func(w http.ResponseWriter, r *http.Request) {
 				once.Do(func() { close(entered) })
-				time.Sleep(3 * lease)
+				// Runs until the duplicates below are done, not for a
+				// fixed time that a slow loop could outlast.
+				<-finish
 				assert.NoError(t, r.Context().Err(), "the handler's context stays live")
 				w.WriteHeader(http.StatusCreated)
 			}}
 			h := newMiddleware(t, store, idempotency.WithLease(lease)).Handler(handler)
-			done := make(chan int)
+			done := make(chan int, 1)
 			go func() { done <- serve(h, post("k", `{}`)).Code }()
-			<-entered
+			waitFor(t, entered, eventBound, "the handler did not start")
+			// Duplicates for two leases: the key outlives its first
+			// lease only if it was renewed.
 			deadline := time.Now().Add(2 * lease)
 			for time.Now().Before(deadline) {
 				w := serve(h, post("k", `{}`))
 				require.Equal(t, http.StatusConflict, w.Code, "the key stays claimed while the handler runs")
-				time.Sleep(lease / 5)
+				time.Sleep(lease / 5) // the pace of the duplicates, not a synchronisation
 			}
-			assert.Equal(t, http.StatusCreated, <-done)
+			finished()
+			assert.Equal(t, http.StatusCreated, waitFor(t, done, eventBound, "the first request did not end"))
 			assert.Equal(t, int32(1), handler.calls.Load())
 		})
 	}
@@ -874,14 +900,14 @@ func TestLeaseLostCancelsHandler(t *testing.T) {
 	})
 	obs := &observed{}
 	h := newMiddleware(t, store, idempotency.WithLease(60*time.Millisecond), idempotency.WithObserver(obs.observe)).Handler(handler)
-	firstDone := make(chan *httptest.ResponseRecorder)
+	firstDone := make(chan *httptest.ResponseRecorder, 1)
 	go func() { firstDone <- serve(h, post("k", `{}`)) }()
-	<-entered
+	waitFor(t, entered, eventBound, "the handler did not start")
 	clock.Advance(time.Minute) // the first lease lapses...
 	second := serve(h, post("k", `{}`))
 	require.Equal(t, http.StatusCreated, second.Code) // ...and a retry takes the key
 
-	first := <-firstDone
+	first := waitFor(t, firstDone, eventBound, "the first request did not end")
 	assert.ErrorIs(t, cause, idempotency.ErrLeaseLost, "the first handler learned why it was stopped")
 	requireProblem(t, first, http.StatusServiceUnavailable)
 
@@ -909,23 +935,23 @@ func TestShutdownCancelsHandlers(t *testing.T) {
 	h := newMiddleware(t, idempotency.NewMemoryStore(), idempotency.WithShutdown(shutdown),
 		idempotency.WithObserver(obs.observe)).Handler(handler)
 
-	done := make(chan *httptest.ResponseRecorder)
+	done := make(chan *httptest.ResponseRecorder, 1)
 	go func() {
 		r := post("k", `{}`)
 		r.Header.Set("X-Wait", "1")
 		done <- serve(h, r)
 	}()
-	<-entered
+	waitFor(t, entered, eventBound, "the handler did not start")
 	stop()
-	first := <-done
+	first := waitFor(t, done, eventBound, "the first request did not end")
 	p := requireProblem(t, first, http.StatusServiceUnavailable)
 	assert.Contains(t, p.Type, "ErrShutdown")
-	assert.ErrorIs(t, <-causes, idempotency.ErrShutdown)
+	assert.ErrorIs(t, waitFor(t, causes, eventBound, "the handler did not end"), idempotency.ErrShutdown)
 	assert.Equal(t, idempotency.OutcomeReleased, obs.last().Outcome, "cut short: the key is freed")
 
 	late := serve(h, post("k", `{}`))
 	requireProblem(t, late, http.StatusServiceUnavailable)
-	assert.ErrorIs(t, <-causes, idempotency.ErrShutdown, "a handler started after shutdown starts cancelled")
+	assert.ErrorIs(t, waitFor(t, causes, eventBound, "the late handler did not end"), idempotency.ErrShutdown, "a handler started after shutdown starts cancelled")
 	assert.Equal(t, int32(2), handler.calls.Load(), "the freed key ran again")
 }
 

@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -285,9 +286,9 @@ func TestReliabilityRedisRestartedMidRequest(t *testing.T) {
 		w.WriteHeader(http.StatusCreated)
 	}
 	fast, h := fastAndPatient(t, store, handler, idempotency.WithLease(lease))
-	done := make(chan *httptest.ResponseRecorder)
+	done := make(chan *httptest.ResponseRecorder, 1)
 	go func() { done <- serve(h, venue("k")()) }()
-	<-entered
+	waitFor(t, entered, eventBound, "the handler did not start")
 
 	stop()
 	w, took := timedServe(fast, venue("other")())
@@ -295,7 +296,7 @@ func TestReliabilityRedisRestartedMidRequest(t *testing.T) {
 	restarted := time.Now()
 	redistest.StartServerAt(t, addr)
 
-	first := <-done
+	first := waitFor(t, done, eventBound, "the first request did not end")
 	t.Logf("handler cancelled %v after the restart", time.Since(restarted))
 	requireLeaseLost(t, first)
 	assert.ErrorIs(t, cause.Load().(error), idempotency.ErrLeaseLost)
@@ -347,23 +348,28 @@ func TestReliabilityLeaseExtended(t *testing.T) {
 	addr, _ := redistest.StartServer(t)
 	client := faultClient(t, addr, faultReadTimeout)
 	const lease = 600 * time.Millisecond
-	entered := make(chan struct{})
+	entered, finish := make(chan struct{}), make(chan struct{})
+	finished := sync.OnceFunc(func() { close(finish) })
+	defer finished()
 	handler := &counted{serve: func(w http.ResponseWriter, r *http.Request) {
 		close(entered)
-		time.Sleep(5 * lease)
+		// Runs until the duplicates below are done, not for a fixed
+		// time that a slow loop could outlast.
+		<-finish
 		assert.NoError(t, r.Context().Err(), "the handler's context stays live")
 		w.WriteHeader(http.StatusCreated)
 	}}
 	h := newMiddleware(t, newRedisStore(t, client), idempotency.WithLease(lease), idempotency.WithStoreTimeout(patientStoreTimeout)).Handler(handler)
-	done := make(chan int)
+	done := make(chan int, 1)
 	go func() { done <- serve(h, venue("k")()).Code }()
-	<-entered
+	waitFor(t, entered, eventBound, "the handler did not start")
 	conflicts := 0
 	for deadline := time.Now().Add(4 * lease); time.Now().Before(deadline); conflicts++ {
 		require.Equal(t, http.StatusConflict, serve(h, venue("k")()).Code, "the key stays claimed")
-		time.Sleep(lease / 6)
+		time.Sleep(lease / 6) // the pace of the duplicates, not a synchronisation
 	}
-	assert.Equal(t, http.StatusCreated, <-done)
+	finished()
+	assert.Equal(t, http.StatusCreated, waitFor(t, done, eventBound, "the first request did not end"))
 	assert.Equal(t, int32(1), handler.calls.Load())
 	t.Logf("%d duplicates got 409 over %v, 4 leases", conflicts, 4*lease)
 }
@@ -393,15 +399,15 @@ func TestReliabilityLeaseLostRedisGone(t *testing.T) {
 	obs := &observed{}
 	h := newMiddleware(t, store, idempotency.WithLease(lease), idempotency.WithStoreTimeout(patientStoreTimeout),
 		idempotency.WithObserver(obs.observe)).Handler(handler)
-	done := make(chan *httptest.ResponseRecorder)
+	done := make(chan *httptest.ResponseRecorder, 1)
 	go func() { done <- serve(h, venue("k")()) }()
-	<-entered
+	waitFor(t, entered, eventBound, "the handler did not start")
 	stopped := time.Now()
 	stop()
 
-	first := <-done
+	first := waitFor(t, done, eventBound, "the first request did not end")
 	answeredAfter := time.Since(stopped)
-	cancelledAfter := (<-cancelled).Sub(stopped)
+	cancelledAfter := waitFor(t, cancelled, eventBound, "the handler was not cancelled").Sub(stopped)
 	requireLeaseLost(t, first)
 	assert.ErrorIs(t, cause.Load().(error), idempotency.ErrLeaseLost)
 	// Renewals run every lease/3 and each is cut off after lease/3: the
@@ -454,9 +460,9 @@ func TestReliabilityLeaseLostTakenOver(t *testing.T) {
 		idempotency.WithObserver(obsA.observe)).Handler(handlerA)
 	b := newMiddleware(t, newStore(addr), idempotency.WithLease(lease), idempotency.WithStoreTimeout(patientStoreTimeout)).Handler(handlerB)
 
-	doneA := make(chan *httptest.ResponseRecorder)
+	doneA := make(chan *httptest.ResponseRecorder, 1)
 	go func() { doneA <- serve(a, venue("k")()) }()
-	<-entered
+	waitFor(t, entered, eventBound, "the handler did not start")
 	proxy.Blackhole()
 	wB, waited := untilNot409(t, b, venue("k"), 5*time.Second)
 	require.Equal(t, http.StatusCreated, wB.Code, wB.Body)
@@ -465,7 +471,7 @@ func TestReliabilityLeaseLostTakenOver(t *testing.T) {
 
 	proxy.Heal()
 	close(proceed)
-	wA := <-doneA
+	wA := waitFor(t, doneA, eventBound, "A's request did not end")
 	assert.ErrorIs(t, cause.Load().(error), idempotency.ErrLeaseLost)
 	p := requireProblem(t, wA, http.StatusServiceUnavailable)
 	assert.Contains(t, p.Type, "#ErrLeaseLost", "A's client did not get what A's handler wrote")
@@ -589,9 +595,9 @@ func TestReliabilityRedisOOM(t *testing.T) {
 	}
 	obs := &observed{}
 	fast, h := fastAndPatient(t, newRedisStore(t, client), handler, idempotency.WithLease(lease), idempotency.WithObserver(obs.observe))
-	done := make(chan *httptest.ResponseRecorder)
+	done := make(chan *httptest.ResponseRecorder, 1)
 	go func() { done <- serve(h, venue("k")()) }()
-	<-entered
+	waitFor(t, entered, eventBound, "the handler did not start")
 	fillers := fill(t, client)
 
 	w, took := timedServe(fast, venue("other")())
@@ -600,7 +606,7 @@ func TestReliabilityRedisOOM(t *testing.T) {
 	assert.Equal(t, int32(1), handler.calls.Load(), "no handler ran unprotected")
 
 	close(proceed)
-	first := <-done
+	first := waitFor(t, done, eventBound, "the first request did not end")
 	requireProblem(t, first, http.StatusServiceUnavailable) // held, not stored: not sent
 	assert.Equal(t, idempotency.OutcomeStoreError, obs.last().Outcome)
 	assert.ErrorContains(t, obs.last().Err, "OOM", "storing the response hit OOM")
@@ -694,9 +700,9 @@ func TestReliabilityFailover(t *testing.T) {
 	// The plain record is only known to be on the replica once WAIT says so.
 	require.EqualValues(t, 1, faultClient(t, primary, time.Second).Do(context.Background(), "wait", 1, 1000).Val())
 
-	done := make(chan *httptest.ResponseRecorder)
+	done := make(chan *httptest.ResponseRecorder, 1)
 	go func() { done <- serve(waiting, venue("waited-cut")()) }()
-	<-entered
+	waitFor(t, entered, eventBound, "the handler did not start")
 
 	link.Blackhole() // replication stops; the primary still answers
 	require.Equal(t, http.StatusCreated, serve(plain, venue("after")()).Code, "the primary acknowledges alone")
@@ -705,7 +711,7 @@ func TestReliabilityFailover(t *testing.T) {
 	assert.Less(t, took, waitTimeout+faultBound, "the 503 came once WAIT timed out")
 	assert.ErrorContains(t, obs.last().Err, "acknowledged by 0 of 1 replicas")
 	close(proceed)
-	requireProblem(t, <-done, http.StatusServiceUnavailable) // not acknowledged, so not sent
+	requireProblem(t, waitFor(t, done, eventBound, "the request did not end"), http.StatusServiceUnavailable) // not acknowledged, so not sent
 	assert.Equal(t, idempotency.OutcomeStoreError, obs.last().Outcome, "its stored response was not acknowledged")
 	executed := handler.calls.Load()
 	assert.Equal(t, int32(4), executed, "before, waited, after, waited-cut; not refused")

@@ -67,11 +67,12 @@ func TestMemoryStoreLimits(t *testing.T) {
 	entered, release := make(chan struct{}), make(chan struct{})
 	h := newMiddleware(t, probe).Handler(handler(entered, release))
 	require.Equal(t, http.StatusCreated, serve(h, post("done", `{}`)).Code)
-	go func() { <-entered; time.Sleep(10 * time.Millisecond); close(release) }()
-	go serve(h, post("slow", `{}`))
-	<-entered
-	held := probe.Bytes()
-	<-release
+	slowDone := make(chan struct{})
+	go func() { defer close(slowDone); serve(h, post("slow", `{}`)) }()
+	waitFor(t, entered, eventBound, "the handler did not start")
+	held := probe.Bytes() // read while "slow" is in flight, before it may complete
+	close(release)
+	waitFor(t, slowDone, eventBound, "the request did not end")
 
 	for _, tt := range []struct {
 		name       string
@@ -90,7 +91,7 @@ func TestMemoryStoreLimits(t *testing.T) {
 			require.Equal(t, http.StatusCreated, serve(h, post("done", `{}`)).Code)
 			slow := make(chan *http.Response, 1)
 			go func() { slow <- serve(h, post("slow", `{}`)).Result() }()
-			<-entered
+			waitFor(t, entered, eventBound, "the handler did not start")
 
 			requireProblem(t, serve(h, post("new", `{}`)), http.StatusServiceUnavailable)
 			replay := serve(h, post("done", `{}`))
@@ -98,7 +99,7 @@ func TestMemoryStoreLimits(t *testing.T) {
 			assert.Equal(t, "true", replay.Header().Get("X-Idempotent-Replayed"))
 
 			close(release)
-			res := <-slow
+			res := waitFor(t, slow, eventBound, "the request did not end")
 			assert.Equal(t, http.StatusCreated, res.StatusCode, "a claim in flight completes at the limit")
 			replay = serve(h, post("slow", `{}`))
 			assert.Equal(t, "true", replay.Header().Get("X-Idempotent-Replayed"), "and its response was stored")

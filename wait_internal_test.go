@@ -1,10 +1,12 @@
 package idempotency
 
 import (
+	"context"
 	"io"
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -42,7 +44,10 @@ func TestWaitLostNotificationEndsAtDeadline(t *testing.T) {
 		t.Fatal(err)
 	}
 	const bound = 700 * time.Millisecond
-	waiting, err := New(listening, WithWait(bound, 10))
+	// The first request completes once the waiter waits: a waiter
+	// re-reads the key once its watch is in place.
+	watched := &onAcquire{Store: listening, n: 2, do: func() { close(release) }}
+	waiting, err := New(watched, WithWait(bound, 10))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -53,17 +58,44 @@ func TestWaitLostNotificationEndsAtDeadline(t *testing.T) {
 	}
 	done := make(chan struct{})
 	go func() { first.Handler(handler).ServeHTTP(httptest.NewRecorder(), req()); close(done) }()
-	<-entered
+	select {
+	case <-entered:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the first handler did not start")
+	}
 	start := time.Now()
-	go func() { time.Sleep(100 * time.Millisecond); close(release) }()
 	w := httptest.NewRecorder()
 	waiting.Handler(handler).ServeHTTP(w, req())
 	took := time.Since(start)
-	<-done
+	select {
+	case <-done:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the first request did not end")
+	}
 	if w.Code != http.StatusCreated || w.Header().Get("X-Idempotent-Replayed") != "true" {
 		t.Fatalf("got %d %q, want the replay", w.Code, w.Body)
 	}
-	if took < bound || took > bound+500*time.Millisecond {
+	// Not woken: it answered at the deadline, and not at the end of the
+	// 30 s lease either (the margin is for a loaded machine).
+	if took < bound || took > bound+2*time.Second {
 		t.Errorf("answered after %v; without a wake-up it re-reads at the %v deadline", took, bound)
 	}
+}
+
+// onAcquire is a store that calls do once, after its nth Acquire call.
+type onAcquire struct {
+	Store
+	calls atomic.Int32
+	n     int32
+	do    func()
+}
+
+func (s *onAcquire) Unwrap() Store { return s.Store }
+
+func (s *onAcquire) Acquire(ctx context.Context, key string, claim Record, lease time.Duration) (uint64, *Record, error) {
+	fence, existing, err := s.Store.Acquire(ctx, key, claim, lease)
+	if s.calls.Add(1) == s.n {
+		s.do()
+	}
+	return fence, existing, err
 }

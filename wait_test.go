@@ -29,9 +29,14 @@ type gate struct {
 	calls   atomic.Int32
 	entered chan struct{}
 	open    chan struct{}
+	once    sync.Once
 	status  func(n int32) int
 	keep    func(n int32) (time.Duration, bool)
 }
+
+// release opens the gate; it may be called more than once, so a test
+// defers it to let the first execution end on every path.
+func (g *gate) release() { g.once.Do(func() { close(g.open) }) }
 
 func newGate() *gate {
 	return &gate{entered: make(chan struct{}), open: make(chan struct{}), status: func(int32) int { return http.StatusCreated }}
@@ -110,26 +115,25 @@ func testWait(t *testing.T, newStore func(t *testing.T) idempotency.Store) {
 	// runs once.
 	t.Run("DuplicatesGetTheReplay", func(t *testing.T) {
 		g := newGate()
-		h := newMiddleware(t, newStore(t), idempotency.WithWait(5*time.Second, 100)).Handler(g)
-		first := make(chan answer)
+		defer g.release()
+		const wait = 10 * time.Second
+		acquires := newAcquireLog()
+		h := newMiddleware(t, acquires.wrap(newStore(t)), idempotency.WithWait(wait, 100)).Handler(g)
+		first := make(chan answer, 1)
 		go func() { first <- serveAt(h, preferWait("k", "")) }()
-		<-g.entered
-		var got []answer
-		done := make(chan struct{})
-		go func() {
-			got = duplicates([]http.Handler{h}, 10, func() *http.Request { return preferWait("k", "") })
-			close(done)
-		}()
-		time.Sleep(100 * time.Millisecond) // the duplicates are waiting
-		close(g.open)
-		a := <-first
-		<-done
+		waitFor(t, g.entered, eventBound, "the handler did not start")
+		got := make(chan []answer, 1)
+		go func() { got <- duplicates([]http.Handler{h}, 10, func() *http.Request { return preferWait("k", "") }) }()
+		acquires.awaitWaiting(t, 10)
+		g.release()
+		a := waitFor(t, first, eventBound, "the first request did not end")
 		require.Equal(t, http.StatusCreated, a.code)
-		for _, d := range got {
+		for _, d := range waitFor(t, got, eventBound, "the duplicates did not end") {
 			assert.Equal(t, http.StatusCreated, d.code)
 			assert.True(t, d.replayed)
 			assert.Equal(t, "execution 1", d.body)
-			assert.Less(t, d.at.Sub(a.at), time.Second, "woken, not timed out")
+			// Timed out, they would have answered 409 after the wait.
+			assert.Less(t, d.at.Sub(a.at), wait/2, "woken, not timed out")
 		}
 		assert.Equal(t, int32(1), g.calls.Load())
 	})
@@ -138,66 +142,87 @@ func testWait(t *testing.T, newStore func(t *testing.T) idempotency.Store) {
 	// the bound and not much later.
 	t.Run("WaitEndsFirstIs409", func(t *testing.T) {
 		g := newGate()
-		h := newMiddleware(t, newStore(t), idempotency.WithWait(300*time.Millisecond, 100),
-			idempotency.WithLease(2500*time.Millisecond)).Handler(g)
-		go serve(h, preferWait("k", ""))
-		<-g.entered
+		const wait, lease = 300 * time.Millisecond, 9500 * time.Millisecond
+		h := newMiddleware(t, newStore(t), idempotency.WithWait(wait, 100),
+			idempotency.WithLease(lease)).Handler(g)
+		done := make(chan struct{})
+		go func() { defer close(done); serve(h, preferWait("k", "")) }()
+		defer func() { g.release(); waitFor(t, done, eventBound, "the first request did not end") }()
+		waitFor(t, g.entered, eventBound, "the handler did not start")
 		start := time.Now()
 		a := serveAt(h, preferWait("k", ""))
 		took := a.at.Sub(start)
 		assert.Equal(t, http.StatusConflict, a.code)
-		assert.Equal(t, "3", a.retry, "the 2.5 s lease's rest, rounded up")
-		assert.GreaterOrEqual(t, took, 300*time.Millisecond)
-		assert.Less(t, took, time.Second)
-		close(g.open)
+		// The rest of the lease, rounded up: 10 just after the claim or a
+		// renewal, and at least 6 while the renewals (every 9.5 s / 3)
+		// come within a second of their time. A store on a fake clock
+		// always says 10; on a real one the value depends on when the 409
+		// was computed, which a loaded machine delays.
+		retryAfter, err := strconv.Atoi(a.retry)
+		require.NoError(t, err, "Retry-After %q", a.retry)
+		assert.GreaterOrEqual(t, retryAfter, 6, "the 9.5 s lease's rest, rounded up")
+		assert.LessOrEqual(t, retryAfter, 10, "the 9.5 s lease's rest, rounded up")
+		// Ended by the wait, not by the lease.
+		assert.GreaterOrEqual(t, took, wait)
+		assert.Less(t, took, lease/2)
 	})
 
 	// Prefer: wait=0 asks for the 409 at once; wait=N shortens the bound.
 	t.Run("PreferWait", func(t *testing.T) {
 		g := newGate()
-		h := newMiddleware(t, newStore(t), idempotency.WithWait(10*time.Second, 100)).Handler(g)
-		go serve(h, preferWait("k", ""))
-		<-g.entered
-		start := time.Now()
+		const wait = 10 * time.Second
+		acquires := newAcquireLog()
+		h := newMiddleware(t, acquires.wrap(newStore(t)), idempotency.WithWait(wait, 100)).Handler(g)
+		done := make(chan struct{})
+		go func() { defer close(done); serve(h, preferWait("k", "")) }()
+		defer func() { g.release(); waitFor(t, done, eventBound, "the first request did not end") }()
+		waitFor(t, g.entered, eventBound, "the handler did not start")
+		// A request that does not wait reads the key once; one that
+		// waits reads it again once it watches the key.
+		mark := acquires.mark()
 		a := serveAt(h, preferWait("k", "respond-async, wait=0"))
 		assert.Equal(t, http.StatusConflict, a.code)
-		assert.Less(t, a.at.Sub(start), 200*time.Millisecond)
-		start = time.Now()
+		assert.Equal(t, []int{1}, acquires.readsSince(mark), "wait=0: answered at once, without waiting")
+		start := time.Now()
 		a = serveAt(h, preferWait("k", "wait=1"))
 		assert.Equal(t, http.StatusConflict, a.code)
 		assert.GreaterOrEqual(t, a.at.Sub(start), time.Second)
-		assert.Less(t, a.at.Sub(start), 2*time.Second)
-		close(g.open)
+		assert.Less(t, a.at.Sub(start), wait/2, "wait=1 shortened the 10 s wait")
 	})
 
 	// A different request under the key is told so at once.
 	t.Run("MismatchIs422AtOnce", func(t *testing.T) {
 		g := newGate()
-		h := newMiddleware(t, newStore(t), idempotency.WithWait(5*time.Second, 100)).Handler(g)
-		go serve(h, preferWait("k", ""))
-		<-g.entered
-		start := time.Now()
+		acquires := newAcquireLog()
+		h := newMiddleware(t, acquires.wrap(newStore(t)), idempotency.WithWait(5*time.Second, 100)).Handler(g)
+		done := make(chan struct{})
+		go func() { defer close(done); serve(h, preferWait("k", "")) }()
+		defer func() { g.release(); waitFor(t, done, eventBound, "the first request did not end") }()
+		waitFor(t, g.entered, eventBound, "the handler did not start")
+		mark := acquires.mark()
 		w := serve(h, post("k", `{"other":1}`))
 		requireProblem(t, w, http.StatusUnprocessableEntity)
-		assert.Less(t, time.Since(start), 200*time.Millisecond)
-		close(g.open)
+		assert.Equal(t, []int{1}, acquires.readsSince(mark), "told at once: it read the key once and did not wait")
 	})
 
 	// Above the cap a duplicate gets 409 at once.
 	t.Run("CapOnWaiters", func(t *testing.T) {
 		g := newGate()
-		h := newMiddleware(t, newStore(t), idempotency.WithWait(5*time.Second, 1)).Handler(g)
-		go serve(h, preferWait("k", ""))
-		<-g.entered
-		waiter := make(chan answer)
+		acquires := newAcquireLog()
+		h := newMiddleware(t, acquires.wrap(newStore(t)), idempotency.WithWait(5*time.Second, 1)).Handler(g)
+		done := make(chan struct{})
+		go func() { defer close(done); serve(h, preferWait("k", "")) }()
+		defer func() { g.release(); waitFor(t, done, eventBound, "the first request did not end") }()
+		waitFor(t, g.entered, eventBound, "the handler did not start")
+		waiter := make(chan answer, 1)
 		go func() { waiter <- serveAt(h, preferWait("k", "")) }()
-		time.Sleep(100 * time.Millisecond)
-		start := time.Now()
+		acquires.awaitWaiting(t, 1)
+		mark := acquires.mark()
 		a := serveAt(h, preferWait("k", ""))
 		assert.Equal(t, http.StatusConflict, a.code)
-		assert.Less(t, a.at.Sub(start), 200*time.Millisecond)
-		close(g.open)
-		assert.True(t, (<-waiter).replayed)
+		assert.Equal(t, []int{1}, acquires.readsSince(mark), "over the cap: answered at once, without waiting")
+		g.release()
+		assert.True(t, waitFor(t, waiter, eventBound, "the waiter did not end").replayed)
 	})
 
 	// The first attempt fails and frees the key: exactly one waiter
@@ -210,22 +235,19 @@ func testWait(t *testing.T, newStore func(t *testing.T) idempotency.Store) {
 			}
 			return http.StatusCreated
 		}
-		h := newMiddleware(t, newStore(t), idempotency.WithWait(5*time.Second, 100)).Handler(g)
-		first := make(chan answer)
+		defer g.release()
+		acquires := newAcquireLog()
+		h := newMiddleware(t, acquires.wrap(newStore(t)), idempotency.WithWait(5*time.Second, 100)).Handler(g)
+		first := make(chan answer, 1)
 		go func() { first <- serveAt(h, preferWait("k", "")) }()
-		<-g.entered
-		var got []answer
-		done := make(chan struct{})
-		go func() {
-			got = duplicates([]http.Handler{h}, 10, func() *http.Request { return preferWait("k", "") })
-			close(done)
-		}()
-		time.Sleep(100 * time.Millisecond)
-		close(g.open)
-		assert.Equal(t, http.StatusInternalServerError, (<-first).code)
-		<-done
+		waitFor(t, g.entered, eventBound, "the handler did not start")
+		got := make(chan []answer, 1)
+		go func() { got <- duplicates([]http.Handler{h}, 10, func() *http.Request { return preferWait("k", "") }) }()
+		acquires.awaitWaiting(t, 10)
+		g.release()
+		assert.Equal(t, http.StatusInternalServerError, waitFor(t, first, eventBound, "the first request did not end").code)
 		executed, replayed := 0, 0
-		for _, a := range got {
+		for _, a := range waitFor(t, got, eventBound, "the duplicates did not end") {
 			require.Equal(t, http.StatusCreated, a.code, a.body)
 			assert.Equal(t, "execution 2", a.body)
 			if a.replayed {
@@ -243,7 +265,7 @@ func testWait(t *testing.T, newStore func(t *testing.T) idempotency.Store) {
 	// a 201, Keep(d) stores even a 500.
 	t.Run("HandlerDecidesWhatIsStored", func(t *testing.T) {
 		g := newGate()
-		close(g.open)
+		g.release()
 		g.keep = func(n int32) (time.Duration, bool) { return 0, n == 1 }
 		h := newMiddleware(t, newStore(t)).Handler(g)
 		assert.Equal(t, http.StatusCreated, serve(h, post("k", `{}`)).Code)
@@ -252,7 +274,7 @@ func testWait(t *testing.T, newStore func(t *testing.T) idempotency.Store) {
 		assert.Equal(t, "true", serve(h, post("k", `{}`)).Header().Get("X-Idempotent-Replayed"))
 
 		g2 := newGate()
-		close(g2.open)
+		g2.release()
 		g2.status = func(int32) int { return http.StatusInternalServerError }
 		g2.keep = func(int32) (time.Duration, bool) { return time.Hour, true }
 		h2 := newMiddleware(t, newStore(t)).Handler(g2)
@@ -269,7 +291,7 @@ func TestKeepTTL(t *testing.T) {
 	clock := newFakeClock()
 	store := idempotency.NewMemoryStoreWithClock(clock.Now)
 	g := newGate()
-	close(g.open)
+	g.release()
 	g.keep = func(int32) (time.Duration, bool) { return time.Minute, true }
 	h := newMiddleware(t, store).Handler(g)
 	serve(h, post("k", `{}`))
@@ -289,16 +311,11 @@ func TestWaitOptionValidates(t *testing.T) {
 	}
 }
 
-// redisInstances returns n middlewares, each with its own go-redis client
-// and RedisStore, on the real Redis, sharing a prefix.
-func redisInstances(t *testing.T, n int, handler http.Handler, opts ...idempotency.Option) ([]http.Handler, []*idempotency.RedisStore) {
-	hs, stores, _ := namedRedisInstances(t, n, handler, opts...)
-	return hs, stores
-}
-
-// namedRedisInstances is redisInstances that also returns the name of the
-// instances' connections (CLIENT LIST shows it).
-func namedRedisInstances(t *testing.T, n int, handler http.Handler, opts ...idempotency.Option) ([]http.Handler, []*idempotency.RedisStore, string) {
+// redisInstances returns n middlewares, each with its own go-redis
+// client and RedisStore, on the real Redis, sharing a prefix, and the
+// name of their connections (CLIENT LIST shows it). Their Acquire calls
+// are recorded in acquires.
+func redisInstances(t *testing.T, n int, acquires *acquireLog, handler http.Handler, opts ...idempotency.Option) ([]http.Handler, []*idempotency.RedisStore, string) {
 	t.Helper()
 	prefix := redistest.Prefix(t)
 	var hs []http.Handler
@@ -311,7 +328,7 @@ func namedRedisInstances(t *testing.T, n int, handler http.Handler, opts ...idem
 		store, err := idempotency.NewRedisStore(client, idempotency.WithRedisPrefix(prefix))
 		require.NoError(t, err)
 		stores = append(stores, store)
-		hs = append(hs, newMiddleware(t, store, opts...).Handler(handler))
+		hs = append(hs, newMiddleware(t, acquires.wrap(store), opts...).Handler(handler))
 	}
 	return hs, stores, clientName(prefix)
 }
@@ -322,21 +339,28 @@ func clientName(prefix string) string {
 }
 
 // waitBound is how long after the first outcome every waiter must have
-// its replay: a wake-up and one re-read, with room for -race and a busy
-// machine. A waiter that missed its wake-up would take the full wait.
-const waitBound = 500 * time.Millisecond
+// its replay: a wake-up and one re-read, with room for -race and a
+// machine whose two cores are busy. A waiter that missed its wake-up
+// would take the full wait, 10 s.
+const waitBound = 2 * time.Second
 
 // TestWaitThreeInstances: 50 concurrent duplicates across 3 instances on
 // one real Redis get one execution and 49 replays, none later than the
 // first outcome plus waitBound.
 func TestWaitThreeInstances(t *testing.T) {
+	const n = 50
+	// The handler answers once the 49 duplicates wait: every replay is
+	// then a wake-up, which a sleep here only made likely.
+	acquires := newAcquireLog()
 	handler := &counted{serve: func(w http.ResponseWriter, r *http.Request) {
-		time.Sleep(200 * time.Millisecond)
+		if !acquires.until(func() bool { return acquires.waitingLocked() >= n-1 }) {
+			t.Errorf("%d of %d duplicates waiting after %v", acquires.waiting(), n-1, eventBound)
+		}
 		w.WriteHeader(http.StatusCreated)
 		io.WriteString(w, "created")
 	}}
-	hs, stores := redisInstances(t, 3, handler, idempotency.WithWait(10*time.Second, 100))
-	got := duplicates(hs, 50, func() *http.Request { return preferWait("k", "") })
+	hs, stores, _ := redisInstances(t, 3, acquires, handler, idempotency.WithWait(10*time.Second, 100))
+	got := duplicates(hs, n, func() *http.Request { return preferWait("k", "") })
 	var executed []answer
 	var replays []answer
 	for _, a := range got {
@@ -367,17 +391,22 @@ func TestWaitThreeInstances(t *testing.T) {
 // waiter, on any instance, takes over; the rest replay its outcome.
 func TestWaitHandOverAcrossInstances(t *testing.T) {
 	var calls atomic.Int32
+	// The first attempt fails once the 29 duplicates wait, so the key is
+	// handed over to a waiter (a sleep here only made that likely).
+	acquires := newAcquireLog()
 	handler := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		n := calls.Add(1)
-		time.Sleep(200 * time.Millisecond)
 		if n == 1 {
+			if !acquires.until(func() bool { return acquires.waitingLocked() >= 29 }) {
+				t.Errorf("%d of 29 duplicates waiting after %v", acquires.waiting(), eventBound)
+			}
 			w.WriteHeader(http.StatusServiceUnavailable)
 			return
 		}
 		w.WriteHeader(http.StatusCreated)
 		fmt.Fprintf(w, "execution %d", n)
 	})
-	hs, _ := redisInstances(t, 3, handler, idempotency.WithWait(10*time.Second, 100))
+	hs, _, _ := redisInstances(t, 3, acquires, handler, idempotency.WithWait(10*time.Second, 100))
 	got := duplicates(hs, 30, func() *http.Request { return preferWait("k", "") })
 	count := map[string]int{}
 	for _, a := range got {
@@ -397,16 +426,17 @@ func TestWaitHandOverAcrossInstances(t *testing.T) {
 func TestWaitPubSubKilled(t *testing.T) {
 	admin := redistest.Client(t)
 	g := newGate()
+	defer g.release()
 	const bound = 3 * time.Second
-	hs, _, name := namedRedisInstances(t, 3, g, idempotency.WithWait(bound, 100))
-	first := make(chan answer)
+	acquires := newAcquireLog()
+	hs, _, name := redisInstances(t, 3, acquires, g, idempotency.WithWait(bound, 100))
+	first := make(chan answer, 1)
 	go func() { first <- serveAt(hs[0], preferWait("k", "")) }()
-	<-g.entered
-	var got []answer
-	done := make(chan struct{})
+	waitFor(t, g.entered, eventBound, "the handler did not start")
+	got := make(chan []answer, 1)
 	start := time.Now()
-	go func() { got = duplicates(hs, 20, func() *http.Request { return preferWait("k", "") }); close(done) }()
-	time.Sleep(200 * time.Millisecond)
+	go func() { got <- duplicates(hs, 20, func() *http.Request { return preferWait("k", "") }) }()
+	acquires.awaitWaiting(t, 20) // each is subscribed once it waits
 	// Only this test's pub/sub connections: the server is shared.
 	killed := 0
 	list, err := admin.ClientList(context.Background()).Result()
@@ -420,14 +450,15 @@ func TestWaitPubSubKilled(t *testing.T) {
 	}
 	t.Logf("killed %d pub/sub connections", killed)
 	require.Positive(t, killed)
-	close(g.open)
-	a := <-first
-	<-done
+	g.release()
+	a := waitFor(t, first, eventBound, "the first request did not end")
 	var worst time.Duration
-	for _, d := range got {
+	for _, d := range waitFor(t, got, eventBound, "the duplicates did not end") {
 		assert.Equal(t, http.StatusCreated, d.code)
 		assert.True(t, d.replayed)
-		assert.LessOrEqual(t, d.at.Sub(start), bound+time.Second)
+		// By the bound, counted from before the duplicates were sent,
+		// and one re-read.
+		assert.LessOrEqual(t, d.at.Sub(start), bound+waitBound)
 		worst = max(worst, d.at.Sub(a.at))
 	}
 	t.Logf("after the kill, the last replay came %v after the first outcome", worst)
@@ -444,7 +475,9 @@ func TestWaitFigures(t *testing.T) {
 	const waiters = 200
 	var finished atomic.Int64 // Unix ns when the first attempt's outcome was stored
 	hold := make(chan struct{})
+	holding := make(chan struct{}, 2)
 	handler := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		holding <- struct{}{}
 		<-hold
 		w.WriteHeader(http.StatusCreated)
 	})
@@ -453,39 +486,50 @@ func TestWaitFigures(t *testing.T) {
 			finished.Store(time.Now().UnixNano())
 		}
 	}
-	hs, stores := redisInstances(t, 1, handler, idempotency.WithWait(10*time.Second, waiters), idempotency.WithObserver(observe))
+	acquires := newAcquireLog()
+	hs, stores, _ := redisInstances(t, 1, acquires, handler, idempotency.WithWait(10*time.Second, waiters), idempotency.WithObserver(observe))
 
 	percentiles := func(name string, lat []time.Duration) {
 		slices.Sort(lat)
 		t.Logf("%s: %d waiters, p50 %v, p99 %v, max %v", name, len(lat), lat[len(lat)/2], lat[len(lat)*99/100], lat[len(lat)-1])
 	}
 
-	// Notifications.
-	go serve(hs[0], preferWait("notify", ""))
-	time.Sleep(50 * time.Millisecond)
+	// Notifications: the waiters come once the key is held, and it is
+	// completed once all of them wait.
+	firstDone := make(chan struct{})
+	go func() { defer close(firstDone); serve(hs[0], preferWait("notify", "")) }()
+	waitFor(t, holding, eventBound, "the handler did not start")
 	got := make(chan answer, waiters)
 	for range waiters {
 		go func() { got <- serveAt(hs[0], preferWait("notify", "")) }()
 	}
-	time.Sleep(500 * time.Millisecond)
+	acquires.awaitWaiting(t, waiters)
 	close(hold)
-	var lat []time.Duration
+	answers := make([]answer, 0, waiters)
 	for range waiters {
-		a := <-got
+		answers = append(answers, waitFor(t, got, eventBound, "a waiter did not end"))
+	}
+	waitFor(t, firstDone, eventBound, "the first request did not end") // its outcome is reported
+	var lat []time.Duration
+	for _, a := range answers {
 		require.True(t, a.replayed)
 		lat = append(lat, a.at.Sub(time.Unix(0, finished.Load())))
 	}
 	percentiles("notifications", lat)
 
 	// 50 ms polling, what a waiter without notifications would do: the
-	// same claim round trip every 50 ms.
+	// same claim round trip every 50 ms. The key is completed once every
+	// poller has polled.
 	hold2 := make(chan struct{})
-	pollHandler := newMiddleware(t, stores[0], idempotency.WithObserver(observe)).Handler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	polls := newAcquireLog()
+	pollHandler := newMiddleware(t, polls.wrap(stores[0]), idempotency.WithObserver(observe)).Handler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		holding <- struct{}{}
 		<-hold2
 		w.WriteHeader(http.StatusCreated)
 	}))
-	go serve(pollHandler, preferWait("poll", ""))
-	time.Sleep(50 * time.Millisecond)
+	firstDone = make(chan struct{})
+	go func() { defer close(firstDone); serve(pollHandler, preferWait("poll", "")) }()
+	waitFor(t, holding, eventBound, "the handler did not start")
 	polled := make(chan time.Time, waiters)
 	for range waiters {
 		go func() {
@@ -495,15 +539,22 @@ func TestWaitFigures(t *testing.T) {
 					polled <- time.Now()
 					return
 				}
-				time.Sleep(50 * time.Millisecond)
+				time.Sleep(50 * time.Millisecond) // the polling measured
 			}
 		}()
 	}
-	time.Sleep(500 * time.Millisecond)
+	if !polls.until(func() bool { return polls.calls >= 1+waiters }) {
+		t.Fatalf("%d polls after %v, want %d", polls.count()-1, eventBound, waiters)
+	}
 	close(hold2)
-	lat = lat[:0]
+	var pollTimes []time.Time
 	for range waiters {
-		lat = append(lat, (<-polled).Sub(time.Unix(0, finished.Load())))
+		pollTimes = append(pollTimes, waitFor(t, polled, eventBound, "a poller did not end"))
+	}
+	waitFor(t, firstDone, eventBound, "the first request did not end")
+	lat = lat[:0]
+	for _, at := range pollTimes {
+		lat = append(lat, at.Sub(time.Unix(0, finished.Load())))
 	}
 	percentiles("50 ms polling", lat)
 
@@ -517,14 +568,17 @@ func TestWaitFigures(t *testing.T) {
 		<-block
 		w.WriteHeader(http.StatusCreated)
 	})
-	pair, pairStores := redisInstances(t, 2, blocking, idempotency.WithWait(10*time.Second, many))
+	manyWaiting := newAcquireLog() // the holders read their keys once, the waiters twice
+	pair, pairStores, _ := redisInstances(t, 2, manyWaiting, blocking, idempotency.WithWait(10*time.Second, many))
 	// The holders' pool: 1,000 claims at once.
 	var all sync.WaitGroup
 	for i := range many {
 		all.Add(1)
 		go func() { defer all.Done(); serve(pair[0], preferWait("many-"+strconv.Itoa(i), "")) }()
 	}
-	entered.Wait()
+	allEntered := make(chan struct{})
+	go func() { entered.Wait(); close(allEntered) }()
+	waitFor(t, allEntered, eventBound, "the holders' handlers did not all start")
 	before := runtime.NumGoroutine()
 	for i := range many {
 		all.Add(1)
@@ -534,7 +588,9 @@ func TestWaitFigures(t *testing.T) {
 			assert.Equal(t, "true", w.Header().Get("X-Idempotent-Replayed"))
 		}()
 	}
-	require.Eventually(t, func() bool { _, ch := pairStores[1].Subscriptions(); return ch == many }, 10*time.Second, 10*time.Millisecond)
+	manyWaiting.awaitWaiting(t, many)
+	_, subscribed := pairStores[1].Subscriptions()
+	require.Equal(t, many, subscribed, "a waiter subscribes before it re-reads its key")
 	// Once every waiter has re-read its key after subscribing, and sits
 	// in its select.
 	extra := 0

@@ -653,6 +653,7 @@ type whRecordingStore struct {
 	keys        []string
 	completed   []idempotency.Record
 	extends     atomic.Int64
+	onExtended  func(n int64) // called after the nth renewal that succeeded, when set
 	acquireErr  error
 	completeErr error
 	releaseErr  error
@@ -667,11 +668,15 @@ func (s *whRecordingStore) Acquire(ctx context.Context, key string, claim idempo
 }
 
 func (s *whRecordingStore) Extend(ctx context.Context, key, token string, lease time.Duration) error {
-	s.extends.Add(1)
+	n := s.extends.Add(1)
 	if s.extendErr != nil {
 		return s.extendErr
 	}
-	return s.Store.Extend(ctx, key, token, lease)
+	err := s.Store.Extend(ctx, key, token, lease)
+	if err == nil && s.onExtended != nil {
+		s.onExtended(n)
+	}
+	return err
 }
 
 func (s *whRecordingStore) Complete(ctx context.Context, key, token string, rec *idempotency.Record, ttl time.Duration) error {
@@ -828,8 +833,16 @@ func TestWebhookStoreFailures(t *testing.T) {
 
 func TestWebhookLeaseIsRenewedWhileTheFunctionRuns(t *testing.T) {
 	whForEachStore(t, func(t *testing.T, store idempotency.Store) {
-		const lease = 150 * time.Millisecond
-		rs := &whRecordingStore{Store: store}
+		// Renewals every lease/3 must come before the work's deadline,
+		// three quarters of a lease after the last: the margin is for a
+		// loaded machine.
+		const lease = 600 * time.Millisecond
+		renewed := make(chan struct{})
+		rs := &whRecordingStore{Store: store, onExtended: func(n int64) {
+			if n == 4 {
+				close(renewed)
+			}
+		}}
 		entered := make(chan struct{})
 		gate := make(chan struct{})
 		var closeGate sync.Once
@@ -844,20 +857,20 @@ func TestWebhookLeaseIsRenewedWhileTheFunctionRuns(t *testing.T) {
 		}, idempotency.WithLease(lease))
 		payload := whEvent("evt_long")
 
-		done := make(chan idempotency.Outcome)
+		done := make(chan idempotency.Outcome, 1)
 		go func() {
 			outcome, _ := h.Handle(context.Background(), payload, idempotency.SignWebhookPayload(payload, whSecret, time.Now()))
 			done <- outcome
 		}()
-		<-entered
+		waitFor(t, entered, eventBound, "the function did not start")
 		// Three renewals span more than the lease: without them the claim
 		// would have lapsed and a second delivery would run the function.
-		require.Eventually(t, func() bool { return rs.extends.Load() >= 4 }, 5*time.Second, 5*time.Millisecond)
+		waitFor(t, renewed, eventBound, "the lease was not renewed four times")
 		outcome, err := h.Handle(context.Background(), payload, idempotency.SignWebhookPayload(payload, whSecret, time.Now()))
 		assert.Equal(t, idempotency.OutcomeInFlight, outcome)
 		assert.ErrorIs(t, err, idempotency.ErrKeyInUse)
 		open()
-		assert.Equal(t, idempotency.OutcomeExecuted, <-done)
+		assert.Equal(t, idempotency.OutcomeExecuted, waitFor(t, done, eventBound, "the first delivery did not end"))
 		assert.EqualValues(t, 1, calls.Load())
 	})
 }

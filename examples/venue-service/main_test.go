@@ -6,12 +6,11 @@ package main
 import (
 	"bufio"
 	"bytes"
-	"context"
 	"crypto/rand"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
-	"net/http/httptrace"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -52,13 +51,16 @@ func TestMain(m *testing.M) {
 
 // process is one running venue-service.
 type process struct {
-	t    *testing.T
-	cmd  *exec.Cmd
-	url  string
-	done chan error
+	t     *testing.T
+	cmd   *exec.Cmd
+	url   string
+	done  chan error
+	stdin io.WriteCloser // what CHAOS_HOLD reads
+	holds int            // the CHAOS_HOLD holds asked for
 
-	mu  sync.Mutex
-	log bytes.Buffer
+	mu     sync.Mutex
+	log    bytes.Buffer
+	logged chan struct{} // closed and replaced at each line of the log
 }
 
 var listeningLine = regexp.MustCompile(`msg="venue-service listening" addr=(http://\S+)`)
@@ -71,8 +73,10 @@ func start(t *testing.T, env ...string) *process {
 	cmd.Env = append(os.Environ(), env...)
 	stderr, err := cmd.StderrPipe()
 	require.NoError(t, err)
+	stdin, err := cmd.StdinPipe()
+	require.NoError(t, err)
 	require.NoError(t, cmd.Start())
-	p := &process{t: t, cmd: cmd, done: make(chan error, 1)}
+	p := &process{t: t, cmd: cmd, done: make(chan error, 1), stdin: stdin, logged: make(chan struct{})}
 	found := make(chan string, 1)
 	go func() {
 		sc := bufio.NewScanner(stderr)
@@ -80,6 +84,8 @@ func start(t *testing.T, env ...string) *process {
 			line := sc.Text()
 			p.mu.Lock()
 			p.log.WriteString(line + "\n")
+			close(p.logged)
+			p.logged = make(chan struct{})
 			p.mu.Unlock()
 			if m := listeningLine.FindStringSubmatch(line); m != nil {
 				found <- m[1]
@@ -88,6 +94,7 @@ func start(t *testing.T, env ...string) *process {
 		p.done <- cmd.Wait()
 	}()
 	t.Cleanup(func() {
+		stdin.Close()
 		if cmd.ProcessState == nil {
 			cmd.Process.Kill()
 		}
@@ -109,6 +116,52 @@ func (p *process) logText() string {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	return p.log.String()
+}
+
+// awaitLog returns once the log holds text n times, and fails the test
+// after a bound that only a bug reaches.
+func (p *process) awaitLog(text string, n int) {
+	p.t.Helper()
+	timeout := time.NewTimer(30 * time.Second)
+	defer timeout.Stop()
+	for {
+		p.mu.Lock()
+		seen, logged := strings.Count(p.log.String(), text), p.logged
+		p.mu.Unlock()
+		if seen >= n {
+			return
+		}
+		select {
+		case <-logged:
+		case <-timeout.C:
+			p.t.Fatalf("the log shows %q %d times, want %d:\n%s", text, seen, n, p.logText())
+		}
+	}
+}
+
+// hold arms CHAOS_HOLD (the process runs with it) and returns once the
+// service has read the line: the next venue creation to reach its Stripe
+// call waits there.
+func (p *process) hold() {
+	p.t.Helper()
+	p.holds++
+	_, err := io.WriteString(p.stdin, "hold\n")
+	require.NoError(p.t, err)
+	p.awaitLog("chaos: hold armed", p.holds)
+}
+
+// awaitHeld returns once the nth held creation (counting from 1) waits
+// before its Stripe call.
+func (p *process) awaitHeld(n int) {
+	p.t.Helper()
+	p.awaitLog("chaos: holding the request", n)
+}
+
+// release lets the held creation go on.
+func (p *process) release() {
+	p.t.Helper()
+	_, err := io.WriteString(p.stdin, "release\n")
+	require.NoError(p.t, err)
 }
 
 // stop sends SIGTERM and waits for a clean exit.
@@ -232,9 +285,24 @@ func TestSlugTakenByAnotherVenue(t *testing.T) {
 }
 
 func TestConcurrentDuplicates(t *testing.T) {
-	p := start(t, "FAKE_STRIPE_LATENCY=300ms")
-	// Ten at once, asking not to wait: one runs, nine get 409.
-	count := sendConcurrently(p, 10, `{"name":"Hall","slug":"hall"}`, "Prefer", "wait=0")
+	p := start(t, "FAKE_STRIPE_LATENCY=300ms", "CHAOS_HOLD=1")
+	// Ten at once, asking not to wait: one runs, and is held before its
+	// Stripe call until the nine others are answered: 409.
+	p.hold()
+	key := uniqueKey()
+	statuses := make(chan int, 10)
+	for range 10 {
+		go func() {
+			statuses <- p.createVenue(key, `{"name":"Hall","slug":"hall"}`, "Prefer", "wait=0").status
+		}()
+	}
+	p.awaitHeld(1)
+	count := map[int]int{}
+	for range 9 {
+		count[receive(t, statuses, "a duplicate got no answer")]++
+	}
+	p.release()
+	count[receive(t, statuses, "the held request got no answer")]++
 	assert.Equal(t, map[int]int{http.StatusCreated: 1, http.StatusConflict: 9}, count)
 	// Ten at once that may wait (the example waits up to 10 s): one runs,
 	// nine wait for its outcome and get the replay.
@@ -324,28 +392,44 @@ func signWithBinary(t *testing.T, payload string) string {
 }
 
 func TestGracefulShutdownFinishesInFlight(t *testing.T) {
-	p := start(t, "FAKE_STRIPE_LATENCY=700ms")
-	sent := make(chan struct{})
+	// The request is held before its Stripe call until the shutdown has
+	// begun, so it is in flight then however slow the machine; the Stripe
+	// call's latency keeps it in flight while the server shuts down.
+	p := start(t, "CHAOS_HOLD=1", "FAKE_STRIPE_LATENCY=300ms")
+	p.hold()
 	result := make(chan *http.Response, 1)
 	go func() {
-		trace := &httptrace.ClientTrace{WroteRequest: func(httptrace.WroteRequestInfo) { close(sent) }}
-		ctx := httptrace.WithClientTrace(context.Background(), trace)
-		req, _ := http.NewRequestWithContext(ctx, http.MethodPost, p.url+"/venues", strings.NewReader(`{"name":"Hall","slug":"hall"}`))
+		req, _ := http.NewRequest(http.MethodPost, p.url+"/venues", strings.NewReader(`{"name":"Hall","slug":"hall"}`))
 		req.Header.Set("Idempotency-Key", uniqueKey())
 		req.Header.Set("Authorization", "Bearer dev-key-a")
 		resp, err := http.DefaultClient.Do(req)
 		assert.NoError(t, err)
 		result <- resp
 	}()
-	<-sent
-	time.Sleep(100 * time.Millisecond) // the server has read the request and is in the Stripe call
+	p.awaitHeld(1)
 	require.NoError(t, p.cmd.Process.Signal(syscall.SIGTERM))
-	resp := <-result
+	p.awaitLog("shutting down: finishing in-flight requests", 1)
+	p.release()
+	resp := receive(t, result, "the in-flight request got no answer")
 	require.NotNil(t, resp)
 	resp.Body.Close()
 	assert.Equal(t, http.StatusCreated, resp.StatusCode, "the in-flight request finished")
-	require.NoError(t, <-p.done)
+	require.NoError(t, receive(t, p.done, "venue-service did not stop"))
 	assert.Contains(t, p.logText(), "stopped cleanly")
+}
+
+// receive receives from ch, failing t after a bound that only a bug
+// reaches.
+func receive[T any](t *testing.T, ch <-chan T, what string) T {
+	t.Helper()
+	select {
+	case v := <-ch:
+		return v
+	case <-time.After(30 * time.Second):
+		t.Fatal(what)
+		var zero T
+		return zero
+	}
 }
 
 func TestBadConfiguration(t *testing.T) {

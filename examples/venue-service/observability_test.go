@@ -15,7 +15,6 @@ import (
 	"regexp"
 	"sort"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -53,7 +52,7 @@ func driveTraffic(t *testing.T) traffic {
 	mr := miniredis.NewMiniRedis()
 	require.NoError(t, mr.Start())
 	t.Cleanup(mr.Close)
-	p := start(t, "REDIS_URL=redis://"+mr.Addr()+"/0", "FAKE_STRIPE_LATENCY=300ms", "API_KEYS="+trafficAPIKey+":"+trafficTenant)
+	p := start(t, "REDIS_URL=redis://"+mr.Addr()+"/0", "FAKE_STRIPE_LATENCY=300ms", "CHAOS_HOLD=1", "API_KEYS="+trafficAPIKey+":"+trafficTenant)
 	tr := traffic{p: p}
 	newKey := func() string {
 		k := "rawkey-" + rand.Text()
@@ -81,19 +80,22 @@ func driveTraffic(t *testing.T) traffic {
 	require.Equal(t, http.StatusUnprocessableEntity, p.createVenue(key, newVenue(), tenant...).status)
 
 	// Concurrent duplicates that ask not to wait (Prefer: wait=0): one
-	// 201, the others 409 while it runs.
+	// 201, the others 409 while it runs (held before its Stripe call
+	// until they are answered).
 	key, venue = newKey(), newVenue()
-	var wg sync.WaitGroup
-	statuses := make([]int, 3)
-	for i := range statuses {
-		wg.Add(1)
+	p.hold()
+	statuses := make(chan int, 3)
+	for range cap(statuses) {
 		go func() {
-			defer wg.Done()
-			statuses[i] = p.createVenue(key, venue, append([]string{"Prefer", "wait=0"}, tenant...)...).status
+			statuses <- p.createVenue(key, venue, append([]string{"Prefer", "wait=0"}, tenant...)...).status
 		}()
 	}
-	wg.Wait()
-	require.Contains(t, statuses, http.StatusConflict, "statuses %v", statuses)
+	p.awaitHeld(1)
+	for range cap(statuses) - 1 {
+		require.Equal(t, http.StatusConflict, receive(t, statuses, "a duplicate got no answer"))
+	}
+	p.release()
+	require.Equal(t, http.StatusCreated, receive(t, statuses, "the held request got no answer"))
 
 	// Webhooks: processed, a duplicate, and one whose function fails (an
 	// account.updated whose account does not decode), released for
@@ -116,13 +118,16 @@ func driveTraffic(t *testing.T) traffic {
 	}
 
 	// A lease lost: the record disappears from the store while its
-	// request waits for Stripe, so its response cannot be stored.
+	// request is held before its Stripe call, so its response cannot be
+	// stored.
 	done := make(chan response, 1)
 	key, venue = newKey(), newVenue()
+	p.hold()
 	go func() { done <- p.createVenue(key, venue, tenant...) }()
-	time.Sleep(100 * time.Millisecond)
+	p.awaitHeld(2)
 	mr.FlushAll()
-	<-done
+	p.release()
+	receive(t, done, "the request whose record vanished got no answer")
 
 	// The store goes away: requests and deliveries are refused (503).
 	mr.Close()

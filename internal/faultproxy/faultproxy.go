@@ -38,6 +38,7 @@ type Proxy struct {
 	refuse    bool // reset new connections at once
 	gen       int  // counts Heal calls: replies held before one go at once
 	changed   chan struct{}
+	onHold    func() // test hook: called as each reply starts being held
 }
 
 // Start listens on a free loopback port and forwards every connection it
@@ -214,6 +215,16 @@ func (p *Proxy) holdFor(c chunk) (time.Duration, <-chan struct{}) {
 	return time.Until(c.due), p.changed
 }
 
+// holding calls the onHold hook, if set.
+func (p *Proxy) holding() {
+	p.mu.Lock()
+	f := p.onHold
+	p.mu.Unlock()
+	if f != nil {
+		f()
+	}
+}
+
 func (p *Proxy) blackholed() bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -318,10 +329,13 @@ func (l *link) writeReplies() {
 		case <-l.done:
 			return
 		}
-		for {
+		for held := false; ; held = true {
 			wait, changed := l.p.holdFor(c)
 			if wait <= 0 {
 				break
+			}
+			if !held {
+				l.p.holding()
 			}
 			timer := time.NewTimer(wait)
 			select {

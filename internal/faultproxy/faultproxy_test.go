@@ -120,16 +120,22 @@ func TestForwards(t *testing.T) {
 	}
 }
 
+// A reply delayed by d comes no sooner than d after its request was sent,
+// exactly; one that is not comes sooner, on a machine that is not so
+// loaded that a loopback round trip takes a whole second. So a check that
+// a reply was not delayed compares with the delay itself.
+const delay = time.Second
+
 func TestLatency(t *testing.T) {
 	p := start(t)
 	c := dial(t, p)
 	mustRoundTrip(c, "warm")
-	p.SetLatency(150 * time.Millisecond)
-	if took := mustRoundTrip(c, "slow"); took < 150*time.Millisecond {
-		t.Fatalf("reply came after %v, want at least 150ms", took)
+	p.SetLatency(delay)
+	if took := mustRoundTrip(c, "slow"); took < delay {
+		t.Fatalf("reply came after %v, want at least %v", took, delay)
 	}
 	p.SetLatency(0)
-	if took := mustRoundTrip(c, "fast"); took > 100*time.Millisecond {
+	if took := mustRoundTrip(c, "fast"); took >= delay {
 		t.Fatalf("reply came after %v without latency", took)
 	}
 }
@@ -137,20 +143,53 @@ func TestLatency(t *testing.T) {
 func TestDelayNextRepliesOnly(t *testing.T) {
 	p := start(t)
 	c := dial(t, p)
-	p.DelayNextReplies(1, 200*time.Millisecond)
-	if took := mustRoundTrip(c, "first"); took < 200*time.Millisecond {
-		t.Fatalf("first reply after %v, want at least 200ms", took)
+	p.DelayNextReplies(1, delay)
+	if took := mustRoundTrip(c, "first"); took < delay {
+		t.Fatalf("first reply after %v, want at least %v", took, delay)
 	}
-	if took := mustRoundTrip(c, "second"); took > 150*time.Millisecond {
+	if took := mustRoundTrip(c, "second"); took >= delay {
 		t.Fatalf("second reply after %v: only the first is delayed", took)
+	}
+}
+
+// heldSignal makes p report on the returned channel each reply it starts
+// to hold back.
+func heldSignal(p *faultproxy.Proxy) <-chan struct{} {
+	held := make(chan struct{}, 16)
+	p.OnHold(func() {
+		select {
+		case held <- struct{}{}:
+		default: // never block the proxy
+		}
+	})
+	return held
+}
+
+// awaitHeld returns once a reply is held, and fails t after a bound that
+// only a bug reaches.
+func awaitHeld(t *testing.T, held <-chan struct{}) {
+	t.Helper()
+	select {
+	case <-held:
+	case <-time.After(30 * time.Second):
+		t.Fatal("no reply was held")
 	}
 }
 
 func TestHealReleasesHeldReplies(t *testing.T) {
 	p := start(t)
+	held := heldSignal(p)
 	c := dial(t, p)
 	p.SetLatency(time.Hour)
-	time.AfterFunc(100*time.Millisecond, p.Heal)
+	stop := make(chan struct{})
+	defer close(stop)
+	go func() { // heals once the reply is held, not before
+		select {
+		case <-held:
+			p.Heal()
+		case <-stop:
+		}
+	}()
 	if took := mustRoundTrip(c, "held"); took > 3*time.Second {
 		t.Fatalf("held reply came after %v", took)
 	}
@@ -242,9 +281,10 @@ func TestCloseEndsConnections(t *testing.T) {
 	}
 	c := dial(t, p)
 	mustRoundTrip(c, "warm")
+	held := heldSignal(p)
 	p.SetLatency(time.Hour)
 	c.c.Write([]byte("held\n"))
-	time.Sleep(20 * time.Millisecond) // let the reply reach the queue
+	awaitHeld(t, held) // Close must end a link that holds a reply
 	if err := p.Close(); err != nil {
 		t.Fatal(err)
 	}
