@@ -40,8 +40,11 @@ const (
 	// pauseWithin bounds every wait of TestPausedOwner: generous, so that
 	// only a stuck instance fails it, not a loaded machine.
 	pauseWithin = time.Minute
-	// pausedLease is the instances' lease: short, so a stop outlasts it soon.
-	pausedLease = 400 * time.Millisecond
+	// pausedLease is the instances' lease: short, so a stop outlasts it
+	// soon, and long enough that B, which takes the keys over, keeps its
+	// own leases on a loaded 2-core machine (400 ms did not, under six
+	// busy loops).
+	pausedLease = time.Second
 	// pausedWork is how long A's handlers work before their side effect:
 	// long enough that A is stopped before it ends; a request whose work
 	// ended before the stop is not counted as a trial.
