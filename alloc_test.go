@@ -72,7 +72,7 @@ func TestAllocationBudget(t *testing.T) {
 	if raceEnabled {
 		t.Skip("the race detector allocates on its own; run without -race")
 	}
-	h := newMiddleware(t, idempotency.NewMemoryStore()).Handler(allocHandler())
+	h := newMiddleware(t, idempotency.NewMemoryStore(idempotency.MemoryOptions{})).Handler(allocHandler())
 	first := allocsOver(t, h, func(i int) string { return "first-" + strconv.Itoa(i) })
 	serve(h, allocRequest("replay"))
 	replay := allocsOver(t, h, func(int) string { return "replay" })

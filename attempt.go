@@ -21,7 +21,8 @@ import (
 // [ClaimFromContext].
 type Claim struct {
 	// Kind tells what is being served: "http" for the middleware,
-	// "stripe-webhook" for the webhook helper.
+	// "<provider>-webhook" (for example "stripe-webhook") for the webhook
+	// handler.
 	Kind        string
 	Scope       string
 	Key         string
@@ -45,10 +46,10 @@ type Claim struct {
 }
 
 // Keep decides, for the response of the attempt this claim belongs to, what
-// is stored: ttl > 0 keeps it for ttl instead of [WithTTL], whatever its
-// status (the handler's word wins over [WithRetryableStatus]); ttl <= 0
+// is stored: ttl > 0 keeps it for ttl instead of [Options].TTL, whatever its
+// status (the handler's word wins over [Options].Retryable); ttl <= 0
 // stores nothing and frees the key, as a 5xx does, so a retry (or a
-// waiting duplicate, see [WithWait]) runs the handler again. A response
+// waiting duplicate, see [Options].Wait) runs the handler again. A response
 // that cannot be replayed (1xx, a handler cut short) is never stored. The
 // last call before the handler returns counts; calls after it, and on a
 // Claim no attempt runs, do nothing. Safe for concurrent use. For a
@@ -121,7 +122,7 @@ func (c Claim) Checkpoint(ctx context.Context, point string, data []byte) error 
 }
 
 // HoldResponse makes the middleware hold this claim's response until its
-// outcome is stored, also on a route served [WithStreaming], where
+// outcome is stored, also on a route served [Options].Streaming, where
 // responses otherwise pass through as they are written (without it, every
 // response is held). A store that commits the response with the handler's
 // own writes asks for it (pgstore's Tx does), so that a client never sees
@@ -149,7 +150,7 @@ type engine struct {
 	// ([FailureRecorder]).
 	keepFailures bool
 	leases       lease.Keeper
-	waiting      waitLimit // duplicates waiting for an outcome ([WithWait])
+	waiting      waitLimit // duplicates waiting for an outcome ([Options].Wait)
 }
 
 func newEngine(store Store, s *settings, keepFailures bool) *engine {
@@ -477,7 +478,7 @@ func truncate(s string, n int) string {
 }
 
 // waker is implemented by stores that can wake a request waiting for the
-// outcome of a key another request holds (see [WithWait]): [MemoryStore]
+// outcome of a key another request holds (see [Options].Wait): [MemoryStore]
 // with a channel per waiter, [RedisStore] with pub/sub. It is unexported
 // because the engine relies on details a store outside this package
 // cannot see; such a store still works, its waiters re-read it every

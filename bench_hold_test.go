@@ -49,7 +49,7 @@ func BenchmarkHeldResponse(b *testing.B) {
 				store := newStore(b)
 				held := httptest.NewServer(newMiddleware(b, store).Handler(handler))
 				defer held.Close()
-				streamed := httptest.NewServer(newMiddleware(b, store, idempotency.WithStreaming()).Handler(handler))
+				streamed := httptest.NewServer(newMiddleware(b, store, idempotency.Options{Streaming: true}).Handler(handler))
 				defer streamed.Close()
 				keys := benchtest.Keys("held-", b.N)
 				var heldFirst, heldLast, streamedFirst, streamedLast time.Duration
@@ -117,9 +117,9 @@ func BenchmarkHeldResponseMemory(b *testing.B) {
 			io.WriteString(w, chunk)
 		}
 	})
-	for name, opts := range map[string][]idempotency.Option{"held": nil, "streamed": {idempotency.WithStreaming()}} {
+	for name, opts := range map[string]idempotency.Options{"held": {}, "streamed": {Streaming: true}} {
 		b.Run(name, func(b *testing.B) {
-			h := newMiddleware(b, benchMemoryStore(), opts...).Handler(handler)
+			h := newMiddleware(b, benchMemoryStore(), opts).Handler(handler)
 			keys := benchtest.Keys(name, b.N)
 			b.ReportAllocs()
 			b.ResetTimer()

@@ -38,7 +38,7 @@ func BenchmarkBaseline(b *testing.B) {
 // benchMemoryStore has no limits: a benchmark's first requests add
 // millions of records, past the default 1 GiB, and it measures speed.
 func benchMemoryStore() *idempotency.MemoryStore {
-	return idempotency.NewMemoryStore(idempotency.WithMemoryLimits(0, 0))
+	return idempotency.NewMemoryStore(idempotency.MemoryOptions{MaxRecords: 0, MaxBytes: -1})
 }
 
 func BenchmarkMemory(b *testing.B) {

@@ -96,7 +96,7 @@ func TestRecoveryPointAfterCrash(t *testing.T) {
 	// its own clock, after at most a lease. The store timeout leaves its
 	// calls before the cut, through the proxy, time on a busy machine.
 	const lease, storeTimeout = 2 * time.Second, time.Second
-	prefix := idempotency.WithRedisPrefix(redistest.Prefix(t))
+	prefix := idempotency.RedisOptions{Prefix: redistest.Prefix(t)}
 	cutOff, err := idempotency.NewRedisStore(faultClient(t, proxy.Addr(), faultReadTimeout), prefix)
 	require.NoError(t, err)
 	healthy, err := idempotency.NewRedisStore(direct, prefix)
@@ -104,7 +104,7 @@ func TestRecoveryPointAfterCrash(t *testing.T) {
 
 	var created atomic.Int32
 	checkpointed := make(chan error, 1)
-	crashing := newMiddleware(t, cutOff, idempotency.WithLease(lease), idempotency.WithStoreTimeout(storeTimeout)).
+	crashing := newMiddleware(t, cutOff, idempotency.Options{Lease: lease, StoreTimeout: storeTimeout}).
 		Handler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			claim, _ := idempotency.ClaimFromContext(r.Context())
 			created.Add(1)
@@ -112,7 +112,7 @@ func TestRecoveryPointAfterCrash(t *testing.T) {
 			<-r.Context().Done() // the lease is lost: this attempt is over
 		}))
 	resumed := make(chan idempotency.Claim, 1)
-	survivor := newMiddleware(t, healthy, idempotency.WithLease(lease)).
+	survivor := newMiddleware(t, healthy, idempotency.Options{Lease: lease}).
 		Handler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			claim, _ := idempotency.ClaimFromContext(r.Context())
 			resumed <- claim
@@ -174,7 +174,7 @@ func TestHeldResponse(t *testing.T) {
 	// go-redis waits up to faultReadTimeout for a reply, longer than the
 	// store timeout, so the late reply below is not retried and answered
 	// in time.
-	store, err := idempotency.NewRedisStore(faultClient(t, proxy.Addr(), faultReadTimeout), idempotency.WithRedisPrefix(redistest.Prefix(t)))
+	store, err := idempotency.NewRedisStore(faultClient(t, proxy.Addr(), faultReadTimeout), idempotency.RedisOptions{Prefix: redistest.Prefix(t)})
 	require.NoError(t, err)
 
 	var runs atomic.Int32
@@ -183,7 +183,7 @@ func TestHeldResponse(t *testing.T) {
 	// The store timeout leaves the store calls time on a busy machine; the
 	// delayed reply below comes after it, when Heal sends it.
 	const storeTimeout = time.Second
-	mw := newMiddleware(t, store, idempotency.WithStoreTimeout(storeTimeout)).
+	mw := newMiddleware(t, store, idempotency.Options{StoreTimeout: storeTimeout}).
 		Handler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			claim, _ := idempotency.ClaimFromContext(r.Context())
 			claim.HoldResponse()
@@ -297,7 +297,7 @@ func TestCheckpointFindsLeaseLost(t *testing.T) {
 	taken := make(chan struct{})
 	var checkpointErr, cause error
 	entered := make(chan struct{})
-	mw := newMiddleware(t, store, idempotency.WithObserver(obs.observe)).
+	mw := newMiddleware(t, store, idempotency.Options{Observer: obs.observe}).
 		Handler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			close(entered)
 			<-taken

@@ -28,11 +28,11 @@ import (
 func TestClusterKeysNeverCrossSlot(t *testing.T) {
 	client := redistest.Cluster(t)
 	prefix := redistest.Prefix(t)
-	store, err := idempotency.NewRedisStore(client, idempotency.WithRedisPrefix(prefix))
+	store, err := idempotency.NewRedisStore(client, idempotency.RedisOptions{Prefix: prefix})
 	require.NoError(t, err)
 	tenant := func(r *http.Request) string { return r.Header.Get("X-Tenant") }
 	handler := createVenue()
-	h := newMiddleware(t, store, idempotency.WithScope(tenant)).Handler(handler)
+	h := newMiddleware(t, store, idempotency.Options{Scope: tenant}).Handler(handler)
 
 	keys := []string{"{a}", "}{", "{{}}", "{", "}", "a{b}c{d}", "{}", strings.Repeat("{x}", 85), `"{quoted}"`}
 	scopes := []string{"", "{tenant}", "ünïcødé {☃}", strings.Repeat("{", 1000), "\x00{\xff}"}
@@ -104,11 +104,11 @@ func TestClusterRecoversFromScriptFlush(t *testing.T) {
 // across all slots run and replay.
 func TestClusterRedisWait(t *testing.T) {
 	client := redistest.Cluster(t)
-	store, err := idempotency.NewRedisStore(client, idempotency.WithRedisPrefix(redistest.Prefix(t)), idempotency.WithRedisWait(1, time.Second))
+	store, err := idempotency.NewRedisStore(client, idempotency.RedisOptions{Prefix: redistest.Prefix(t), WaitReplicas: 1, WaitTimeout: time.Second})
 	require.NoError(t, err)
 	handler := createVenue()
 	obs := &observed{}
-	h := newMiddleware(t, store, idempotency.WithObserver(obs.observe)).Handler(handler)
+	h := newMiddleware(t, store, idempotency.Options{Observer: obs.observe}).Handler(handler)
 	for i := range 30 {
 		k := fmt.Sprintf("k%d", i)
 		require.Equal(t, http.StatusCreated, serve(h, post(k, `{}`)).Code, k)

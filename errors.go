@@ -51,7 +51,7 @@ var (
 	ErrLeaseLost error = newKind(http.StatusServiceUnavailable, "lease lost", "ErrLeaseLost", "The request lost its claim on the Idempotency-Key")
 
 	// ErrShutdown: the handler's context was cancelled because the context
-	// given to [WithShutdown] ended (503 when it then answers nothing).
+	// given to [Options].Shutdown ended (503 when it then answers nothing).
 	ErrShutdown error = newKind(http.StatusServiceUnavailable, "shutting down", "ErrShutdown", "The server is shutting down")
 
 	// ErrRecordUnreadable: the record stored under the key cannot be
@@ -59,19 +59,21 @@ var (
 	// so the request can be neither replayed nor run (500, no
 	// Retry-After: retrying changes nothing). Stores return errors wrapping
 	// it; the record stays until its TTL ends or an operator removes it
-	// ([Remover]).
+	// ([Inspector]).
 	ErrRecordUnreadable error = newKind(http.StatusInternalServerError, "record unreadable", "ErrRecordUnreadable", "The stored record for this Idempotency-Key is unreadable")
 
-	// ErrWebhookSignature: the Stripe-Signature header is missing or
-	// malformed, no signature matches any of the secrets, or its timestamp
-	// is older than the tolerance (400). It wraps the error from stripe-go's
-	// webhook package ([webhook.ErrNotSigned], [webhook.ErrInvalidHeader],
-	// [webhook.ErrNoValidSignature] or [webhook.ErrTooOld]).
-	ErrWebhookSignature error = newKind(http.StatusBadRequest, "invalid webhook signature", "ErrWebhookSignature", "Invalid Stripe-Signature")
+	// ErrWebhookSignature: the delivery is not authentic: a signature
+	// header is missing or malformed, no signature matches any of the
+	// secrets, or its timestamp is outside the tolerance (400). Errors from
+	// this package's [Verifier]s wrap it (the Stripe one also wraps the
+	// error from stripe-go's webhook package: [webhook.ErrNotSigned],
+	// [webhook.ErrInvalidHeader], [webhook.ErrNoValidSignature] or
+	// [webhook.ErrTooOld]).
+	ErrWebhookSignature error = newKind(http.StatusBadRequest, "invalid webhook signature", "ErrWebhookSignature", "Invalid webhook signature")
 
-	// ErrWebhookPayload: the signed payload is not an event this handler
-	// accepts: malformed JSON, no event id, or an api_version other than
-	// [stripe.APIVersion] (see [WithWebhookIgnoreAPIVersion]) (400).
+	// ErrWebhookPayload: the delivery is authentic but names no event this
+	// handler can key: malformed JSON where the provider sends JSON, or no
+	// event ID (400).
 	ErrWebhookPayload error = newKind(http.StatusBadRequest, "invalid webhook payload", "ErrWebhookPayload", "Invalid webhook payload")
 
 	// ErrWebhookFailed: the webhook function returned an error or panicked;

@@ -15,7 +15,7 @@ import (
 )
 
 func ExampleNew() {
-	mw, err := idempotency.New(idempotency.NewMemoryStore())
+	mw, err := idempotency.New(idempotency.NewMemoryStore(idempotency.MemoryOptions{}), idempotency.Options{})
 	if err != nil {
 		log.Fatal(err)
 	}
@@ -60,11 +60,11 @@ func ExampleNewRedisStore() {
 		MaintNotificationsConfig: &maintnotifications.Config{Mode: maintnotifications.ModeDisabled},
 	})
 	defer rdb.Close()
-	store, err := idempotency.NewRedisStore(rdb, idempotency.WithRedisPrefix("venue-service:idem:"))
+	store, err := idempotency.NewRedisStore(rdb, idempotency.RedisOptions{Prefix: "venue-service:idem:"})
 	if err != nil {
 		log.Fatal(err)
 	}
-	mw, err := idempotency.New(store)
+	mw, err := idempotency.New(store, idempotency.Options{})
 	if err != nil {
 		log.Fatal(err)
 	}
@@ -85,9 +85,9 @@ func ExampleNewRedisStore() {
 	// keys in Redis: [venue-service:idem:{95c1}25e83a2f886296b7cf0a88ecb438 venue-service:idem:{95c1}fence]
 }
 
-func ExampleWithScope() {
+func ExampleOptions_scope() {
 	tenant := func(r *http.Request) string { return r.Header.Get("X-Tenant-ID") }
-	mw, err := idempotency.New(idempotency.NewMemoryStore(), idempotency.WithScope(tenant))
+	mw, err := idempotency.New(idempotency.NewMemoryStore(idempotency.MemoryOptions{}), idempotency.Options{Scope: tenant})
 	if err != nil {
 		log.Fatal(err)
 	}
@@ -109,7 +109,7 @@ func ExampleWithScope() {
 }
 
 func ExampleClaimFromContext() {
-	mw, err := idempotency.New(idempotency.NewMemoryStore())
+	mw, err := idempotency.New(idempotency.NewMemoryStore(idempotency.MemoryOptions{}), idempotency.Options{})
 	if err != nil {
 		log.Fatal(err)
 	}

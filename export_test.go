@@ -1,8 +1,6 @@
 package idempotency
 
 import (
-	"net/http"
-	"strings"
 	"time"
 
 	"github.com/stripe/stripe-go/v76/webhook"
@@ -15,7 +13,7 @@ const (
 	DefaultReplayHeader        = "X-Idempotent-Replayed"
 	DefaultLease               = defaultLease
 	DefaultStoreTimeout        = defaultStoreTimeout
-	DefaultWebhookTolerance    = 300 * time.Second
+	DefaultWebhookTolerance    = defaultWebhookTolerance
 	DefaultWebhookTTL          = 7 * 24 * time.Hour
 	DefaultWebhookMaxBodyBytes = 64 << 10
 	MaxKeyLength               = maxKeyLength
@@ -24,15 +22,19 @@ const (
 // NewMemoryStoreWithClock returns a MemoryStore configured by opts that
 // reads the time from now, as its monotonic clock and its wall clock, so
 // tests move time forward without sleeping.
-func NewMemoryStoreWithClock(now func() time.Time, opts ...Option) *MemoryStore {
+func NewMemoryStoreWithClock(now func() time.Time, opts ...MemoryOptions) *MemoryStore {
 	return NewMemoryStoreWithClocks(now, now, opts...)
 }
 
 // NewMemoryStoreWithClocks returns a MemoryStore configured by opts whose
 // monotonic clock reads the time passed since monotonic's first reading,
 // and whose wall clock is wall: a test steps one without the other.
-func NewMemoryStoreWithClocks(monotonic, wall func() time.Time, opts ...Option) *MemoryStore {
-	s := NewMemoryStore(opts...)
+func NewMemoryStoreWithClocks(monotonic, wall func() time.Time, opts ...MemoryOptions) *MemoryStore {
+	var o MemoryOptions
+	if len(opts) > 0 {
+		o = opts[0]
+	}
+	s := NewMemoryStore(o)
 	start := monotonic()
 	s.clock = func() int64 { return int64(monotonic().Sub(start)) }
 	s.wall = wall
@@ -83,37 +85,13 @@ func (s *MemoryStore) WaitPurge() {
 	}
 }
 
-// WithWebhookClock makes a WebhookHandler read the time from now when it
-// checks a signature's age and stamps a claim.
-func WithWebhookClock(now func() time.Time) Option {
-	return option("WithWebhookClock", forWebhook, func(s *settings) error {
-		s.now = now
-		return notNil("clock", now == nil)
-	})
-}
+// SetWebhookClock makes h read the time from now when it verifies a
+// delivery and stamps a claim.
+func SetWebhookClock(h *WebhookHandler, now func() time.Time) { h.s.now = now }
 
 // SignWebhookPayload signs payload the way Stripe does, with stripe-go.
 func SignWebhookPayload(payload []byte, secret string, t time.Time) string {
 	return webhook.GenerateTestSignedPayload(&webhook.UnsignedPayload{Payload: payload, Secret: secret, Timestamp: t}).Header
-}
-
-// WithReplayHeader sets the response header that marks a replay. It was
-// exported until issue 15 needed its place among the exported names; the
-// tests keep checking that the header name is configurable inside.
-func WithReplayHeader(name string) Option {
-	return option("WithReplayHeader", forMiddleware, func(s *settings) error {
-		s.replayHeader = http.CanonicalHeaderKey(strings.TrimSpace(name))
-		return notNil("replay header name", s.replayHeader == "")
-	})
-}
-
-// WithWebhookTolerance sets how old a Stripe-Signature's timestamp may be
-// (300 s, stripe-go's default, for users since issue 15).
-func WithWebhookTolerance(d time.Duration) Option {
-	return option("WithWebhookTolerance", forWebhook, func(s *settings) error {
-		s.tolerance = d
-		return positive("tolerance", d)
-	})
 }
 
 // Subscriptions returns the pub/sub connections the store's waiters share

@@ -47,7 +47,7 @@ func acquireFences(t *testing.T, store idempotency.Store, key string, n int) []u
 func TestRedisFencesSurviveARestartWithoutPersistence(t *testing.T) {
 	addr, stop := redistest.StartServer(t) // --save "" --appendonly no
 	newStore := func() idempotency.Store {
-		store, err := idempotency.NewRedisStore(redistest.ClientFor(t, addr))
+		store, err := idempotency.NewRedisStore(redistest.ClientFor(t, addr), idempotency.RedisOptions{})
 		require.NoError(t, err)
 		return store
 	}
@@ -122,7 +122,7 @@ func TestMiddlewareOnMemoryIgnoresWallClockSteps(t *testing.T) {
 		}
 		serveVenue(w, r)
 	}
-	h := newMiddleware(t, store, idempotency.WithLease(2*time.Second)).Handler(handler)
+	h := newMiddleware(t, store, idempotency.Options{Lease: 2 * time.Second}).Handler(handler)
 	done := make(chan *httptest.ResponseRecorder)
 	go func() { done <- serve(h, post("k", `{}`)) }()
 	<-entered

@@ -29,10 +29,10 @@ import (
 // differently; it is compared as a media type, so case, spacing and the
 // order of parameters do not matter ("application/json; charset=UTF-8"
 // and "Application/JSON;charset=utf-8" are one). A fingerprint function of
-// your own ([WithFingerprint]) can leave it out.
+// your own ([Options].Fingerprint) can leave it out.
 //
 // The zero value hashes method, path, query, Content-Type and body. A Fingerprinter is
-// safe for concurrent use; its Fingerprint method fits [WithFingerprint].
+// safe for concurrent use; its Fingerprint method fits [Options].Fingerprint.
 type Fingerprinter struct {
 	// Headers lists request headers that belong to the request's identity,
 	// for example "Authorization" or "Stripe-Account". Names are

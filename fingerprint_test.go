@@ -25,12 +25,12 @@ func TestFingerprintIncludesContentType(t *testing.T) {
 		}
 		return serve(h, r)
 	}
-	h := newMiddleware(t, idempotency.NewMemoryStore()).Handler(createVenue())
+	h := newMiddleware(t, idempotency.NewMemoryStore(idempotency.MemoryOptions{})).Handler(createVenue())
 	require.Equal(t, http.StatusCreated, send(h, "text/plain").Code)
 	requireProblem(t, send(h, "application/json"), http.StatusUnprocessableEntity)
 	requireProblem(t, send(h, ""), http.StatusUnprocessableEntity)
 
-	h = newMiddleware(t, idempotency.NewMemoryStore()).Handler(createVenue())
+	h = newMiddleware(t, idempotency.NewMemoryStore(idempotency.MemoryOptions{})).Handler(createVenue())
 	require.Equal(t, http.StatusCreated, send(h, "application/json; charset=UTF-8").Code)
 	for _, same := range []string{"Application/JSON;charset=utf-8", "application/json;  CHARSET=utf-8"} {
 		assert.Equal(t, "true", send(h, same).Header().Get("X-Idempotent-Replayed"), same)
@@ -41,7 +41,7 @@ func TestFingerprintIncludesContentType(t *testing.T) {
 		r.Header.Del("Content-Type")
 		return idempotency.Fingerprinter{}.Fingerprint(r, body)
 	}
-	h = newMiddleware(t, idempotency.NewMemoryStore(), idempotency.WithFingerprint(ignoring)).Handler(createVenue())
+	h = newMiddleware(t, idempotency.NewMemoryStore(idempotency.MemoryOptions{}), idempotency.Options{Fingerprint: ignoring}).Handler(createVenue())
 	require.Equal(t, http.StatusCreated, send(h, "text/plain").Code)
 	assert.Equal(t, "true", send(h, "application/json").Header().Get("X-Idempotent-Replayed"))
 }

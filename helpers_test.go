@@ -9,6 +9,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/seed70ea8305/idempotency"
+	"github.com/seed70ea8305/idempotency/internal/overlay"
 	"github.com/seed70ea8305/idempotency/internal/pgtest"
 	"github.com/seed70ea8305/idempotency/internal/redistest"
 )
@@ -64,7 +65,7 @@ var storeKinds = []struct {
 
 func newRedisStore(t testing.TB, client idempotency.RedisClient) *idempotency.RedisStore {
 	t.Helper()
-	store, err := idempotency.NewRedisStore(client, idempotency.WithRedisPrefix(redistest.Prefix(t)))
+	store, err := idempotency.NewRedisStore(client, idempotency.RedisOptions{Prefix: redistest.Prefix(t)})
 	require.NoError(t, err)
 	return store
 }
@@ -195,3 +196,7 @@ func (l *acquireLog) until(cond func() bool) bool {
 		}
 	}
 }
+
+// merged overlays opts: a field set in a later one wins. The tests build
+// a route's options in layers (a helper's, then a case's).
+func merged[T any](opts ...T) T { return overlay.Merge(opts...) }

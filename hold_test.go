@@ -73,7 +73,7 @@ func serveWire(h http.Handler, r *http.Request) *wire {
 func TestResponseLeavesOnlyOnceStored(t *testing.T) {
 	w := newWire()
 	var sentAtComplete atomic.Bool
-	store := &completeHook{Store: idempotency.NewMemoryStore(), before: func() error {
+	store := &completeHook{Store: idempotency.NewMemoryStore(idempotency.MemoryOptions{}), before: func() error {
 		sentAtComplete.Store(w.sent.Load())
 		return nil
 	}}
@@ -108,7 +108,7 @@ func TestNoSuccessTheStoreDoesNotHold(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			var fail atomic.Bool
 			fail.Store(true)
-			store := &completeHook{Store: idempotency.NewMemoryStore(), before: func() error {
+			store := &completeHook{Store: idempotency.NewMemoryStore(idempotency.MemoryOptions{}), before: func() error {
 				if fail.Swap(false) {
 					return tt.err
 				}
@@ -116,7 +116,7 @@ func TestNoSuccessTheStoreDoesNotHold(t *testing.T) {
 			}, loseLease: errors.Is(tt.err, idempotency.ErrLeaseLost)}
 			obs := &observed{}
 			handler := createVenue()
-			h := newMiddleware(t, store, idempotency.WithObserver(obs.observe)).Handler(handler)
+			h := newMiddleware(t, store, idempotency.Options{Observer: obs.observe}).Handler(handler)
 
 			first := serve(h, post("k", `{}`))
 			p := requireProblem(t, first, http.StatusServiceUnavailable)
@@ -144,12 +144,12 @@ func TestNoSuccessTheStoreDoesNotHold(t *testing.T) {
 func TestLargeResponseStoredBeforeItsFirstByte(t *testing.T) {
 	w := newWire()
 	var sentAtComplete atomic.Bool
-	store := &completeHook{Store: idempotency.NewMemoryStore(), before: func() error {
+	store := &completeHook{Store: idempotency.NewMemoryStore(idempotency.MemoryOptions{}), before: func() error {
 		sentAtComplete.Store(w.sent.Load())
 		return nil
 	}}
 	chunk := strings.Repeat("x", 10)
-	h := newMiddleware(t, store, idempotency.WithMaxStoredBytes(25)).Handler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	h := newMiddleware(t, store, idempotency.Options{MaxStoredBytes: 25}).Handler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/plain")
 		w.WriteHeader(http.StatusCreated)
 		for range 5 {
@@ -177,7 +177,7 @@ func TestLargeResponseStoredBeforeItsFirstByte(t *testing.T) {
 func TestLargeResponseStoringFails(t *testing.T) {
 	var fail atomic.Bool
 	fail.Store(true)
-	store := &completeHook{Store: idempotency.NewMemoryStore(), before: func() error {
+	store := &completeHook{Store: idempotency.NewMemoryStore(idempotency.MemoryOptions{}), before: func() error {
 		if fail.Swap(false) {
 			return errors.New("connection reset")
 		}
@@ -185,7 +185,7 @@ func TestLargeResponseStoringFails(t *testing.T) {
 	}}
 	var writeErr, ctxErr error
 	var calls atomic.Int32
-	h := newMiddleware(t, store, idempotency.WithMaxStoredBytes(8)).Handler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	h := newMiddleware(t, store, idempotency.Options{MaxStoredBytes: 8}).Handler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		n := calls.Add(1)
 		w.WriteHeader(http.StatusOK)
 		for i := range 3 {
@@ -210,11 +210,11 @@ func TestLargeResponseStoringFails(t *testing.T) {
 func TestStreamingPassesThrough(t *testing.T) {
 	w := newWire()
 	var sentAtComplete, sentAfterFlush atomic.Bool
-	store := &completeHook{Store: idempotency.NewMemoryStore(), before: func() error {
+	store := &completeHook{Store: idempotency.NewMemoryStore(idempotency.MemoryOptions{}), before: func() error {
 		sentAtComplete.Store(w.sent.Load())
 		return nil
 	}}
-	h := newMiddleware(t, store, idempotency.WithStreaming()).Handler(http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
+	h := newMiddleware(t, store, idempotency.Options{Streaming: true}).Handler(http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
 		io.WriteString(rw, "part 1;")
 		assert.NoError(t, http.NewResponseController(rw).Flush())
 		sentAfterFlush.Store(w.sent.Load())
@@ -238,7 +238,7 @@ func (s *releaseFails) Release(context.Context, string, string) error {
 // to store, so its client gets it even when freeing the key fails (before,
 // the held 503 became a 500 problem). Found by internal/lincheck.
 func TestOwnErrorSentWhenFreeingFails(t *testing.T) {
-	h := newMiddleware(t, &releaseFails{idempotency.NewMemoryStore()}).Handler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	h := newMiddleware(t, &releaseFails{idempotency.NewMemoryStore(idempotency.MemoryOptions{})}).Handler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Retry-After", "7")
 		w.WriteHeader(http.StatusServiceUnavailable)
 		io.WriteString(w, "busy")

@@ -8,15 +8,15 @@
 // the stored response again, marked with X-Idempotent-Replayed: true; a
 // retry while the first is still running gets 409 (with Retry-After, the
 // rest of the first's lease), or waits for the first's outcome and gets
-// the replay ([WithWait]); the same key with a
+// the replay ([Options].Wait); the same key with a
 // different request gets 422. Failed attempts (5xx, panics, handlers cut
 // short) free the key so the client can retry; a handler that recorded
 // recovery points ([Claim.Checkpoint]) is resumed after the last one.
 //
-//	store := idempotency.NewMemoryStore() // or idempotency.NewRedisStore(rdb)
-//	mw, err := idempotency.New(store,
-//		idempotency.WithScope(func(r *http.Request) string { return tenantOf(r) }),
-//	)
+//	store := idempotency.NewMemoryStore(idempotency.MemoryOptions{})
+//	mw, err := idempotency.New(store, idempotency.Options{
+//		Scope: func(r *http.Request) string { return tenantOf(r) },
+//	})
 //	if err != nil {
 //		return err
 //	}
@@ -54,7 +54,7 @@ import (
 // values are stable and short, fit for metric labels.
 type Outcome string
 
-// Outcomes reported to an observer ([WithObserver]).
+// Outcomes reported to an observer ([Options].Observer).
 const (
 	// OutcomeExecuted: the handler ran and its response was stored. For
 	// webhooks: the event was processed.
@@ -75,13 +75,13 @@ const (
 	// OutcomeStoreError: the store failed; the request was refused (503),
 	// or its outcome could not be recorded.
 	OutcomeStoreError Outcome = "store_error"
-	// OutcomeFailOpen: the store failed and the handler ran unprotected.
-	OutcomeFailOpen Outcome = "fail_open"
 	// OutcomeLeaseLost: the handler ran but its claim lapsed before the
 	// response could be stored; nothing was stored.
 	OutcomeLeaseLost Outcome = "lease_lost"
-	// OutcomeUnprotected: the request carried no key and the route allows
-	// that; the handler ran without protection.
+	// OutcomeUnprotected: the handler ran without protection: the request
+	// carried no key and the route allows that ([Options].KeyOptional), or
+	// the store failed and the route fails open ([Options].FailOpen), when
+	// Err is the store's error.
 	OutcomeUnprotected Outcome = "unprotected"
 	// OutcomeUnreadable: the record under the key cannot be read
 	// ([ErrRecordUnreadable]); the request was refused with 500 and
@@ -90,9 +90,10 @@ const (
 )
 
 // Report describes the outcome of one request or webhook delivery, for an
-// observer ([WithObserver]).
+// observer ([Options].Observer).
 type Report struct {
-	// Kind is "http" for the middleware, "stripe-webhook" for the webhook
+	// Kind is "http" for the middleware, "<provider>-webhook" (for example
+	// "stripe-webhook") for the webhook
 	// helper, as in [Claim].
 	Kind    string
 	Outcome Outcome
@@ -111,9 +112,12 @@ type Report struct {
 	Duration time.Duration
 	// Err is the error behind a rejection, a failure or a store failure.
 	Err error
-	// EventType is the Stripe event's type, for a webhook delivery whose
-	// payload was verified: a label of low cardinality.
-	EventType string
+	// EventType is the event's type, for a webhook delivery that was
+	// verified: a label of low cardinality. APIVersion is a Stripe event's
+	// API version (which may differ from stripe-go's: see
+	// [NewStripeVerifier]).
+	EventType  string
+	APIVersion string
 	// Attempts, for a webhook delivery whose function failed, counts the
 	// failed attempts the store has recorded for the event, this one
 	// included; 0 when the store keeps no history ([FailureRecorder]).
@@ -135,26 +139,15 @@ type Middleware struct {
 	s      settings
 }
 
-// New returns a Middleware that keeps its records in store.
-func New(store Store, opts ...Option) (*Middleware, error) {
-	if store == nil {
-		return nil, errors.New("idempotency: store is nil")
+// New returns a Middleware that keeps its records in store, configured by
+// opts (its zero value is the defaults). It fails when store is nil or an
+// option is invalid.
+func New(store Store, opts Options) (*Middleware, error) {
+	if isNilStore(store) {
+		return nil, errNilStore
 	}
-	s := settings{
-		lease:          defaultLease,
-		ttl:            24 * time.Hour,
-		storeTimeout:   defaultStoreTimeout,
-		maxBodyBytes:   1 << 20,
-		methods:        map[string]bool{http.MethodPost: true, http.MethodPatch: true},
-		replayHeader:   "X-Idempotent-Replayed",
-		maxStoredBytes: 1 << 20,
-		scope:          func(*http.Request) string { return "" },
-		fingerprint:    Fingerprinter{}.Fingerprint,
-		retryable:      defaultRetryable,
-		errorHandler:   WriteError,
-		storeHeader:    defaultStoredHeader,
-	}
-	if err := s.apply(forMiddleware, opts); err != nil {
+	s, err := opts.settings()
+	if err != nil {
 		return nil, err
 	}
 	return &Middleware{engine: newEngine(store, &s, false), s: s}, nil
@@ -165,9 +158,9 @@ func New(store Store, opts ...Option) (*Middleware, error) {
 //
 // The handler runs at most once per key at a time, across every process
 // sharing the store. Its context carries the request's values and the
-// [Claim]; it is cancelled when the lease is lost (see [WithLease]), on
-// shutdown ([WithShutdown]), and not when the client disconnects unless
-// [WithCancelOnDisconnect] is set. The context reports a lost lease as
+// [Claim]; it is cancelled when the lease is lost (see [Options].Lease), on
+// shutdown ([Options].Shutdown), and not when the client disconnects unless
+// [Options].CancelOnDisconnect is set. The context reports a lost lease as
 // soon as the lease's deadline has passed on the monotonic clock, even in
 // a process resumed from a pause longer than the lease before any timer
 // ran: check ctx.Err() (or Done) of the handler's own context right before
@@ -183,10 +176,10 @@ func New(store Store, opts ...Option) (*Middleware, error) {
 // meanwhile, the client gets a 503 problem with Retry-After instead (and
 // the key is free for its retry), never a success that a replay would
 // contradict. A response that is not stored (a retryable status, see
-// [WithRetryableStatus]) is sent once the key is freed. A response whose
-// body outgrows [WithMaxStoredBytes] is stored, with its status and
+// [Options].Retryable) is sent once the key is freed. A response whose
+// body outgrows [Options].MaxStoredBytes is stored, with its status and
 // headers and without its body, when it passes that size and before any
-// of it is sent; the rest then streams through. [WithStreaming] gives up
+// of it is sent; the rest then streams through. [Options].Streaming gives up
 // holding for routes that stream, with a weaker promise.
 //
 // The writer records the response for replay, like
@@ -194,15 +187,15 @@ func New(store Store, opts ...Option) (*Middleware, error) {
 //   - headers are snapshotted at the first WriteHeader (or Write): the
 //     headers the handler set, less those outer middleware had set before
 //     the middleware ran, hop-by-hop headers, trailers, and what
-//     [WithStoredHeaders] leaves out (by default Set-Cookie);
+//     [Options].StoredHeader leaves out (by default Set-Cookie);
 //   - the first final status wins; 1xx statuses pass through and are never
 //     stored (a 101 frees the key); 5xx, 408 and 429 free the key
-//     ([WithRetryableStatus]);
-//   - the body is recorded through Write only, up to [WithMaxStoredBytes];
+//     ([Options].Retryable);
+//   - the body is recorded through Write only, up to [Options].MaxStoredBytes;
 //     there is deliberately no ReadFrom, so io.Copy cannot bypass it;
 //   - Flush and [http.ResponseController] Flush do nothing while the
 //     response is held, and write through once it is not (with
-//     [WithStreaming], or past the size limit); Hijack fails with an error
+//     [Options].Streaming, or past the size limit); Hijack fails with an error
 //     wrapping [http.ErrNotSupported], since a hijacked connection cannot
 //     be replayed; deadlines and full duplex reach the connection through
 //     Unwrap; trailers are sent but not stored;
@@ -211,7 +204,7 @@ func New(store Store, opts ...Option) (*Middleware, error) {
 //
 // A duplicate of a request still running gets 409 with Retry-After (the
 // rest of the running request's lease, rounded up to whole seconds), or,
-// with [WithWait], waits for its outcome. The handler decides for its own
+// with [Options].Wait, waits for its outcome. The handler decides for its own
 // response with [Claim.Keep] whether, and for how long, it is stored.
 //
 // A handler that does several things in turn can record recovery points
@@ -281,7 +274,7 @@ func (m *Middleware) serve(w http.ResponseWriter, r *http.Request, next http.Han
 		rep.Err = err
 		m.log(r.Context(), "idempotency: store failed, serving unprotected", &rep)
 		r.Body = &bodyReader{b: *body}
-		m.serveUnprotected(w, r, next, &rep, OutcomeFailOpen, err)
+		m.serveUnprotected(w, r, next, &rep, OutcomeUnprotected, err)
 	case err != nil:
 		rep.Err = err
 		m.log(r.Context(), "idempotency: store failed, request refused", &rep)
@@ -313,26 +306,26 @@ func (m *Middleware) serve(w http.ResponseWriter, r *http.Request, next http.Han
 }
 
 // Remove deletes the record kept for key (as the client sends it in
-// Idempotency-Key) in scope (as [WithScope] derives it), whatever its
+// Idempotency-Key) in scope (as [Options].Scope derives it), whatever its
 // state: the operator's way out of a record that cannot be read
 // ([ErrRecordUnreadable]), which the logger names by its scope and
 // key_hash. A request under the key then runs its handler afresh. A
 // record in flight loses its owner, so a duplicate may run while the
 // first still does: remove only records that are unreadable or known to
 // be abandoned. The error wraps [errors.ErrUnsupported] when the store
-// cannot remove records ([Remover]; every store of this module can), and
+// cannot remove records ([Inspector]; every store of this module can), and
 // [ErrKeyInvalid] for a key the middleware would refuse.
 func (m *Middleware) Remove(ctx context.Context, scope, key string) error {
 	if _, err := ParseKey(key); err != nil {
 		return err
 	}
-	remover, ok := findStore[Remover](m.engine.store)
+	inspector, ok := findStore[Inspector](m.engine.store)
 	if !ok {
 		return fmt.Errorf("idempotency: %T cannot remove records: %w", m.engine.store, errors.ErrUnsupported)
 	}
 	callCtx, cancel := m.engine.bound(ctx)
 	defer cancel()
-	if err := remover.Remove(callCtx, recordKey(httpRecordKind, scope, key)); err != nil {
+	if err := inspector.Remove(callCtx, recordKey(httpRecordKind, scope, key)); err != nil {
 		return fmt.Errorf("%w: removing a record: %w", ErrStoreUnavailable, err)
 	}
 	return nil

@@ -79,9 +79,9 @@ func (o *observed) last() idempotency.Report {
 	return o.events[len(o.events)-1]
 }
 
-func newMiddleware(t testing.TB, store idempotency.Store, opts ...idempotency.Option) *idempotency.Middleware {
+func newMiddleware(t testing.TB, store idempotency.Store, opts ...idempotency.Options) *idempotency.Middleware {
 	t.Helper()
-	m, err := idempotency.New(store, opts...)
+	m, err := idempotency.New(store, merged(opts...))
 	require.NoError(t, err)
 	return m
 }
@@ -187,7 +187,7 @@ func testMiddleware(t *testing.T, newStore func(t *testing.T) idempotency.Store)
 
 	t.Run("OptionalKey", func(t *testing.T) {
 		handler := createVenue()
-		h := newMiddleware(t, newStore(t), idempotency.WithKeyOptional()).Handler(handler)
+		h := newMiddleware(t, newStore(t), idempotency.Options{KeyOptional: true}).Handler(handler)
 		assert.Equal(t, http.StatusCreated, serve(h, post("", `{}`)).Code)
 		assert.Equal(t, http.StatusCreated, serve(h, post("", `{}`)).Code)
 		assert.Equal(t, int32(2), handler.calls.Load(), "without a key nothing is deduplicated")
@@ -230,7 +230,7 @@ func testMiddleware(t *testing.T, newStore func(t *testing.T) idempotency.Store)
 
 	t.Run("BodyTooLarge", func(t *testing.T) {
 		handler := createVenue()
-		h := newMiddleware(t, newStore(t), idempotency.WithMaxBodyBytes(16)).Handler(handler)
+		h := newMiddleware(t, newStore(t), idempotency.Options{MaxBodyBytes: 16}).Handler(handler)
 		big := `{"name":"a very long venue name"}`
 		p := requireProblem(t, serve(h, post("k", big)), http.StatusRequestEntityTooLarge)
 		assert.Contains(t, p.Type, "ErrBodyTooLarge")
@@ -250,7 +250,7 @@ func testMiddleware(t *testing.T, newStore func(t *testing.T) idempotency.Store)
 	t.Run("DifferentPayloadIs422", func(t *testing.T) {
 		handler := createVenue()
 		obs := &observed{}
-		h := newMiddleware(t, newStore(t), idempotency.WithObserver(obs.observe)).Handler(handler)
+		h := newMiddleware(t, newStore(t), idempotency.Options{Observer: obs.observe}).Handler(handler)
 		require.Equal(t, http.StatusCreated, serve(h, post("k", `{"name":"Hall"}`)).Code)
 
 		p := requireProblem(t, serve(h, post("k", `{"name":"Other"}`)), http.StatusUnprocessableEntity)
@@ -304,7 +304,7 @@ func testMiddleware(t *testing.T, newStore func(t *testing.T) idempotency.Store)
 					w.WriteHeader(http.StatusCreated)
 				}}
 				obs := &observed{}
-				h := newMiddleware(t, newStore(t), idempotency.WithObserver(obs.observe)).Handler(handler)
+				h := newMiddleware(t, newStore(t), idempotency.Options{Observer: obs.observe}).Handler(handler)
 				assert.Equal(t, status, serve(h, post("k", `{}`)).Code)
 				assert.Equal(t, idempotency.OutcomeReleased, obs.last().Outcome)
 				fail = false
@@ -334,7 +334,7 @@ func testMiddleware(t *testing.T, newStore func(t *testing.T) idempotency.Store)
 			http.Error(w, "boom", http.StatusInternalServerError)
 		}}
 		never := func(int) bool { return false }
-		h := newMiddleware(t, newStore(t), idempotency.WithRetryableStatus(never)).Handler(handler)
+		h := newMiddleware(t, newStore(t), idempotency.Options{Retryable: never}).Handler(handler)
 		serve(h, post("k", `{}`))
 		retry := serve(h, post("k", `{}`))
 		assert.Equal(t, http.StatusInternalServerError, retry.Code)
@@ -351,7 +351,7 @@ func testMiddleware(t *testing.T, newStore func(t *testing.T) idempotency.Store)
 			w.WriteHeader(http.StatusCreated)
 		}}
 		obs := &observed{}
-		h := newMiddleware(t, newStore(t), idempotency.WithObserver(obs.observe)).Handler(handler)
+		h := newMiddleware(t, newStore(t), idempotency.Options{Observer: obs.observe}).Handler(handler)
 		assert.PanicsWithValue(t, "handler bug", func() { serve(h, post("k", `{}`)) })
 		assert.Equal(t, idempotency.OutcomeReleased, obs.last().Outcome)
 		shouldPanic = false
@@ -371,7 +371,7 @@ func testMiddleware(t *testing.T, newStore func(t *testing.T) idempotency.Store)
 			}
 			w.WriteHeader(http.StatusCreated)
 		}}
-		h := newMiddleware(t, newStore(t), idempotency.WithCancelOnDisconnect()).Handler(handler)
+		h := newMiddleware(t, newStore(t), idempotency.Options{CancelOnDisconnect: true}).Handler(handler)
 		ctx, cancel := context.WithCancel(context.Background())
 		defer cancel()
 		r := post("k", `{}`).WithContext(ctx)
@@ -398,7 +398,7 @@ func testMiddleware(t *testing.T, newStore func(t *testing.T) idempotency.Store)
 	t.Run("ScopesAreSeparate", func(t *testing.T) {
 		handler := createVenue()
 		tenant := func(r *http.Request) string { return r.Header.Get("X-Tenant-ID") }
-		h := newMiddleware(t, newStore(t), idempotency.WithScope(tenant)).Handler(handler)
+		h := newMiddleware(t, newStore(t), idempotency.Options{Scope: tenant}).Handler(handler)
 		req := func(tenant string) *http.Request {
 			r := post("shared-key", `{}`)
 			r.Header.Set("X-Tenant-ID", tenant)
@@ -419,7 +419,7 @@ func testMiddleware(t *testing.T, newStore func(t *testing.T) idempotency.Store)
 			got, _ = idempotency.ClaimFromContext(r.Context())
 		}}
 		tenant := func(r *http.Request) string { return "acme" }
-		h := newMiddleware(t, newStore(t), idempotency.WithScope(tenant)).Handler(handler)
+		h := newMiddleware(t, newStore(t), idempotency.Options{Scope: tenant}).Handler(handler)
 		serve(h, post(`"the-key"`, `{}`))
 		assert.Equal(t, "http", got.Kind)
 		assert.Equal(t, "acme", got.Scope)
@@ -428,7 +428,7 @@ func testMiddleware(t *testing.T, newStore func(t *testing.T) idempotency.Store)
 	})
 
 	t.Run("ReplayHeaderName", func(t *testing.T) {
-		h := newMiddleware(t, newStore(t), idempotency.WithReplayHeader("Idempotent-Replayed")).Handler(createVenue())
+		h := newMiddleware(t, newStore(t), idempotency.Options{ReplayHeader: "Idempotent-Replayed"}).Handler(createVenue())
 		serve(h, post("k", `{}`))
 		retry := serve(h, post("k", `{}`))
 		assert.Equal(t, "true", retry.Header().Get("Idempotent-Replayed"))
@@ -483,7 +483,7 @@ func testMiddleware(t *testing.T, newStore func(t *testing.T) idempotency.Store)
 			io.WriteString(w, large[60:])
 		}}
 		obs := &observed{}
-		h := newMiddleware(t, newStore(t), idempotency.WithMaxStoredBytes(64), idempotency.WithObserver(obs.observe)).Handler(handler)
+		h := newMiddleware(t, newStore(t), idempotency.Options{MaxStoredBytes: 64, Observer: obs.observe}).Handler(handler)
 		first := serve(h, post("k", `{}`))
 		assert.Equal(t, large, first.Body.String(), "the first client gets the whole response")
 		assert.Equal(t, idempotency.OutcomeExecuted, obs.last().Outcome)
@@ -500,7 +500,7 @@ func testMiddleware(t *testing.T, newStore func(t *testing.T) idempotency.Store)
 	t.Run("CanonicalJSON", func(t *testing.T) {
 		handler := createVenue()
 		fp := idempotency.Fingerprinter{CanonicalJSON: true}
-		h := newMiddleware(t, newStore(t), idempotency.WithFingerprint(fp.Fingerprint)).Handler(handler)
+		h := newMiddleware(t, newStore(t), idempotency.Options{Fingerprint: fp.Fingerprint}).Handler(handler)
 		require.Equal(t, http.StatusCreated, serve(h, post("k", `{"a":1,"b":[1,2]}`)).Code)
 		retry := serve(h, post("k", " {\n \"b\": [1, 2],\n \"a\": 1\n}\n"))
 		assert.Equal(t, "true", retry.Header().Get("X-Idempotent-Replayed"), "key order and whitespace do not matter")
@@ -515,7 +515,7 @@ func testMiddleware(t *testing.T, newStore func(t *testing.T) idempotency.Store)
 	t.Run("FingerprintHeaders", func(t *testing.T) {
 		handler := createVenue()
 		fp := idempotency.Fingerprinter{Headers: []string{"stripe-account"}}
-		h := newMiddleware(t, newStore(t), idempotency.WithFingerprint(fp.Fingerprint)).Handler(handler)
+		h := newMiddleware(t, newStore(t), idempotency.Options{Fingerprint: fp.Fingerprint}).Handler(handler)
 		req := func(account string) *http.Request {
 			r := post("k", `{}`)
 			r.Header.Set("Stripe-Account", account)
@@ -544,8 +544,7 @@ func TestStoreFailureFailsClosed(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			handler := createVenue()
 			obs := &observed{}
-			h := newMiddleware(t, tc.store(t), idempotency.WithObserver(obs.observe),
-				idempotency.WithStoreTimeout(time.Second)).Handler(handler)
+			h := newMiddleware(t, tc.store(t), idempotency.Options{Observer: obs.observe, StoreTimeout: time.Second}).Handler(handler)
 			start := time.Now()
 			w := serve(h, post("k", `{}`))
 			p := requireProblem(t, w, http.StatusServiceUnavailable)
@@ -565,13 +564,13 @@ func TestStoreFailureFailsClosed(t *testing.T) {
 		mr.SetError("ERR injected")
 		handler := createVenue()
 		obs := &observed{}
-		h := newMiddleware(t, newRedisStore(t, client), idempotency.WithFailOpen(), idempotency.WithObserver(obs.observe)).Handler(handler)
+		h := newMiddleware(t, newRedisStore(t, client), idempotency.Options{FailOpen: true, Observer: obs.observe}).Handler(handler)
 		w := serve(h, post("k", `{"name":"Hall"}`))
 		assert.Equal(t, http.StatusCreated, w.Code)
 		assert.Contains(t, w.Body.String(), `"request":{"name":"Hall"}`, "the handler sees the body")
 		assert.Equal(t, int32(1), handler.calls.Load())
 		ev := obs.last()
-		assert.Equal(t, idempotency.OutcomeFailOpen, ev.Outcome)
+		assert.Equal(t, idempotency.OutcomeUnprotected, ev.Outcome)
 		assert.Equal(t, http.StatusCreated, ev.Status)
 		assert.ErrorContains(t, ev.Err, "injected")
 
@@ -606,8 +605,7 @@ func TestClientDisconnectStillStores(t *testing.T) {
 			stored := make(chan idempotency.Report, 8)
 			observe := func(_ context.Context, r idempotency.Report) { stored <- r }
 			// WithCancelOnDisconnect: the handler learns of the hang-up.
-			srv := httptest.NewServer(newMiddleware(t, store, idempotency.WithCancelOnDisconnect(),
-				idempotency.WithObserver(observe)).Handler(handler))
+			srv := httptest.NewServer(newMiddleware(t, store, idempotency.Options{CancelOnDisconnect: true, Observer: observe}).Handler(handler))
 			defer srv.Close()
 
 			ctx, cancel := context.WithCancel(context.Background())
@@ -663,7 +661,7 @@ func TestLeaseExpiryStaleOwnerLoses(t *testing.T) {
 				fmt.Fprintf(w, "attempt %d", n.Load())
 			})
 			obs := &observed{}
-			h := newMiddleware(t, store, idempotency.WithLease(time.Minute), idempotency.WithObserver(obs.observe)).Handler(handler)
+			h := newMiddleware(t, store, idempotency.Options{Lease: time.Minute, Observer: obs.observe}).Handler(handler)
 
 			firstDone := make(chan *httptest.ResponseRecorder, 1)
 			go func() { firstDone <- serve(h, post("k", `{}`)) }()
@@ -738,35 +736,34 @@ func TestConcurrentDuplicates(t *testing.T) {
 }
 
 func TestNewRejectsInvalidOptions(t *testing.T) {
-	store := idempotency.NewMemoryStore()
-	for name, opt := range map[string]idempotency.Option{
-		"no methods":         idempotency.WithMethods(),
-		"lower-case method":  idempotency.WithMethods("post"),
-		"empty replay":       idempotency.WithReplayHeader(""),
-		"zero body limit":    idempotency.WithMaxBodyBytes(0),
-		"negative stored":    idempotency.WithMaxStoredBytes(-1),
-		"tiny lease":         idempotency.WithLease(time.Microsecond),
-		"tiny ttl":           idempotency.WithTTL(time.Millisecond),
-		"lease over ttl":     idempotency.WithLease(48 * time.Hour),
-		"zero store timeout": idempotency.WithStoreTimeout(0),
-		"nil scope":          idempotency.WithScope(nil),
-		"nil fingerprint":    idempotency.WithFingerprint(nil),
-		"nil retryable":      idempotency.WithRetryableStatus(nil),
-		"nil error handler":  idempotency.WithErrorHandler(nil),
+	store := idempotency.NewMemoryStore(idempotency.MemoryOptions{})
+	for name, opts := range map[string]idempotency.Options{
+		"lower-case method":      {Methods: []string{"post"}},
+		"empty method":           {Methods: []string{""}},
+		"negative body limit":    {MaxBodyBytes: -1},
+		"tiny lease":             {Lease: time.Microsecond},
+		"tiny ttl":               {TTL: time.Millisecond},
+		"lease over ttl":         {Lease: 48 * time.Hour},
+		"negative store timeout": {StoreTimeout: -time.Second},
+		"negative wait":          {Wait: -time.Second},
+		"negative max waiters":   {MaxWaiters: -1},
 	} {
-		_, err := idempotency.New(store, opt)
+		_, err := idempotency.New(store, opts)
 		assert.Error(t, err, name)
 	}
-	_, err := idempotency.New(nil)
+	var typedNil *idempotency.MemoryStore
+	_, err := idempotency.New(typedNil, idempotency.Options{})
+	assert.ErrorContains(t, err, "store is nil", "a typed nil store fails at construction, not at the first request")
+	_, err = idempotency.New(nil, idempotency.Options{})
 	assert.Error(t, err)
 }
 
 func TestCustomErrorHandler(t *testing.T) {
 	var got error
-	h := newMiddleware(t, idempotency.NewMemoryStore(), idempotency.WithErrorHandler(func(w http.ResponseWriter, r *http.Request, err error) {
+	h := newMiddleware(t, idempotency.NewMemoryStore(idempotency.MemoryOptions{}), idempotency.Options{ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
 		got = err
 		w.WriteHeader(idempotency.StatusCode(err))
-	})).Handler(createVenue())
+	}}).Handler(createVenue())
 	w := serve(h, post("", `{}`))
 	assert.Equal(t, http.StatusBadRequest, w.Code)
 	assert.ErrorIs(t, got, idempotency.ErrKeyMissing)
@@ -774,7 +771,7 @@ func TestCustomErrorHandler(t *testing.T) {
 
 func TestResponseControllerThroughRecorder(t *testing.T) {
 	var flushErr, hijackErr, deadlineErr error
-	h := newMiddleware(t, idempotency.NewMemoryStore()).Handler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	h := newMiddleware(t, idempotency.NewMemoryStore(idempotency.MemoryOptions{})).Handler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		rc := http.NewResponseController(w)
 		io.WriteString(w, "part 1;")
 		flushErr = rc.Flush()
@@ -837,7 +834,7 @@ func TestWriteErrorHidesInternalErrors(t *testing.T) {
 // keeps its key; no duplicate gets in meanwhile.
 func TestLeaseRenewedWhileHandlerRuns(t *testing.T) {
 	stores := map[string]func(t *testing.T) idempotency.Store{
-		"memory": func(*testing.T) idempotency.Store { return idempotency.NewMemoryStore() }, // real clock
+		"memory": func(*testing.T) idempotency.Store { return idempotency.NewMemoryStore(idempotency.MemoryOptions{}) }, // real clock
 		"redis": func(t *testing.T) idempotency.Store { // miniredis expires keys only when told to
 			return newRedisStore(t, redistest.Client(t))
 		},
@@ -860,7 +857,7 @@ func TestLeaseRenewedWhileHandlerRuns(t *testing.T) {
 				assert.NoError(t, r.Context().Err(), "the handler's context stays live")
 				w.WriteHeader(http.StatusCreated)
 			}}
-			h := newMiddleware(t, store, idempotency.WithLease(lease)).Handler(handler)
+			h := newMiddleware(t, store, idempotency.Options{Lease: lease}).Handler(handler)
 			done := make(chan int, 1)
 			go func() { done <- serve(h, post("k", `{}`)).Code }()
 			waitFor(t, entered, eventBound, "the handler did not start")
@@ -899,7 +896,7 @@ func TestLeaseLostCancelsHandler(t *testing.T) {
 		io.WriteString(w, "second owner")
 	})
 	obs := &observed{}
-	h := newMiddleware(t, store, idempotency.WithLease(60*time.Millisecond), idempotency.WithObserver(obs.observe)).Handler(handler)
+	h := newMiddleware(t, store, idempotency.Options{Lease: 60 * time.Millisecond, Observer: obs.observe}).Handler(handler)
 	firstDone := make(chan *httptest.ResponseRecorder, 1)
 	go func() { firstDone <- serve(h, post("k", `{}`)) }()
 	waitFor(t, entered, eventBound, "the handler did not start")
@@ -932,8 +929,7 @@ func TestShutdownCancelsHandlers(t *testing.T) {
 		causes <- context.Cause(r.Context())
 	}}
 	obs := &observed{}
-	h := newMiddleware(t, idempotency.NewMemoryStore(), idempotency.WithShutdown(shutdown),
-		idempotency.WithObserver(obs.observe)).Handler(handler)
+	h := newMiddleware(t, idempotency.NewMemoryStore(idempotency.MemoryOptions{}), idempotency.Options{Shutdown: shutdown, Observer: obs.observe}).Handler(handler)
 
 	done := make(chan *httptest.ResponseRecorder, 1)
 	go func() {
@@ -965,7 +961,7 @@ func TestStoredHeadersOption(t *testing.T) {
 		w.WriteHeader(http.StatusCreated)
 	}}
 	keep := func(name string) bool { return name != "X-Debug" }
-	h := newMiddleware(t, idempotency.NewMemoryStore(), idempotency.WithStoredHeaders(keep)).Handler(handler)
+	h := newMiddleware(t, idempotency.NewMemoryStore(idempotency.MemoryOptions{}), idempotency.Options{StoredHeader: keep}).Handler(handler)
 	serve(h, post("k", `{}`))
 	replay := serve(h, post("k", `{}`))
 	require.Equal(t, "true", replay.Header().Get("X-Idempotent-Replayed"))
@@ -979,9 +975,9 @@ func TestStoredHeadersOption(t *testing.T) {
 func TestLoggerNeverWritesTheKey(t *testing.T) {
 	var buf bytes.Buffer
 	logger := slog.New(slog.NewJSONHandler(&buf, nil))
-	down := idempotency.NewMemoryStore()
+	down := idempotency.NewMemoryStore(idempotency.MemoryOptions{})
 	failing := &failingStore{Store: down}
-	h := newMiddleware(t, failing, idempotency.WithLogger(logger)).Handler(createVenue())
+	h := newMiddleware(t, failing, idempotency.Options{Logger: logger}).Handler(createVenue())
 	requireProblem(t, serve(h, post("secret-key-123", `{}`)), http.StatusServiceUnavailable)
 	require.NotEmpty(t, buf.String(), "the store failure was logged")
 	assert.NotContains(t, buf.String(), "secret-key-123")
@@ -994,7 +990,7 @@ func TestLoggerNeverWritesTheKey(t *testing.T) {
 func TestReportRoute(t *testing.T) {
 	obs := &observed{}
 	mux := http.NewServeMux()
-	mux.Handle("POST /venues/{id}/payouts", newMiddleware(t, idempotency.NewMemoryStore(), idempotency.WithObserver(obs.observe)).Handler(createVenue()))
+	mux.Handle("POST /venues/{id}/payouts", newMiddleware(t, idempotency.NewMemoryStore(idempotency.MemoryOptions{}), idempotency.Options{Observer: obs.observe}).Handler(createVenue()))
 	r := httptest.NewRequest(http.MethodPost, "/venues/42/payouts", strings.NewReader(`{}`))
 	r.Header.Set("Idempotency-Key", "k")
 	serve(mux, r)

@@ -49,9 +49,9 @@ func TestManyInstancesOneRedis(t *testing.T) {
 			})
 			hs := make([]http.Handler, instances)
 			for i := range hs {
-				store, err := idempotency.NewRedisStore(target.newClient(t), idempotency.WithRedisPrefix(prefix))
+				store, err := idempotency.NewRedisStore(target.newClient(t), idempotency.RedisOptions{Prefix: prefix})
 				require.NoError(t, err)
-				hs[i] = newMiddleware(t, store, idempotency.WithStoreTimeout(patientStoreTimeout)).Handler(handler)
+				hs[i] = newMiddleware(t, store, idempotency.Options{StoreTimeout: patientStoreTimeout}).Handler(handler)
 			}
 
 			var created, replayed, conflicts atomic.Int32

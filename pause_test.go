@@ -110,9 +110,9 @@ func servePausedInstance(t *testing.T, spec string) {
 	work, err := time.ParseDuration(f[3])
 	require.NoError(t, err)
 	client := faultClient(t, addr, faultReadTimeout)
-	store, err := idempotency.NewRedisStore(client, idempotency.WithRedisPrefix(prefix))
+	store, err := idempotency.NewRedisStore(client, idempotency.RedisOptions{Prefix: prefix})
 	require.NoError(t, err)
-	mw := newMiddleware(t, store, idempotency.WithLease(pausedLease), idempotency.WithWait(pauseWithin, 1024))
+	mw := newMiddleware(t, store, idempotency.Options{Lease: pausedLease, Wait: pauseWithin, MaxWaiters: 1024})
 
 	handler := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		ctx := r.Context()

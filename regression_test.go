@@ -68,7 +68,7 @@ func TestRegressionDisconnectKeepsLease(t *testing.T) {
 		w.WriteHeader(http.StatusCreated)
 		fmt.Fprintf(w, `{"execution":%d}`, execution)
 	}
-	srv := httptest.NewServer(newMiddleware(t, idempotency.NewMemoryStore(), idempotency.WithLease(lease)).Handler(handler))
+	srv := httptest.NewServer(newMiddleware(t, idempotency.NewMemoryStore(idempotency.MemoryOptions{}), idempotency.Options{Lease: lease}).Handler(handler))
 	defer srv.Close()
 
 	send := func(ctx context.Context) (*http.Response, []byte, error) {
@@ -185,12 +185,11 @@ func TestRegressionLeaseLostBeforeExpiry(t *testing.T) {
 		rounds       = 3
 	)
 	newStore := func(client *redis.Client) idempotency.Store {
-		store, err := idempotency.NewRedisStore(client, idempotency.WithRedisPrefix(prefix))
+		store, err := idempotency.NewRedisStore(client, idempotency.RedisOptions{Prefix: prefix})
 		require.NoError(t, err)
 		return store
 	}
-	b := newMiddleware(t, newStore(faultClient(t, addr, time.Second)), idempotency.WithLease(lease),
-		idempotency.WithStoreTimeout(patientStoreTimeout))
+	b := newMiddleware(t, newStore(faultClient(t, addr, time.Second)), idempotency.Options{Lease: lease, StoreTimeout: patientStoreTimeout})
 
 	for _, fault := range []string{"blackhole", "reset"} {
 		t.Run(fault, func(t *testing.T) {
@@ -205,7 +204,7 @@ func TestRegressionLeaseLostBeforeExpiry(t *testing.T) {
 				proxy.SetLatency(replyLatency)
 				sent := &sendTimes{}
 				clientA.AddHook(sent)
-				a := newMiddleware(t, newStore(clientA), idempotency.WithLease(lease), idempotency.WithStoreTimeout(storeTimeout))
+				a := newMiddleware(t, newStore(clientA), idempotency.Options{Lease: lease, StoreTimeout: storeTimeout})
 
 				entered := make(chan struct{})
 				cancelledA := make(chan time.Time, 1)
@@ -287,7 +286,7 @@ func TestRegressionGoneClientNoWriteStored(t *testing.T) {
 		// Returns without writing: net/http answers 200.
 	}
 	obs := &observed{}
-	h := newMiddleware(t, idempotency.NewMemoryStore(), idempotency.WithObserver(obs.observe)).Handler(handler)
+	h := newMiddleware(t, idempotency.NewMemoryStore(idempotency.MemoryOptions{}), idempotency.Options{Observer: obs.observe}).Handler(handler)
 
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -331,7 +330,7 @@ func TestRegressionPausedRedisFreesClaims(t *testing.T) {
 		n            = 50
 	)
 	handler := createVenue()
-	h := newMiddleware(t, newRedisStore(t, client), idempotency.WithLease(lease), idempotency.WithStoreTimeout(storeTimeout)).Handler(handler)
+	h := newMiddleware(t, newRedisStore(t, client), idempotency.Options{Lease: lease, StoreTimeout: storeTimeout}).Handler(handler)
 	require.Equal(t, http.StatusCreated, serve(h, venue("warm-up")()).Code)
 	calls := handler.calls.Load()
 
@@ -423,8 +422,7 @@ func TestRegressionNoScriptFallbackHasBudget(t *testing.T) {
 				io.WriteString(w, "created")
 			}
 			obs := &observed{}
-			h := newMiddleware(t, newRedisStore(t, client), idempotency.WithStoreTimeout(storeTimeout),
-				idempotency.WithObserver(obs.observe)).Handler(handler)
+			h := newMiddleware(t, newRedisStore(t, client), idempotency.Options{StoreTimeout: storeTimeout, Observer: obs.observe}).Handler(handler)
 			require.Equal(t, http.StatusCreated, serve(h, venue("warm-up")()).Code) // scripts are cached now
 			require.Equal(t, idempotency.OutcomeExecuted, obs.last().Outcome)
 
@@ -465,7 +463,7 @@ func TestRegressionReplayHeaders(t *testing.T) {
 			io.WriteString(w, `{"id":"v_1"}`)
 			h.Set("X-Digest", "d-1")
 		}}
-		mw := newMiddleware(t, idempotency.NewMemoryStore())
+		mw := newMiddleware(t, idempotency.NewMemoryStore(idempotency.MemoryOptions{}))
 		// outer stands for logging and CORS middleware around the
 		// idempotency middleware: its headers describe this request.
 		outer := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -516,7 +514,7 @@ func TestRegressionReplayHeaders(t *testing.T) {
 			w.Header().Set("Connection", "Upgrade")
 			w.WriteHeader(http.StatusSwitchingProtocols)
 		}}
-		h := newMiddleware(t, idempotency.NewMemoryStore()).Handler(handler)
+		h := newMiddleware(t, idempotency.NewMemoryStore(idempotency.MemoryOptions{})).Handler(handler)
 		first := serve(h, post("k", `{}`))
 		require.Equal(t, http.StatusSwitchingProtocols, first.Code)
 		retry := serve(h, post("k", `{}`))
@@ -545,11 +543,11 @@ func TestRegressionFingerprintErrorsHidden(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			store := idempotency.NewMemoryStore()
+			store := idempotency.NewMemoryStore(idempotency.MemoryOptions{})
 			handler := createVenue()
-			failing := newMiddleware(t, store, idempotency.WithFingerprint(func(*http.Request, []byte) (string, error) {
+			failing := newMiddleware(t, store, idempotency.Options{Fingerprint: func(*http.Request, []byte) (string, error) {
 				return "", tc.err
-			})).Handler(handler)
+			}}).Handler(handler)
 			w := serve(failing, post("k", `{"name":"Hall"}`))
 			assert.NotContains(t, w.Body.String(), tc.secret, "the fingerprint error's text reached the client")
 			assert.NotContains(t, w.Body.String(), "tenant")
@@ -567,8 +565,7 @@ func TestRegressionFingerprintErrorsHidden(t *testing.T) {
 
 	t.Run("OwnJSONErrorsShowDetail", func(t *testing.T) { // the control: unchanged behaviour
 		handler := createVenue()
-		h := newMiddleware(t, idempotency.NewMemoryStore(),
-			idempotency.WithFingerprint(idempotency.Fingerprinter{CanonicalJSON: true}.Fingerprint)).Handler(handler)
+		h := newMiddleware(t, idempotency.NewMemoryStore(idempotency.MemoryOptions{}), idempotency.Options{Fingerprint: idempotency.Fingerprinter{CanonicalJSON: true}.Fingerprint}).Handler(handler)
 		p := requireProblem(t, serve(h, post("k", `{"name":`)), http.StatusBadRequest)
 		assert.Contains(t, p.Type, "ErrInvalidJSON")
 		assert.Contains(t, p.Detail, "unexpected end of input")

@@ -49,9 +49,9 @@ const (
 // fastAndPatient returns one handler's middleware twice over one store:
 // with the short store timeout whose bound the tests measure, and with a
 // patient one.
-func fastAndPatient(t *testing.T, store idempotency.Store, handler http.Handler, opts ...idempotency.Option) (fast, patient http.Handler) {
-	fast = newMiddleware(t, store, append(opts, idempotency.WithStoreTimeout(faultStoreTimeout))...).Handler(handler)
-	patient = newMiddleware(t, store, append(opts, idempotency.WithStoreTimeout(patientStoreTimeout))...).Handler(handler)
+func fastAndPatient(t *testing.T, store idempotency.Store, handler http.Handler, opts ...idempotency.Options) (fast, patient http.Handler) {
+	fast = newMiddleware(t, store, merged(opts...), idempotency.Options{StoreTimeout: faultStoreTimeout}).Handler(handler)
+	patient = newMiddleware(t, store, merged(opts...), idempotency.Options{StoreTimeout: patientStoreTimeout}).Handler(handler)
 	return fast, patient
 }
 
@@ -133,7 +133,7 @@ func TestReliabilityRedisDown(t *testing.T) {
 	store := newRedisStore(t, faultClient(t, addr, faultReadTimeout))
 	handler := createVenue()
 	obs := &observed{}
-	fast, h := fastAndPatient(t, store, handler, idempotency.WithObserver(obs.observe))
+	fast, h := fastAndPatient(t, store, handler, idempotency.Options{Observer: obs.observe})
 	require.Equal(t, http.StatusCreated, serve(h, venue("warm-up")()).Code)
 
 	stop()
@@ -144,11 +144,10 @@ func TestReliabilityRedisDown(t *testing.T) {
 	assert.Equal(t, idempotency.OutcomeStoreError, obs.last().Outcome)
 
 	open := createVenue()
-	hOpen := newMiddleware(t, store, idempotency.WithStoreTimeout(faultStoreTimeout), idempotency.WithFailOpen(),
-		idempotency.WithObserver(obs.observe)).Handler(open)
+	hOpen := newMiddleware(t, store, idempotency.Options{StoreTimeout: faultStoreTimeout, FailOpen: true, Observer: obs.observe}).Handler(open)
 	assert.Equal(t, http.StatusCreated, serve(hOpen, venue("k")()).Code, "fail open runs the handler")
 	assert.Equal(t, int32(1), open.calls.Load())
-	assert.Equal(t, idempotency.OutcomeFailOpen, obs.last().Outcome)
+	assert.Equal(t, idempotency.OutcomeUnprotected, obs.last().Outcome)
 
 	redistest.StartServerAt(t, addr)
 	w = serve(h, venue("k")())
@@ -169,7 +168,7 @@ func TestReliabilityRedisSlow(t *testing.T) {
 	store := newRedisStore(t, faultClient(t, proxy.Addr(), faultReadTimeout))
 	handler := createVenue()
 	const lease = 30 * time.Second // a key freed within seconds was released, not lapsed
-	fast, h := fastAndPatient(t, store, handler, idempotency.WithLease(lease))
+	fast, h := fastAndPatient(t, store, handler, idempotency.Options{Lease: lease})
 	require.Equal(t, http.StatusCreated, serve(h, venue("warm-up")()).Code)
 
 	proxy.SetLatency(2 * faultReadTimeout)
@@ -179,7 +178,7 @@ func TestReliabilityRedisSlow(t *testing.T) {
 	t.Logf("503 after %v (store timeout %v, go-redis read timeout %v, 3 attempts)", took, faultStoreTimeout, faultReadTimeout)
 
 	// A request whose own deadline comes before the store timeout.
-	hLong := newMiddleware(t, store, idempotency.WithLease(lease), idempotency.WithStoreTimeout(time.Minute)).Handler(handler)
+	hLong := newMiddleware(t, store, idempotency.Options{Lease: lease, StoreTimeout: time.Minute}).Handler(handler)
 	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
 	defer cancel()
 	w, took = timedServe(hLong, venue("k2")().WithContext(ctx))
@@ -216,7 +215,7 @@ func TestReliabilityConnectionReset(t *testing.T) {
 	const lease = 30 * time.Second // a key freed within seconds was released, not lapsed
 	handler := createVenue()
 	obs := &observed{}
-	fast, h := fastAndPatient(t, store, handler, idempotency.WithLease(lease), idempotency.WithObserver(obs.observe))
+	fast, h := fastAndPatient(t, store, handler, idempotency.Options{Lease: lease, Observer: obs.observe})
 	require.Equal(t, http.StatusCreated, serve(h, venue("warm-up")()).Code)
 
 	t.Run("once", func(t *testing.T) {
@@ -251,8 +250,7 @@ func TestReliabilityConnectionReset(t *testing.T) {
 			w.WriteHeader(http.StatusCreated)
 			io.WriteString(w, "created")
 		}}
-		h := newMiddleware(t, newRedisStore(t, faultClient(t, proxy.Addr(), faultReadTimeout)), idempotency.WithLease(lease),
-			idempotency.WithStoreTimeout(patientStoreTimeout), idempotency.WithObserver(obs.observe)).Handler(store)
+		h := newMiddleware(t, newRedisStore(t, faultClient(t, proxy.Addr(), faultReadTimeout)), idempotency.Options{Lease: lease, StoreTimeout: patientStoreTimeout, Observer: obs.observe}).Handler(store)
 		w := serve(h, venue("store")())
 		assert.Equal(t, http.StatusCreated, w.Code, "the response went through before the store call")
 		assert.Equal(t, idempotency.OutcomeExecuted, obs.last().Outcome, "err: %v", obs.last().Err)
@@ -285,7 +283,7 @@ func TestReliabilityRedisRestartedMidRequest(t *testing.T) {
 		}
 		w.WriteHeader(http.StatusCreated)
 	}
-	fast, h := fastAndPatient(t, store, handler, idempotency.WithLease(lease))
+	fast, h := fastAndPatient(t, store, handler, idempotency.Options{Lease: lease})
 	done := make(chan *httptest.ResponseRecorder, 1)
 	go func() { done <- serve(h, venue("k")()) }()
 	waitFor(t, entered, eventBound, "the handler did not start")
@@ -319,7 +317,7 @@ func TestReliabilityReadTimeoutRetryTrap(t *testing.T) {
 	store := newRedisStore(t, client)
 	handler := createVenue()
 	// The store timeout leaves go-redis the time to retry.
-	h := newMiddleware(t, store, idempotency.WithStoreTimeout(5*time.Second)).Handler(handler)
+	h := newMiddleware(t, store, idempotency.Options{StoreTimeout: 5 * time.Second}).Handler(handler)
 	require.Equal(t, http.StatusCreated, serve(h, venue("warm-up")()).Code)
 	accepted := proxy.Accepted()
 
@@ -359,7 +357,7 @@ func TestReliabilityLeaseExtended(t *testing.T) {
 		assert.NoError(t, r.Context().Err(), "the handler's context stays live")
 		w.WriteHeader(http.StatusCreated)
 	}}
-	h := newMiddleware(t, newRedisStore(t, client), idempotency.WithLease(lease), idempotency.WithStoreTimeout(patientStoreTimeout)).Handler(handler)
+	h := newMiddleware(t, newRedisStore(t, client), idempotency.Options{Lease: lease, StoreTimeout: patientStoreTimeout}).Handler(handler)
 	done := make(chan int, 1)
 	go func() { done <- serve(h, venue("k")()).Code }()
 	waitFor(t, entered, eventBound, "the handler did not start")
@@ -397,8 +395,7 @@ func TestReliabilityLeaseLostRedisGone(t *testing.T) {
 		w.WriteHeader(http.StatusCreated)
 	}
 	obs := &observed{}
-	h := newMiddleware(t, store, idempotency.WithLease(lease), idempotency.WithStoreTimeout(patientStoreTimeout),
-		idempotency.WithObserver(obs.observe)).Handler(handler)
+	h := newMiddleware(t, store, idempotency.Options{Lease: lease, StoreTimeout: patientStoreTimeout, Observer: obs.observe}).Handler(handler)
 	done := make(chan *httptest.ResponseRecorder, 1)
 	go func() { done <- serve(h, venue("k")()) }()
 	waitFor(t, entered, eventBound, "the handler did not start")
@@ -436,7 +433,7 @@ func TestReliabilityLeaseLostTakenOver(t *testing.T) {
 	proxy := startProxy(t, addr)
 	prefix := redistest.Prefix(t)
 	newStore := func(addr string) idempotency.Store {
-		store, err := idempotency.NewRedisStore(faultClient(t, addr, time.Second), idempotency.WithRedisPrefix(prefix))
+		store, err := idempotency.NewRedisStore(faultClient(t, addr, time.Second), idempotency.RedisOptions{Prefix: prefix})
 		require.NoError(t, err)
 		return store
 	}
@@ -456,9 +453,8 @@ func TestReliabilityLeaseLostTakenOver(t *testing.T) {
 		io.WriteString(w, "B")
 	}}
 	obsA := &observed{}
-	a := newMiddleware(t, newStore(proxy.Addr()), idempotency.WithLease(lease), idempotency.WithStoreTimeout(patientStoreTimeout),
-		idempotency.WithObserver(obsA.observe)).Handler(handlerA)
-	b := newMiddleware(t, newStore(addr), idempotency.WithLease(lease), idempotency.WithStoreTimeout(patientStoreTimeout)).Handler(handlerB)
+	a := newMiddleware(t, newStore(proxy.Addr()), idempotency.Options{Lease: lease, StoreTimeout: patientStoreTimeout, Observer: obsA.observe}).Handler(handlerA)
+	b := newMiddleware(t, newStore(addr), idempotency.Options{Lease: lease, StoreTimeout: patientStoreTimeout}).Handler(handlerB)
 
 	doneA := make(chan *httptest.ResponseRecorder, 1)
 	go func() { doneA <- serve(a, venue("k")()) }()
@@ -509,9 +505,9 @@ func TestReliabilityCrashAfterSideEffect(t *testing.T) {
 	if addr := os.Getenv(crashChildEnv); addr != "" {
 		// The child: claim the key, apply the side effect, die.
 		client := faultClient(t, addr, faultReadTimeout)
-		store, err := idempotency.NewRedisStore(client, idempotency.WithRedisPrefix(prefix))
+		store, err := idempotency.NewRedisStore(client, idempotency.RedisOptions{Prefix: prefix})
 		require.NoError(t, err)
-		h := newMiddleware(t, store, idempotency.WithLease(lease)).Handler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		h := newMiddleware(t, store, idempotency.Options{Lease: lease}).Handler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			effect(r.Context(), client, r)
 			os.Exit(3)
 		}))
@@ -529,7 +525,7 @@ func TestReliabilityCrashAfterSideEffect(t *testing.T) {
 	require.Equal(t, 3, exit.ExitCode(), "the child died in its handler: %s", out)
 
 	client := faultClient(t, addr, faultReadTimeout)
-	store, err := idempotency.NewRedisStore(client, idempotency.WithRedisPrefix(prefix))
+	store, err := idempotency.NewRedisStore(client, idempotency.RedisOptions{Prefix: prefix})
 	require.NoError(t, err)
 	var appliedAgain atomic.Bool
 	handler := &counted{serve: func(w http.ResponseWriter, r *http.Request) {
@@ -538,7 +534,7 @@ func TestReliabilityCrashAfterSideEffect(t *testing.T) {
 		w.WriteHeader(http.StatusCreated)
 		fmt.Fprintf(w, `{"account":%q}`, account)
 	}}
-	h := newMiddleware(t, store, idempotency.WithLease(lease)).Handler(handler)
+	h := newMiddleware(t, store, idempotency.Options{Lease: lease}).Handler(handler)
 	w := serve(h, venue("k")())
 	requireProblem(t, w, http.StatusConflict) // the dead process' claim holds until its lease lapses
 	w, _ = untilNot409(t, h, venue("k"), 5*lease)
@@ -594,7 +590,7 @@ func TestReliabilityRedisOOM(t *testing.T) {
 		w.WriteHeader(http.StatusCreated)
 	}
 	obs := &observed{}
-	fast, h := fastAndPatient(t, newRedisStore(t, client), handler, idempotency.WithLease(lease), idempotency.WithObserver(obs.observe))
+	fast, h := fastAndPatient(t, newRedisStore(t, client), handler, idempotency.Options{Lease: lease, Observer: obs.observe})
 	done := make(chan *httptest.ResponseRecorder, 1)
 	go func() { done <- serve(h, venue("k")()) }()
 	waitFor(t, entered, eventBound, "the handler did not start")
@@ -672,8 +668,8 @@ func TestReliabilityEvictionLosesRecords(t *testing.T) {
 func TestReliabilityFailover(t *testing.T) {
 	primary, replica, link := startReplicated(t)
 	prefix := redistest.Prefix(t)
-	newStore := func(addr string, opts ...idempotency.Option) idempotency.Store {
-		store, err := idempotency.NewRedisStore(faultClient(t, addr, faultReadTimeout), append(opts, idempotency.WithRedisPrefix(prefix))...)
+	newStore := func(addr string, opts ...idempotency.RedisOptions) idempotency.Store {
+		store, err := idempotency.NewRedisStore(faultClient(t, addr, faultReadTimeout), merged(append(opts, idempotency.RedisOptions{Prefix: prefix})...))
 		require.NoError(t, err)
 		return store
 	}
@@ -690,9 +686,9 @@ func TestReliabilityFailover(t *testing.T) {
 		w.WriteHeader(http.StatusCreated)
 	}
 	obs := &observed{}
-	opts := []idempotency.Option{idempotency.WithLease(lease), idempotency.WithStoreTimeout(patientStoreTimeout), idempotency.WithObserver(obs.observe)}
-	plain := newMiddleware(t, newStore(primary), opts...).Handler(handler)
-	waiting := newMiddleware(t, newStore(primary, idempotency.WithRedisWait(1, waitTimeout)), opts...).Handler(handler)
+	opts := idempotency.Options{Lease: lease, StoreTimeout: patientStoreTimeout, Observer: obs.observe}
+	plain := newMiddleware(t, newStore(primary), opts).Handler(handler)
+	waiting := newMiddleware(t, newStore(primary, idempotency.RedisOptions{WaitReplicas: 1, WaitTimeout: waitTimeout}), opts).Handler(handler)
 
 	require.Equal(t, http.StatusCreated, serve(plain, venue("before")()).Code, "%v", obs.last().Err)
 	require.Equal(t, http.StatusCreated, serve(waiting, venue("waited")()).Code, "%v", obs.last().Err)
@@ -718,7 +714,7 @@ func TestReliabilityFailover(t *testing.T) {
 
 	// Failover: promote the replica and move the clients to it.
 	require.NoError(t, faultClient(t, replica, time.Second).ReplicaOf(context.Background(), "NO", "ONE").Err())
-	promoted := newMiddleware(t, newStore(replica), opts...).Handler(handler)
+	promoted := newMiddleware(t, newStore(replica), opts).Handler(handler)
 	for _, key := range []string{"before", "waited"} {
 		w := serve(promoted, venue(key)())
 		assert.Equal(t, "true", w.Header().Get("X-Idempotent-Replayed"), "%s survived the failover", key)

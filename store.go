@@ -19,9 +19,11 @@ import (
 //     the key with [Store.Release] so a retry can run the work again.
 //
 // Every call after Acquire names the owner's token and must change nothing
-// unless that token still owns the key; otherwise it returns [ErrLeaseLost].
-// That is what keeps an owner whose lease lapsed from overwriting or deleting
-// the record of the owner that came after it.
+// unless that token still owns the key; otherwise it returns [ErrLeaseLost]
+// (Release, only when someone else holds the key: see there). That is what
+// keeps an owner whose lease lapsed from overwriting or deleting the record
+// of the owner that came after it. ErrLeaseLost always means the call
+// changed nothing.
 //
 // Every call must return by its context's deadline: the middleware gives
 // each call one (the store timeout), except to [MemoryStore], whose calls
@@ -52,7 +54,20 @@ type Store interface {
 	Complete(ctx context.Context, key, token string, rec *Record, ttl time.Duration) error
 
 	// Release deletes the in-flight record that token owns, so the key can be
-	// claimed again.
+	// claimed again. It returns ErrLeaseLost, and changes nothing, only
+	// when the key is held by someone else: in flight under another
+	// owner's running lease, or completed (by any token: the outcome stays).
+	// When nothing holds the key (it is free, suspended with a recovery
+	// point and no owner, or token's own claim lapsed and no one took it
+	// over) Release changes nothing and returns nil. So a repeated Release
+	// succeeds: a client library may re-send a call whose reply it lost,
+	// and the repeat finds the key that the first call freed; ErrLeaseLost
+	// would tell the caller that its claim was taken from it, which never
+	// happened. A repeat that finds another claim holding the key (which
+	// came after the first send freed it, or after the caller's lease
+	// lapsed) must not answer ErrLeaseLost unless the store knows that no
+	// earlier send ran: it answers nil when it knows one did (RedisStore
+	// remembers the call), or another error, of unknown outcome.
 	Release(ctx context.Context, key, token string) error
 }
 
@@ -65,8 +80,13 @@ type FailureRecorder interface {
 	// Fail releases the in-flight record that token owns, as Release does,
 	// and counts a failed attempt under key with reason as the last error,
 	// keeping both for ttl after this failure. It returns the number of
-	// failed attempts counted so far, or ErrLeaseLost (and counts nothing)
-	// when token does not own the key.
+	// failed attempts counted so far. Repeated by the same token after it
+	// succeeded (a client library re-sent it after losing its reply), it
+	// counts nothing and returns the count again, while that failure is
+	// the last one counted and its history lives. Otherwise, when token
+	// does not own the key, it returns ErrLeaseLost and counts nothing:
+	// unlike Release, also when nothing holds the key, since a failure is
+	// counted only for the claim it ends.
 	Fail(ctx context.Context, key, token, reason string, ttl time.Duration) (attempts int, err error)
 
 	// Failures returns the failed attempts counted under key and the last
@@ -74,27 +94,25 @@ type FailureRecorder interface {
 	Failures(ctx context.Context, key string) (attempts int, lastReason string, err error)
 }
 
-// Reader is implemented by stores that can read a record without claiming
-// its key. The webhook helper uses it to tell an operator what became of an
-// event ([WebhookHandler.Event]).
-type Reader interface {
+// Inspector is implemented by stores that let an operator look at a
+// record without claiming its key, and remove one whatever its state.
+// [WebhookHandler.Event] reads with it, [Middleware.Remove] and
+// [WebhookHandler.Remove] remove with it. Every store of this module
+// implements it.
+type Inspector interface {
 	// Get returns the live record under key, or nil when there is none: a
 	// completed record, an in-flight one (with its owner's Token and its
 	// LeaseLeft), or a suspended one (its recovery point, no Token; see
-	// [Checkpointer]). The caller must not modify it.
+	// [Checkpointer]). The caller must not modify it. A record that cannot
+	// be decoded is an error wrapping [ErrRecordUnreadable].
 	Get(ctx context.Context, key string) (*Record, error)
-}
 
-// Remover is implemented by stores that can delete what they keep under a
-// key whatever its state: the operator's way out of a record that cannot
-// be read ([ErrRecordUnreadable]). Every store of this module implements
-// it.
-type Remover interface {
 	// Remove deletes the record under key, in any state, with its recovery
 	// point and failure history; a key with nothing under it is no error.
-	// A record in flight loses its owner: a duplicate may then run the
-	// work again, so use it only on a record that is unreadable or known
-	// to be abandoned.
+	// It is the operator's way out of a record that cannot be read
+	// ([ErrRecordUnreadable]). A record in flight loses its owner: a
+	// duplicate may then run the work again, so use it only on a record
+	// that is unreadable or known to be abandoned.
 	Remove(ctx context.Context, key string) error
 }
 
@@ -153,7 +171,7 @@ type Record struct {
 	// LeaseLeft, on an in-flight record that [Store.Acquire] returns, is
 	// how long its lease has left unless renewed, by the store's clock: the
 	// middleware derives a 409's Retry-After from it, and a waiting
-	// duplicate ([WithWait]) re-reads the key when it ends. Zero when the
+	// duplicate ([Options].Wait) re-reads the key when it ends. Zero when the
 	// store does not tell; stores ignore it in what they are given.
 	LeaseLeft time.Duration
 

@@ -15,11 +15,11 @@ import (
 // a single instance, tests and development. Records do not survive a restart
 // and are not shared between processes; use [RedisStore] for that. It keeps
 // failure histories ([FailureRecorder]) and recovery points
-// ([Checkpointer]), and reads records without claiming them ([Reader]).
+// ([Checkpointer]), and reads records without claiming them ([Inspector]).
 //
 // Completed records are kept as given to Complete and handed to every
 // replay as they are, without a copy. What the store holds is bounded
-// ([WithMemoryLimits]; by default 1 GiB): at the limit, a claim that needs
+// ([MemoryOptions]; by default 1 GiB): at the limit, a claim that needs
 // a new record fails, so the middleware answers 503, while the records
 // already held keep working; nothing is evicted before it expires. Expired
 // records are purged as the store is used, at most 1,000 per hold of the
@@ -84,6 +84,9 @@ type memoryExtra struct {
 	attempts   int // 0 when no history
 	reason     string
 	failUntil  int64
+	// failer is the hash of the token whose failure was counted last, so
+	// that the same Fail repeated returns the count again (as completer).
+	failer uint64
 }
 
 // Purge and accounting constants.
@@ -114,61 +117,52 @@ const (
 	defaultMemoryMaxBytes = 1 << 30
 )
 
-// WithMemoryLimits bounds what a [MemoryStore] holds: at most maxRecords
-// keys and maxBytes bytes; zero or less leaves that dimension unlimited. A
-// record counts the bytes of its key, owner token, fingerprint, stored
+// MemoryOptions bounds what a [MemoryStore] holds ([NewMemoryStore]). The
+// zero value is the defaults: no limit on records, 1 GiB.
+//
+// A record counts the bytes of its key, owner token, fingerprint, stored
 // header names and values, stored body (its capacity), recovery point and
 // data and last failure reason, plus a fixed overhead for the store's own
 // structures, measured: 350 bytes a record, 400 a header map (per 8
 // names) and 16 a header value.
 //
 // At a limit, a claim that needs a new record fails, after the store
-// purged what had expired, with an error naming this option (the
-// middleware answers 503 as for any store error); nothing is evicted
-// before it expires, and the records held keep answering. What a claim in
-// flight stores is always accepted, or a client that already has its
-// response would see the work run again on its retry: the responses,
-// recovery points and failure histories of the claims in flight can take
-// the store past maxBytes. MemoryStore. Default: no limit on records,
-// 1 GiB.
-func WithMemoryLimits(maxRecords int, maxBytes int64) Option {
-	return option("WithMemoryLimits", forMemoryStore, func(s *settings) error {
-		s.memoryMaxRecords, s.memoryMaxBytes = max(maxRecords, 0), max(maxBytes, 0)
-		return nil
-	})
+// purged what had expired, with an error naming the limit (the middleware
+// answers 503 as for any store error); nothing is evicted before it
+// expires, and the records held keep answering. What a claim in flight
+// stores is always accepted, or a client that already has its response
+// would see the work run again on its retry: the responses, recovery
+// points and failure histories of the claims in flight can take the store
+// past MaxBytes.
+type MemoryOptions struct {
+	// MaxRecords is the most keys the store holds; 0 or less: no limit.
+	MaxRecords int
+	// MaxBytes is the most bytes the store holds; 0: 1 GiB; less than 0:
+	// no limit.
+	MaxBytes int64
 }
 
 // errMemoryFull is the cause of a claim refused at the store's limits.
-var errMemoryFull = errors.New("idempotency: memory store full (see WithMemoryLimits)")
+var errMemoryFull = errors.New("idempotency: memory store full (see MemoryOptions)")
 
-// NewMemoryStore returns an empty MemoryStore configured by opts, which
-// accepts [WithMemoryLimits]. It cannot fail: an invalid option, one meant
-// for another constructor for instance, makes every call of the store
-// return an error naming it, so that the mistake shows at the first
-// request (the middleware answers 503) instead of being ignored.
-func NewMemoryStore(opts ...Option) *MemoryStore {
-	set := settings{memoryMaxBytes: defaultMemoryMaxBytes}
+// NewMemoryStore returns an empty MemoryStore that holds what opts allows.
+func NewMemoryStore(opts MemoryOptions) *MemoryStore {
 	start := time.Now()
-	s := &MemoryStore{
-		clock:   func() int64 { return int64(time.Since(start)) },
-		wall:    time.Now,
-		records: make(map[string]*memoryEntry),
-		seed:    maphash.MakeSeed(),
+	return &MemoryStore{
+		clock:      func() int64 { return int64(time.Since(start)) },
+		wall:       time.Now,
+		records:    make(map[string]*memoryEntry),
+		seed:       maphash.MakeSeed(),
+		maxRecords: max(opts.MaxRecords, 0),
+		maxBytes:   max(or(opts.MaxBytes, defaultMemoryMaxBytes), 0),
 	}
-	if err := set.apply(forMemoryStore, opts); err != nil {
-		s.err = fmt.Errorf("%w; NewMemoryStore made a store that refuses every call", err)
-		return s
-	}
-	s.maxRecords, s.maxBytes = set.memoryMaxRecords, set.memoryMaxBytes
-	return s
 }
 
 var (
 	_ Store           = (*MemoryStore)(nil)
 	_ FailureRecorder = (*MemoryStore)(nil)
 	_ Checkpointer    = (*MemoryStore)(nil)
-	_ Reader          = (*MemoryStore)(nil)
-	_ Remover         = (*MemoryStore)(nil)
+	_ Inspector       = (*MemoryStore)(nil)
 	_ waker           = (*MemoryStore)(nil)
 )
 
@@ -284,7 +278,7 @@ func (s *MemoryStore) Extend(ctx context.Context, key, token string, lease time.
 
 // Complete implements [Store]; the store keeps rec itself, without its
 // recovery point, and accepts it even at its limits (see
-// [WithMemoryLimits]).
+// [MemoryOptions]).
 func (s *MemoryStore) Complete(ctx context.Context, key, token string, rec *Record, ttl time.Duration) error {
 	if s.err != nil {
 		return s.err
@@ -316,11 +310,36 @@ func (s *MemoryStore) Complete(ctx context.Context, key, token string, rec *Reco
 }
 
 // Release implements [Store]. A claim that recorded a recovery point is
-// suspended rather than deleted (see [Checkpointer]).
+// suspended rather than deleted (see [Checkpointer]). As the contract
+// says, it refuses only when someone else holds the key: a key that
+// nothing holds (free, suspended, or token's own lapsed claim) is left
+// as it is, and the call succeeds.
 func (s *MemoryStore) Release(ctx context.Context, key, token string) error {
-	return s.withInFlight(ctx, key, token, func(now int64, e *memoryEntry) {
-		s.freeLocked(e, now)
-	})
+	if s.err != nil {
+		return s.err
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if token == "" {
+		return ErrLeaseLost // no claim has it
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	now := s.clock()
+	e := s.records[key]
+	switch {
+	case e == nil || now >= e.until:
+		return nil // free
+	case e.done != nil:
+		return ErrLeaseLost // completed: the outcome stays
+	case !e.inFlight(now):
+		return nil // suspended, or token's own lapsed claim with a recovery point
+	case e.token != token:
+		return ErrLeaseLost
+	}
+	s.freeLocked(e, now)
+	return nil
 }
 
 // Fail implements [FailureRecorder]; like Release, it suspends a claim
@@ -340,9 +359,21 @@ func (s *MemoryStore) Fail(ctx context.Context, key, token, reason string, ttl t
 		}
 		x.attempts++
 		x.reason, x.failUntil = reason, now+int64(ttl)
+		x.failer = maphash.String(s.seed, token)
 		attempts = x.attempts
 		s.freeLocked(e, now)
 	})
+	if errors.Is(err, ErrLeaseLost) && token != "" {
+		// The same call again, after it succeeded: the same count, as the
+		// stores that can lose a reply answer.
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		if e := s.records[key]; e != nil && e.extra != nil {
+			if x := e.extra; x.attempts > 0 && s.clock() < x.failUntil && x.failer == maphash.String(s.seed, token) {
+				return x.attempts, nil
+			}
+		}
+	}
 	return attempts, err
 }
 
@@ -395,7 +426,7 @@ func (s *MemoryStore) Checkpoint(ctx context.Context, key, token, point string, 
 	})
 }
 
-// Get implements [Reader].
+// Get implements [Inspector].
 func (s *MemoryStore) Get(ctx context.Context, key string) (*Record, error) {
 	if s.err != nil {
 		return nil, s.err
@@ -416,7 +447,7 @@ func (s *MemoryStore) Get(ctx context.Context, key string) (*Record, error) {
 	return e.record(now), nil
 }
 
-// Remove implements [Remover].
+// Remove implements [Inspector].
 func (s *MemoryStore) Remove(ctx context.Context, key string) error {
 	if s.err != nil {
 		return s.err
@@ -555,7 +586,7 @@ func (s *MemoryStore) purgeLocked(now int64) (more bool) {
 			e.clearRecord()
 		}
 		if x := e.extra; x != nil && x.attempts > 0 && now >= x.failUntil {
-			x.attempts, x.reason, x.failUntil = 0, "", 0
+			x.attempts, x.reason, x.failUntil, x.failer = 0, "", 0, 0
 			if x.point == "" {
 				e.extra = nil
 			}

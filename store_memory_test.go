@@ -63,7 +63,7 @@ func TestMemoryStoreLimits(t *testing.T) {
 		})
 	}
 	// What the store holds with "done" completed and "slow" in flight.
-	probe := idempotency.NewMemoryStore(idempotency.WithMemoryLimits(0, 0))
+	probe := idempotency.NewMemoryStore(idempotency.MemoryOptions{MaxRecords: 0, MaxBytes: -1})
 	entered, release := make(chan struct{}), make(chan struct{})
 	h := newMiddleware(t, probe).Handler(handler(entered, release))
 	require.Equal(t, http.StatusCreated, serve(h, post("done", `{}`)).Code)
@@ -84,7 +84,7 @@ func TestMemoryStoreLimits(t *testing.T) {
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			clock := newFakeClock()
-			store := idempotency.NewMemoryStoreWithClock(clock.Now, idempotency.WithMemoryLimits(tt.maxRecords, tt.maxBytes))
+			store := idempotency.NewMemoryStoreWithClock(clock.Now, idempotency.MemoryOptions{MaxRecords: tt.maxRecords, MaxBytes: tt.maxBytes})
 			entered, release := make(chan struct{}), make(chan struct{})
 			h := newMiddleware(t, store).Handler(handler(entered, release))
 
@@ -119,14 +119,14 @@ func TestMemoryStoreLimits(t *testing.T) {
 // claim, and a refused claim changes nothing.
 func TestMemoryStoreLimitError(t *testing.T) {
 	ctx := context.Background()
-	store := idempotency.NewMemoryStore(idempotency.WithMemoryLimits(1, 0))
+	store := idempotency.NewMemoryStore(idempotency.MemoryOptions{MaxRecords: 1, MaxBytes: -1})
 	c := memoryClaim("fp")
 	_, _, err := store.Acquire(ctx, "a", c, time.Minute)
 	require.NoError(t, err)
 	bytes := store.Bytes()
 	_, _, err = store.Acquire(ctx, "b", memoryClaim("fp"), time.Minute)
 	require.ErrorContains(t, err, "memory store full")
-	require.ErrorContains(t, err, "WithMemoryLimits")
+	require.ErrorContains(t, err, "MemoryOptions")
 	assert.Equal(t, 1, store.Len())
 	assert.Equal(t, bytes, store.Bytes())
 	// The key held is not a new record: its duplicate is answered.
@@ -134,44 +134,6 @@ func TestMemoryStoreLimitError(t *testing.T) {
 	require.NoError(t, err)
 	require.NotNil(t, existing)
 	assert.Equal(t, c.Token, existing.Token)
-}
-
-// TestMemoryStoreInvalidOptionFailsClosed: NewMemoryStore cannot return
-// an error, so a store made with an option it does not take refuses
-// every call, naming the option, and the middleware answers 503.
-func TestMemoryStoreInvalidOptionFailsClosed(t *testing.T) {
-	ctx := context.Background()
-	for _, tt := range []struct {
-		opt  idempotency.Option
-		want string
-	}{
-		{idempotency.WithTTL(time.Hour), "WithTTL does not apply to a MemoryStore"},
-		{idempotency.WithRedisPrefix("x:"), "WithRedisPrefix does not apply to a MemoryStore"},
-		{idempotency.Option{}, "zero Option"},
-	} {
-		t.Run(tt.want, func(t *testing.T) {
-			store := idempotency.NewMemoryStore(idempotency.WithMemoryLimits(10, 0), tt.opt)
-			_, _, err := store.Acquire(ctx, "k", memoryClaim("fp"), time.Minute)
-			require.ErrorContains(t, err, tt.want)
-			assert.ErrorContains(t, store.Extend(ctx, "k", "t", time.Minute), tt.want)
-			assert.ErrorContains(t, store.Complete(ctx, "k", "t", memoryRecord("fp", nil), time.Minute), tt.want)
-			assert.ErrorContains(t, store.Release(ctx, "k", "t"), tt.want)
-			assert.ErrorContains(t, store.Checkpoint(ctx, "k", "t", "p", nil, time.Minute), tt.want)
-			_, err = store.Fail(ctx, "k", "t", "boom", time.Minute)
-			assert.ErrorContains(t, err, tt.want)
-			_, _, err = store.Failures(ctx, "k")
-			assert.ErrorContains(t, err, tt.want)
-			_, err = store.Get(ctx, "k")
-			assert.ErrorContains(t, err, tt.want)
-
-			calls := 0
-			h := newMiddleware(t, store).Handler(http.HandlerFunc(func(http.ResponseWriter, *http.Request) { calls++ }))
-			requireProblem(t, serve(h, post("k", `{}`)), http.StatusServiceUnavailable)
-			assert.Zero(t, calls)
-		})
-	}
-	_, err := idempotency.New(idempotency.NewMemoryStore(), idempotency.WithMemoryLimits(1, 1))
-	assert.ErrorContains(t, err, "WithMemoryLimits does not apply")
 }
 
 // TestMemoryStorePurgeBatchBound: however many records expire at once, a
@@ -338,7 +300,7 @@ func TestMemoryStoreScale(t *testing.T) {
 		t.Run(fmt.Sprintf("headers=%d", len(headers)/2), func(t *testing.T) {
 			ctx := context.Background()
 			clock := newFakeClock()
-			store := idempotency.NewMemoryStoreWithClock(clock.Now, idempotency.WithMemoryLimits(0, 0))
+			store := idempotency.NewMemoryStoreWithClock(clock.Now, idempotency.MemoryOptions{MaxRecords: 0, MaxBytes: -1})
 			body := make([]byte, 100)
 			before := liveHeap()
 			start := time.Now()

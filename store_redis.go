@@ -2,10 +2,12 @@ package idempotency
 
 import (
 	"context"
+	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"reflect"
 	"strconv"
 	"strings"
 	"sync"
@@ -58,11 +60,11 @@ type RedisClient interface {
 // maxmemory-policy noeviction (an evicting policy silently drops records;
 // under noeviction a full Redis answers errors, which the middleware turns
 // into 503). Replication is asynchronous, so a failover can lose the most
-// recent claims and records; [WithRedisWait] narrows that window.
+// recent claims and records; [RedisOptions].WaitReplicas narrows that window.
 //
 // Completing or freeing a key publishes on a channel named as its key
 // (SPUBLISH on a Cluster, so the message stays in the slot's shard), in the
-// same script, to wake duplicates that wait ([WithWait]). Waiters share one
+// same script, to wake duplicates that wait ([Options].Wait). Waiters share one
 // pub/sub connection per store (per master node on a Cluster) and one
 // goroutine reading it, both opened when the first waiter comes and closed
 // when the last leaves. A *redis.Ring, or another client, gets no
@@ -90,70 +92,62 @@ type RedisStore struct {
 	hub     redisHub
 }
 
-// WithRedisPrefix sets the prefix of every key the store writes, to keep
-// several applications or environments apart in one Redis. It must not
-// contain braces, which would change the key's hash slot on Redis Cluster.
-// RedisStore. Default: "idem:".
-func WithRedisPrefix(prefix string) Option {
-	return option("WithRedisPrefix", forRedisStore, func(s *settings) error {
-		if strings.ContainsAny(prefix, "{}") {
-			return fmt.Errorf("redis prefix %q contains a brace", prefix)
-		}
-		s.redisPrefix = prefix
-		return nil
-	})
-}
+// RedisOptions configures a [RedisStore] ([NewRedisStore]). The zero value
+// is the defaults each field states.
+type RedisOptions struct {
+	// Prefix starts every key the store writes, to keep several
+	// applications or environments apart in one Redis. It must not
+	// contain braces, which would change the key's hash slot on Redis
+	// Cluster. Default: "idem:".
+	Prefix string
 
-// WithRedisWait makes each claim and each stored response wait, in the
-// same round trip, until at least replicas replicas have acknowledged it
-// (Redis WAIT), for at most timeout. The command goes in one pipeline with
-// the write it waits for, so it adds no round trip, only the time the
-// replicas take to acknowledge.
-//
-// When fewer replicas acknowledge in time, the store fails closed: a claim
-// becomes an error (the middleware answers 503 and takes the claim back)
-// and a stored response becomes an error too (the client already has its
-// response; the observer sees store_error). Replays, 409s and 422s do not
-// depend on the count.
-//
-// It narrows, and does not close, the window in which a failover loses
-// records: replicas acknowledge receiving a write, not persisting it; a
-// failover may promote a replica other than those that acknowledged (ask
-// for as many replicas as there are, or use Sentinel or Cluster, which
-// prefer the most up-to-date replica); a write that timed out may still
-// exist on the old primary; and lease renewals and releases are not
-// waited for. With no replica reachable every new claim fails after
-// timeout.
-//
-// Keep timeout below the client's ReadTimeout, or the read of the reply
-// times out first. It works with *redis.Client (single node and Sentinel
-// failover clients) and *redis.ClusterClient, where the pipeline goes to
-// the master of the key's slot (a slot moving meanwhile makes the call
-// fail, closed); other clients make [NewRedisStore] fail. RedisStore.
-// Default: off.
-func WithRedisWait(replicas int, timeout time.Duration) Option {
-	return option("WithRedisWait", forRedisStore, func(s *settings) error {
-		switch {
-		case replicas < 1:
-			return fmt.Errorf("wait for %d replicas: need at least one", replicas)
-		case timeout < time.Millisecond:
-			return fmt.Errorf("wait timeout %v is shorter than a millisecond", timeout)
-		}
-		s.waitReplicas, s.waitTimeout = replicas, timeout
-		return nil
-	})
+	// WaitReplicas, when positive, makes each claim and each stored
+	// response wait, in the same round trip, until at least that many
+	// replicas have acknowledged it (Redis WAIT), for at most WaitTimeout
+	// (at least 1 ms). The command goes in one pipeline with the write it
+	// waits for, so it adds no round trip, only the time the replicas take
+	// to acknowledge.
+	//
+	// When fewer replicas acknowledge in time, the store fails closed: a
+	// claim becomes an error (the middleware answers 503 and takes the
+	// claim back) and a stored response becomes an error too (the held
+	// response is not sent: the client gets 503). Replays, 409s and 422s
+	// do not depend on the count.
+	//
+	// It narrows, and does not close, the window in which a failover
+	// loses records: replicas acknowledge receiving a write, not
+	// persisting it; a failover may promote a replica other than those
+	// that acknowledged (ask for as many replicas as there are, or use
+	// Sentinel or Cluster, which prefer the most up-to-date replica); a
+	// write that timed out may still exist on the old primary; and lease
+	// renewals and releases are not waited for. With no replica reachable
+	// every new claim fails after WaitTimeout.
+	//
+	// Keep WaitTimeout below the client's ReadTimeout, or the read of the
+	// reply times out first. It works with *redis.Client (single node and
+	// Sentinel failover clients) and *redis.ClusterClient, where the
+	// pipeline goes to the master of the key's slot (a slot moving
+	// meanwhile makes the call fail, closed); other clients make
+	// [NewRedisStore] fail. Default: 0, no WAIT.
+	WaitReplicas int
+	WaitTimeout  time.Duration
 }
 
 // NewRedisStore returns a RedisStore that talks to Redis through client.
-func NewRedisStore(client RedisClient, opts ...Option) (*RedisStore, error) {
-	if client == nil {
+func NewRedisStore(client RedisClient, opts RedisOptions) (*RedisStore, error) {
+	if client == nil || reflect.ValueOf(client).Kind() == reflect.Pointer && reflect.ValueOf(client).IsNil() {
 		return nil, errors.New("idempotency: redis client is nil")
 	}
-	set := settings{redisPrefix: "idem:"}
-	if err := set.apply(forRedisStore, opts); err != nil {
-		return nil, err
+	prefix := or(opts.Prefix, "idem:")
+	switch {
+	case strings.ContainsAny(prefix, "{}"):
+		return nil, fmt.Errorf("idempotency: redis prefix %q contains a brace", prefix)
+	case opts.WaitReplicas < 0:
+		return nil, fmt.Errorf("idempotency: WaitReplicas %d is negative", opts.WaitReplicas)
+	case opts.WaitReplicas > 0 && opts.WaitTimeout < time.Millisecond:
+		return nil, fmt.Errorf("idempotency: WaitTimeout %v is shorter than a millisecond", opts.WaitTimeout)
 	}
-	s := &RedisStore{client: client, prefix: set.redisPrefix, waitReplicas: set.waitReplicas, waitTimeout: set.waitTimeout}
+	s := &RedisStore{client: client, prefix: prefix, waitReplicas: opts.WaitReplicas, waitTimeout: opts.WaitTimeout}
 	s.hub.store = s
 	switch c := client.(type) {
 	case *redis.Client:
@@ -169,7 +163,7 @@ func NewRedisStore(client RedisClient, opts ...Option) (*RedisStore, error) {
 		switch client.(type) {
 		case *redis.Client, *redis.ClusterClient:
 		default:
-			return nil, fmt.Errorf("idempotency: WithRedisWait needs a *redis.Client or *redis.ClusterClient, not %T", client)
+			return nil, fmt.Errorf("idempotency: WaitReplicas needs a *redis.Client or *redis.ClusterClient, not %T", client)
 		}
 	}
 	return s, nil
@@ -179,8 +173,7 @@ var (
 	_ Store           = (*RedisStore)(nil)
 	_ FailureRecorder = (*RedisStore)(nil)
 	_ Checkpointer    = (*RedisStore)(nil)
-	_ Reader          = (*RedisStore)(nil)
-	_ Remover         = (*RedisStore)(nil)
+	_ Inspector       = (*RedisStore)(nil)
 	_ waker           = (*RedisStore)(nil)
 )
 
@@ -312,27 +305,55 @@ if v and string.sub(v, 1, #ARGV[4]) == ARGV[4] then
 end
 return 0`)
 
+	// Release refuses (0) only when another owner's claim or a completed
+	// record holds the key. A key with no value is free, suspended (its
+	// recovery point, if any, is a hash of its own), or the caller's
+	// lapsed claim: nothing to do, and done (1).
+	//
+	// go-redis re-sends the script when the connection broke, also after
+	// the first run deleted the key, whose reply was lost. The re-sent run
+	// usually finds the key free; but another claim may have taken it in
+	// between, and then the key is held, which is refused for any other
+	// Release. So the run that deletes notes the call's own random ID
+	// beside the record (KEYS[2], same hash tag) for redisReleaseMemory,
+	// and a run that finds the key held answers done when its call's ID is
+	// there: the same call, re-sent. KEYS: record, released. ARGV: owner
+	// prefix, publish command, call ID, memory ms.
 	redisRelease = redis.NewScript(`
 local v = redis.call('GET', KEYS[1])
-if v and string.sub(v, 1, #ARGV[1]) == ARGV[1] then
+if not v then
+  return 1
+end
+if string.sub(v, 1, #ARGV[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
+  redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
   if ARGV[2] ~= '' then redis.pcall(ARGV[2], KEYS[1], 'r') end
+  return 1
+end
+if redis.call('GET', KEYS[2]) == ARGV[3] then
   return 1
 end
 return 0`)
 
 	// Fail releases like redisRelease and counts the failure in a hash
-	// beside the record (KEYS[2], same hash tag, so same cluster slot).
-	// It returns the count, or 0 when the token does not own the key.
+	// beside the record (KEYS[2], same hash tag, so same cluster slot),
+	// with the owner prefix of the token counted last, so that the script
+	// re-sent after a lost reply returns the same count instead of
+	// counting again. It returns the count, or 0 when the token neither
+	// owns the key nor failed it last.
 	redisFail = redis.NewScript(`
 local v = redis.call('GET', KEYS[1])
 if v and string.sub(v, 1, #ARGV[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
   local n = redis.call('HINCRBY', KEYS[2], 'attempts', 1)
-  redis.call('HSET', KEYS[2], 'last_reason', ARGV[2])
+  redis.call('HSET', KEYS[2], 'last_reason', ARGV[2], 'last_token', ARGV[1])
   redis.call('PEXPIRE', KEYS[2], ARGV[3])
   if ARGV[4] ~= '' then redis.pcall(ARGV[4], KEYS[1], 'r') end
   return n
+end
+local last = redis.call('HMGET', KEYS[2], 'last_token', 'attempts')
+if last[1] == ARGV[1] and last[2] then
+  return tonumber(last[2])
 end
 return 0`)
 )
@@ -438,7 +459,7 @@ func (s *RedisStore) Checkpoint(ctx context.Context, key, token, point string, d
 	return s.runOwned(ctx, "checkpoint", redisCheckpoint, false, key, token, []string{redisRecoverySuffix}, point, data, milliseconds(ttl))
 }
 
-// Get implements [Reader] in one round trip.
+// Get implements [Inspector] in one round trip.
 func (s *RedisStore) Get(ctx context.Context, key string) (*Record, error) {
 	rkey := s.redisKey(key)
 	var rec *Record
@@ -476,12 +497,29 @@ func (s *RedisStore) Complete(ctx context.Context, key, token string, rec *Recor
 		encodeRecord(rec, token), milliseconds(ttl), completedPrefix(token), s.publish)
 }
 
-// Release implements [Store].
+// Release implements [Store] in one round trip. A key that nothing holds
+// (no value under it: free, suspended or the caller's lapsed claim) is
+// released already: the call succeeds and changes nothing. The call has
+// an ID of its own, which the release leaves beside the record for a
+// minute, so that go-redis re-sending it after its reply was lost
+// succeeds also when another claim took the key in between.
 func (s *RedisStore) Release(ctx context.Context, key, token string) error {
-	return s.runOwned(ctx, "release", redisRelease, false, key, token, nil, s.publish)
+	return s.runOwned(ctx, "release", redisRelease, false, key, token, []string{redisReleasedSuffix},
+		s.publish, rand.Text(), milliseconds(redisReleaseMemory))
 }
 
-// Fail implements [FailureRecorder] in one round trip.
+// redisReleasedSuffix names the key that holds the ID of the Release call
+// that last deleted the record, after the record's own key, hash tag
+// included; redisReleaseMemory is how long it stays, far beyond the time
+// within which go-redis re-sends a call.
+const (
+	redisReleasedSuffix = ":released"
+	redisReleaseMemory  = time.Minute
+)
+
+// Fail implements [FailureRecorder] in one round trip. The same call
+// repeated after it succeeded returns the same count, while no other
+// failure was counted since.
 func (s *RedisStore) Fail(ctx context.Context, key, token, reason string, ttl time.Duration) (int, error) {
 	if ttl <= 0 {
 		return 0, fmt.Errorf("idempotency: failure TTL %v is not positive", ttl)
@@ -538,7 +576,7 @@ local n = redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
 if ARGV[1] ~= '' then redis.pcall(ARGV[1], KEYS[1], 'r') end
 return n`)
 
-// Remove implements [Remover] in one round trip.
+// Remove implements [Inspector] in one round trip.
 func (s *RedisStore) Remove(ctx context.Context, key string) error {
 	rkey := s.redisKey(key)
 	err := s.call(ctx, 0, func(ctx context.Context) error {

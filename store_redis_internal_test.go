@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/redis/go-redis/v9"
 )
 
 // FuzzDecodeRecord feeds arbitrary stored values to the decoder: it must
@@ -88,9 +90,11 @@ func FuzzRedisKey(f *testing.F) {
 	f.Add("a{", "key")
 	f.Add("idem:", `http:"tenant {a}":`+strings.Repeat("k", 255))
 	f.Add("ü:", "\x00\xff")
+	client := redis.NewClient(&redis.Options{}) // never dialled: only keys are built
+	defer client.Close()
 	f.Fuzz(func(t *testing.T, prefix, key string) {
-		set := settings{redisPrefix: "idem:"}
-		if err := set.apply(forRedisStore, []Option{WithRedisPrefix(prefix)}); err != nil {
+		s, err := NewRedisStore(client, RedisOptions{Prefix: prefix})
+		if err != nil {
 			if !strings.ContainsAny(prefix, "{}") {
 				t.Fatalf("prefix %q refused: %v", prefix, err)
 			}
@@ -99,7 +103,7 @@ func FuzzRedisKey(f *testing.F) {
 		if strings.ContainsAny(prefix, "{}") {
 			t.Fatalf("prefix %q with a brace accepted", prefix)
 		}
-		s := &RedisStore{prefix: set.redisPrefix}
+		prefix = or(prefix, "idem:")
 		k := s.redisKey(key)
 		if !strings.HasPrefix(k, prefix) {
 			t.Fatalf("redisKey(%q) = %q lost the prefix %q", key, k, prefix)

@@ -92,20 +92,20 @@ func TestRedisStoreRecoversFromScriptFlush(t *testing.T) {
 }
 
 func TestNewRedisStoreValidates(t *testing.T) {
-	_, err := idempotency.NewRedisStore(nil)
+	_, err := idempotency.NewRedisStore(nil, idempotency.RedisOptions{})
 	assert.Error(t, err)
 	_, client := redistest.Miniredis(t)
-	_, err = idempotency.NewRedisStore(client, idempotency.WithRedisPrefix("app:{tag}:"))
+	_, err = idempotency.NewRedisStore(client, idempotency.RedisOptions{Prefix: "app:{tag}:"})
 	assert.Error(t, err, "braces in the prefix would move keys between cluster slots")
-	_, err = idempotency.NewRedisStore(client, idempotency.WithRedisWait(0, time.Second))
-	assert.Error(t, err, "waiting for no replica")
-	_, err = idempotency.NewRedisStore(client, idempotency.WithRedisWait(1, 0))
+	_, err = idempotency.NewRedisStore(client, idempotency.RedisOptions{WaitReplicas: -1, WaitTimeout: time.Second})
+	assert.Error(t, err, "a negative count of replicas")
+	_, err = idempotency.NewRedisStore(client, idempotency.RedisOptions{WaitReplicas: 1, WaitTimeout: 0})
 	assert.Error(t, err, "WAIT 0 blocks forever")
 	ring := redis.NewRing(&redis.RingOptions{Addrs: map[string]string{"a": "127.0.0.1:1"}})
 	defer ring.Close()
-	_, err = idempotency.NewRedisStore(ring, idempotency.WithRedisWait(1, time.Second))
+	_, err = idempotency.NewRedisStore(ring, idempotency.RedisOptions{WaitReplicas: 1, WaitTimeout: time.Second})
 	assert.Error(t, err, "a Ring cannot pipeline WAIT with the write it waits for")
-	_, err = idempotency.NewRedisStore(ring)
+	_, err = idempotency.NewRedisStore(ring, idempotency.RedisOptions{})
 	assert.NoError(t, err)
 }
 
@@ -139,7 +139,7 @@ func TestRedisWaitRoundTrips(t *testing.T) {
 	client := faultClient(t, primary, faultReadTimeout) // longer than WAIT's timeout
 	counter := &commandCounter{}
 	client.AddHook(counter)
-	store, err := idempotency.NewRedisStore(client, idempotency.WithRedisPrefix(redistest.Prefix(t)), idempotency.WithRedisWait(1, time.Second))
+	store, err := idempotency.NewRedisStore(client, idempotency.RedisOptions{Prefix: redistest.Prefix(t), WaitReplicas: 1, WaitTimeout: time.Second})
 	require.NoError(t, err)
 	handler := createVenue()
 	h := newMiddleware(t, store).Handler(handler)
@@ -191,8 +191,7 @@ func TestRedisStoreUnreadableRecord(t *testing.T) {
 			obs := &observed{}
 			var logs bytes.Buffer
 			handler := createVenue()
-			m := newMiddleware(t, store, idempotency.WithObserver(obs.observe),
-				idempotency.WithLogger(slog.New(slog.NewTextHandler(&logs, nil))))
+			m := newMiddleware(t, store, idempotency.Options{Observer: obs.observe, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
 			h := m.Handler(handler)
 			require.Equal(t, http.StatusCreated, serve(h, post(key, `{}`)).Code)
 			keys := recordKeys(mr)
@@ -222,7 +221,7 @@ func TestRedisStoreUnreadableRecord(t *testing.T) {
 // TestRedisKeysOnTheWire: client keys never appear in Redis key names.
 func TestRedisKeysOnTheWire(t *testing.T) {
 	mr, client := redistest.Miniredis(t)
-	store, err := idempotency.NewRedisStore(client)
+	store, err := idempotency.NewRedisStore(client, idempotency.RedisOptions{})
 	require.NoError(t, err)
 	h := newMiddleware(t, store).Handler(createVenue())
 	serve(h, post(`"{user-key}"`, `{}`))

@@ -29,7 +29,7 @@ import (
 func stripeConnectService(t *testing.T, store idempotency.Store, sc *client.API, stripeKey func(r *http.Request, venueID string) (string, error)) (url string, attempts *atomic.Int64) {
 	t.Helper()
 	attempts = &atomic.Int64{}
-	mw, err := idempotency.New(store)
+	mw, err := idempotency.New(store, idempotency.Options{})
 	require.NoError(t, err)
 	mux := http.NewServeMux()
 	mux.Handle("POST /venues/{id}/connect", mw.Handler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -122,7 +122,7 @@ func TestAuditTimestampKeyCreatesTwoConnectAccounts(t *testing.T) {
 	var clock atomic.Int64
 	clock.Store(time.Date(2025, 11, 27, 10, 0, 0, 0, time.UTC).UnixMilli())
 	dateNow := func() int64 { return clock.Add(1500) } // each attempt 1.5 s after the previous
-	url, attempts := stripeConnectService(t, idempotency.NewMemoryStore(), stripefake.NewClient(srv.URL, stripefake.TestAPIKey),
+	url, attempts := stripeConnectService(t, idempotency.NewMemoryStore(idempotency.MemoryOptions{}), stripefake.NewClient(srv.URL, stripefake.TestAPIKey),
 		func(_ *http.Request, venueID string) (string, error) {
 			return fmt.Sprintf("connect:%s:%d", venueID, dateNow()), nil
 		})

@@ -21,8 +21,7 @@ var stripeKeyPattern = regexp.MustCompile(`^idem_[0-9a-f]{64}$`)
 // context its handler saw.
 func stripeClaimContext(t *testing.T, scope, key string) context.Context {
 	t.Helper()
-	mw, err := idempotency.New(idempotency.NewMemoryStore(),
-		idempotency.WithScope(func(*http.Request) string { return scope }))
+	mw, err := idempotency.New(idempotency.NewMemoryStore(idempotency.MemoryOptions{}), idempotency.Options{Scope: func(*http.Request) string { return scope }})
 	require.NoError(t, err)
 	var ctx context.Context
 	h := mw.Handler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {

@@ -23,7 +23,7 @@ func TestWaitLostNotificationEndsAtDeadline(t *testing.T) {
 	newStore := func() *RedisStore {
 		client := redis.NewClient(&redis.Options{Addr: mr.Addr()})
 		t.Cleanup(func() { client.Close() })
-		s, err := NewRedisStore(client)
+		s, err := NewRedisStore(client, RedisOptions{})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -39,7 +39,7 @@ func TestWaitLostNotificationEndsAtDeadline(t *testing.T) {
 		w.WriteHeader(http.StatusCreated)
 		io.WriteString(w, "created")
 	})
-	first, err := New(silent)
+	first, err := New(silent, Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -47,7 +47,7 @@ func TestWaitLostNotificationEndsAtDeadline(t *testing.T) {
 	// The first request completes once the waiter waits: a waiter
 	// re-reads the key once its watch is in place.
 	watched := &onAcquire{Store: listening, n: 2, do: func() { close(release) }}
-	waiting, err := New(watched, WithWait(bound, 10))
+	waiting, err := New(watched, Options{Wait: bound, MaxWaiters: 10})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -118,7 +118,7 @@ func testWait(t *testing.T, newStore func(t *testing.T) idempotency.Store) {
 		defer g.release()
 		const wait = 10 * time.Second
 		acquires := newAcquireLog()
-		h := newMiddleware(t, acquires.wrap(newStore(t)), idempotency.WithWait(wait, 100)).Handler(g)
+		h := newMiddleware(t, acquires.wrap(newStore(t)), idempotency.Options{Wait: wait, MaxWaiters: 100}).Handler(g)
 		first := make(chan answer, 1)
 		go func() { first <- serveAt(h, preferWait("k", "")) }()
 		waitFor(t, g.entered, eventBound, "the handler did not start")
@@ -143,8 +143,7 @@ func testWait(t *testing.T, newStore func(t *testing.T) idempotency.Store) {
 	t.Run("WaitEndsFirstIs409", func(t *testing.T) {
 		g := newGate()
 		const wait, lease = 300 * time.Millisecond, 9500 * time.Millisecond
-		h := newMiddleware(t, newStore(t), idempotency.WithWait(wait, 100),
-			idempotency.WithLease(lease)).Handler(g)
+		h := newMiddleware(t, newStore(t), idempotency.Options{Wait: wait, MaxWaiters: 100, Lease: lease}).Handler(g)
 		done := make(chan struct{})
 		go func() { defer close(done); serve(h, preferWait("k", "")) }()
 		defer func() { g.release(); waitFor(t, done, eventBound, "the first request did not end") }()
@@ -172,7 +171,7 @@ func testWait(t *testing.T, newStore func(t *testing.T) idempotency.Store) {
 		g := newGate()
 		const wait = 10 * time.Second
 		acquires := newAcquireLog()
-		h := newMiddleware(t, acquires.wrap(newStore(t)), idempotency.WithWait(wait, 100)).Handler(g)
+		h := newMiddleware(t, acquires.wrap(newStore(t)), idempotency.Options{Wait: wait, MaxWaiters: 100}).Handler(g)
 		done := make(chan struct{})
 		go func() { defer close(done); serve(h, preferWait("k", "")) }()
 		defer func() { g.release(); waitFor(t, done, eventBound, "the first request did not end") }()
@@ -194,7 +193,7 @@ func testWait(t *testing.T, newStore func(t *testing.T) idempotency.Store) {
 	t.Run("MismatchIs422AtOnce", func(t *testing.T) {
 		g := newGate()
 		acquires := newAcquireLog()
-		h := newMiddleware(t, acquires.wrap(newStore(t)), idempotency.WithWait(5*time.Second, 100)).Handler(g)
+		h := newMiddleware(t, acquires.wrap(newStore(t)), idempotency.Options{Wait: 5 * time.Second, MaxWaiters: 100}).Handler(g)
 		done := make(chan struct{})
 		go func() { defer close(done); serve(h, preferWait("k", "")) }()
 		defer func() { g.release(); waitFor(t, done, eventBound, "the first request did not end") }()
@@ -209,7 +208,7 @@ func testWait(t *testing.T, newStore func(t *testing.T) idempotency.Store) {
 	t.Run("CapOnWaiters", func(t *testing.T) {
 		g := newGate()
 		acquires := newAcquireLog()
-		h := newMiddleware(t, acquires.wrap(newStore(t)), idempotency.WithWait(5*time.Second, 1)).Handler(g)
+		h := newMiddleware(t, acquires.wrap(newStore(t)), idempotency.Options{Wait: 5 * time.Second, MaxWaiters: 1}).Handler(g)
 		done := make(chan struct{})
 		go func() { defer close(done); serve(h, preferWait("k", "")) }()
 		defer func() { g.release(); waitFor(t, done, eventBound, "the first request did not end") }()
@@ -237,7 +236,7 @@ func testWait(t *testing.T, newStore func(t *testing.T) idempotency.Store) {
 		}
 		defer g.release()
 		acquires := newAcquireLog()
-		h := newMiddleware(t, acquires.wrap(newStore(t)), idempotency.WithWait(5*time.Second, 100)).Handler(g)
+		h := newMiddleware(t, acquires.wrap(newStore(t)), idempotency.Options{Wait: 5 * time.Second, MaxWaiters: 100}).Handler(g)
 		first := make(chan answer, 1)
 		go func() { first <- serveAt(h, preferWait("k", "")) }()
 		waitFor(t, g.entered, eventBound, "the handler did not start")
@@ -301,21 +300,11 @@ func TestKeepTTL(t *testing.T) {
 	assert.Equal(t, "execution 2", serve(h, post("k", `{}`)).Body.String(), "kept for a minute, not 24 h")
 }
 
-func TestWaitOptionValidates(t *testing.T) {
-	for name, opt := range map[string]idempotency.Option{
-		"zero wait":    idempotency.WithWait(0, 10),
-		"zero waiters": idempotency.WithWait(time.Second, 0),
-	} {
-		_, err := idempotency.New(idempotency.NewMemoryStore(), opt)
-		assert.Error(t, err, name)
-	}
-}
-
 // redisInstances returns n middlewares, each with its own go-redis
 // client and RedisStore, on the real Redis, sharing a prefix, and the
 // name of their connections (CLIENT LIST shows it). Their Acquire calls
 // are recorded in acquires.
-func redisInstances(t *testing.T, n int, acquires *acquireLog, handler http.Handler, opts ...idempotency.Option) ([]http.Handler, []*idempotency.RedisStore, string) {
+func redisInstances(t *testing.T, n int, acquires *acquireLog, handler http.Handler, opts ...idempotency.Options) ([]http.Handler, []*idempotency.RedisStore, string) {
 	t.Helper()
 	prefix := redistest.Prefix(t)
 	var hs []http.Handler
@@ -325,7 +314,7 @@ func redisInstances(t *testing.T, n int, acquires *acquireLog, handler http.Hand
 		opt.ClientName = clientName(prefix) // so a test can find its own connections
 		client := redis.NewClient(opt)
 		t.Cleanup(func() { client.Close() })
-		store, err := idempotency.NewRedisStore(client, idempotency.WithRedisPrefix(prefix))
+		store, err := idempotency.NewRedisStore(client, idempotency.RedisOptions{Prefix: prefix})
 		require.NoError(t, err)
 		stores = append(stores, store)
 		hs = append(hs, newMiddleware(t, acquires.wrap(store), opts...).Handler(handler))
@@ -359,7 +348,7 @@ func TestWaitThreeInstances(t *testing.T) {
 		w.WriteHeader(http.StatusCreated)
 		io.WriteString(w, "created")
 	}}
-	hs, stores, _ := redisInstances(t, 3, acquires, handler, idempotency.WithWait(10*time.Second, 100))
+	hs, stores, _ := redisInstances(t, 3, acquires, handler, idempotency.Options{Wait: 10 * time.Second, MaxWaiters: 100})
 	got := duplicates(hs, n, func() *http.Request { return preferWait("k", "") })
 	var executed []answer
 	var replays []answer
@@ -406,7 +395,7 @@ func TestWaitHandOverAcrossInstances(t *testing.T) {
 		w.WriteHeader(http.StatusCreated)
 		fmt.Fprintf(w, "execution %d", n)
 	})
-	hs, _, _ := redisInstances(t, 3, acquires, handler, idempotency.WithWait(10*time.Second, 100))
+	hs, _, _ := redisInstances(t, 3, acquires, handler, idempotency.Options{Wait: 10 * time.Second, MaxWaiters: 100})
 	got := duplicates(hs, 30, func() *http.Request { return preferWait("k", "") })
 	count := map[string]int{}
 	for _, a := range got {
@@ -429,7 +418,7 @@ func TestWaitPubSubKilled(t *testing.T) {
 	defer g.release()
 	const bound = 3 * time.Second
 	acquires := newAcquireLog()
-	hs, _, name := redisInstances(t, 3, acquires, g, idempotency.WithWait(bound, 100))
+	hs, _, name := redisInstances(t, 3, acquires, g, idempotency.Options{Wait: bound, MaxWaiters: 100})
 	first := make(chan answer, 1)
 	go func() { first <- serveAt(hs[0], preferWait("k", "")) }()
 	waitFor(t, g.entered, eventBound, "the handler did not start")
@@ -487,7 +476,7 @@ func TestWaitFigures(t *testing.T) {
 		}
 	}
 	acquires := newAcquireLog()
-	hs, stores, _ := redisInstances(t, 1, acquires, handler, idempotency.WithWait(10*time.Second, waiters), idempotency.WithObserver(observe))
+	hs, stores, _ := redisInstances(t, 1, acquires, handler, idempotency.Options{Wait: 10 * time.Second, MaxWaiters: waiters, Observer: observe})
 
 	percentiles := func(name string, lat []time.Duration) {
 		slices.Sort(lat)
@@ -522,7 +511,7 @@ func TestWaitFigures(t *testing.T) {
 	// poller has polled.
 	hold2 := make(chan struct{})
 	polls := newAcquireLog()
-	pollHandler := newMiddleware(t, polls.wrap(stores[0]), idempotency.WithObserver(observe)).Handler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	pollHandler := newMiddleware(t, polls.wrap(stores[0]), idempotency.Options{Observer: observe}).Handler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		holding <- struct{}{}
 		<-hold2
 		w.WriteHeader(http.StatusCreated)
@@ -569,7 +558,7 @@ func TestWaitFigures(t *testing.T) {
 		w.WriteHeader(http.StatusCreated)
 	})
 	manyWaiting := newAcquireLog() // the holders read their keys once, the waiters twice
-	pair, pairStores, _ := redisInstances(t, 2, manyWaiting, blocking, idempotency.WithWait(10*time.Second, many))
+	pair, pairStores, _ := redisInstances(t, 2, manyWaiting, blocking, idempotency.Options{Wait: 10 * time.Second, MaxWaiters: many})
 	// The holders' pool: 1,000 claims at once.
 	var all sync.WaitGroup
 	for i := range many {

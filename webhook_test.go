@@ -40,16 +40,16 @@ var whStores = []struct {
 	name string
 	new  func(t *testing.T) idempotency.Store
 }{
-	{"memory", func(t *testing.T) idempotency.Store { return idempotency.NewMemoryStore() }},
+	{"memory", func(t *testing.T) idempotency.Store { return idempotency.NewMemoryStore(idempotency.MemoryOptions{}) }},
 	{"miniredis", func(t *testing.T) idempotency.Store {
 		_, client := redistest.Miniredis(t)
-		store, err := idempotency.NewRedisStore(client)
+		store, err := idempotency.NewRedisStore(client, idempotency.RedisOptions{})
 		require.NoError(t, err)
 		return store
 	}},
 	{"redis", func(t *testing.T) idempotency.Store {
 		client := redistest.Client(t)
-		store, err := idempotency.NewRedisStore(client, idempotency.WithRedisPrefix(redistest.Prefix(t)))
+		store, err := idempotency.NewRedisStore(client, idempotency.RedisOptions{Prefix: redistest.Prefix(t)})
 		require.NoError(t, err)
 		return store
 	}},
@@ -93,11 +93,32 @@ func whServeRecover(h http.Handler, req *http.Request) (rec *httptest.ResponseRe
 	return rec, nil
 }
 
-func whNew(t *testing.T, store idempotency.Store, fn func(context.Context, stripe.Event) error, opts ...idempotency.Option) *idempotency.WebhookHandler {
+// whNew returns a handler of Stripe deliveries signed with whSecret that
+// runs fn with each event as stripe-go decodes it.
+func whNew(t *testing.T, store idempotency.Store, fn func(context.Context, stripe.Event) error, opts ...idempotency.WebhookOptions) *idempotency.WebhookHandler {
 	t.Helper()
-	h, err := idempotency.NewWebhookHandler(store, []string{whSecret}, fn, opts...)
+	return whNewWith(t, store, whVerifier(t, 0, whSecret), fn, opts...)
+}
+
+// whNewWith is whNew with a verifier of the test's own.
+func whNewWith(t *testing.T, store idempotency.Store, v idempotency.Verifier, fn func(context.Context, stripe.Event) error, opts ...idempotency.WebhookOptions) *idempotency.WebhookHandler {
+	t.Helper()
+	h, err := idempotency.NewWebhookHandler(store, v, whStripe(fn), merged(opts...))
 	require.NoError(t, err)
 	return h
+}
+
+// whStripe adapts a function of stripe-go events to the handler's.
+func whStripe(fn func(context.Context, stripe.Event) error) func(context.Context, idempotency.WebhookEvent) error {
+	return func(ctx context.Context, ev idempotency.WebhookEvent) error { return fn(ctx, *ev.Stripe) }
+}
+
+// whVerifier is a Stripe verifier of secrets with tolerance (0: 5 min).
+func whVerifier(t *testing.T, tolerance time.Duration, secrets ...string) idempotency.Verifier {
+	t.Helper()
+	v, err := idempotency.NewStripeVerifier(secrets, tolerance)
+	require.NoError(t, err)
+	return v
 }
 
 func whAssertReceived(t *testing.T, rec *httptest.ResponseRecorder, replayed bool) {
@@ -139,7 +160,7 @@ func TestWebhookProcessesAnEventOnce(t *testing.T) {
 			calls.Add(1)
 			seen = ev
 			return nil
-		}, idempotency.WithObserver(obs.observe))
+		}, idempotency.WebhookOptions{Observer: obs.observe})
 
 		payload := whEvent("evt_once")
 		whAssertReceived(t, serve(h, whRequest(payload, whSecret)), false)
@@ -286,18 +307,18 @@ func TestWebhookRejectsBadDeliveries(t *testing.T) {
 		{"malformed JSON", []byte(`{"id":"evt_1",`), idempotency.SignWebhookPayload([]byte(`{"id":"evt_1",`), whSecret, now), 400, []error{idempotency.ErrWebhookPayload}, ""},
 		{"not an event", []byte(`{"id":5}`), idempotency.SignWebhookPayload([]byte(`{"id":5}`), whSecret, now), 400, []error{idempotency.ErrWebhookPayload}, ""},
 		{"no event id", []byte(`{"object":"event","api_version":"` + stripe.APIVersion + `"}`), idempotency.SignWebhookPayload([]byte(`{"object":"event","api_version":"`+stripe.APIVersion+`"}`), whSecret, now), 400, []error{idempotency.ErrWebhookPayload}, ""},
-		{"other API version", bytes.Replace(valid, []byte(stripe.APIVersion), []byte("2020-08-27"), 1), idempotency.SignWebhookPayload(bytes.Replace(valid, []byte(stripe.APIVersion), []byte("2020-08-27"), 1), whSecret, now), 400, []error{idempotency.ErrWebhookPayload}, "2020-08-27"},
+		{"empty event id", []byte(`{"id":"","object":"event"}`), idempotency.SignWebhookPayload([]byte(`{"id":"","object":"event"}`), whSecret, now), 400, []error{idempotency.ErrWebhookPayload}, "without an id"},
 		{"body over 64 KiB", oversize, idempotency.SignWebhookPayload(oversize, whSecret, now), 413, []error{idempotency.ErrBodyTooLarge}, ""},
 		{"both signatures, old one bad", valid, twoSigs(valid, now, "whsec_wrong", "whsec_wrong2"), 400, []error{idempotency.ErrWebhookSignature, webhook.ErrNoValidSignature}, ""},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			store := idempotency.NewMemoryStore()
+			store := idempotency.NewMemoryStore(idempotency.MemoryOptions{})
 			var calls atomic.Int64
 			obs := &observed{}
 			h := whNew(t, store, func(context.Context, stripe.Event) error { calls.Add(1); return nil },
-				idempotency.WithWebhookClock(func() time.Time { return now }),
-				idempotency.WithObserver(obs.observe))
+				idempotency.WebhookOptions{Observer: obs.observe})
+			idempotency.SetWebhookClock(h, func() time.Time { return now })
 
 			req := httptest.NewRequest(http.MethodPost, "/stripe/webhook", bytes.NewReader(tc.payload))
 			if tc.header != "" {
@@ -312,7 +333,7 @@ func TestWebhookRejectsBadDeliveries(t *testing.T) {
 			assert.Equal(t, []idempotency.Outcome{idempotency.OutcomeRejected}, obs.outcomes())
 			assert.Equal(t, tc.status, obs.last().Status)
 
-			outcome, err := h.Handle(context.Background(), tc.payload, tc.header)
+			outcome, err := h.Handle(context.Background(), http.Header{"Stripe-Signature": {tc.header}}, tc.payload)
 			assert.Equal(t, idempotency.OutcomeRejected, outcome)
 			for _, want := range tc.errs {
 				assert.ErrorIs(t, err, want)
@@ -338,26 +359,24 @@ func TestWebhookAcceptsRotatedSecrets(t *testing.T) {
 	fn := func(context.Context, stripe.Event) error { calls.Add(1); return nil }
 
 	// While a secret is rolled, the endpoint knows both.
-	both, err := idempotency.NewWebhookHandler(idempotency.NewMemoryStore(), []string{whOldSecret, whSecret}, fn)
-	require.NoError(t, err)
+	both := whNewWith(t, idempotency.NewMemoryStore(idempotency.MemoryOptions{}), whVerifier(t, 0, whOldSecret, whSecret), fn)
 	for i, header := range []string{
 		sign(payload("evt_r0"), whOldSecret),
 		sign(payload("evt_r1"), whSecret),
 		sign(payload("evt_r2"), "whsec_unrelated", whSecret),
 	} {
-		outcome, err := both.Handle(context.Background(), payload(fmt.Sprintf("evt_r%d", i)), header)
+		outcome, err := both.Handle(context.Background(), http.Header{"Stripe-Signature": {header}}, payload(fmt.Sprintf("evt_r%d", i)))
 		require.NoError(t, err, "delivery %d", i)
 		assert.Equal(t, idempotency.OutcomeExecuted, outcome)
 	}
 
 	// Stripe signs with both secrets during the roll-over; an endpoint that
 	// already knows only the new one accepts that, not the old one alone.
-	onlyNew, err := idempotency.NewWebhookHandler(idempotency.NewMemoryStore(), []string{whSecret}, fn)
-	require.NoError(t, err)
-	outcome, err := onlyNew.Handle(context.Background(), payload("evt_r3"), sign(payload("evt_r3"), whOldSecret, whSecret))
+	onlyNew := whNew(t, idempotency.NewMemoryStore(idempotency.MemoryOptions{}), fn)
+	outcome, err := onlyNew.Handle(context.Background(), http.Header{"Stripe-Signature": {sign(payload("evt_r3"), whOldSecret, whSecret)}}, payload("evt_r3"))
 	require.NoError(t, err)
 	assert.Equal(t, idempotency.OutcomeExecuted, outcome)
-	outcome, err = onlyNew.Handle(context.Background(), payload("evt_r4"), sign(payload("evt_r4"), whOldSecret))
+	outcome, err = onlyNew.Handle(context.Background(), http.Header{"Stripe-Signature": {sign(payload("evt_r4"), whOldSecret)}}, payload("evt_r4"))
 	assert.Equal(t, idempotency.OutcomeRejected, outcome)
 	assert.ErrorIs(t, err, webhook.ErrNoValidSignature)
 	assert.EqualValues(t, 4, calls.Load())
@@ -367,27 +386,61 @@ func TestWebhookTolerance(t *testing.T) {
 	now := time.Unix(1_800_000_000, 0)
 	payload := whEvent("evt_tolerance")
 	var calls atomic.Int64
-	h := whNew(t, idempotency.NewMemoryStore(), func(context.Context, stripe.Event) error { calls.Add(1); return nil },
-		idempotency.WithWebhookClock(func() time.Time { return now }),
-		idempotency.WithWebhookTolerance(10*time.Second))
+	h := whNewWith(t, idempotency.NewMemoryStore(idempotency.MemoryOptions{}), whVerifier(t, 10*time.Second, whSecret),
+		func(context.Context, stripe.Event) error { calls.Add(1); return nil })
+	idempotency.SetWebhookClock(h, func() time.Time { return now })
+	signed := func(at time.Time) http.Header {
+		return http.Header{"Stripe-Signature": {idempotency.SignWebhookPayload(payload, whSecret, at)}}
+	}
 
-	_, err := h.Handle(context.Background(), payload, idempotency.SignWebhookPayload(payload, whSecret, now.Add(-11*time.Second)))
+	_, err := h.Handle(context.Background(), signed(now.Add(-11*time.Second)), payload)
 	assert.ErrorIs(t, err, webhook.ErrTooOld)
 	assert.Zero(t, calls.Load())
 
-	outcome, err := h.Handle(context.Background(), payload, idempotency.SignWebhookPayload(payload, whSecret, now.Add(-10*time.Second)))
+	outcome, err := h.Handle(context.Background(), signed(now.Add(-10*time.Second)), payload)
 	require.NoError(t, err)
 	assert.Equal(t, idempotency.OutcomeExecuted, outcome)
 	assert.EqualValues(t, 1, calls.Load())
 }
 
-func TestWebhookIgnoreAPIVersion(t *testing.T) {
-	payload := bytes.Replace(whEvent("evt_old_version"), []byte(stripe.APIVersion), []byte("2020-08-27"), 1)
-	var version string
-	h := whNew(t, idempotency.NewMemoryStore(), func(_ context.Context, ev stripe.Event) error { version = ev.APIVersion; return nil },
-		idempotency.WithWebhookIgnoreAPIVersion())
-	whAssertReceived(t, serve(h, whRequest(payload, whSecret)), false)
-	assert.Equal(t, "2020-08-27", version)
+// TestWebhookAcceptsEveryStripeAPIVersion: an event in today's API
+// version (which stripe-go v76 does not know) is processed once, with its
+// version, its raw JSON and what stripe-go could decode; the version shows
+// in the report, and one log line per version says so. Before issue 21 it
+// got 400 unless an option said otherwise, so a real endpoint failed every
+// delivery until Stripe disabled it.
+func TestWebhookAcceptsEveryStripeAPIVersion(t *testing.T) {
+	whForEachStore(t, func(t *testing.T, store idempotency.Store) {
+		// In the new version, charges_enabled became an object: stripe-go's
+		// Account cannot hold it, and the event is decoded as far as it can.
+		payload := []byte(`{"id":"evt_clover","object":"event","api_version":"2026-02-25.clover","created":1800000000,` +
+			`"type":"account.updated","data":{"object":{"id":"acct_9","object":"account","charges_enabled":{"status":"active"}}},` +
+			`"request":{"id":null},"pending_webhooks":1,"livemode":false}`)
+		var got []idempotency.WebhookEvent
+		var logs bytes.Buffer
+		obs := &observed{}
+		h, err := idempotency.NewWebhookHandler(store, whVerifier(t, 0, whSecret), func(_ context.Context, ev idempotency.WebhookEvent) error {
+			got = append(got, ev)
+			return nil
+		}, idempotency.WebhookOptions{Observer: obs.observe, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+		require.NoError(t, err)
+		for range 3 {
+			rec := serve(h, whRequest(payload, whSecret))
+			assert.Equal(t, http.StatusOK, rec.Code, rec.Body.String())
+		}
+		require.Len(t, got, 1, "processed once")
+		ev := got[0]
+		assert.Equal(t, "stripe", ev.Provider)
+		assert.Equal(t, "evt_clover", ev.ID)
+		assert.Equal(t, "2026-02-25.clover", ev.APIVersion)
+		assert.Equal(t, payload, ev.Payload)
+		assert.Equal(t, "acct_9", ev.Object)
+		require.NotNil(t, ev.Stripe)
+		assert.Equal(t, stripe.EventType("account.updated"), ev.Stripe.Type)
+		assert.Equal(t, "acct_9", ev.Stripe.GetObjectValue("id"))
+		assert.Equal(t, "2026-02-25.clover", obs.last().APIVersion)
+		assert.Equal(t, 1, strings.Count(logs.String(), "2026-02-25.clover"), "one log line per version: %s", logs.String())
+	})
 }
 
 func TestWebhookFailureIsRetried(t *testing.T) {
@@ -400,7 +453,7 @@ func TestWebhookFailureIsRetried(t *testing.T) {
 				return errDownstream
 			}
 			return nil
-		}, idempotency.WithObserver(obs.observe))
+		}, idempotency.WebhookOptions{Observer: obs.observe})
 		payload := whEvent("evt_fails_once")
 
 		rec := serve(h, whRequest(payload, whSecret))
@@ -440,12 +493,12 @@ func TestWebhookCountsFailedAttempts(t *testing.T) {
 				return errors.New("ledger refused the entry")
 			}
 			return nil
-		}, idempotency.WithObserver(obs.observe))
+		}, idempotency.WebhookOptions{Observer: obs.observe})
 		payload := whEvent("evt_flaky")
 
 		ev, err := h.Event(context.Background(), "evt_flaky")
 		require.NoError(t, err)
-		assert.Equal(t, idempotency.WebhookEvent{ID: "evt_flaky", Status: "unseen"}, ev)
+		assert.Equal(t, idempotency.WebhookEvent{Provider: "stripe", ID: "evt_flaky", Status: "unseen"}, ev)
 
 		whAssertProblem(t, serve(h, whRequest(payload, whSecret)), http.StatusInternalServerError)
 		assert.Equal(t, 1, obs.last().Attempts)
@@ -474,7 +527,7 @@ func TestWebhookCountsFailedAttempts(t *testing.T) {
 	})
 
 	t.Run("store that cannot read records", func(t *testing.T) {
-		h := whNew(t, &whRecordingStore{Store: idempotency.NewMemoryStore()}, func(context.Context, stripe.Event) error {
+		h := whNew(t, &whRecordingStore{Store: idempotency.NewMemoryStore(idempotency.MemoryOptions{})}, func(context.Context, stripe.Event) error {
 			return errors.New("boom")
 		})
 		whAssertProblem(t, serve(h, whRequest(whEvent("evt_x"), whSecret)), http.StatusInternalServerError)
@@ -492,7 +545,7 @@ func TestWebhookPanicIsRetried(t *testing.T) {
 				panic("nil map write in handler")
 			}
 			return nil
-		}, idempotency.WithObserver(obs.observe))
+		}, idempotency.WebhookOptions{Observer: obs.observe})
 		payload := whEvent("evt_panics_once")
 
 		rec, panicked := whServeRecover(h, whRequest(payload, whSecret))
@@ -512,9 +565,9 @@ func TestWebhookPanicIsRetried(t *testing.T) {
 		payload = whEvent("evt_panics_in_handle")
 		func() {
 			defer func() { assert.Equal(t, "nil map write in handler", recover()) }()
-			h.Handle(context.Background(), payload, idempotency.SignWebhookPayload(payload, whSecret, time.Now()))
+			h.Handle(context.Background(), http.Header{"Stripe-Signature": {idempotency.SignWebhookPayload(payload, whSecret, time.Now())}}, payload)
 		}()
-		outcome, err := h.Handle(context.Background(), payload, idempotency.SignWebhookPayload(payload, whSecret, time.Now()))
+		outcome, err := h.Handle(context.Background(), http.Header{"Stripe-Signature": {idempotency.SignWebhookPayload(payload, whSecret, time.Now())}}, payload)
 		require.NoError(t, err)
 		assert.Equal(t, idempotency.OutcomeExecuted, outcome)
 	})
@@ -541,7 +594,7 @@ func TestWebhookHandleOutcomes(t *testing.T) {
 		ctx := context.Background()
 		handle := func(id string) (idempotency.Outcome, error) {
 			p := whEvent(id)
-			return h.Handle(ctx, p, idempotency.SignWebhookPayload(p, whSecret, time.Now()))
+			return h.Handle(ctx, http.Header{"Stripe-Signature": {idempotency.SignWebhookPayload(p, whSecret, time.Now())}}, p)
 		}
 
 		outcome, err := handle("evt_ok")
@@ -573,7 +626,7 @@ func TestWebhookHandleOutcomes(t *testing.T) {
 		assert.Equal(t, idempotency.OutcomeReplayed, outcome)
 
 		big := bytes.Repeat([]byte("x"), idempotency.DefaultWebhookMaxBodyBytes+1)
-		outcome, err = h.Handle(ctx, big, idempotency.SignWebhookPayload(big, whSecret, time.Now()))
+		outcome, err = h.Handle(ctx, http.Header{"Stripe-Signature": {idempotency.SignWebhookPayload(big, whSecret, time.Now())}}, big)
 		assert.Equal(t, idempotency.OutcomeRejected, outcome)
 		assert.ErrorIs(t, err, idempotency.ErrBodyTooLarge)
 	})
@@ -584,11 +637,11 @@ func TestWebhookClaimInContext(t *testing.T) {
 	var claimed bool
 	var key string
 	var keyErr error
-	h := whNew(t, idempotency.NewMemoryStore(), func(ctx context.Context, ev stripe.Event) error {
+	h := whNew(t, idempotency.NewMemoryStore(idempotency.MemoryOptions{}), func(ctx context.Context, ev stripe.Event) error {
 		claim, claimed = idempotency.ClaimFromContext(ctx)
 		key, keyErr = idempotency.StripeKey(ctx, "transfer:payout")
 		return nil
-	}, idempotency.WithWebhookScope("acct_platform_eu"))
+	}, idempotency.WebhookOptions{Scope: "acct_platform_eu"})
 	whAssertReceived(t, serve(h, whRequest(whEvent("evt_claim"), whSecret)), false)
 
 	require.True(t, claimed)
@@ -604,9 +657,9 @@ func TestWebhookScopesShareAStore(t *testing.T) {
 	whForEachStore(t, func(t *testing.T, store idempotency.Store) {
 		var calls atomic.Int64
 		fn := func(context.Context, stripe.Event) error { calls.Add(1); return nil }
-		eu := whNew(t, store, fn, idempotency.WithWebhookScope("eu"))
-		us := whNew(t, store, fn, idempotency.WithWebhookScope("us"))
-		euAgain := whNew(t, store, fn, idempotency.WithWebhookScope("eu"))
+		eu := whNew(t, store, fn, idempotency.WebhookOptions{Scope: "eu"})
+		us := whNew(t, store, fn, idempotency.WebhookOptions{Scope: "us"})
+		euAgain := whNew(t, store, fn, idempotency.WebhookOptions{Scope: "eu"})
 		payload := whEvent("evt_scoped")
 
 		whAssertReceived(t, serve(eu, whRequest(payload, whSecret)), false)
@@ -623,11 +676,11 @@ func TestWebhookRemembersEventsForTheTTL(t *testing.T) {
 	advance := func(d time.Duration) { mu.Lock(); defer mu.Unlock(); now = now.Add(d) }
 	store := idempotency.NewMemoryStoreWithClock(clock)
 	var calls atomic.Int64
-	h := whNew(t, store, func(context.Context, stripe.Event) error { calls.Add(1); return nil },
-		idempotency.WithWebhookClock(clock))
+	h := whNew(t, store, func(context.Context, stripe.Event) error { calls.Add(1); return nil })
+	idempotency.SetWebhookClock(h, clock)
 	payload := whEvent("evt_ttl")
 	deliver := func() (idempotency.Outcome, error) {
-		return h.Handle(context.Background(), payload, idempotency.SignWebhookPayload(payload, whSecret, clock()))
+		return h.Handle(context.Background(), http.Header{"Stripe-Signature": {idempotency.SignWebhookPayload(payload, whSecret, clock())}}, payload)
 	}
 
 	outcome, err := deliver()
@@ -704,8 +757,8 @@ func TestWebhookKeepsThePayload(t *testing.T) {
 	whForEachStore(t, func(t *testing.T, store idempotency.Store) {
 		rs := &whRecordingStore{Store: store}
 		fn := func(context.Context, stripe.Event) error { return nil }
-		kept := whNew(t, rs, fn, idempotency.WithWebhookPayload(), idempotency.WithWebhookScope("kept"))
-		plain := whNew(t, rs, fn, idempotency.WithWebhookScope("plain"))
+		kept := whNew(t, rs, fn, idempotency.WebhookOptions{KeepPayload: true, Scope: "kept"})
+		plain := whNew(t, rs, fn, idempotency.WebhookOptions{Scope: "plain"})
 		payload := whEvent("evt_payload")
 
 		whAssertReceived(t, serve(kept, whRequest(payload, whSecret)), false)
@@ -736,7 +789,7 @@ func TestWebhookEventLookup(t *testing.T) {
 			close(entered)
 			<-proceed
 			return nil
-		}, idempotency.WithWebhookPayload())
+		}, idempotency.WebhookOptions{KeepPayload: true})
 		payload := whEvent("evt_lookup")
 		done := make(chan *httptest.ResponseRecorder)
 		go func() { done <- serve(h, whRequest(payload, whSecret)) }()
@@ -763,8 +816,8 @@ func TestWebhookStoreFailures(t *testing.T) {
 	t.Run("claim fails", func(t *testing.T) {
 		var calls atomic.Int64
 		obs := &observed{}
-		rs := &whRecordingStore{Store: idempotency.NewMemoryStore(), acquireErr: errStore}
-		h := whNew(t, rs, func(context.Context, stripe.Event) error { calls.Add(1); return nil }, idempotency.WithObserver(obs.observe))
+		rs := &whRecordingStore{Store: idempotency.NewMemoryStore(idempotency.MemoryOptions{}), acquireErr: errStore}
+		h := whNew(t, rs, func(context.Context, stripe.Event) error { calls.Add(1); return nil }, idempotency.WebhookOptions{Observer: obs.observe})
 		rec := serve(h, whRequest(payload, whSecret))
 		whAssertProblem(t, rec, http.StatusServiceUnavailable)
 		assert.Equal(t, "1", rec.Header().Get("Retry-After"))
@@ -778,14 +831,14 @@ func TestWebhookStoreFailures(t *testing.T) {
 	t.Run("marking processed fails", func(t *testing.T) {
 		var calls atomic.Int64
 		obs := &observed{}
-		rs := &whRecordingStore{Store: idempotency.NewMemoryStore(), completeErr: errStore}
-		h := whNew(t, rs, func(context.Context, stripe.Event) error { calls.Add(1); return nil }, idempotency.WithObserver(obs.observe))
+		rs := &whRecordingStore{Store: idempotency.NewMemoryStore(idempotency.MemoryOptions{}), completeErr: errStore}
+		h := whNew(t, rs, func(context.Context, stripe.Event) error { calls.Add(1); return nil }, idempotency.WebhookOptions{Observer: obs.observe})
 		// The event was processed: Stripe must not send it again.
 		whAssertReceived(t, serve(h, whRequest(payload, whSecret)), false)
 		assert.Equal(t, idempotency.OutcomeStoreError, obs.last().Outcome)
 		assert.ErrorIs(t, obs.last().Err, idempotency.ErrWebhookNotRecorded)
 
-		outcome, err := h.Handle(context.Background(), whEvent("evt_store2"), idempotency.SignWebhookPayload(whEvent("evt_store2"), whSecret, time.Now()))
+		outcome, err := h.Handle(context.Background(), http.Header{"Stripe-Signature": {idempotency.SignWebhookPayload(whEvent("evt_store2"), whSecret, time.Now())}}, whEvent("evt_store2"))
 		assert.Equal(t, idempotency.OutcomeStoreError, outcome)
 		assert.ErrorIs(t, err, idempotency.ErrWebhookNotRecorded)
 		assert.ErrorIs(t, err, idempotency.ErrStoreUnavailable)
@@ -796,8 +849,8 @@ func TestWebhookStoreFailures(t *testing.T) {
 	t.Run("claim lapsed before marking processed", func(t *testing.T) {
 		var calls atomic.Int64
 		obs := &observed{}
-		rs := &whRecordingStore{Store: idempotency.NewMemoryStore(), completeErr: idempotency.ErrLeaseLost}
-		h := whNew(t, rs, func(context.Context, stripe.Event) error { calls.Add(1); return nil }, idempotency.WithObserver(obs.observe))
+		rs := &whRecordingStore{Store: idempotency.NewMemoryStore(idempotency.MemoryOptions{}), completeErr: idempotency.ErrLeaseLost}
+		h := whNew(t, rs, func(context.Context, stripe.Event) error { calls.Add(1); return nil }, idempotency.WebhookOptions{Observer: obs.observe})
 		whAssertReceived(t, serve(h, whRequest(payload, whSecret)), false)
 		assert.Equal(t, idempotency.OutcomeLeaseLost, obs.last().Outcome)
 		assert.ErrorIs(t, obs.last().Err, idempotency.ErrWebhookNotRecorded)
@@ -807,9 +860,9 @@ func TestWebhookStoreFailures(t *testing.T) {
 
 	t.Run("releasing fails", func(t *testing.T) {
 		obs := &observed{}
-		rs := &whRecordingStore{Store: idempotency.NewMemoryStore(), releaseErr: errStore}
+		rs := &whRecordingStore{Store: idempotency.NewMemoryStore(idempotency.MemoryOptions{}), releaseErr: errStore}
 		errFn := errors.New("downstream failed")
-		h := whNew(t, rs, func(context.Context, stripe.Event) error { return errFn }, idempotency.WithObserver(obs.observe))
+		h := whNew(t, rs, func(context.Context, stripe.Event) error { return errFn }, idempotency.WebhookOptions{Observer: obs.observe})
 		whAssertProblem(t, serve(h, whRequest(payload, whSecret)), http.StatusInternalServerError)
 		ev := obs.last()
 		assert.Equal(t, idempotency.OutcomeStoreError, ev.Outcome)
@@ -820,11 +873,10 @@ func TestWebhookStoreFailures(t *testing.T) {
 
 	t.Run("redis down", func(t *testing.T) {
 		mr, client := redistest.Miniredis(t)
-		store, err := idempotency.NewRedisStore(client)
+		store, err := idempotency.NewRedisStore(client, idempotency.RedisOptions{})
 		require.NoError(t, err)
 		var calls atomic.Int64
-		h := whNew(t, store, func(context.Context, stripe.Event) error { calls.Add(1); return nil },
-			idempotency.WithStoreTimeout(500*time.Millisecond))
+		h := whNew(t, store, func(context.Context, stripe.Event) error { calls.Add(1); return nil }, idempotency.WebhookOptions{StoreTimeout: 500 * time.Millisecond})
 		mr.Close()
 		whAssertProblem(t, serve(h, whRequest(payload, whSecret)), http.StatusServiceUnavailable)
 		assert.Zero(t, calls.Load())
@@ -854,19 +906,19 @@ func TestWebhookLeaseIsRenewedWhileTheFunctionRuns(t *testing.T) {
 			close(entered)
 			<-gate
 			return ctx.Err()
-		}, idempotency.WithLease(lease))
+		}, idempotency.WebhookOptions{Lease: lease})
 		payload := whEvent("evt_long")
 
 		done := make(chan idempotency.Outcome, 1)
 		go func() {
-			outcome, _ := h.Handle(context.Background(), payload, idempotency.SignWebhookPayload(payload, whSecret, time.Now()))
+			outcome, _ := h.Handle(context.Background(), http.Header{"Stripe-Signature": {idempotency.SignWebhookPayload(payload, whSecret, time.Now())}}, payload)
 			done <- outcome
 		}()
 		waitFor(t, entered, eventBound, "the function did not start")
 		// Three renewals span more than the lease: without them the claim
 		// would have lapsed and a second delivery would run the function.
 		waitFor(t, renewed, eventBound, "the lease was not renewed four times")
-		outcome, err := h.Handle(context.Background(), payload, idempotency.SignWebhookPayload(payload, whSecret, time.Now()))
+		outcome, err := h.Handle(context.Background(), http.Header{"Stripe-Signature": {idempotency.SignWebhookPayload(payload, whSecret, time.Now())}}, payload)
 		assert.Equal(t, idempotency.OutcomeInFlight, outcome)
 		assert.ErrorIs(t, err, idempotency.ErrKeyInUse)
 		open()
@@ -876,7 +928,7 @@ func TestWebhookLeaseIsRenewedWhileTheFunctionRuns(t *testing.T) {
 }
 
 func TestWebhookLostLeaseCancelsTheFunction(t *testing.T) {
-	rs := &whRecordingStore{Store: idempotency.NewMemoryStore(), extendErr: idempotency.ErrLeaseLost}
+	rs := &whRecordingStore{Store: idempotency.NewMemoryStore(idempotency.MemoryOptions{}), extendErr: idempotency.ErrLeaseLost}
 	var cause error
 	h := whNew(t, rs, func(ctx context.Context, ev stripe.Event) error {
 		select {
@@ -886,9 +938,9 @@ func TestWebhookLostLeaseCancelsTheFunction(t *testing.T) {
 		case <-time.After(10 * time.Second):
 			return errors.New("the function's context was never cancelled")
 		}
-	}, idempotency.WithLease(30*time.Millisecond))
+	}, idempotency.WebhookOptions{Lease: 30 * time.Millisecond})
 	payload := whEvent("evt_lost")
-	outcome, err := h.Handle(context.Background(), payload, idempotency.SignWebhookPayload(payload, whSecret, time.Now()))
+	outcome, err := h.Handle(context.Background(), http.Header{"Stripe-Signature": {idempotency.SignWebhookPayload(payload, whSecret, time.Now())}}, payload)
 	assert.Equal(t, idempotency.OutcomeReleased, outcome)
 	assert.ErrorIs(t, err, idempotency.ErrWebhookFailed)
 	assert.ErrorIs(t, cause, idempotency.ErrLeaseLost)
@@ -898,7 +950,7 @@ func TestWebhookLostLeaseCancelsTheFunction(t *testing.T) {
 // the connection while the function runs; the function's context stays
 // live, its success is recorded, and the next delivery is a duplicate.
 func TestWebhookSenderHangingUpDoesNotCancel(t *testing.T) {
-	store := idempotency.NewMemoryStore()
+	store := idempotency.NewMemoryStore(idempotency.MemoryOptions{})
 	ctx, hangUp := context.WithCancel(context.Background())
 	var calls atomic.Int64
 	var fnErr error
@@ -919,9 +971,9 @@ func TestWebhookSenderHangingUpDoesNotCancel(t *testing.T) {
 func TestWebhookLogger(t *testing.T) {
 	var buf bytes.Buffer
 	logger := slog.New(slog.NewJSONHandler(&buf, nil))
-	h := whNew(t, idempotency.NewMemoryStore(), func(context.Context, stripe.Event) error {
+	h := whNew(t, idempotency.NewMemoryStore(idempotency.MemoryOptions{}), func(context.Context, stripe.Event) error {
 		return errors.New("ledger write failed")
-	}, idempotency.WithLogger(logger))
+	}, idempotency.WebhookOptions{Logger: logger})
 	serve(h, whRequest(whEvent("evt_logged"), whSecret))
 
 	var line map[string]any
@@ -933,46 +985,50 @@ func TestWebhookLogger(t *testing.T) {
 }
 
 func TestNewWebhookHandlerValidates(t *testing.T) {
-	store := idempotency.NewMemoryStore()
+	store := idempotency.NewMemoryStore(idempotency.MemoryOptions{})
 	fn := func(context.Context, stripe.Event) error { return nil }
-	secrets := []string{whSecret}
+	v := whVerifier(t, 0, whSecret)
+	wfn := whStripe(fn)
+	var typedNil *idempotency.MemoryStore
 	tests := []struct {
-		name    string
-		store   idempotency.Store
-		secrets []string
-		fn      func(context.Context, stripe.Event) error
-		opts    []idempotency.Option
+		name  string
+		store idempotency.Store
+		v     idempotency.Verifier
+		fn    func(context.Context, idempotency.WebhookEvent) error
+		opts  idempotency.WebhookOptions
 	}{
-		{"nil store", nil, secrets, fn, nil},
-		{"nil function", store, secrets, nil, nil},
-		{"no secret", store, nil, fn, nil},
-		{"empty secret", store, []string{whSecret, ""}, fn, nil},
-		{"tolerance", store, secrets, fn, []idempotency.Option{idempotency.WithWebhookTolerance(0)}},
-		{"ttl", store, secrets, fn, []idempotency.Option{idempotency.WithTTL(-time.Second)}},
-		{"lease", store, secrets, fn, []idempotency.Option{idempotency.WithLease(time.Microsecond)}},
-		{"lease not shorter than ttl", store, secrets, fn, []idempotency.Option{idempotency.WithTTL(time.Minute), idempotency.WithLease(time.Minute)}},
-		{"max body", store, secrets, fn, []idempotency.Option{idempotency.WithMaxBodyBytes(0)}},
-		{"store timeout", store, secrets, fn, []idempotency.Option{idempotency.WithStoreTimeout(0)}},
-		{"clock", store, secrets, fn, []idempotency.Option{idempotency.WithWebhookClock(nil)}},
+		{"nil store", nil, v, wfn, idempotency.WebhookOptions{}},
+		{"typed nil store", typedNil, v, wfn, idempotency.WebhookOptions{}},
+		{"nil verifier", store, nil, wfn, idempotency.WebhookOptions{}},
+		{"nil function", store, v, nil, idempotency.WebhookOptions{}},
+		{"ttl", store, v, wfn, idempotency.WebhookOptions{TTL: -time.Second}},
+		{"lease", store, v, wfn, idempotency.WebhookOptions{Lease: time.Microsecond}},
+		{"lease not shorter than ttl", store, v, wfn, idempotency.WebhookOptions{TTL: time.Minute, Lease: time.Minute}},
+		{"max body", store, v, wfn, idempotency.WebhookOptions{MaxBodyBytes: -1}},
+		{"store timeout", store, v, wfn, idempotency.WebhookOptions{StoreTimeout: -time.Second}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			h, err := idempotency.NewWebhookHandler(tc.store, tc.secrets, tc.fn, tc.opts...)
+			h, err := idempotency.NewWebhookHandler(tc.store, tc.v, tc.fn, tc.opts)
 			assert.Error(t, err)
 			assert.Nil(t, h)
 			assert.True(t, strings.HasPrefix(err.Error(), "idempotency: "), err.Error())
 		})
 	}
+	for name, secrets := range map[string][]string{"no secret": nil, "empty secret": {whSecret, ""}} {
+		_, err := idempotency.NewStripeVerifier(secrets, 0)
+		assert.Error(t, err, name)
+	}
+	_, err := idempotency.NewStripeVerifier([]string{whSecret}, -time.Second)
+	assert.Error(t, err, "negative tolerance")
 }
 
 func TestWebhookMaxBodyBytesOption(t *testing.T) {
 	payload := whEvent("evt_small_cap")
-	h := whNew(t, idempotency.NewMemoryStore(), func(context.Context, stripe.Event) error { return nil },
-		idempotency.WithMaxBodyBytes(int64(len(payload)-1)))
+	h := whNew(t, idempotency.NewMemoryStore(idempotency.MemoryOptions{}), func(context.Context, stripe.Event) error { return nil }, idempotency.WebhookOptions{MaxBodyBytes: int64(len(payload) - 1)})
 	whAssertProblem(t, serve(h, whRequest(payload, whSecret)), http.StatusRequestEntityTooLarge)
 
-	h = whNew(t, idempotency.NewMemoryStore(), func(context.Context, stripe.Event) error { return nil },
-		idempotency.WithMaxBodyBytes(int64(len(payload))))
+	h = whNew(t, idempotency.NewMemoryStore(idempotency.MemoryOptions{}), func(context.Context, stripe.Event) error { return nil }, idempotency.WebhookOptions{MaxBodyBytes: int64(len(payload))})
 	whAssertReceived(t, serve(h, whRequest(payload, whSecret)), false)
 }
 
@@ -998,6 +1054,10 @@ func FuzzWebhookHandle(f *testing.F) {
 	f.Add([]byte("{}"), "t=,v1=", true)
 
 	secrets := []string{whOldSecret, whSecret}
+	verifier, err := idempotency.NewStripeVerifier(secrets, 0)
+	if err != nil {
+		f.Fatal(err)
+	}
 	sentinels := []error{idempotency.ErrWebhookSignature, idempotency.ErrWebhookPayload, idempotency.ErrWebhookPayload, idempotency.ErrBodyTooLarge}
 	f.Fuzz(func(t *testing.T, payload []byte, header string, sign bool) {
 		if sign {
@@ -1005,13 +1065,14 @@ func FuzzWebhookHandle(f *testing.F) {
 		}
 		var calls int
 		var got stripe.Event
-		h, err := idempotency.NewWebhookHandler(idempotency.NewMemoryStore(), secrets,
-			func(_ context.Context, ev stripe.Event) error { calls++; got = ev; return nil },
-			idempotency.WithWebhookClock(func() time.Time { return now }))
+		h, err := idempotency.NewWebhookHandler(idempotency.NewMemoryStore(idempotency.MemoryOptions{}), verifier,
+			func(_ context.Context, ev idempotency.WebhookEvent) error { calls++; got = *ev.Stripe; return nil },
+			idempotency.WebhookOptions{})
 		if err != nil {
 			t.Fatal(err)
 		}
-		outcome, err := h.Handle(context.Background(), payload, header)
+		idempotency.SetWebhookClock(h, func() time.Time { return now })
+		outcome, err := h.Handle(context.Background(), http.Header{"Stripe-Signature": {header}}, payload)
 
 		verified := false
 		for _, s := range secrets {
@@ -1062,7 +1123,7 @@ func TestWebhookUnreadableRecord(t *testing.T) {
 	h := whNew(t, store, func(ctx context.Context, ev stripe.Event) error {
 		calls.Add(1)
 		return nil
-	}, idempotency.WithObserver(obs.observe))
+	}, idempotency.WebhookOptions{Observer: obs.observe})
 	payload := whEvent("evt_unreadable")
 	whAssertReceived(t, serve(h, whRequest(payload, whSecret)), false)
 	keys := recordKeys(mr)

@@ -73,7 +73,7 @@ func newServer(t testing.TB, mw *idempotency.Middleware) *server {
 	t.Helper()
 	if mw == nil {
 		var err error
-		mw, err = idempotency.New(idempotency.NewMemoryStore())
+		mw, err = idempotency.New(idempotency.NewMemoryStore(idempotency.MemoryOptions{}), idempotency.Options{})
 		require.NoError(t, err)
 	}
 	s := &server{arrivals: map[string]int{}, executions: map[string][]string{}}
@@ -339,7 +339,7 @@ func TestE2EProxyFaults(t *testing.T) {
 // Retry-After (the rest of the first's lease: 1 s here), waits, and ends
 // with the first one's response.
 func TestE2EConcurrentDuplicate(t *testing.T) {
-	mw, err := idempotency.New(idempotency.NewMemoryStore(), idempotency.WithLease(time.Second))
+	mw, err := idempotency.New(idempotency.NewMemoryStore(idempotency.MemoryOptions{}), idempotency.Options{Lease: time.Second})
 	require.NoError(t, err)
 	s := newServer(t, mw)
 	started, release := make(chan struct{}), make(chan struct{})
@@ -399,9 +399,9 @@ func TestE2EStoreOutage(t *testing.T) {
 	settle(t)
 	mr, _ := redistest.Miniredis(t)
 	rdb := redistest.ClientFor(t, mr.Addr())
-	store, err := idempotency.NewRedisStore(rdb)
+	store, err := idempotency.NewRedisStore(rdb, idempotency.RedisOptions{})
 	require.NoError(t, err)
-	mw, err := idempotency.New(store, idempotency.WithStoreTimeout(200*time.Millisecond))
+	mw, err := idempotency.New(store, idempotency.Options{StoreTimeout: 200 * time.Millisecond})
 	require.NoError(t, err)
 	s := newServer(t, mw)
 	s.before = func(n int64) {
@@ -499,7 +499,7 @@ func TestE2ENeverRetried(t *testing.T) {
 	for _, status := range []int{400, 401, 403, 404, 413, 422} {
 		t.Run(fmt.Sprint(status), func(t *testing.T) {
 			var hits atomic.Int64
-			mw, err := idempotency.New(idempotency.NewMemoryStore())
+			mw, err := idempotency.New(idempotency.NewMemoryStore(idempotency.MemoryOptions{}), idempotency.Options{})
 			require.NoError(t, err)
 			srv := httptest.NewServer(mw.Handler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 				hits.Add(1)

@@ -17,7 +17,7 @@ import (
 // venueAPI starts a venue API behind the idempotency middleware whose
 // handler fails its first call with 503, before doing anything.
 func venueAPI() (srv *httptest.Server, executions *int) {
-	mw, err := idempotency.New(idempotency.NewMemoryStore())
+	mw, err := idempotency.New(idempotency.NewMemoryStore(idempotency.MemoryOptions{}), idempotency.Options{})
 	if err != nil {
 		log.Fatal(err)
 	}

@@ -70,22 +70,22 @@ func TestAllocations(t *testing.T) {
 		build func() http.Handler
 	}{
 		{"no metrics", func() http.Handler {
-			return serveMux(middleware(t, idempotency.NewMemoryStore()).Handler(created))
+			return serveMux(middleware(t, idempotency.NewMemoryStore(idempotency.MemoryOptions{})).Handler(created))
 		}},
 		{"observer, no-op provider", func() http.Handler {
-			return serveMux(middleware(t, idempotency.NewMemoryStore(), nop.Observer()).Handler(created))
+			return serveMux(middleware(t, idempotency.NewMemoryStore(idempotency.MemoryOptions{}), idempotency.Options{Observer: nop.ObserveRequest}).Handler(created))
 		}},
 		{"observer, SDK", func() http.Handler {
-			return serveMux(middleware(t, idempotency.NewMemoryStore(), sdk.Observer()).Handler(created))
+			return serveMux(middleware(t, idempotency.NewMemoryStore(idempotency.MemoryOptions{}), idempotency.Options{Observer: sdk.ObserveRequest}).Handler(created))
 		}},
 		{"observer and wrapped store, SDK", func() http.Handler {
-			return serveMux(middleware(t, sdk.Store(idempotency.NewMemoryStore()), sdk.Observer()).Handler(created))
+			return serveMux(middleware(t, sdk.Store(idempotency.NewMemoryStore(idempotency.MemoryOptions{})), idempotency.Options{Observer: sdk.ObserveRequest}).Handler(created))
 		}},
 		{"passthrough store, no metrics", func() http.Handler {
-			return serveMux(middleware(t, passthrough{idempotency.NewMemoryStore()}).Handler(created))
+			return serveMux(middleware(t, passthrough{idempotency.NewMemoryStore(idempotency.MemoryOptions{})}).Handler(created))
 		}},
 		{"observer, wrapped store, tracing", func() http.Handler {
-			return serveMux(middleware(t, traced.Store(idempotency.NewMemoryStore()), traced.Observer()).Handler(created))
+			return serveMux(middleware(t, traced.Store(idempotency.NewMemoryStore(idempotency.MemoryOptions{})), idempotency.Options{Observer: traced.ObserveRequest}).Handler(created))
 		}},
 	}
 	first := make([]float64, len(setups))

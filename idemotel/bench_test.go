@@ -25,16 +25,16 @@ func BenchmarkMiddleware(b *testing.B) {
 	}{
 		{"bare", func() http.Handler { return serveMux(created) }},
 		{"no-metrics", func() http.Handler {
-			return serveMux(middleware(b, idempotency.NewMemoryStore(idempotency.WithMemoryLimits(0, 0))).Handler(created))
+			return serveMux(middleware(b, idempotency.NewMemoryStore(idempotency.MemoryOptions{MaxRecords: 0, MaxBytes: -1})).Handler(created))
 		}},
 		{"observer", func() http.Handler {
-			return serveMux(middleware(b, idempotency.NewMemoryStore(idempotency.WithMemoryLimits(0, 0)), sdk.Observer()).Handler(created))
+			return serveMux(middleware(b, idempotency.NewMemoryStore(idempotency.MemoryOptions{MaxRecords: 0, MaxBytes: -1}), idempotency.Options{Observer: sdk.ObserveRequest}).Handler(created))
 		}},
 		{"observer+store", func() http.Handler {
-			return serveMux(middleware(b, sdk.Store(idempotency.NewMemoryStore(idempotency.WithMemoryLimits(0, 0))), sdk.Observer()).Handler(created))
+			return serveMux(middleware(b, sdk.Store(idempotency.NewMemoryStore(idempotency.MemoryOptions{MaxRecords: 0, MaxBytes: -1})), idempotency.Options{Observer: sdk.ObserveRequest}).Handler(created))
 		}},
 		{"passthrough-store", func() http.Handler {
-			return serveMux(middleware(b, passthrough{idempotency.NewMemoryStore(idempotency.WithMemoryLimits(0, 0))}).Handler(created))
+			return serveMux(middleware(b, passthrough{idempotency.NewMemoryStore(idempotency.MemoryOptions{MaxRecords: 0, MaxBytes: -1})}).Handler(created))
 		}},
 	}
 	for _, s := range setups {

@@ -25,7 +25,7 @@ func Example() {
 	if err != nil {
 		panic(err)
 	}
-	mw, err := idempotency.New(m.Store(idempotency.NewMemoryStore()), m.Observer())
+	mw, err := idempotency.New(m.Store(idempotency.NewMemoryStore(idempotency.MemoryOptions{})), idempotency.Options{Observer: m.ObserveRequest})
 	if err != nil {
 		panic(err)
 	}
@@ -67,13 +67,12 @@ func ExampleMetrics_ObserveRequest() {
 	if err != nil {
 		panic(err)
 	}
-	_, err = idempotency.New(idempotency.NewMemoryStore(),
-		idempotency.WithObserver(func(ctx context.Context, r idempotency.Report) {
-			m.ObserveRequest(ctx, r)
-			if r.Outcome == idempotency.OutcomeReplayed {
-				fmt.Println("replayed", r.Route)
-			}
-		}),
+	_, err = idempotency.New(idempotency.NewMemoryStore(idempotency.MemoryOptions{}), idempotency.Options{Observer: func(ctx context.Context, r idempotency.Report) {
+		m.ObserveRequest(ctx, r)
+		if r.Outcome == idempotency.OutcomeReplayed {
+			fmt.Println("replayed", r.Route)
+		}
+	}},
 	)
 	fmt.Println(err)
 	// Output: <nil>

@@ -19,6 +19,7 @@ import (
 
 	"github.com/seed70ea8305/idempotency"
 	"github.com/seed70ea8305/idempotency/idemotel"
+	"github.com/seed70ea8305/idempotency/internal/overlay"
 )
 
 // The route the tests serve, and a request path with an identifier in it
@@ -186,12 +187,10 @@ func serve(h http.Handler, r *http.Request) *httptest.ResponseRecorder {
 }
 
 // middleware is the middleware on store, scoped by the tenant header.
-func middleware(t testing.TB, store idempotency.Store, opts ...idempotency.Option) *idempotency.Middleware {
+func middleware(t testing.TB, store idempotency.Store, opts ...idempotency.Options) *idempotency.Middleware {
 	t.Helper()
-	opts = append([]idempotency.Option{
-		idempotency.WithScope(func(r *http.Request) string { return r.Header.Get(scopeHeader) }),
-	}, opts...)
-	mw, err := idempotency.New(store, opts...)
+	scoped := idempotency.Options{Scope: func(r *http.Request) string { return r.Header.Get(scopeHeader) }}
+	mw, err := idempotency.New(store, overlay.Merge(append([]idempotency.Options{scoped}, opts...)...))
 	require.NoError(t, err)
 	return mw
 }

@@ -5,29 +5,29 @@
 // nothing, and one that does depends on the OpenTelemetry metric and trace
 // APIs only; the SDK and the exporter are the program's choice.
 //
-// Build one [Metrics] per meter provider, then pass its observer to the
-// middleware and its webhook observer to the webhook helper, and wrap the
-// store to time its calls:
+// Build one [Metrics] per meter provider, then give its observers to the
+// middleware and to the webhook handler, and wrap the store to time its
+// calls:
 //
 //	provider := sdkmetric.NewMeterProvider(sdkmetric.WithReader(exporter)) // e.g. the Prometheus exporter
 //	m, err := idemotel.New(provider)
 //	if err != nil {
 //		return err
 //	}
-//	store := m.Store(idempotency.NewMemoryStore()) // optional: store call metrics
-//	mw, err := idempotency.New(store, m.Observer())
+//	store := m.Store(idempotency.NewMemoryStore(idempotency.MemoryOptions{})) // optional: store call metrics
+//	mw, err := idempotency.New(store, idempotency.Options{Observer: m.ObserveRequest})
 //	if err != nil {
 //		return err
 //	}
-//	wh, err := idempotency.NewWebhookHandler(store, secrets, process, m.WebhookObserver())
+//	wh, err := idempotency.NewWebhookHandler(store, verifier, process, idempotency.WebhookOptions{Observer: m.ObserveWebhook})
 //	if err != nil {
 //		return err
 //	}
 //	mux.Handle("POST /venues", mw.Handler(http.HandlerFunc(createVenue)))
 //	mux.Handle("POST /webhooks/stripe", wh)
 //
-// [idempotency.WithObserver] keeps one observer; to keep one of your own
-// too, call [Metrics.ObserveRequest] or [Metrics.ObserveWebhook] from it.
+// An observer of your own can call [Metrics.ObserveRequest] or
+// [Metrics.ObserveWebhook] too.
 //
 // # Instruments
 //
@@ -76,6 +76,7 @@ import (
 	"fmt"
 	"net/http"
 	"slices"
+	"strings"
 	"sync"
 
 	"go.opentelemetry.io/otel/attribute"
@@ -99,6 +100,8 @@ const (
 	kindKey      = attribute.Key("kind")
 	operationKey = attribute.Key("operation")
 	storeKindKey = attribute.Key("store")
+	providerKey  = attribute.Key("webhook.provider")
+	apiVerKey    = attribute.Key("stripe.api_version")
 )
 
 // defaultDurationBuckets are the bucket boundaries, in seconds, of the
@@ -278,27 +281,14 @@ func New(provider metric.MeterProvider, opts ...Option) (*Metrics, error) {
 	return m, nil
 }
 
-// Observer returns the option that makes a middleware ([idempotency.New])
-// report to m. It replaces any observer set before it; see
-// [Metrics.ObserveRequest] to keep one.
-func (m *Metrics) Observer() idempotency.Option {
-	return idempotency.WithObserver(m.ObserveRequest)
-}
-
-// WebhookObserver returns the option that makes a webhook handler
-// ([idempotency.NewWebhookHandler]) report to m. It replaces any observer
-// set before it; see [Metrics.ObserveWebhook] to keep one.
-func (m *Metrics) WebhookObserver() idempotency.Option {
-	return idempotency.WithObserver(m.ObserveWebhook)
-}
-
-// ObserveRequest records one middleware report: it is the observer
-// [Metrics.Observer] installs, for an observer of your own to call:
+// ObserveRequest records one middleware report: give it to the middleware
+// as [idempotency.Options].Observer, or call it from an observer of your
+// own:
 //
-//	idempotency.WithObserver(func(ctx context.Context, r idempotency.Report) {
+//	Observer: func(ctx context.Context, r idempotency.Report) {
 //		m.ObserveRequest(ctx, r)
 //		audit(ctx, r)
-//	})
+//	},
 func (m *Metrics) ObserveRequest(ctx context.Context, r idempotency.Report) {
 	attrs := m.attributesOf(&r)
 	m.requests.Add(ctx, 1, attrs.add...)
@@ -308,8 +298,10 @@ func (m *Metrics) ObserveRequest(ctx context.Context, r idempotency.Report) {
 	m.common(ctx, &r, kindHTTP)
 }
 
-// ObserveWebhook records one webhook delivery report: it is the observer
-// [Metrics.WebhookObserver] installs, for an observer of your own to call.
+// ObserveWebhook records one webhook delivery report: give it to the
+// webhook handler as [idempotency.WebhookOptions].Observer. Its series
+// also carry webhook.provider and, for Stripe events, stripe.api_version,
+// so that events in an API version other than stripe-go's show.
 func (m *Metrics) ObserveWebhook(ctx context.Context, r idempotency.Report) {
 	attrs := m.attributesOf(&r)
 	m.deliveries.Add(ctx, 1, attrs.add...)
@@ -353,16 +345,21 @@ func (m *Metrics) common(ctx context.Context, r *idempotency.Report, k reportKin
 
 // reportAttrs is what the attributes of a report are made of.
 type reportAttrs struct {
-	outcome   idempotency.Outcome
-	method    string
-	route     string
-	status    int
-	errorType string
+	outcome    idempotency.Outcome
+	method     string
+	route      string
+	status     int
+	errorType  string
+	provider   string // webhooks only
+	apiVersion string // Stripe webhooks only
 }
 
 // attributesOf returns the attribute set of r, from the cache when it can.
 func (m *Metrics) attributesOf(r *idempotency.Report) measurement {
-	k := reportAttrs{outcome: r.Outcome, method: methodOf(r.Method), route: r.Route, status: r.Status}
+	k := reportAttrs{outcome: r.Outcome, method: methodOf(r.Method), route: r.Route, status: r.Status, apiVersion: r.APIVersion}
+	if provider, ok := strings.CutSuffix(r.Kind, "-webhook"); ok {
+		k.provider = provider
+	}
 	if r.Err != nil {
 		k.errorType = reportErrorType(r.Err)
 	}
@@ -382,7 +379,7 @@ func (m *Metrics) attributesOf(r *idempotency.Report) measurement {
 }
 
 func (k reportAttrs) set() attribute.Set {
-	kv := make([]attribute.KeyValue, 0, 5)
+	kv := make([]attribute.KeyValue, 0, 7)
 	kv = append(kv, outcomeKey.String(string(k.outcome)))
 	if k.method != "" {
 		kv = append(kv, methodKey.String(k.method))
@@ -395,6 +392,12 @@ func (k reportAttrs) set() attribute.Set {
 	}
 	if k.errorType != "" {
 		kv = append(kv, errorTypeKey.String(k.errorType))
+	}
+	if k.provider != "" {
+		kv = append(kv, providerKey.String(k.provider))
+	}
+	if k.apiVersion != "" {
+		kv = append(kv, apiVerKey.String(k.apiVersion))
 	}
 	return attribute.NewSet(kv...)
 }

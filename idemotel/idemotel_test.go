@@ -134,8 +134,10 @@ func TestRequestOutcomes(t *testing.T) {
 			storeSeries("idempotency.store.duration", memory, "release", ""): 1,
 		},
 	}, {
-		name:  "store fails after the handler ran",
-		store: func() idempotency.Store { return &faultyStore{Store: idempotency.NewMemoryStore(), complete: fail} },
+		name: "store fails after the handler ran",
+		store: func() idempotency.Store {
+			return &faultyStore{Store: idempotency.NewMemoryStore(idempotency.MemoryOptions{}), complete: fail}
+		},
 		drive: func(t *testing.T, h http.Handler, b *blocking) {
 			// The response was held: the client gets 503, not a 201
 			// the store does not hold.
@@ -153,7 +155,7 @@ func TestRequestOutcomes(t *testing.T) {
 	}, {
 		name: "lease lapsed before the response was stored",
 		store: func() idempotency.Store {
-			return &faultyStore{Store: idempotency.NewMemoryStore(), complete: leaseLost}
+			return &faultyStore{Store: idempotency.NewMemoryStore(idempotency.MemoryOptions{}), complete: leaseLost}
 		},
 		drive: func(t *testing.T, h http.Handler, b *blocking) {
 			// The response was held: the client gets 503, not a 201
@@ -171,7 +173,7 @@ func TestRequestOutcomes(t *testing.T) {
 	}} {
 		t.Run(tc.name, func(t *testing.T) {
 			m, reader := newMetrics(t)
-			inner := idempotency.Store(idempotency.NewMemoryStore())
+			inner := idempotency.Store(idempotency.NewMemoryStore(idempotency.MemoryOptions{}))
 			if tc.store != nil {
 				inner = tc.store()
 			}
@@ -182,7 +184,7 @@ func TestRequestOutcomes(t *testing.T) {
 			case handler == nil:
 				handler = created
 			}
-			h := serveMux(middleware(t, m.Store(inner), m.Observer()).Handler(handler))
+			h := serveMux(middleware(t, m.Store(inner), idempotency.Options{Observer: m.ObserveRequest}).Handler(handler))
 			tc.drive(t, h, b)
 			c := collect(t, reader)
 			assert.Equal(t, tc.want, c.values, "collected:\n%s", c)
@@ -195,14 +197,14 @@ func TestRequestOutcomes(t *testing.T) {
 // event lookup go through the wrapper, which times them.
 func TestCheckpointAndGetMeasured(t *testing.T) {
 	m, reader := newMetrics(t)
-	store := m.Store(idempotency.NewMemoryStore())
-	h := serveMux(middleware(t, store, m.Observer()).Handler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	store := m.Store(idempotency.NewMemoryStore(idempotency.MemoryOptions{}))
+	h := serveMux(middleware(t, store, idempotency.Options{Observer: m.ObserveRequest}).Handler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		claim, _ := idempotency.ClaimFromContext(r.Context())
 		require.NoError(t, claim.Checkpoint(r.Context(), "step", []byte("x")))
 		created.ServeHTTP(w, r)
 	})))
 	assert.Equal(t, http.StatusCreated, serve(h, newRequest("secret-key-1", body)).Code)
-	got, err := store.(idempotency.Reader).Get(context.Background(), "no-such-key")
+	got, err := store.(idempotency.Inspector).Get(context.Background(), "no-such-key")
 	require.NoError(t, err)
 	assert.Nil(t, got)
 	c := collect(t, reader)
@@ -229,22 +231,21 @@ func (b *blocking) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 // TestStoreUnavailable: the claim fails, so the request is refused (503)
 // and the store call counted as an error. The engine then frees the claim
-// in the background, in case it landed (two tries, 250 ms apart): both
-// find nothing to free.
+// in the background, in case it landed: the release finds nothing held,
+// which is success, so it is not tried again.
 func TestStoreUnavailable(t *testing.T) {
 	m, reader := newMetrics(t)
-	store := m.Store(&faultyStore{Store: idempotency.NewMemoryStore(), acquire: func() error { return errors.New("connection refused") }})
-	h := serveMux(middleware(t, store, m.Observer()).Handler(created))
+	store := m.Store(&faultyStore{Store: idempotency.NewMemoryStore(idempotency.MemoryOptions{}), acquire: func() error { return errors.New("connection refused") }})
+	h := serveMux(middleware(t, store, idempotency.Options{Observer: m.ObserveRequest}).Handler(created))
 	w := serve(h, newRequest("secret-key-1", body))
 	assert.Equal(t, http.StatusServiceUnavailable, w.Code)
 
 	faulty := "*idemotel_test.faultyStore"
 	want := map[string]int64{
-		requestSeries(idempotency.OutcomeStoreError, 503, "store_unavailable"):     1,
-		storeSeries("idempotency.store.duration", faulty, "acquire", "_OTHER"):     1,
-		storeSeries("idempotency.store.errors", faulty, "acquire", "_OTHER"):       1,
-		storeSeries("idempotency.store.duration", faulty, "release", "lease_lost"): 2,
-		storeSeries("idempotency.store.errors", faulty, "release", "lease_lost"):   2,
+		requestSeries(idempotency.OutcomeStoreError, 503, "store_unavailable"): 1,
+		storeSeries("idempotency.store.duration", faulty, "acquire", "_OTHER"): 1,
+		storeSeries("idempotency.store.errors", faulty, "acquire", "_OTHER"):   1,
+		storeSeries("idempotency.store.duration", faulty, "release", ""):       1,
 	}
 	var c collected
 	require.Eventually(t, func() bool {
@@ -259,9 +260,9 @@ func TestStoreUnavailable(t *testing.T) {
 // with 503, a lost lease and a failed renewal are counted.
 func TestLeaseLostWhileRunning(t *testing.T) {
 	m, reader := newMetrics(t)
-	inner := &faultyStore{Store: idempotency.NewMemoryStore(), extend: func() error { return idempotency.ErrLeaseLost }}
+	inner := &faultyStore{Store: idempotency.NewMemoryStore(idempotency.MemoryOptions{}), extend: func() error { return idempotency.ErrLeaseLost }}
 	waitForCancel := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { <-r.Context().Done() })
-	h := serveMux(middleware(t, m.Store(inner), m.Observer(), idempotency.WithLease(30*time.Millisecond)).Handler(waitForCancel))
+	h := serveMux(middleware(t, m.Store(inner), idempotency.Options{Observer: m.ObserveRequest}, idempotency.Options{Lease: 30 * time.Millisecond}).Handler(waitForCancel))
 	assert.Equal(t, http.StatusServiceUnavailable, serve(h, newRequest("secret-key-1", body)).Code)
 
 	faulty := "*idemotel_test.faultyStore"
@@ -287,7 +288,7 @@ func TestLeaseRenewals(t *testing.T) {
 		time.Sleep(120 * time.Millisecond)
 		created.ServeHTTP(w, r)
 	})
-	h := serveMux(middleware(t, m.Store(idempotency.NewMemoryStore()), m.Observer(), idempotency.WithLease(60*time.Millisecond)).Handler(slow))
+	h := serveMux(middleware(t, m.Store(idempotency.NewMemoryStore(idempotency.MemoryOptions{})), idempotency.Options{Observer: m.ObserveRequest}, idempotency.Options{Lease: 60 * time.Millisecond}).Handler(slow))
 	assert.Equal(t, http.StatusCreated, serve(h, newRequest("secret-key-1", body)).Code)
 
 	c := collect(t, reader)
@@ -304,13 +305,15 @@ func TestLeaseRenewals(t *testing.T) {
 // Handle (no HTTP request).
 func TestWebhookDeliveries(t *testing.T) {
 	m, reader := newMetrics(t)
-	fn := func(ctx context.Context, ev stripe.Event) error {
+	fn := func(ctx context.Context, ev idempotency.WebhookEvent) error {
 		if strings.HasPrefix(ev.ID, "evt_fail") {
 			return errors.New("downstream unavailable")
 		}
 		return nil
 	}
-	wh, err := idempotency.NewWebhookHandler(m.Store(idempotency.NewMemoryStore()), []string{secret}, fn, m.WebhookObserver())
+	verifier, err := idempotency.NewStripeVerifier([]string{secret}, 0)
+	require.NoError(t, err)
+	wh, err := idempotency.NewWebhookHandler(m.Store(idempotency.NewMemoryStore(idempotency.MemoryOptions{})), verifier, fn, idempotency.WebhookOptions{Observer: m.ObserveWebhook})
 	require.NoError(t, err)
 
 	payload, sig := event("evt_secret_1")
@@ -321,7 +324,7 @@ func TestWebhookDeliveries(t *testing.T) {
 	failing, failingSig := event("evt_fail_secret")
 	assert.Equal(t, http.StatusInternalServerError, serve(wh, delivery(failing, failingSig)).Code)
 	other, otherSig := event("evt_secret_2")
-	outcome, err := wh.Handle(context.Background(), other, otherSig)
+	outcome, err := wh.Handle(context.Background(), http.Header{"Stripe-Signature": {otherSig}}, other)
 	require.NoError(t, err)
 	assert.Equal(t, idempotency.OutcomeExecuted, outcome)
 	ev, err := wh.Event(context.Background(), "evt_fail_secret")
@@ -329,8 +332,13 @@ func TestWebhookDeliveries(t *testing.T) {
 	assert.Equal(t, 1, ev.Attempts, "the wrapper passes the failure history through")
 	assert.Equal(t, "failed", ev.Status)
 
+	// Every series names the provider; a verified event's, its Stripe API
+	// version too (a rejected delivery has none).
 	deliveries := func(outcome idempotency.Outcome, method string, status int, errorType string) string {
-		kv := []any{"outcome", string(outcome), "http.response.status_code", status}
+		kv := []any{"outcome", string(outcome), "http.response.status_code", status, "webhook.provider", "stripe"}
+		if outcome != idempotency.OutcomeRejected {
+			kv = append(kv, "stripe.api_version", stripe.APIVersion)
+		}
 		if method != "" {
 			kv = append(kv, "http.request.method", method)
 		}
@@ -365,22 +373,22 @@ func TestWebhookDeliveries(t *testing.T) {
 // when the store is, and returns the store's errors unchanged.
 func TestStoreWrapperInterfaces(t *testing.T) {
 	m, _ := newMetrics(t)
-	_, ok := m.Store(idempotency.NewMemoryStore()).(idempotency.FailureRecorder)
+	_, ok := m.Store(idempotency.NewMemoryStore(idempotency.MemoryOptions{})).(idempotency.FailureRecorder)
 	assert.True(t, ok, "MemoryStore keeps a failure history")
-	_, ok = m.Store(&faultyStore{Store: idempotency.NewMemoryStore()}).(idempotency.FailureRecorder)
+	_, ok = m.Store(&faultyStore{Store: idempotency.NewMemoryStore(idempotency.MemoryOptions{})}).(idempotency.FailureRecorder)
 	assert.False(t, ok, "a store without Fail does not gain one")
-	_, ok = m.Store(idempotency.NewMemoryStore()).(idempotency.Checkpointer)
+	_, ok = m.Store(idempotency.NewMemoryStore(idempotency.MemoryOptions{})).(idempotency.Checkpointer)
 	assert.True(t, ok, "MemoryStore keeps recovery points")
-	_, ok = m.Store(&faultyStore{Store: idempotency.NewMemoryStore()}).(idempotency.Reader)
+	_, ok = m.Store(&faultyStore{Store: idempotency.NewMemoryStore(idempotency.MemoryOptions{})}).(idempotency.Inspector)
 	assert.False(t, ok, "a store without Get does not gain one")
 
-	inner := idempotency.NewMemoryStore()
+	inner := idempotency.NewMemoryStore(idempotency.MemoryOptions{})
 	unwrapper, ok := m.Store(inner).(interface{ Unwrap() idempotency.Store })
 	require.True(t, ok)
 	assert.Same(t, inner, unwrapper.Unwrap())
 
 	want := errors.New("the store's own error")
-	s := m.Store(&faultyStore{Store: idempotency.NewMemoryStore(), extend: func() error { return want }})
+	s := m.Store(&faultyStore{Store: idempotency.NewMemoryStore(idempotency.MemoryOptions{}), extend: func() error { return want }})
 	assert.Same(t, want, s.Extend(context.Background(), "k", "t", time.Second))
 }
 
@@ -400,14 +408,14 @@ func TestNewRejectsBadInput(t *testing.T) {
 
 func TestBuckets(t *testing.T) {
 	m, reader := newMetrics(t)
-	h := serveMux(middleware(t, m.Store(idempotency.NewMemoryStore()), m.Observer()).Handler(created))
+	h := serveMux(middleware(t, m.Store(idempotency.NewMemoryStore(idempotency.MemoryOptions{})), idempotency.Options{Observer: m.ObserveRequest}).Handler(created))
 	serve(h, newRequest("secret-key-1", body))
 	c := collect(t, reader)
 	assert.Equal(t, []float64{0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10}, c.bounds["idempotency.handler.duration"])
 	assert.Equal(t, []float64{0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5}, c.bounds["idempotency.store.duration"])
 
 	m, reader = newMetrics(t, idemotel.WithDurationBuckets(0.1, 1), idemotel.WithStoreBuckets(0.001))
-	h = serveMux(middleware(t, m.Store(idempotency.NewMemoryStore()), m.Observer()).Handler(created))
+	h = serveMux(middleware(t, m.Store(idempotency.NewMemoryStore(idempotency.MemoryOptions{})), idempotency.Options{Observer: m.ObserveRequest}).Handler(created))
 	serve(h, newRequest("secret-key-1", body))
 	c = collect(t, reader)
 	assert.Equal(t, []float64{0.1, 1}, c.bounds["idempotency.handler.duration"])
@@ -417,7 +425,7 @@ func TestBuckets(t *testing.T) {
 // TestMethodsAreBounded: a method a client invents is "_OTHER".
 func TestMethodsAreBounded(t *testing.T) {
 	m, reader := newMetrics(t)
-	mw := middleware(t, idempotency.NewMemoryStore(), m.Observer(), idempotency.WithMethods("POST", "BREW"))
+	mw := middleware(t, idempotency.NewMemoryStore(idempotency.MemoryOptions{}), idempotency.Options{Observer: m.ObserveRequest}, idempotency.Options{Methods: []string{"POST", "BREW"}})
 	r := newRequest("secret-key-1", body)
 	r.Method = "BREW"
 	serve(mw.Handler(created), r)
@@ -434,13 +442,13 @@ func TestObserverComposes(t *testing.T) {
 	m, reader := newMetrics(t)
 	var mu sync.Mutex
 	var audited []idempotency.Outcome
-	observe := idempotency.WithObserver(func(ctx context.Context, r idempotency.Report) {
+	observe := idempotency.Options{Observer: func(ctx context.Context, r idempotency.Report) {
 		m.ObserveRequest(ctx, r)
 		mu.Lock()
 		audited = append(audited, r.Outcome)
 		mu.Unlock()
-	})
-	h := serveMux(middleware(t, idempotency.NewMemoryStore(), observe).Handler(created))
+	}}
+	h := serveMux(middleware(t, idempotency.NewMemoryStore(idempotency.MemoryOptions{}), observe).Handler(created))
 	serve(h, newRequest("secret-key-1", body))
 	serve(h, newRequest("secret-key-1", body))
 	assert.Equal(t, []idempotency.Outcome{idempotency.OutcomeExecuted, idempotency.OutcomeReplayed}, audited)

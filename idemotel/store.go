@@ -24,10 +24,11 @@ const (
 	opFailures
 	opCheckpoint
 	opGet
+	opRemove
 	numOperations
 )
 
-var operationNames = [numOperations]string{"acquire", "extend", "complete", "release", "fail", "failures", "checkpoint", "get"}
+var operationNames = [numOperations]string{"acquire", "extend", "complete", "release", "fail", "failures", "checkpoint", "get", "remove"}
 
 // The error types of a failed store call.
 const (
@@ -63,7 +64,7 @@ func storeErrorType(err error) int {
 // for an [*idempotency.RedisStore], else store's Go type. When store
 // implements [idempotency.FailureRecorder], so does the result, so the
 // webhook helper still counts failed attempts; when it implements
-// [idempotency.Checkpointer] and [idempotency.Reader] too, as every store
+// [idempotency.Checkpointer] and [idempotency.Inspector] too, as every store
 // of this module does, so does the result, and those calls are measured
 // as well.
 //
@@ -99,9 +100,9 @@ func (m *Metrics) Store(store idempotency.Store) idempotency.Store {
 	}
 	rs := &recordingStore{instrumentedStore: s, recorder: recorder}
 	checkpointer, ok1 := store.(idempotency.Checkpointer)
-	reader, ok2 := store.(idempotency.Reader)
+	inspector, ok2 := store.(idempotency.Inspector)
 	if ok1 && ok2 {
-		return &completeStore{recordingStore: rs, checkpointer: checkpointer, reader: reader}
+		return &completeStore{recordingStore: rs, checkpointer: checkpointer, inspector: inspector}
 	}
 	return rs
 }
@@ -130,7 +131,7 @@ var (
 	_ idempotency.Store           = (*instrumentedStore)(nil)
 	_ idempotency.FailureRecorder = (*recordingStore)(nil)
 	_ idempotency.Checkpointer    = (*completeStore)(nil)
-	_ idempotency.Reader          = (*completeStore)(nil)
+	_ idempotency.Inspector       = (*completeStore)(nil)
 )
 
 // record records one call of op that started at start.
@@ -232,7 +233,7 @@ func (s *recordingStore) Failures(ctx context.Context, key string) (int, string,
 type completeStore struct {
 	*recordingStore
 	checkpointer idempotency.Checkpointer
-	reader       idempotency.Reader
+	inspector    idempotency.Inspector
 }
 
 // Checkpoint implements [idempotency.Checkpointer].
@@ -243,10 +244,18 @@ func (s *completeStore) Checkpoint(ctx context.Context, key, token, point string
 	return err
 }
 
-// Get implements [idempotency.Reader].
+// Get implements [idempotency.Inspector].
 func (s *completeStore) Get(ctx context.Context, key string) (*idempotency.Record, error) {
 	start := time.Now()
-	rec, err := s.reader.Get(ctx, key)
+	rec, err := s.inspector.Get(ctx, key)
 	s.record(ctx, opGet, start, err)
 	return rec, err
+}
+
+// Remove implements [idempotency.Inspector].
+func (s *completeStore) Remove(ctx context.Context, key string) error {
+	start := time.Now()
+	err := s.inspector.Remove(ctx, key)
+	s.record(ctx, opRemove, start, err)
+	return err
 }

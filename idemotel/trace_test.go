@@ -32,7 +32,7 @@ func TestTracing(t *testing.T) {
 				opts = append(opts, idemotel.WithTracing())
 			}
 			m, _ := newMetrics(t, opts...)
-			h := serveMux(middleware(t, idempotency.NewMemoryStore(), m.Observer()).Handler(created))
+			h := serveMux(middleware(t, idempotency.NewMemoryStore(idempotency.MemoryOptions{}), idempotency.Options{Observer: m.ObserveRequest}).Handler(created))
 
 			for range 2 {
 				ctx, span := tp.Tracer("server").Start(context.Background(), "POST /venues/{id}/bookings")
@@ -105,13 +105,13 @@ func TestTracingStoreEvents(t *testing.T) {
 			}
 			m, _ := newMetrics(t, opts...)
 			var failAcquire atomic.Bool
-			faulty := &faultyStore{Store: idempotency.NewMemoryStore(), acquire: func() error {
+			faulty := &faultyStore{Store: idempotency.NewMemoryStore(idempotency.MemoryOptions{}), acquire: func() error {
 				if failAcquire.Load() {
 					return errors.New("connection refused")
 				}
 				return nil
 			}}
-			h := serveMux(middleware(t, m.Store(faulty), m.Observer()).Handler(created))
+			h := serveMux(middleware(t, m.Store(faulty), idempotency.Options{Observer: m.ObserveRequest}).Handler(created))
 
 			request := func(key string, want int) {
 				t.Helper()

@@ -14,17 +14,18 @@ import (
 	"github.com/seed70ea8305/idempotency"
 )
 
-// insertExpired inserts n rows past their expiry into idempotency_keys,
-// half completed records past their TTL, half claims whose lease lapsed,
-// and n/100 expired failure histories.
+// insertExpired inserts n rows past their expiry, and past the cleanup's
+// grace after it, into idempotency_keys, half completed records past their
+// TTL, half claims whose lease lapsed, and n/100 expired failure
+// histories.
 func insertExpired(t testing.TB, pool *pgxpool.Pool, prefix string, n int) {
 	t.Helper()
 	exec(t, pool, `INSERT INTO idempotency_keys (key, token, fingerprint, fence, status, lease_expires_at, expires_at, created_at,
 			response_status, response_body)
 		SELECT convert_to($1 || i, 'UTF8'), 'tok', 'fp', nextval('idempotency_fence'),
 			CASE WHEN i % 2 = 0 THEN 'completed' ELSE 'in_flight' END,
-			CASE WHEN i % 2 = 0 THEN NULL ELSE now() - interval '1 second' END,
-			now() - interval '1 second', now() - interval '1 day',
+			CASE WHEN i % 2 = 0 THEN NULL ELSE now() - interval '1 hour' END,
+			now() - interval '1 hour', now() - interval '1 day',
 			CASE WHEN i % 2 = 0 THEN 201 END,
 			CASE WHEN i % 2 = 0 THEN convert_to(repeat('x', 200), 'UTF8') END
 		FROM generate_series(1, $2::int) AS i`, prefix, n)
@@ -77,7 +78,9 @@ func TestDeleteExpired(t *testing.T) {
 	// from the failures.
 	assert.Len(t, counter.take(), n/1000+1+1, "bounded batches, one statement each")
 
-	assert.Equal(t, 100, count(t, pool, "SELECT count(*) FROM idempotency_keys"), "every live row is left")
+	assert.Equal(t, 100, count(t, pool, "SELECT count(*) FROM idempotency_keys WHERE expires_at > clock_timestamp()"), "every live row is left")
+	assert.Equal(t, 1, count(t, pool, "SELECT count(*) FROM idempotency_keys WHERE expires_at <= clock_timestamp()"),
+		"the failed claim's row, freed a moment ago, is left for the cleanup's grace")
 	assert.Equal(t, 1, count(t, pool, "SELECT count(*) FROM idempotency_failures"))
 	for key, token := range live {
 		require.NoError(t, store.Extend(ctx, key, token, time.Minute), "the live claim %s is still held", key)
@@ -154,7 +157,8 @@ func TestCleanupNeverTakesLiveClaims(t *testing.T) {
 	owners.Wait()
 	cancel()
 	wg.Wait()
-	assert.Zero(t, count(t, pool, "SELECT count(*) FROM idempotency_keys WHERE convert_from(key, 'UTF8') LIKE 'owned-%'"), "every owner released its key")
+	assert.Zero(t, count(t, pool, `SELECT count(*) FROM idempotency_keys
+		WHERE convert_from(key, 'UTF8') LIKE 'owned-%' AND expires_at > clock_timestamp()`), "every owner released its key")
 }
 
 func TestRunCleanup(t *testing.T) {

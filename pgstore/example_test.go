@@ -35,7 +35,7 @@ func Example() {
 	}
 	go store.RunCleanup(ctx, time.Minute, 1000)
 
-	m, err := idempotency.New(store)
+	m, err := idempotency.New(store, idempotency.Options{})
 	if err != nil {
 		log.Fatal(err)
 	}

@@ -5,7 +5,9 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"runtime"
 	"strconv"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -158,7 +160,7 @@ func TestFaultBackendTerminated(t *testing.T) {
 	}}
 	obs := newObserved()
 	store := renewalStore{Store: newStore(t, pool), kills: &kills, renewed: renewed}
-	h := newMiddleware(t, store, idempotency.WithLease(2*time.Second), idempotency.WithObserver(obs.observe)).Handler(handler)
+	h := newMiddleware(t, store, idempotency.Options{Lease: 2 * time.Second, Observer: obs.observe}).Handler(handler)
 
 	conns := pool.Stat().NewConnsCount()
 	w := serve(h, post("k", `{}`))
@@ -187,7 +189,7 @@ func TestFaultConnectionReset(t *testing.T) {
 			pool, direct, proxy := proxied(t, 1)
 			obs := newObserved()
 			handler := &counted{}
-			h := newMiddleware(t, newStore(t, pool), idempotency.WithObserver(obs.observe)).Handler(handler)
+			h := newMiddleware(t, newStore(t, pool), idempotency.Options{Observer: obs.observe}).Handler(handler)
 			require.Equal(t, http.StatusCreated, serve(h, post("warm-up", `{}`)).Code) // statements prepared
 			obs.last(t)
 
@@ -223,8 +225,8 @@ func TestFaultSlowServer(t *testing.T) {
 	const lease = time.Second
 	handler := &counted{}
 	store := newStore(t, pool)
-	fast := newMiddleware(t, store, idempotency.WithLease(lease), idempotency.WithStoreTimeout(faultStoreTimeout)).Handler(handler)
-	patient := newMiddleware(t, store, idempotency.WithLease(lease), idempotency.WithStoreTimeout(5*time.Second)).Handler(handler)
+	fast := newMiddleware(t, store, idempotency.Options{Lease: lease, StoreTimeout: faultStoreTimeout}).Handler(handler)
+	patient := newMiddleware(t, store, idempotency.Options{Lease: lease, StoreTimeout: 5 * time.Second}).Handler(handler)
 	require.Equal(t, http.StatusCreated, serve(patient, post("warm-up", `{}`)).Code)
 
 	proxy.SetLatency(2 * time.Second)
@@ -233,7 +235,7 @@ func TestFaultSlowServer(t *testing.T) {
 	assert.GreaterOrEqual(t, took, faultStoreTimeout-10*time.Millisecond, "the 503 waited for the store timeout")
 	t.Logf("503 after %v (store timeout %v, replies delayed 2s)", took, faultStoreTimeout)
 
-	long := newMiddleware(t, store, idempotency.WithLease(lease), idempotency.WithStoreTimeout(time.Minute)).Handler(handler)
+	long := newMiddleware(t, store, idempotency.Options{Lease: lease, StoreTimeout: time.Minute}).Handler(handler)
 	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
 	defer cancel()
 	w, took = timedServe(long, post("k2", `{}`).WithContext(ctx))
@@ -262,6 +264,59 @@ func TestFaultSlowServer(t *testing.T) {
 	assert.Equal(t, int32(3), handler.calls.Load())
 }
 
+// TestFaultPartitionHealed: a silent partition (nothing goes through,
+// either way) outlasts two calls that hold both connections of the pool;
+// then the network heals, with no connection reset. pgx closes each
+// abandoned connection after a cancel request that the partition
+// swallowed, waiting up to 15 s for its answer, and pgxpool alone keeps
+// the connection's slot until then: every call would fail for 15 s after
+// the network healed. The store gives such a connection back within
+// closeWait, so a call succeeds soon after healing.
+func TestFaultPartitionHealed(t *testing.T) {
+	pool, _, proxy := proxied(t, 2)
+	store := newStore(t, pool)
+	ctx := context.Background()
+	call := func() error {
+		ctx, cancel := context.WithTimeout(ctx, faultStoreTimeout)
+		defer cancel()
+		_, err := store.Get(ctx, "k")
+		return err
+	}
+	var wg sync.WaitGroup
+	for range 2 { // both connections open
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			assert.NoError(t, store.Remove(ctx, "warm-up"))
+		}()
+	}
+	wg.Wait()
+	opened := proxy.Accepted()
+
+	proxy.Blackhole()
+	errs := make(chan error, 2)
+	for range 2 {
+		go func() { errs <- call() }()
+	}
+	for range 2 {
+		require.Error(t, <-errs, "the partition swallows the call")
+	}
+	// Each abandoned connection's cancel request is under way, and lost.
+	for proxy.Accepted() < opened+2 {
+		runtime.Gosched()
+	}
+	proxy.Heal()
+	healed := time.Now()
+	for {
+		err := call()
+		if err == nil {
+			break
+		}
+		require.Less(t, time.Since(healed), 3*time.Second, "the pool is still exhausted after healing: %v", err)
+	}
+	t.Logf("a call succeeded %v after the partition healed (pgxpool alone: up to 15 s)", time.Since(healed).Round(time.Millisecond))
+}
+
 // TestFaultPoolExhausted: the pool's only connection is held elsewhere. A
 // request waits for a connection until the store timeout and gets 503;
 // its handler never runs and nothing is claimed. Once the connection is
@@ -269,7 +324,7 @@ func TestFaultSlowServer(t *testing.T) {
 func TestFaultPoolExhausted(t *testing.T) {
 	pool := testPool(t, func(cfg *pgxpool.Config) { cfg.MaxConns = 1 })
 	handler := &counted{}
-	h := newMiddleware(t, newStore(t, pool), idempotency.WithStoreTimeout(faultStoreTimeout)).Handler(handler)
+	h := newMiddleware(t, newStore(t, pool), idempotency.Options{StoreTimeout: faultStoreTimeout}).Handler(handler)
 	require.Equal(t, http.StatusCreated, serve(h, post("warm-up", `{}`)).Code)
 
 	held, err := pool.Acquire(context.Background())

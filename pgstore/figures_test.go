@@ -43,12 +43,14 @@ func TestFiguresAckLatency(t *testing.T) {
 	env := newInboxEnv(t)
 	store, err := pgstore.New(env.pool)
 	require.NoError(t, err)
-	syncNoop, err := idempotency.NewWebhookHandler(store, []string{whSecret}, func(context.Context, stripe.Event) error { return nil })
+	verifier, err := idempotency.NewStripeVerifier([]string{whSecret}, 0)
 	require.NoError(t, err)
-	sync20, err := idempotency.NewWebhookHandler(store, []string{whSecret}, func(context.Context, stripe.Event) error {
+	syncNoop, err := idempotency.NewWebhookHandler(store, verifier, func(context.Context, idempotency.WebhookEvent) error { return nil }, idempotency.WebhookOptions{})
+	require.NoError(t, err)
+	sync20, err := idempotency.NewWebhookHandler(store, verifier, func(context.Context, idempotency.WebhookEvent) error {
 		time.Sleep(20 * time.Millisecond)
 		return nil
-	})
+	}, idempotency.WebhookOptions{})
 	require.NoError(t, err)
 	handlers := []struct {
 		name string

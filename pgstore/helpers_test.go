@@ -16,6 +16,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/seed70ea8305/idempotency"
+	"github.com/seed70ea8305/idempotency/internal/overlay"
 	"github.com/seed70ea8305/idempotency/internal/pgtest"
 	"github.com/seed70ea8305/idempotency/pgstore"
 )
@@ -27,9 +28,9 @@ func newStore(t testing.TB, pool *pgxpool.Pool, opts ...pgstore.Option) *pgstore
 	return store
 }
 
-func newMiddleware(t testing.TB, store idempotency.Store, opts ...idempotency.Option) *idempotency.Middleware {
+func newMiddleware(t testing.TB, store idempotency.Store, opts ...idempotency.Options) *idempotency.Middleware {
 	t.Helper()
-	m, err := idempotency.New(store, opts...)
+	m, err := idempotency.New(store, overlay.Merge(opts...))
 	require.NoError(t, err)
 	return m
 }

@@ -47,16 +47,32 @@
 // key, or a key whose row expired, or a suspended row of the same request
 // (keeping its recovery point), and otherwise returns the live row. The
 // later writes ([Store.Extend], [Store.Checkpoint], [Store.Complete],
-// [Store.Release], [Store.Fail]) change the row only WHERE the caller's
-// token owns it, in flight, with its lease unexpired, and return
-// [idempotency.ErrLeaseLost] when no row matched. A first request through
-// the middleware thus costs two statements (claim, then complete); a
-// replay, a 409 or a 422 one. Leases and expiry use the database's clock
+// [Store.Release], [Store.Fail]) lock the key's row, then change it only
+// when the caller's token owns it, in flight, with its lease unexpired,
+// checked on the row as locked (a check made before waiting for the lock
+// could be overtaken by the transaction it waited for). They return
+// [idempotency.ErrLeaseLost] when the token does not own it; except that
+// Complete and Fail repeated by the same token find their own outcome and
+// succeed again, and Release refuses only when another owner or a
+// completed record holds the key (see [idempotency.Store]). [Store.Get]
+// locks the row for a moment too (FOR SHARE), so that it waits for a write
+// in progress. A first request through the middleware thus costs two
+// statements (claim, then complete); a replay, a 409 or a 422 one, which
+// locks and writes nothing. Leases and expiry use the database's clock
 // (clock_timestamp()), never the client's.
 //
-// Fences come from one sequence for every key (idempotency_fence): it only
-// grows, so every new owner of a key gets a greater fence than the owners
-// before it.
+// Release and Fail free a row in place, ending its lease and its life at
+// once (or suspending it, when it holds a recovery point): no statement
+// of the request path deletes a row, and a row keeps its fence. Fences
+// come from one sequence for every key (idempotency_fence), which only
+// grows, and a claim that takes over a key's row (ON CONFLICT DO UPDATE)
+// draws its fence once it holds the row's lock, so every new owner of a
+// key gets a greater fence than the owners before it. Only a claim of a
+// key without a row draws its fence before it inserts, and may then wait
+// for another claim's insert of the same key; that is why rows stay.
+// [Store.DeleteExpired] deletes a row a minute after it stopped counting,
+// far beyond any statement's wait; [Store.Remove], the operator's way out
+// of a record, deletes it at once.
 //
 // # Deadlines and failures
 //
@@ -77,6 +93,21 @@
 // the pool dials a new connection. When a new connection cannot be made
 // (the server is down or starting), re-sends wait a little longer each
 // time, up to 100 ms.
+//
+// A connection whose statement was abandoned at its deadline is closed
+// by pgx in the background, after a cancel request that pgx sends the
+// server on a new connection and waits up to 15 s for; pgxpool keeps the
+// connection's slot until then. A server that can be reached answers the
+// request at once, but a silent network partition swallows it, and the
+// pool would stay exhausted, every call failing, for up to 15 s after the
+// network healed. So the store gives such a connection back itself: when
+// pgx has not finished closing it within 250 ms, the store takes it out
+// of the pool (pgxpool's Hijack) and its slot is free at once, while pgx
+// goes on closing it. For those seconds the pool may have more
+// connections open than its MaxConns, the extra ones waiting for the
+// server to acknowledge that their statement is cancelled. The pool's
+// configuration is left as the caller made it. ([Inbox] and [Worker] use
+// the pool as pgx does.)
 //
 // A live record that cannot be decoded (a stored status outside 200 to
 // 999, a corrupt header, a row no version of the store writes) makes
@@ -128,7 +159,7 @@
 // request: another request under it gets 422. The store implements
 // [idempotency.Checkpointer] ([Store.Checkpoint], a recovery point on its
 // own, which [idempotency.Claim.Checkpoint] calls),
-// [idempotency.Reader] ([Store.Get]) and [idempotency.Remover]
+// [idempotency.Inspector] ([Store.Get]) and [idempotency.Inspector]
 // ([Store.Remove]).
 //
 // # Webhook inbox
@@ -167,14 +198,15 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/seed70ea8305/idempotency"
 )
 
 // Store is an [idempotency.Store] and [idempotency.FailureRecorder] in
-// PostgreSQL, also an [idempotency.Checkpointer], [idempotency.Reader]
-// and [idempotency.Remover]. See the package documentation for the
+// PostgreSQL, also an [idempotency.Checkpointer], [idempotency.Inspector]
+// and [idempotency.Inspector]. See the package documentation for the
 // protocol and how it fails. It is safe for concurrent use; the zero
 // value is not usable, create one with [New].
 type Store struct {
@@ -193,8 +225,7 @@ var (
 	_ idempotency.Store           = (*Store)(nil)
 	_ idempotency.FailureRecorder = (*Store)(nil)
 	_ idempotency.Checkpointer    = (*Store)(nil)
-	_ idempotency.Reader          = (*Store)(nil)
-	_ idempotency.Remover         = (*Store)(nil)
+	_ idempotency.Inspector       = (*Store)(nil)
 )
 
 // New returns a Store on the tables that [Migrate] created (with the same
@@ -233,6 +264,24 @@ func newStatements(schema string) statements {
 	sql := func(format string) string {
 		return strings.TrimSpace(fmt.Sprintf(format, keys, failures, "'"+fence+"'"))
 	}
+	// locked is the key's row, cur, locked before anything looks at its
+	// lease: every owner-checked write (Extend, Complete, Checkpoint,
+	// Release, Fail) starts with it, after a cfg that sets the lock
+	// timeout, and checks the lease (against clock_timestamp()) on cur,
+	// so that the check runs once the row is locked, on the row as the
+	// last writer committed it (READ COMMITTED reads the newest version of
+	// a row it waited to lock). An UPDATE alone checks its WHERE before it
+	// waits for the row: when the transaction it waited for only locked
+	// the row (a Get, another token's Release, a claim that found the row
+	// live) the UPDATE goes on with a check made before the wait, and a
+	// renewal that checked a lease just before it ran out would land after
+	// a reader had seen the lease run out.
+	const locked = `cur AS MATERIALIZED (
+    SELECT k.key_hash, k.key, k.token, k.fence, k.status, k.lease_expires_at, k.expires_at
+    FROM %[1]s AS k, cfg
+    WHERE k.key_hash = sha256($1::bytea)
+    FOR NO KEY UPDATE OF k
+)`
 	// setPoint records a recovery point on the row an owner holds, and
 	// keeps the row at least $5 from now: the owner is $2, a token
 	// (checkpoint) or a fence (checkpointByFence).
@@ -241,47 +290,60 @@ func newStatements(schema string) statements {
 		return sql(`
 WITH cfg AS MATERIALIZED (
     SELECT clock_timestamp() AS now, set_config('lock_timeout', $6::text, true) AS lock_timeout
-)
+), ` + locked + `
 UPDATE %[1]s AS k
 SET recovery_point = $3::text, recovery_data = $4::bytea,
     expires_at = greatest(k.lease_expires_at, cfg.now + $5::bigint * interval '1 microsecond')
-FROM cfg
-WHERE k.key_hash = sha256($1::bytea) AND ` + owner + `
-  AND k.status = 'in_flight' AND k.lease_expires_at > clock_timestamp()`)
+FROM cfg, cur
+WHERE k.key_hash = cur.key_hash AND cur.` + owner + `
+  AND cur.status = 'in_flight' AND cur.lease_expires_at > clock_timestamp()`)
 	}
-	// freed frees the row that $2 owns, as Release and Fail do: a row
-	// without a recovery point is deleted, a row with one is suspended
-	// (its lease ends now; it stays until its expires_at). Follows a
-	// cfg, which sets the lock timeout before either locks the row.
-	// $1 key, $2 owner (a token, or a fence for releaseByFence);
-	// released holds the freed row's key.
+	// freed frees the row that $2 owns, as Release and Fail do, in place:
+	// its lease ends now, and so does the row when it holds no recovery
+	// point; a row with one is suspended (it stays until its expires_at).
+	// It never deletes the row, and the row keeps its token and fence: the
+	// next claim of the key then finds it and takes it over through ON
+	// CONFLICT DO UPDATE, whose nextval() runs once the row is locked, so
+	// its fence is greater than every fence the key had. A claim that
+	// inserts a new row takes its fence before it waits for a conflicting
+	// one; had a release deleted the row, a claim that waited for that
+	// DELETE to commit would land with a fence older than those handed out
+	// meanwhile. [Store.DeleteExpired] deletes a row only cleanupGrace
+	// after it stopped counting.
+	//
+	// cur is the key's row, locked first (see locked), so held tells who
+	// holds the key now, not as the statement's snapshot saw it: a Release
+	// re-sent while the first one commits finds the key free, not its own
+	// claim gone. Follows a cfg with now. $1 key, $2 owner (a token, or a
+	// fence for releaseByFence); released holds the freed row's key.
 	freed := func(owner string) string {
-		return `
-suspended AS (
-    UPDATE %[1]s AS k SET lease_expires_at = clock_timestamp()
-    FROM cfg
-    WHERE k.key_hash = sha256($1::bytea) AND ` + owner + `
-      AND k.status = 'in_flight' AND k.lease_expires_at > clock_timestamp()
-      AND k.recovery_point IS NOT NULL
+		return locked + `, released AS (
+    UPDATE %[1]s AS k
+    SET lease_expires_at = cfg.now,
+        expires_at = CASE WHEN k.recovery_point IS NULL THEN cfg.now ELSE k.expires_at END
+    FROM cur, cfg
+    WHERE k.key_hash = cur.key_hash AND cur.` + owner + `
+      AND cur.status = 'in_flight' AND cur.lease_expires_at > clock_timestamp()
     RETURNING k.key
-), deleted AS (
-    DELETE FROM %[1]s AS k USING cfg
-    WHERE k.key_hash = sha256($1::bytea) AND ` + owner + `
-      AND k.status = 'in_flight' AND k.lease_expires_at > clock_timestamp()
-      AND k.recovery_point IS NULL
-    RETURNING k.key
-), released AS (
-    SELECT key FROM suspended UNION ALL SELECT key FROM deleted
 )`
 	}
-	const byToken, byFence = "k.token = $2::bytea", "k.fence = $2::bigint"
-	// release: $1 key, $2 owner, $3 lock timeout. Returns the rows freed.
+	// held: someone other than $2 holds the key's row cur (locked by
+	// freed): a completed record, or another owner's claim in flight. A
+	// key that nothing holds (no row, an expired one, a suspended one, the
+	// caller's own lapsed claim) is not held: releasing it is done.
+	held := func(owner string) string {
+		return `EXISTS (SELECT 1 FROM cur WHERE cur.expires_at > clock_timestamp()
+    AND (cur.status = 'completed' OR (cur.lease_expires_at > clock_timestamp() AND NOT cur.` + owner + `)))`
+	}
+	const byToken, byFence = "token = $2::bytea", "fence = $2::bigint"
+	// release: $1 key, $2 owner, $3 lock timeout. Returns the rows freed
+	// and whether someone else holds the key.
 	release := func(owner string) string {
 		return sql(`
 WITH cfg AS MATERIALIZED (
-    SELECT set_config('lock_timeout', $3::text, true) AS lock_timeout
+    SELECT clock_timestamp() AS now, set_config('lock_timeout', $3::text, true) AS lock_timeout
 ), ` + strings.TrimSpace(freed(owner)) + `
-SELECT count(*) FROM released`)
+SELECT (SELECT count(*) FROM released), ` + held(owner))
 	}
 	// resumable: the conflicting row k is suspended, for the same request,
 	// at the statement's start (one instant for WHERE and SET alike).
@@ -351,45 +413,56 @@ LEFT JOIN live AS e ON c.fence IS NULL`),
 		extend: sql(`
 WITH cfg AS MATERIALIZED (
     SELECT clock_timestamp() AS now, set_config('lock_timeout', $4::text, true) AS lock_timeout
-)
+), ` + locked + `
 UPDATE %[1]s AS k
 SET lease_expires_at = cfg.now + $3::bigint * interval '1 microsecond',
     expires_at = CASE WHEN k.recovery_point IS NULL THEN cfg.now + $3::bigint * interval '1 microsecond'
                       ELSE greatest(k.expires_at, cfg.now + $3::bigint * interval '1 microsecond') END
-FROM cfg
-WHERE k.key_hash = sha256($1::bytea) AND k.token = $2::bytea
-  AND k.status = 'in_flight' AND k.lease_expires_at > clock_timestamp()`),
+FROM cfg, cur
+WHERE k.key_hash = cur.key_hash AND cur.token = $2::bytea
+  AND cur.status = 'in_flight' AND cur.lease_expires_at > clock_timestamp()`),
 
 		// $1 key, $2 token, $3 TTL (µs), $4 fingerprint, $5 created,
 		// $6 status, $7 header, $8 body, $9 body omitted, $10 lock
 		// timeout. Returns whether the record is now completed by $2.
 		// The recovery point goes with the in-flight state.
+		// The row completed by $2 already (the same call repeated) matches
+		// too, and keeps every column: the check is in the UPDATE's WHERE,
+		// on the row locked first (see locked), so it sees a first
+		// completion that it waited for. A check of its own, beside the
+		// UPDATE, would read the statement's snapshot, taken before that
+		// completion had committed, and refuse its repeat.
 		complete: sql(`
 WITH cfg AS MATERIALIZED (
     SELECT clock_timestamp() AS now, set_config('lock_timeout', $10::text, true) AS lock_timeout
-), done AS (
+), ` + locked + `, done AS (
     UPDATE %[1]s AS k
-    SET status = 'completed', lease_expires_at = NULL,
-        expires_at = cfg.now + $3::bigint * interval '1 microsecond', completed_at = cfg.now,
-        fingerprint = $4::bytea, created_at = $5::timestamptz, response_status = $6::integer,
-        response_headers = $7::bytea, response_body = $8::bytea, body_omitted = $9::boolean,
-        recovery_point = NULL, recovery_data = NULL
-    FROM cfg
-    WHERE k.key_hash = sha256($1::bytea) AND k.token = $2::bytea
-      AND k.status = 'in_flight' AND k.lease_expires_at > clock_timestamp()
+    SET status = 'completed', lease_expires_at = NULL, recovery_point = NULL, recovery_data = NULL,
+        expires_at       = CASE WHEN k.status = 'completed' THEN k.expires_at
+                                ELSE cfg.now + $3::bigint * interval '1 microsecond' END,
+        completed_at     = CASE WHEN k.status = 'completed' THEN k.completed_at ELSE cfg.now END,
+        fingerprint      = CASE WHEN k.status = 'completed' THEN k.fingerprint ELSE $4::bytea END,
+        created_at       = CASE WHEN k.status = 'completed' THEN k.created_at ELSE $5::timestamptz END,
+        response_status  = CASE WHEN k.status = 'completed' THEN k.response_status ELSE $6::integer END,
+        response_headers = CASE WHEN k.status = 'completed' THEN k.response_headers ELSE $7::bytea END,
+        response_body    = CASE WHEN k.status = 'completed' THEN k.response_body ELSE $8::bytea END,
+        body_omitted     = CASE WHEN k.status = 'completed' THEN k.body_omitted ELSE $9::boolean END
+    FROM cfg, cur
+    WHERE k.key_hash = cur.key_hash AND cur.token = $2::bytea
+      AND CASE cur.status WHEN 'in_flight' THEN cur.lease_expires_at > clock_timestamp()
+                          WHEN 'completed' THEN cur.expires_at > clock_timestamp() END
     RETURNING 1
 )
-SELECT EXISTS (SELECT 1 FROM done) OR EXISTS (
-    SELECT 1 FROM %[1]s AS k, cfg
-    WHERE k.key_hash = sha256($1::bytea) AND k.token = $2::bytea
-      AND k.status = 'completed' AND k.expires_at > cfg.now)`),
+SELECT EXISTS (SELECT 1 FROM done)`),
 
 		release:        release(byToken),
 		releaseByFence: release(byFence),
 
 		// $1 key, $2 token, $3 reason, $4 TTL (µs), $5 lock timeout.
-		// Returns the attempts counted, or no row when $2 owned nothing
-		// and did not fail the key last.
+		// Returns one row: the attempts counted (NULL when $2 owned
+		// nothing), the attempts when $2 failed the key last (the same
+		// call repeated), and whether the key's row is $2's claim, which
+		// the repeat of a Fail still committing finds (see Fail).
 		fail: sql(`
 WITH cfg AS MATERIALIZED (
     SELECT clock_timestamp() AS now, set_config('lock_timeout', $5::text, true) AS lock_timeout
@@ -403,11 +476,10 @@ WITH cfg AS MATERIALIZED (
         failed_at = excluded.failed_at, expires_at = excluded.expires_at
     RETURNING f.attempts
 )
-SELECT attempts FROM counted
-UNION ALL
-SELECT f.attempts FROM %[2]s AS f, cfg
-WHERE NOT EXISTS (SELECT 1 FROM counted)
-  AND f.key_hash = sha256($1::bytea) AND f.last_token = $2::bytea AND f.expires_at > cfg.now`),
+SELECT (SELECT attempts FROM counted),
+       (SELECT f.attempts FROM %[2]s AS f, cfg
+        WHERE f.key_hash = sha256($1::bytea) AND f.last_token = $2::bytea AND f.expires_at > cfg.now),
+       EXISTS (SELECT 1 FROM cur WHERE cur.token = $2::bytea AND cur.status = 'in_flight')`),
 
 		// $1 key.
 		failures: sql(`
@@ -425,14 +497,32 @@ SELECT EXISTS (
     WHERE k.key_hash = sha256($1::bytea) AND k.fence = $2::bigint
       AND k.status = 'in_flight' AND k.lease_expires_at > clock_timestamp())`),
 
-		// $1 key. The live row, if any.
+		// $1 key, $2 lock timeout. The live row, if any. It locks the row
+		// (FOR SHARE) before it looks at its expiry, so that it waits for
+		// a write in progress (a renewal, a completion, a release) and
+		// then reads the row as that write committed it: from the
+		// statement's snapshot alone, a renewal that checked the lease
+		// before it ran out and commits after would be read as a lapsed
+		// claim, and a Get would answer "no record" for a claim whose
+		// owner keeps it. The clock is read after the lock (LATERAL on the
+		// locked row), so "live" is as of the row it returns.
 		get: sql(`
+WITH cfg AS MATERIALIZED (
+    SELECT set_config('lock_timeout', $2::text, true) AS lock_timeout
+), e AS MATERIALIZED (
+    SELECT k.status, k.token, k.fingerprint, k.created_at,
+           k.response_status, k.response_headers, k.response_body, k.body_omitted,
+           k.recovery_point, k.recovery_data, k.lease_expires_at, k.expires_at
+    FROM %[1]s AS k, cfg
+    WHERE k.key_hash = sha256($1::bytea)
+    FOR SHARE OF k
+)
 SELECT e.status, e.token, e.fingerprint, e.created_at,
        e.response_status, e.response_headers, e.response_body, e.body_omitted,
        e.lease_expires_at <= t.now AS suspended, e.recovery_point, e.recovery_data,
        (extract(epoch FROM e.lease_expires_at - t.now) * 1000000)::bigint AS lease_left
-FROM %[1]s AS e, (SELECT clock_timestamp() AS now) AS t
-WHERE e.key_hash = sha256($1::bytea) AND e.expires_at > t.now`),
+FROM e CROSS JOIN LATERAL (SELECT clock_timestamp() AS now, e.expires_at) AS t
+WHERE e.expires_at > t.now`),
 
 		// $1 key, $2 lock timeout. Deletes the key's row, whatever its
 		// state (its recovery point goes with it), and its failures.
@@ -444,19 +534,20 @@ WITH cfg AS MATERIALIZED (
 )
 DELETE FROM %[2]s AS f USING cfg WHERE f.key_hash = sha256($1::bytea)`),
 
-		// $1 batch size. Rows past their expiry: completed records past
-		// their TTL, claims whose lease lapsed, suspended records past
-		// their recovery point's TTL; never a live claim or a suspended
-		// record. Rows another transaction holds locked (a claim taking
-		// the key over) are skipped.
+		// $1 batch size, $2 grace (µs). Rows past their expiry by more
+		// than the grace: completed records past their TTL, claims whose
+		// lease lapsed or that were released, suspended records past their
+		// recovery point's TTL; never a live claim or a suspended record.
+		// Rows another transaction holds locked (a claim taking the key
+		// over) are skipped.
 		deleteKeys: sql(`
 DELETE FROM %[1]s AS k
 WHERE k.ctid = ANY (ARRAY(
         SELECT d.ctid FROM %[1]s AS d
-        WHERE d.expires_at <= clock_timestamp()
+        WHERE d.expires_at <= clock_timestamp() - $2::bigint * interval '1 microsecond'
         LIMIT $1
         FOR UPDATE SKIP LOCKED))
-  AND k.expires_at <= clock_timestamp()`),
+  AND k.expires_at <= clock_timestamp() - $2::bigint * interval '1 microsecond'`),
 
 		deleteFailures: sql(`
 DELETE FROM %[2]s AS f
@@ -543,7 +634,7 @@ func (s *Store) acquireOnce(ctx context.Context, key string, claim *idempotency.
 		tooLate bool
 		row     storedRow
 	)
-	err := s.pool.QueryRow(ctx, s.sql.acquire,
+	err := s.queryRow(ctx, s.sql.acquire,
 		[]byte(key), []byte(claim.Token), []byte(claim.Fingerprint), claim.CreatedAt,
 		lease.Microseconds(), notAfter, s.lockTimeoutParam(ctx),
 	).Scan(&fence, &point, &data, &tooLate, &row.status, &row.token, &row.fence, &row.fingerprint, &row.created,
@@ -689,7 +780,7 @@ func (s *Store) Extend(ctx context.Context, key, token string, lease time.Durati
 		return fmt.Errorf("pgstore: lease %v is not positive", lease)
 	}
 	return s.owned(ctx, "extend", token, func() (bool, error) {
-		tag, err := s.pool.Exec(ctx, s.sql.extend, []byte(key), []byte(token), lease.Microseconds(), s.lockTimeoutParam(ctx))
+		tag, err := s.exec(ctx, s.sql.extend, []byte(key), []byte(token), lease.Microseconds(), s.lockTimeoutParam(ctx))
 		return tag.RowsAffected() == 1, err
 	})
 }
@@ -723,23 +814,54 @@ func (s *Store) Complete(ctx context.Context, key, token string, rec *idempotenc
 	}
 	return s.owned(ctx, "complete", token, func() (bool, error) {
 		var done bool
-		err := s.pool.QueryRow(ctx, s.sql.complete, args...).Scan(&done)
+		err := s.queryRow(ctx, s.sql.complete, args...).Scan(&done)
 		return done, err
 	})
 }
 
 // Release implements [idempotency.Store] in one statement. A record with
 // a recovery point ([Store.Checkpoint], [Store.Phase]) is suspended rather
-// than deleted: see [idempotency.Checkpointer]. A transaction the claim in
-// ctx has open ([Store.Tx]) is rolled back first.
+// than deleted: see [idempotency.Checkpointer]. A key that nothing holds
+// (no live row, a suspended one, the caller's own lapsed claim) is
+// released already: the call changes nothing and succeeds, so the
+// statement re-sent after its connection broke answers as the first one
+// did; only a key that another owner or a completed record holds is
+// [idempotency.ErrLeaseLost]. A transaction the claim in ctx has open
+// ([Store.Tx]) is rolled back first.
+//
+// A statement sent again after its connection broke may find the key
+// held by another claim. Whether the first send freed the key and let
+// that claim in, or never ran while the caller's lease lapsed, is
+// unknown: Release then returns an error of unknown outcome, not
+// ErrLeaseLost, which would say that the call changed nothing.
 func (s *Store) Release(ctx context.Context, key, token string) error {
 	s.abandonTx(ctx, key)
+	var mayHaveRun error // a send that broke off after it may have reached the server
 	return s.owned(ctx, "release", token, func() (bool, error) {
-		var n int64
-		err := s.pool.QueryRow(ctx, s.sql.release, []byte(key), []byte(token), s.lockTimeoutParam(ctx)).Scan(&n)
-		return n == 1, err
+		var (
+			n    int64
+			held bool
+		)
+		err := s.queryRow(ctx, s.sql.release, []byte(key), []byte(token), s.lockTimeoutParam(ctx)).Scan(&n, &held)
+		switch {
+		case err != nil:
+			if !pgconn.SafeToRetry(err) {
+				mayHaveRun = err
+			}
+			return false, err
+		case n == 0 && held && mayHaveRun != nil:
+			// Not wrapping the earlier error: that would make resend
+			// send the statement again.
+			return false, fmt.Errorf("%w (an earlier send: %v)", errReleaseUnknown, mayHaveRun)
+		}
+		return n == 1 || !held, nil
 	})
 }
+
+// errReleaseUnknown: Release was sent again after its connection broke,
+// and found the key held by another claim, which the first send may have
+// let in by freeing the key.
+var errReleaseUnknown = errors.New("sent again, found the key held by another claim: whether an earlier send released it is unknown")
 
 // Fail implements [idempotency.FailureRecorder] in one statement: it
 // frees the claim, as Release does, and counts the failure together. The
@@ -747,6 +869,14 @@ func (s *Store) Release(ctx context.Context, key, token string) error {
 // Repeated by the same token after it succeeded, it returns the same count
 // again. A transaction the claim in ctx has open ([Store.Tx]) is rolled
 // back first.
+//
+// The repeat reads the failure history from its statement's snapshot.
+// When the statement is the repeat of a Fail that was still committing
+// (sent again after its connection broke), it waited for that Fail's lock
+// on the key's row, and finds the row freed, its own, but the snapshot
+// predates the failure counted: Fail then sends the statement once more,
+// whose snapshot has it. Only a Fail that finds its own claim lapsed pays
+// that second statement.
 func (s *Store) Fail(ctx context.Context, key, token, reason string, ttl time.Duration) (int, error) {
 	s.abandonTx(ctx, key)
 	if ttl <= 0 {
@@ -755,12 +885,26 @@ func (s *Store) Fail(ctx context.Context, key, token, reason string, ttl time.Du
 	reason = strings.ToValidUTF8(strings.ReplaceAll(reason, "\x00", "\uFFFD"), "\uFFFD")
 	var attempts int32
 	err := s.owned(ctx, "fail", token, func() (bool, error) {
-		err := s.pool.QueryRow(ctx, s.sql.fail, []byte(key), []byte(token), reason, ttl.Microseconds(),
-			s.lockTimeoutParam(ctx)).Scan(&attempts)
-		if errors.Is(err, pgx.ErrNoRows) {
-			return false, nil
+		for again := true; ; again = false {
+			var (
+				counted, before *int32
+				mine            bool
+			)
+			err := s.queryRow(ctx, s.sql.fail, []byte(key), []byte(token), reason, ttl.Microseconds(),
+				s.lockTimeoutParam(ctx)).Scan(&counted, &before, &mine)
+			switch {
+			case err != nil:
+				return false, err
+			case counted != nil:
+				attempts = *counted
+				return true, nil
+			case before != nil:
+				attempts = *before
+				return true, nil
+			case !mine || !again:
+				return false, nil
+			}
 		}
-		return err == nil, err
 	})
 	if err != nil {
 		return 0, err
@@ -775,7 +919,7 @@ func (s *Store) Failures(ctx context.Context, key string) (int, string, error) {
 		reason   string
 	)
 	err := s.retry(ctx, func() error {
-		return s.pool.QueryRow(ctx, s.sql.failures, []byte(key)).Scan(&attempts, &reason)
+		return s.queryRow(ctx, s.sql.failures, []byte(key)).Scan(&attempts, &reason)
 	})
 	switch {
 	case errors.Is(err, pgx.ErrNoRows):
@@ -786,7 +930,7 @@ func (s *Store) Failures(ctx context.Context, key string) (int, string, error) {
 	return int(attempts), reason, nil
 }
 
-// Remove implements [idempotency.Remover] in one statement: it deletes
+// Remove implements [idempotency.Inspector] in one statement: it deletes
 // the record under key in any state, with its recovery point and its
 // failure history; a key with nothing under it is no error. A claim in
 // flight loses its key: its later calls return [idempotency.ErrLeaseLost],
@@ -794,7 +938,7 @@ func (s *Store) Failures(ctx context.Context, key string) (int, string, error) {
 // completion.
 func (s *Store) Remove(ctx context.Context, key string) error {
 	err := s.retry(ctx, func() error {
-		_, err := s.pool.Exec(ctx, s.sql.remove, []byte(key), s.lockTimeoutParam(ctx))
+		_, err := s.exec(ctx, s.sql.remove, []byte(key), s.lockTimeoutParam(ctx))
 		return err
 	})
 	if err != nil {

@@ -127,7 +127,7 @@ func TestUnreadableRecordMiddleware(t *testing.T) {
 			pool := testPool(t)
 			handler := &counted{}
 			reports := make(chan idempotency.Report, 10)
-			m := newMiddleware(t, newStore(t, pool), idempotency.WithObserver(func(_ context.Context, r idempotency.Report) { reports <- r }))
+			m := newMiddleware(t, newStore(t, pool), idempotency.Options{Observer: func(_ context.Context, r idempotency.Report) { reports <- r }})
 			h := m.Handler(handler)
 			require.Equal(t, http.StatusCreated, serve(h, post("k", `{}`)).Code)
 			<-reports

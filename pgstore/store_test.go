@@ -245,7 +245,7 @@ func TestLockTimeout(t *testing.T) {
 	pool := testPool(t, func(cfg *pgxpool.Config) { cfg.MaxConns = 2 })
 	store := newStore(t, pool, pgstore.WithLockTimeout(100*time.Millisecond))
 	handler := &counted{}
-	h := newMiddleware(t, store, idempotency.WithStoreTimeout(2*time.Second)).Handler(handler)
+	h := newMiddleware(t, store, idempotency.Options{StoreTimeout: 2 * time.Second}).Handler(handler)
 
 	// The key's record key as the middleware builds it, claimed by a
 	// transaction that neither commits nor rolls back.

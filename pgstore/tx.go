@@ -182,7 +182,7 @@ func (s *Store) open(ctx context.Context, t *claimTx) error {
 	)
 	err := s.retry(ctx, func() error {
 		var err error
-		if tx, err = s.pool.Begin(ctx); err != nil {
+		if tx, err = s.begin(ctx); err != nil {
 			return err
 		}
 		if err = tx.QueryRow(ctx, s.sql.holds, []byte(t.key), int64(t.fence)).Scan(&holds); err != nil {
@@ -240,15 +240,18 @@ func (s *Store) revoke(ctx context.Context, t *claimTx) {
 	}
 	ctx, cancel := context.WithTimeout(ctx, s.lockTimeout+5*time.Second)
 	defer cancel()
-	var n int64
+	var (
+		n    int64
+		held bool // by another claim or a completed record: nothing to end
+	)
 	err := s.retry(ctx, func() error {
-		return s.pool.QueryRow(ctx, s.sql.releaseByFence, []byte(t.key), int64(t.fence), s.lockTimeoutParam(ctx)).Scan(&n)
+		return s.queryRow(ctx, s.sql.releaseByFence, []byte(t.key), int64(t.fence), s.lockTimeoutParam(ctx)).Scan(&n, &held)
 	})
 	t.tx.Rollback(ctx)
 	t.state = txRevoked
 	if s.logger != nil {
 		s.logger.Warn("idempotency: pgstore: rolled back a claim's transaction still open a minute after its handler's context ended, and ended the claim; is the middleware using another Store than the one Tx was called on?",
-			"fence", t.fence, "claims_ended", n, "error", err)
+			"fence", t.fence, "claims_ended", n, "held_by_another", held, "error", err)
 	}
 	if err != nil {
 		// The claim may still hold: leave t registered, so that a late
@@ -318,7 +321,7 @@ func (s *Store) completeInTx(ctx context.Context, t *claimTx, token string, args
 	default: // rolled back by the handler: the response alone
 		return s.owned(ctx, "complete", token, func() (bool, error) {
 			var done bool
-			err := s.pool.QueryRow(ctx, s.sql.complete, args...).Scan(&done)
+			err := s.queryRow(ctx, s.sql.complete, args...).Scan(&done)
 			return done, err
 		})
 	}
@@ -392,7 +395,7 @@ func (s *Store) Checkpoint(ctx context.Context, key, token, point string, data [
 		return errTxOpen
 	}
 	return s.owned(ctx, "checkpoint", token, func() (bool, error) {
-		tag, err := s.pool.Exec(ctx, s.sql.checkpoint, []byte(key), []byte(token), point, data,
+		tag, err := s.exec(ctx, s.sql.checkpoint, []byte(key), []byte(token), point, data,
 			ttl.Microseconds(), s.lockTimeoutParam(ctx))
 		return tag.RowsAffected() == 1, err
 	})
@@ -446,7 +449,7 @@ func (s *Store) Phase(ctx context.Context, point string, data []byte, fn func(tx
 	var tx pgx.Tx
 	err := s.retry(ctx, func() error { // nothing is written yet
 		var err error
-		tx, err = s.pool.Begin(ctx)
+		tx, err = s.begin(ctx)
 		return err
 	})
 	if err != nil {
@@ -478,15 +481,24 @@ type phaseTx struct{ pgx.Tx }
 func (phaseTx) Commit(context.Context) error   { return errPhaseEnds }
 func (phaseTx) Rollback(context.Context) error { return errPhaseEnds }
 
-// Get implements [idempotency.Reader] in one statement: the live record
+// Get implements [idempotency.Inspector] in one statement: the live record
 // under key (completed, in flight with its owner's token and lease left,
 // or suspended with its recovery point and no token), or nil. A record
 // that cannot be decoded is an error wrapping
 // [idempotency.ErrRecordUnreadable].
+//
+// Get locks the key's row for a moment (FOR SHARE, at most
+// [WithLockTimeout]): a write to it in progress, a lease renewal say, is
+// waited for, and Get returns the row as that write left it. Without the
+// wait it would answer from before the write, and could report a claim
+// whose lease had just run out although its owner's renewal, which
+// checked the lease in time, was committing. Get is for operators and
+// event lookups, not the request path, which never waits for it: a
+// renewal or completion waits at most for the Get's own statement.
 func (s *Store) Get(ctx context.Context, key string) (*idempotency.Record, error) {
 	var row storedRow
 	err := s.retry(ctx, func() error {
-		return s.pool.QueryRow(ctx, s.sql.get, []byte(key)).Scan(&row.status, &row.token, &row.fingerprint, &row.created,
+		return s.queryRow(ctx, s.sql.get, []byte(key), s.lockTimeoutParam(ctx)).Scan(&row.status, &row.token, &row.fingerprint, &row.created,
 			&row.respStatus, &row.respHeader, &row.respBody, &row.bodyOmitted, &row.suspended, &row.point, &row.data, &row.leaseLeft)
 	})
 	switch {

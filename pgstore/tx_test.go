@@ -46,12 +46,12 @@ func newTxEnv(t *testing.T, configure ...func(*pgxpool.Config)) *txEnv {
 
 // middleware returns the middleware on store (env.store if nil), whose
 // reports go to env.reports.
-func (env *txEnv) middleware(t *testing.T, store idempotency.Store, h http.HandlerFunc, opts ...idempotency.Option) http.Handler {
+func (env *txEnv) middleware(t *testing.T, store idempotency.Store, h http.HandlerFunc, opts ...idempotency.Options) http.Handler {
 	t.Helper()
 	if store == nil {
 		store = env.store
 	}
-	opts = append(opts, idempotency.WithObserver(func(_ context.Context, r idempotency.Report) { env.reports <- r }))
+	opts = append(opts, idempotency.Options{Observer: func(_ context.Context, r idempotency.Report) { env.reports <- r }})
 	return newMiddleware(t, store, opts...).Handler(h)
 }
 
@@ -129,7 +129,7 @@ func TestRecordKey(t *testing.T) {
 		return scopes[i]
 	}
 	var runs atomic.Int32
-	h := env.middleware(t, nil, env.insertVenue(t, &runs, nil), idempotency.WithScope(scope))
+	h := env.middleware(t, nil, env.insertVenue(t, &runs, nil), idempotency.Options{Scope: scope})
 	for i, s := range scopes {
 		key := fmt.Sprintf("key-%d", i)
 		r := post(key, `{}`)
@@ -258,9 +258,9 @@ func TestTxLeaseLostBeforeCommit(t *testing.T) {
 	late := env.middleware(t, noRenewals{env.store}, env.insertVenue(t, &runs, func(context.Context, pgx.Tx) {
 		close(inserted)
 		<-proceed
-	}), idempotency.WithLease(lease))
+	}), idempotency.Options{Lease: lease})
 	other := &counted{}
-	taker := env.middleware(t, nil, other.ServeHTTP, idempotency.WithLease(lease))
+	taker := env.middleware(t, nil, other.ServeHTTP, idempotency.Options{Lease: lease})
 
 	done := make(chan *httptest.ResponseRecorder)
 	go func() { done <- serve(late, post("k", `{}`)) }()
@@ -423,7 +423,7 @@ func TestTxOrphaned(t *testing.T) {
 				<-ctx.Done()
 				time.Sleep(300 * time.Millisecond)
 			}
-		}), idempotency.WithCancelOnDisconnect())
+		}), idempotency.Options{CancelOnDisconnect: true})
 		client, hangUp := context.WithCancel(context.Background())
 		done := make(chan *httptest.ResponseRecorder)
 		go func() { done <- serve(h, post("k", `{}`).WithContext(client)) }()
@@ -515,8 +515,8 @@ func TestPhaseRecovery(t *testing.T) {
 			if mode == "process died" {
 				store = crashed{env.store}
 			}
-			first := env.middleware(t, store, env.phased(t, claims, crash), idempotency.WithLease(lease))
-			h := env.middleware(t, nil, env.phased(t, claims, nil), idempotency.WithLease(lease))
+			first := env.middleware(t, store, env.phased(t, claims, crash), idempotency.Options{Lease: lease})
+			h := env.middleware(t, nil, env.phased(t, claims, nil), idempotency.Options{Lease: lease})
 
 			_, recovered := servePanicking(first, post("k", `{"name":"Hall"}`))
 			require.Equal(t, "crash after the first phase", recovered)
@@ -591,7 +591,7 @@ func TestPhaseRollsBack(t *testing.T) {
 		<-proceed
 		errs = append(errs, env.store.Phase(ctx, "late", []byte("1"), insert))
 		w.WriteHeader(http.StatusCreated)
-	}, idempotency.WithLease(lease))
+	}, idempotency.Options{Lease: lease})
 
 	done := make(chan struct{})
 	go func() { defer close(done); serve(h, post("k", `{}`)) }()

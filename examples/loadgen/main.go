@@ -107,7 +107,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	api := newVenueAPI(cfg.faultRate, cfg.seed)
-	mw, err := idempotency.New(idempotency.NewMemoryStore(), idempotency.WithLease(5*time.Second))
+	mw, err := idempotency.New(idempotency.NewMemoryStore(idempotency.MemoryOptions{}), idempotency.Options{Lease: 5 * time.Second})
 	if err != nil {
 		return err
 	}

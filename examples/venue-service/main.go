@@ -355,7 +355,7 @@ func openStore(ctx context.Context, cfg config, logger *slog.Logger) (idempotenc
 		store, name, closeStore, err := openRedis(ctx, cfg.redisURL)
 		return store, &memoryVenues{}, name, closeStore, err
 	}
-	return idempotency.NewMemoryStore(), &memoryVenues{}, "memory", func() {}, nil
+	return idempotency.NewMemoryStore(idempotency.MemoryOptions{}), &memoryVenues{}, "memory", func() {}, nil
 }
 
 // startWorker processes the events the webhook inbox stored, until the
@@ -440,7 +440,7 @@ func openRedis(ctx context.Context, url string) (idempotency.Store, string, func
 		rdb.Close()
 		return nil, "", nil, fmt.Errorf("redis at %s: %w", opt.Addr, err)
 	}
-	store, err := idempotency.NewRedisStore(rdb, idempotency.WithRedisPrefix("venue-service:idem:"))
+	store, err := idempotency.NewRedisStore(rdb, idempotency.RedisOptions{Prefix: "venue-service:idem:"})
 	if err != nil {
 		rdb.Close()
 		return nil, "", nil, err

@@ -82,21 +82,21 @@ func newService(stripeClient *client.API, venues venueStore, keys apiKeys, logge
 func (s *service) routes(store idempotency.Store, pool *pgxpool.Pool, cfg config, metrics *idemotel.Metrics, metricsHandler http.Handler) (http.Handler, error) {
 	// Time every store call.
 	store = metrics.Store(store)
-	mw, err := idempotency.New(store,
+	mw, err := idempotency.New(store, idempotency.Options{
 		// Records belong to the authenticated tenant (s.authenticate runs
 		// first), never to a header the client chooses.
-		idempotency.WithScope(func(r *http.Request) string { return tenantFrom(r.Context()) }),
-		idempotency.WithFingerprint(idempotency.Fingerprinter{CanonicalJSON: true}.Fingerprint),
-		idempotency.WithLogger(s.logger),
+		Scope:       func(r *http.Request) string { return tenantFrom(r.Context()) },
+		Fingerprint: idempotency.Fingerprinter{CanonicalJSON: true}.Fingerprint,
+		Logger:      s.logger,
 		// A duplicate that sends "Prefer: wait=N" waits up to N seconds
 		// (10 at most) for the first request's outcome instead of a 409.
-		idempotency.WithWait(10*time.Second, 1000),
+		Wait: 10 * time.Second,
 		// One observer: the audit log and the metrics.
-		idempotency.WithObserver(func(ctx context.Context, r idempotency.Report) {
+		Observer: func(ctx context.Context, r idempotency.Report) {
 			metrics.ObserveRequest(ctx, r)
 			s.auditReplay(ctx, r)
-		}),
-	)
+		},
+	})
 	if err != nil {
 		return nil, err
 	}
@@ -119,13 +119,19 @@ func (s *service) routes(store idempotency.Store, pool *pgxpool.Pool, cfg config
 			admin = requireKey(cfg.adminKey, http.StripPrefix("/admin/webhooks", api))
 		}
 	} else {
-		webhooks, err = idempotency.NewWebhookHandler(store, []string{cfg.webhookSecret}, s.handleEvent,
-			idempotency.WithLogger(s.logger),
-			idempotency.WithObserver(func(ctx context.Context, r idempotency.Report) {
+		verifier, err := idempotency.NewStripeVerifier([]string{cfg.webhookSecret}, 0)
+		if err != nil {
+			return nil, err
+		}
+		webhooks, err = idempotency.NewWebhookHandler(store, verifier, func(ctx context.Context, ev idempotency.WebhookEvent) error {
+			return s.handleEvent(ctx, *ev.Stripe)
+		}, idempotency.WebhookOptions{
+			Logger: s.logger,
+			Observer: func(ctx context.Context, r idempotency.Report) {
 				metrics.ObserveWebhook(ctx, r)
 				s.countWebhook(ctx, r)
-			}),
-		)
+			},
+		})
 		if err != nil {
 			return nil, err
 		}

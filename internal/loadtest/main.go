@@ -251,7 +251,7 @@ func run(ctx context.Context, cfg config, out io.Writer) (bool, error) {
 	servers = append(servers, server{name: "bare", url: bareSrv.URL, app: bare, scenarios: []string{"baseline"}})
 
 	memApp := &app{}
-	memMW, err := idempotency.New(idempotency.NewMemoryStore())
+	memMW, err := idempotency.New(idempotency.NewMemoryStore(idempotency.MemoryOptions{}), idempotency.Options{})
 	if err != nil {
 		return false, err
 	}
@@ -281,11 +281,11 @@ func run(ctx context.Context, cfg config, out io.Writer) (bool, error) {
 				}
 				fmt.Fprintf(out, "note: removed the run's %d Redis keys (%s*)\n", n, prefix)
 			}()
-			store, err := idempotency.NewRedisStore(rdb, idempotency.WithRedisPrefix(prefix))
+			store, err := idempotency.NewRedisStore(rdb, idempotency.RedisOptions{Prefix: prefix})
 			if err != nil {
 				return false, err
 			}
-			mw, err := idempotency.New(store)
+			mw, err := idempotency.New(store, idempotency.Options{})
 			if err != nil {
 				return false, err
 			}

@@ -41,6 +41,7 @@ func Run(t *testing.T, newHarness func(t *testing.T) Harness) {
 		{"CompleteStoresResponse", testComplete},
 		{"CompleteKeepsForTTL", testCompleteTTL},
 		{"ReleaseFreesKey", testRelease},
+		{"ReleaseRefusesOnlyWhenHeld", testReleaseRefusesOnlyWhenHeld},
 		{"LeaseExpiryFreesKey", testLeaseExpiry},
 		{"ExtendKeepsLease", testExtend},
 		{"StaleOwnerCannotWrite", testStaleOwner},
@@ -209,6 +210,48 @@ func testRelease(t *testing.T, h Harness) {
 	assert.ErrorIs(t, h.Store.Release(ctx, k, c.Token), idempotency.ErrLeaseLost, "a second release by the old owner")
 }
 
+// testReleaseRefusesOnlyWhenHeld: Release returns ErrLeaseLost, changing
+// nothing, only when someone else holds the key. When nothing does, it
+// succeeds and changes nothing: repeated by the same token (a client
+// library re-sends a call whose reply it lost, and the repeat finds the
+// key that the first one freed), on a key nobody ever claimed, or on the
+// token's own claim whose lease lapsed with nobody taking it over.
+func testReleaseRefusesOnlyWhenHeld(t *testing.T, h Harness) {
+	ctx := context.Background()
+
+	k := key(t)
+	c := claim("fp")
+	require.Nil(t, acquire(t, h.Store, k, c))
+	require.NoError(t, h.Store.Release(ctx, k, c.Token))
+	require.NoError(t, h.Store.Release(ctx, k, c.Token), "the same release repeated")
+	require.Nil(t, acquire(t, h.Store, k, claim("other")), "the key is free")
+
+	never := key(t)
+	require.NoError(t, h.Store.Release(ctx, never, c.Token), "a key nobody claimed")
+	require.Nil(t, acquire(t, h.Store, never, claim("fp")), "and nothing was created under it")
+
+	lapsed := key(t)
+	own := claim("fp")
+	f1 := acquireFence(t, h.Store, lapsed, own)
+	h.Advance(lease + 50*time.Millisecond)
+	require.NoError(t, h.Store.Release(ctx, lapsed, own.Token), "the token's own lapsed claim, nobody took it over")
+	assert.ErrorIs(t, h.Store.Extend(ctx, lapsed, own.Token, lease), idempotency.ErrLeaseLost, "and it stays lapsed")
+
+	// Another owner claims it: now the stale token's release is refused
+	// and changes nothing.
+	fresh := claim("fp")
+	f2 := acquireFence(t, h.Store, lapsed, fresh)
+	assert.Greater(t, f2, f1)
+	assert.ErrorIs(t, h.Store.Release(ctx, lapsed, own.Token), idempotency.ErrLeaseLost, "another owner holds the key")
+	existing := acquire(t, h.Store, lapsed, claim("fp"))
+	require.NotNil(t, existing)
+	assert.Equal(t, fresh.Token, existing.Token, "the new owner's claim survived")
+	require.NoError(t, h.Store.Extend(ctx, lapsed, fresh.Token, lease))
+	require.NoError(t, h.Store.Release(ctx, lapsed, fresh.Token))
+	require.NoError(t, h.Store.Release(ctx, lapsed, own.Token), "free again: nothing holds it")
+	assert.Greater(t, acquireFence(t, h.Store, lapsed, claim("fp")), f2, "fences still grow")
+}
+
 func testLeaseExpiry(t *testing.T, h Harness) {
 	k := key(t)
 	require.Nil(t, acquire(t, h.Store, k, claim("fp")))
@@ -242,11 +285,12 @@ func testStaleOwner(t *testing.T, h Harness) {
 
 	assert.ErrorIs(t, h.Store.Extend(ctx, k, stale.Token, lease), idempotency.ErrLeaseLost)
 	assert.ErrorIs(t, h.Store.Complete(ctx, k, stale.Token, done("fp", 200, "stale"), ttl), idempotency.ErrLeaseLost)
-	assert.ErrorIs(t, h.Store.Release(ctx, k, stale.Token), idempotency.ErrLeaseLost)
+	assert.ErrorIs(t, h.Store.Release(ctx, k, stale.Token), idempotency.ErrLeaseLost, "the key is another owner's")
 
 	existing := acquire(t, h.Store, k, claim("fp"))
 	require.NotNil(t, existing)
 	assert.Equal(t, fresh.Token, existing.Token, "the new owner's claim survived the stale owner's writes")
+	require.NoError(t, h.Store.Extend(ctx, k, fresh.Token, lease), "the new owner still owns it")
 
 	require.NoError(t, h.Store.Complete(ctx, k, fresh.Token, done("fp", 201, "fresh"), ttl))
 	assert.ErrorIs(t, h.Store.Complete(ctx, k, stale.Token, done("fp", 200, "stale"), ttl), idempotency.ErrLeaseLost)
@@ -269,10 +313,12 @@ func testWrongToken(t *testing.T, h Harness) {
 	require.NotNil(t, existing)
 	assert.Equal(t, c.Token, existing.Token)
 
-	// Nothing is created for a key nobody holds.
+	// Nothing is created for a key nobody holds. Releasing it is done
+	// already (see testReleaseRefusesOnlyWhenHeld).
 	missing := key(t)
 	assert.ErrorIs(t, h.Store.Complete(ctx, missing, c.Token, done("fp", 200, "x"), ttl), idempotency.ErrLeaseLost)
 	assert.ErrorIs(t, h.Store.Extend(ctx, missing, c.Token, lease), idempotency.ErrLeaseLost)
+	assert.NoError(t, h.Store.Release(ctx, missing, c.Token))
 	require.Nil(t, acquire(t, h.Store, missing, claim("fp")))
 }
 
@@ -467,6 +513,10 @@ func testFailureHistory(t *testing.T, h Harness) {
 		n, err := fr.Fail(ctx, k, c.Token, "boom "+string(rune('0'+i)), ttl)
 		require.NoError(t, err)
 		assert.Equal(t, i, n)
+		// A client library re-sends a call whose reply it lost.
+		n, err = fr.Fail(ctx, k, c.Token, "repeated", ttl)
+		require.NoError(t, err, "attempt %d: the same Fail repeated", i)
+		assert.Equal(t, i, n, "attempt %d: a repeated Fail returns the count again and counts nothing", i)
 	}
 	attempts, reason, err = fr.Failures(ctx, k)
 	require.NoError(t, err)
