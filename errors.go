@@ -1,11 +1,11 @@
 package idempotency
 
 import (
-	"encoding/json"
 	"errors"
 	"net/http"
-	"strconv"
 	"strings"
+
+	"github.com/seed70ea8305/idempotency/internal/problem"
 )
 
 // Errors reported by this package. The middleware hands them, possibly
@@ -161,34 +161,21 @@ func WriteError(w http.ResponseWriter, _ *http.Request, err error) {
 }
 
 const (
-	problemTypeBase    = "https://pkg.go.dev/github.com/seed70ea8305/idempotency#"
-	problemContentType = "application/problem+json"
+	problemTypeBase = "https://pkg.go.dev/github.com/seed70ea8305/idempotency#"
 	// Retry-After seconds, on 503 and on a 409 whose lease is unknown: a
 	// 503 costs little to retry.
 	retryAfterSeconds = "1"
 )
 
-type problem struct {
-	Type   string `json:"type"`
-	Title  string `json:"title"`
-	Status int    `json:"status"`
-	Detail string `json:"detail,omitempty"`
-}
-
 func writeProblem(w http.ResponseWriter, k *kind, err error) {
-	p := problem{Type: problemTypeBase + k.anchor, Title: k.title, Status: k.status}
+	p := problem.Problem{Type: problemTypeBase + k.anchor, Title: k.title, Status: k.status}
 	var re *requestError
 	if errors.As(err, &re) && re.kind == k {
 		p.Detail = strings.TrimPrefix(re.Error(), "idempotency: ")
 	}
-	body, _ := json.Marshal(p) // plain strings and ints always encode
-	h := w.Header()
+	var wait string
 	if k.status == http.StatusConflict || k.status == http.StatusServiceUnavailable {
-		h.Set("Retry-After", retryAfter(err))
+		wait = retryAfter(err)
 	}
-	h.Set("Content-Type", problemContentType)
-	h.Set("Content-Length", strconv.Itoa(len(body)))
-	h.Set("Cache-Control", "no-store")
-	w.WriteHeader(p.Status)
-	w.Write(body)
+	problem.Write(w, p, wait)
 }

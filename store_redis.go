@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+	"github.com/seed70ea8305/idempotency/internal/wire"
 )
 
 // RedisClient is the part of the go-redis v9 API that [RedisStore] uses.
@@ -375,7 +376,7 @@ func (s *RedisStore) Acquire(ctx context.Context, key string, claim Record, leas
 	var existing *Record
 	err := s.call(ctx, 0, func(ctx context.Context) error {
 		reply, err := s.eval(ctx, redisAcquire, s.waitReplicas > 0, 0, []string{rkey, fenceKey(rkey), rkey + redisRecoverySuffix},
-			owner, encodeRecord(&claim, claim.Token), milliseconds(lease), notAfter, string(appendString(nil, claim.Fingerprint)))
+			owner, encodeRecord(&claim, claim.Token), milliseconds(lease), notAfter, string(wire.AppendString(nil, claim.Fingerprint)))
 		if err != nil {
 			return err
 		}
@@ -434,12 +435,12 @@ func decodeRedisRecord(reply any) (uint64, *Record, error) {
 		fp, _ := v[1].(string)
 		point, _ := v[2].(string)
 		data, _ := v[3].(string)
-		d := decoder{b: fp}
-		rec := &Record{Fingerprint: d.string(), RecoveryPoint: point}
+		d := wire.Decoder{B: fp}
+		rec := &Record{Fingerprint: d.String(), RecoveryPoint: point}
 		if data != "" {
 			rec.RecoveryData = []byte(data)
 		}
-		if d.err != nil || point == "" {
+		if d.Err != nil || point == "" {
 			return 0, nil, fmt.Errorf("%w: recovery point", errCorruptRecord)
 		}
 		return uint64(fence), rec, nil

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+	"github.com/seed70ea8305/idempotency/internal/wire"
 )
 
 // FuzzDecodeRecord feeds arbitrary stored values to the decoder: it must
@@ -134,7 +135,7 @@ func FuzzRedisKey(f *testing.F) {
 // recovery point is never empty.
 func FuzzDecodeRedisReply(f *testing.F) {
 	inFlight := encodeRecord(&Record{Token: "T", Fingerprint: "fp", CreatedAt: time.UnixMilli(1)}, "T")
-	fp := string(appendString(nil, "fp")) + "\x02"
+	fp := string(wire.AppendString(nil, "fp")) + "\x02"
 	f.Add(uint8(0), int64(0), inFlight, "", "")
 	f.Add(uint8(1), int64(1500), inFlight, "", "")
 	f.Add(uint8(2), int64(1500), inFlight, "point", "data")
