@@ -10,7 +10,6 @@ import (
 
 	"github.com/seed70ea8305/idempotency"
 	"github.com/seed70ea8305/idempotency/internal/overlay"
-	"github.com/seed70ea8305/idempotency/internal/pgtest"
 	"github.com/seed70ea8305/idempotency/internal/redistest"
 )
 
@@ -55,11 +54,6 @@ var storeKinds = []struct {
 	}},
 	{"cluster", func(t *testing.T) (idempotency.Store, func(time.Duration)) {
 		return newRedisStore(t, redistest.Cluster(t)), time.Sleep
-	}},
-	// Skipped unless IDEMPOTENCY_TEST_DATABASE_URL is set; each test in a
-	// schema of its own.
-	{"postgres", func(t *testing.T) (idempotency.Store, func(time.Duration)) {
-		return pgtest.Store(t), time.Sleep
 	}},
 }
 

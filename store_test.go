@@ -9,7 +9,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/seed70ea8305/idempotency"
-	"github.com/seed70ea8305/idempotency/internal/storetest"
+	"github.com/seed70ea8305/idempotency/storetest"
 )
 
 func TestStoreConformance(t *testing.T) {
@@ -18,6 +18,10 @@ func TestStoreConformance(t *testing.T) {
 			storetest.Run(t, func(t *testing.T) storetest.Harness {
 				store, advance := kind.new(t)
 				return storetest.Harness{Store: store, Advance: advance}
+			})
+			storetest.RunMiddleware(t, func(t *testing.T) idempotency.Store {
+				store, _ := kind.new(t)
+				return store
 			})
 		})
 	}

@@ -18,7 +18,7 @@ import (
 
 	"github.com/seed70ea8305/idempotency"
 	"github.com/seed70ea8305/idempotency/internal/pgtest"
-	"github.com/seed70ea8305/idempotency/internal/storetest"
+	"github.com/seed70ea8305/idempotency/storetest"
 	"github.com/seed70ea8305/idempotency/pgstore"
 )
 
