@@ -31,7 +31,6 @@ type MemoryStore struct {
 	// (NTP, an operator) changes no outcome. wall is read for fences only.
 	clock      func() int64
 	wall       func() time.Time
-	err        error // an invalid option: every call fails with it
 	maxRecords int   // 0: no limit
 	maxBytes   int64 // 0: no limit
 	seed       maphash.Seed
@@ -169,9 +168,6 @@ var (
 // Acquire implements [Store]. Fences come from one counter for the whole
 // store, so they grow per key too (see nextFenceLocked for where it starts).
 func (s *MemoryStore) Acquire(ctx context.Context, key string, claim Record, lease time.Duration) (uint64, *Record, error) {
-	if s.err != nil {
-		return 0, nil, s.err
-	}
 	if err := validateClaim(&claim, lease); err != nil {
 		return 0, nil, err
 	}
@@ -260,9 +256,6 @@ func (s *MemoryStore) fullLocked(newEntry bool, need int64) bool {
 
 // Extend implements [Store].
 func (s *MemoryStore) Extend(ctx context.Context, key, token string, lease time.Duration) error {
-	if s.err != nil {
-		return s.err
-	}
 	if lease <= 0 {
 		return fmt.Errorf("idempotency: lease %v is not positive", lease)
 	}
@@ -280,9 +273,6 @@ func (s *MemoryStore) Extend(ctx context.Context, key, token string, lease time.
 // recovery point, and accepts it even at its limits (see
 // [MemoryOptions]).
 func (s *MemoryStore) Complete(ctx context.Context, key, token string, rec *Record, ttl time.Duration) error {
-	if s.err != nil {
-		return s.err
-	}
 	if err := validateCompletion(rec, ttl); err != nil {
 		return err
 	}
@@ -315,9 +305,6 @@ func (s *MemoryStore) Complete(ctx context.Context, key, token string, rec *Reco
 // nothing holds (free, suspended, or token's own lapsed claim) is left
 // as it is, and the call succeeds.
 func (s *MemoryStore) Release(ctx context.Context, key, token string) error {
-	if s.err != nil {
-		return s.err
-	}
 	if err := ctx.Err(); err != nil {
 		return err
 	}
@@ -345,9 +332,6 @@ func (s *MemoryStore) Release(ctx context.Context, key, token string) error {
 // Fail implements [FailureRecorder]; like Release, it suspends a claim
 // that recorded a recovery point.
 func (s *MemoryStore) Fail(ctx context.Context, key, token, reason string, ttl time.Duration) (int, error) {
-	if s.err != nil {
-		return 0, s.err
-	}
 	if ttl <= 0 {
 		return 0, fmt.Errorf("idempotency: failure TTL %v is not positive", ttl)
 	}
@@ -392,9 +376,6 @@ func (s *MemoryStore) freeLocked(e *memoryEntry, now int64) {
 
 // Failures implements [FailureRecorder].
 func (s *MemoryStore) Failures(ctx context.Context, key string) (int, string, error) {
-	if s.err != nil {
-		return 0, "", s.err
-	}
 	if err := ctx.Err(); err != nil {
 		return 0, "", err
 	}
@@ -410,8 +391,6 @@ func (s *MemoryStore) Failures(ctx context.Context, key string) (int, string, er
 // Checkpoint implements [Checkpointer]. The store keeps a copy of data.
 func (s *MemoryStore) Checkpoint(ctx context.Context, key, token, point string, data []byte, ttl time.Duration) error {
 	switch {
-	case s.err != nil:
-		return s.err
 	case point == "":
 		return errors.New("idempotency: empty recovery point")
 	case ttl <= 0:
@@ -428,9 +407,6 @@ func (s *MemoryStore) Checkpoint(ctx context.Context, key, token, point string, 
 
 // Get implements [Inspector].
 func (s *MemoryStore) Get(ctx context.Context, key string) (*Record, error) {
-	if s.err != nil {
-		return nil, s.err
-	}
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
@@ -449,9 +425,6 @@ func (s *MemoryStore) Get(ctx context.Context, key string) (*Record, error) {
 
 // Remove implements [Inspector].
 func (s *MemoryStore) Remove(ctx context.Context, key string) error {
-	if s.err != nil {
-		return s.err
-	}
 	if err := ctx.Err(); err != nil {
 		return err
 	}
@@ -469,9 +442,6 @@ func (s *MemoryStore) Remove(ctx context.Context, key string) error {
 // watch implements waker: a condition per waiter, signalled under the
 // store's lock by the call that completes or frees key.
 func (s *MemoryStore) watch(_ context.Context, key string) (<-chan struct{}, func(), error) {
-	if s.err != nil {
-		return nil, nil, s.err
-	}
 	s.mu.Lock()
 	ch := s.waiting.add(key)
 	s.mu.Unlock()
@@ -494,9 +464,6 @@ func (s *MemoryStore) wakeLocked(key string) {
 // flight under key; else it returns ErrLeaseLost (or the store's error, or
 // ctx's).
 func (s *MemoryStore) withInFlight(ctx context.Context, key, token string, change func(now int64, e *memoryEntry)) error {
-	if s.err != nil {
-		return s.err
-	}
 	if err := ctx.Err(); err != nil {
 		return err
 	}
