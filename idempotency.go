@@ -1,17 +1,15 @@
-// Package idempotency makes HTTP APIs and Stripe webhook handlers safe to
-// retry.
+// Package idempotency makes HTTP APIs and webhook handlers safe to retry.
 //
 // The middleware built by [New] gives every POST and PATCH route that it
-// wraps the behaviour of Stripe's API and of the IETF Idempotency-Key draft:
-// the first request with a given Idempotency-Key runs the handler and its
-// response is stored; a retry with the same key and the same request gets
-// the stored response again, marked with X-Idempotent-Replayed: true; a
-// retry while the first is still running gets 409 (with Retry-After, the
-// rest of the first's lease), or waits for the first's outcome and gets
-// the replay ([Options].Wait); the same key with a
-// different request gets 422. Failed attempts (5xx, panics, handlers cut
-// short) free the key so the client can retry; a handler that recorded
-// recovery points ([Claim.Checkpoint]) is resumed after the last one.
+// wraps the behaviour of Stripe's API and of the IETF Idempotency-Key
+// draft: the first request with a given Idempotency-Key runs the handler
+// and its response is stored; a retry with the same key and the same
+// request gets the stored response again, marked with
+// X-Idempotent-Replayed: true; a retry while the first is still running
+// gets 409 (with Retry-After, the rest of the first's lease), or waits for
+// the first's outcome and gets the replay ([Options].Wait); the same key
+// with a different request gets 422. Failed attempts (5xx, panics,
+// handlers cut short) free the key so the client can retry.
 //
 //	store := idempotency.NewMemoryStore(idempotency.MemoryOptions{})
 //	mw, err := idempotency.New(store, idempotency.Options{
@@ -23,10 +21,52 @@
 //	mux.Handle("POST /venues", mw.Handler(http.HandlerFunc(createVenue)))
 //
 // Records live in a [Store]: [MemoryStore] for one process, [RedisStore]
-// for several, or PostgreSQL (package pgstore), where the stored response
-// can commit in the handler's own transaction. The webhook helper ([WebhookHandler]) runs attempts the same
-// way to process each Stripe event exactly once, and [StripeKey] derives
-// idempotency keys for outgoing Stripe calls from the request being served.
+// for several, or PostgreSQL (module pgstore), where the stored response
+// can commit in the handler's own transaction. [WebhookHandler] runs each
+// webhook event once, for Stripe, Standard Webhooks, GitHub or any
+// provider a [Verifier] describes, and [StripeKey] derives idempotency
+// keys for outgoing Stripe calls from the request being served.
+//
+// # What a lease promises
+//
+// A claim on a key is a lease: renewed while the handler runs, lapsing
+// after [Options].Lease if the process dies, so that a crash blocks
+// retries for one lease at most. No lease can stop a process that is
+// paused (a long GC pause, a frozen VM or container, SIGSTOP) and resumes
+// after another instance took its key over. What this package promises
+// instead:
+//
+//   - the handler's context tells the truth: it reports the end of the
+//     lease (Err non-nil, Done closed, a cause wrapping [ErrLeaseLost]) as
+//     soon as the lease's deadline has passed on the monotonic clock, also
+//     in a process resumed from a pause before any timer ran; check it
+//     right before a side effect;
+//   - every write is fenced: a store refuses every write of an owner whose
+//     lease lapsed, and [Claim].Fence, which grows with every new owner of
+//     a key and never goes backwards (not even across a Redis restart that
+//     lost its data), lets a downstream system refuse it too
+//     (UPDATE … SET …, fence = $1 WHERE id = $2 AND fence < $1);
+//   - no answer leaves before its outcome is stored: responses are held
+//     until the store has them, so a client never gets a success that a
+//     replay would contradict; it gets 503 and retries instead.
+//
+// # What is stored, and when
+//
+// The route's rule ([Options].Retryable) decides which statuses are stored
+// and which free the key: by default every answer but 5xx, 408 and 429 is
+// kept for [Options].TTL. Then, from the least to the most involved:
+//
+//   - [Claim.Keep], from the handler, overrides the rule for its own
+//     response: store it for a TTL of its own, or store nothing;
+//   - responses are held until stored; [Options].Streaming passes them
+//     through instead, for routes that stream, with a weaker promise;
+//   - [Claim.Checkpoint] records a recovery point between the steps of a
+//     handler that calls other systems, so that a retry after a crash or a
+//     failure resumes after the last step instead of starting over;
+//   - pgstore's Tx commits the handler's own rows and the stored response
+//     in one transaction, and its Phase commits a step's rows with its
+//     recovery point: use them when the handler's data lives in the same
+//     PostgreSQL.
 package idempotency
 
 import (
