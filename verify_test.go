@@ -165,14 +165,14 @@ func TestGitHubVerifier(t *testing.T) {
 // run the same scenario against every provider.
 type provider struct {
 	name    string
-	v       func(t *testing.T) idempotency.Verifier
+	v       func(t testing.TB) idempotency.Verifier
 	deliver func(id string, payload []byte) http.Header
 	forge   func(id string, payload []byte) http.Header
 }
 
 var providers = []provider{
 	{"stripe",
-		func(t *testing.T) idempotency.Verifier { return whVerifier(t, 0, whSecret) },
+		func(t testing.TB) idempotency.Verifier { return whVerifier(t, 0, whSecret) },
 		func(id string, payload []byte) http.Header {
 			return http.Header{"Stripe-Signature": {idempotency.SignWebhookPayload(payload, whSecret, time.Now())}}
 		},
@@ -180,7 +180,7 @@ var providers = []provider{
 			return http.Header{"Stripe-Signature": {idempotency.SignWebhookPayload(payload, "whsec_forged", time.Now())}}
 		}},
 	{"standard-webhooks",
-		func(t *testing.T) idempotency.Verifier {
+		func(t testing.TB) idempotency.Verifier {
 			v, err := idempotency.NewStandardWebhooksVerifier([]string{swSecret}, 0)
 			require.NoError(t, err)
 			return v
@@ -194,7 +194,7 @@ var providers = []provider{
 			return swHeader(id, ts, swSign("whsec_"+base64.StdEncoding.EncodeToString([]byte("forged")), id, ts, payload))
 		}},
 	{"github",
-		func(t *testing.T) idempotency.Verifier {
+		func(t testing.TB) idempotency.Verifier {
 			v, err := idempotency.NewGitHubVerifier([]string{"gh-secret"})
 			require.NoError(t, err)
 			return v

@@ -112,7 +112,7 @@ func whStripe(fn func(context.Context, stripe.Event) error) func(context.Context
 }
 
 // whVerifier is a Stripe verifier of secrets with tolerance (0: 5 min).
-func whVerifier(t *testing.T, tolerance time.Duration, secrets ...string) idempotency.Verifier {
+func whVerifier(t testing.TB, tolerance time.Duration, secrets ...string) idempotency.Verifier {
 	t.Helper()
 	v, err := idempotency.NewStripeVerifier(secrets, tolerance)
 	require.NoError(t, err)
