@@ -27,6 +27,10 @@ type Claim struct {
 	Scope       string
 	Key         string
 	Fingerprint string
+	// Route is the route or method that serves the work, a label of low
+	// cardinality: the ServeMux pattern for HTTP, the full method for
+	// gRPC; "" when none is known.
+	Route string
 
 	// Fence is the claim's fencing token: it grows with every new owner of
 	// the key, in every store, so a downstream write guarded by it (a

@@ -332,7 +332,7 @@ func (m *Middleware) serve(w http.ResponseWriter, r *http.Request, next http.Han
 		m.observe(r.Context(), &rep)
 	default:
 		a := &httpAttempt{m: m, w: w, r: r, next: next, rep: rep}
-		a.claim = Claim{Kind: httpRecordKind, Scope: rep.Scope, Key: key, Fingerprint: fingerprint, created: created}
+		a.claim = Claim{Kind: httpRecordKind, Scope: rep.Scope, Key: key, Fingerprint: fingerprint, Route: r.Pattern, created: created}
 		a.key, a.token = storeKey, token
 		a.body.b = *body
 		a.hold.Store(!m.s.streaming)
@@ -343,6 +343,146 @@ func (m *Middleware) serve(w http.ResponseWriter, r *http.Request, next http.Han
 		ctx := m.engine.start(&a.attempt, r.Context(), got, m.s.cancelOnDisconnect)
 		m.engine.execute(ctx, &a.attempt, a)
 	}
+}
+
+// Do runs work once per key, as [Middleware.Handler] runs a handler, for
+// requests that do not arrive as an *http.Request: gRPC, Connect, a queue's
+// messages. It uses the same store, leases, fences, waiting ([Options].Wait,
+// for up to the whole Wait), held outcome and observer as Handler; the
+// transport adapters (modules idemgrpc and others) are built on it.
+//
+// call names the request: Kind (what serves it, such as "grpc"; records
+// are kept per kind), Scope, Key (1 to 255 printable ASCII characters, as
+// [ParseKey] reads them) and Fingerprint (its identity: the same key with
+// another fingerprint is [ErrFingerprintMismatch]); Route, a label of low
+// cardinality for the observer. work runs as the owner of the key, with
+// the claim in its context (see [ClaimFromContext]) and a context that
+// tells the truth about the lease, and returns the outcome to store, whose
+// StatusCode is an HTTP status that [Options].Retryable and [Claim.Keep]
+// judge as for HTTP (a retryable one frees the key instead), or an error,
+// which frees the key.
+//
+// Do returns the stored outcome: the one work returned (replayed false)
+// once it is stored, or the one an earlier call stored (replayed true). It
+// returns an error wrapping [ErrKeyInvalid], [ErrFingerprintMismatch],
+// [ErrKeyInUse] (another call holds the key), [ErrStoreUnavailable] or
+// [ErrRecordUnreadable] without running work; work's own error, wrapped,
+// when it failed; the response work returned with an error wrapping
+// [ErrLeaseLost] or [ErrStoreUnavailable] when it could not be stored:
+// never report that response as a success, since a retry runs work again.
+// A response that is not to be stored (a retryable status) comes back
+// with a nil error. [StatusCode] of any error is the HTTP status the
+// middleware would answer.
+func (m *Middleware) Do(ctx context.Context, call Claim, work func(ctx context.Context) (*Response, error)) (resp *Response, replayed bool, err error) {
+	if call.Kind == "" || call.Kind == httpRecordKind {
+		return nil, false, errors.New("idempotency: Do needs a Kind of its own, such as \"grpc\"")
+	}
+	rep := Report{Kind: call.Kind, Scope: call.Scope, Key: call.Key, Route: call.Route}
+	if _, err := ParseKey(call.Key); err != nil {
+		rep.Outcome, rep.Err, rep.Status = OutcomeRejected, err, StatusCode(err)
+		m.observe(ctx, &rep)
+		return nil, false, err
+	}
+	storeKey := recordKey(call.Kind, call.Scope, call.Key)
+	token := rand.Text()
+	created := time.Now()
+	claim := Record{Token: token, Fingerprint: call.Fingerprint, CreatedAt: created}
+	got, err := m.engine.acquire(ctx, storeKey, claim)
+	if err == nil && got.existing != nil && got.existing.Response == nil && got.existing.Fingerprint == call.Fingerprint && m.s.wait > 0 {
+		got, err = m.engine.wait(ctx, storeKey, claim, got, time.Now().Add(m.s.wait))
+	}
+	existing := got.existing
+	finish := func(outcome Outcome, err error) error {
+		rep.Outcome, rep.Err = outcome, err
+		if err != nil {
+			rep.Status = StatusCode(err)
+		}
+		m.observe(ctx, &rep)
+		return err
+	}
+	switch {
+	case errors.Is(err, ErrRecordUnreadable):
+		rep.Err = err
+		m.log(ctx, "idempotency: the record under this key is unreadable; remove it", &rep)
+		return nil, false, finish(OutcomeUnreadable, err)
+	case err != nil:
+		rep.Err = err
+		m.log(ctx, "idempotency: store failed, call refused", &rep)
+		return nil, false, finish(OutcomeStoreError, err)
+	case existing != nil && existing.Fingerprint != call.Fingerprint:
+		return nil, false, finish(OutcomeMismatch, ErrFingerprintMismatch)
+	case existing != nil && existing.Response == nil:
+		return nil, false, finish(OutcomeInFlight, keyInUse(existing))
+	case existing != nil:
+		rep.Status = existing.Response.StatusCode
+		finish(OutcomeReplayed, nil)
+		return existing.Response, true, nil
+	}
+	a := &callAttempt{m: m, ctx: ctx, work: work, rep: rep}
+	a.claim = Claim{Kind: call.Kind, Scope: call.Scope, Key: call.Key, Fingerprint: call.Fingerprint, Route: call.Route, created: created}
+	a.key, a.token = storeKey, token
+	a.hold.Store(true) // the caller gets the outcome only once it is stored
+	workCtx := m.engine.start(&a.attempt, ctx, got, m.s.cancelOnDisconnect)
+	m.engine.execute(workCtx, &a.attempt, a)
+	return a.resp, false, a.err
+}
+
+// callAttempt is one run of the work of [Middleware.Do].
+type callAttempt struct {
+	attempt
+	m        *Middleware
+	ctx      context.Context
+	work     func(context.Context) (*Response, error)
+	rep      Report
+	resp     *Response // what work answered
+	workErr  bool      // work returned an error
+	returned bool
+	err      error
+}
+
+func (a *callAttempt) run(ctx context.Context) (*Record, string, error) {
+	start := time.Now()
+	resp, err := a.work(ctx)
+	a.rep.Duration = time.Since(start)
+	a.returned = true
+	switch {
+	case err != nil:
+		a.workErr = true
+		return nil, err.Error(), err
+	case resp == nil:
+		return nil, "", errors.New("idempotency: Do's work returned neither a response nor an error")
+	case resp.StatusCode < http.StatusOK || resp.StatusCode > 999:
+		return nil, "", fmt.Errorf("idempotency: Do's work answered status %d, which cannot be stored", resp.StatusCode)
+	}
+	a.resp = resp
+	a.rep.Status = resp.StatusCode
+	keep := a.keep.Load()
+	if keep == keepNothing || (keep == 0 && a.m.s.retryable(resp.StatusCode)) {
+		return nil, "", errKeptNothing
+	}
+	return newCompletion(*resp), "", nil
+}
+
+func (a *callAttempt) settled(outcome Outcome, err error) {
+	a.rep.Outcome, a.rep.Err = outcome, err
+	switch {
+	case !a.returned:
+		// A panic: it goes on after this.
+	case a.workErr:
+		a.err = err
+	case outcome == OutcomeExecuted:
+	case a.resp != nil && errors.Is(err, errKeptNothing):
+		// Not stored, as the route's rule says: the caller may send it.
+		a.err = nil
+	case a.resp != nil:
+		// Not stored: the caller must not report it as a success.
+		a.err = err
+		a.rep.Status = StatusCode(err)
+		a.m.log(a.ctx, "idempotency: the call's outcome could not be stored", &a.rep)
+	default:
+		a.err = err
+	}
+	a.m.observe(a.ctx, &a.rep)
 }
 
 // Remove deletes the record kept for key (as the client sends it in
