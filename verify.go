@@ -13,6 +13,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/seed70ea8305/idempotency/internal/stripeevent"
 	"github.com/stripe/stripe-go/v76"
 	"github.com/stripe/stripe-go/v76/webhook"
 )
@@ -152,43 +153,13 @@ func (v *stripeVerifier) Verify(header http.Header, payload []byte, now time.Tim
 	return ev, nil
 }
 
-// decodeStripeEvent decodes a Stripe event as far as stripe-go can: the
-// whole event, or, when a field of another API version does not fit
-// stripe-go's types, the envelope and the data object as a map.
+// decodeStripeEvent decodes a Stripe event as far as stripe-go can (see
+// package internal/stripeevent); a payload that is not an event is an
+// [ErrWebhookPayload] that says why without echoing it.
 func decodeStripeEvent(payload []byte) (*stripe.Event, error) {
-	event := new(stripe.Event)
-	err := json.Unmarshal(payload, event)
-	if err == nil {
-		return event, nil
-	}
-	var typeErr *json.UnmarshalTypeError
-	if !errors.As(err, &typeErr) {
-		return nil, newRequestError(ErrWebhookPayload, jsonErrorText(err))
-	}
-	var envelope struct {
-		ID         string          `json:"id"`
-		Type       string          `json:"type"`
-		APIVersion string          `json:"api_version"`
-		Created    int64           `json:"created"`
-		Livemode   bool            `json:"livemode"`
-		Account    string          `json:"account"`
-		Data       json.RawMessage `json:"data"`
-	}
-	if err := json.Unmarshal(payload, &envelope); err != nil {
+	event, err := stripeevent.Decode(payload)
+	if err != nil {
 		return nil, newRequestError(ErrWebhookPayload, eventJSONErrorText(err))
-	}
-	event = &stripe.Event{
-		ID: envelope.ID, Type: stripe.EventType(envelope.Type), APIVersion: envelope.APIVersion,
-		Created: envelope.Created, Livemode: envelope.Livemode, Account: envelope.Account,
-	}
-	if len(envelope.Data) > 0 {
-		var data struct {
-			Object json.RawMessage `json:"object"`
-		}
-		if err := json.Unmarshal(envelope.Data, &data); err == nil && len(data.Object) > 0 {
-			event.Data = &stripe.EventData{Raw: data.Object}
-			_ = json.Unmarshal(data.Object, &event.Data.Object) // a non-object leaves the map nil
-		}
 	}
 	return event, nil
 }

@@ -18,7 +18,7 @@ const maxBatch = 100_000
 // a fence drawn before the insert, so a claim whose statement drew its
 // fence and then stalled before inserting could land with a fence older
 // than the row's last owner had. A minute is far beyond any statement's
-// wait: a row lock waits at most the lock timeout ([WithLockTimeout]), and
+// wait: a row lock waits at most the lock timeout ([Options].LockTimeout), and
 // a claim is refused after its call's deadline.
 const cleanupGrace = time.Minute
 
@@ -30,7 +30,7 @@ const cleanupGrace = time.Minute
 // another transaction holds locked. It deletes in batches of at most batch
 // rows (1 to 100,000), one statement and one transaction each, until a
 // batch comes back short or ctx ends, and returns how many rows it
-// deleted. The webhook_events table is not touched.
+// deleted. The webhook_events table is not touched: the inbox cleans it.
 //
 // The minute keeps fences growing: a key's row, also a released one, is
 // where the next claim draws its fence from the sequence under the row's
@@ -64,7 +64,7 @@ func (s *Store) DeleteExpired(ctx context.Context, batch int) (deleted int, err 
 
 // RunCleanup calls [Store.DeleteExpired] with batch at once and then every
 // interval, until ctx ends; run it in a goroutine of its own. A failed pass
-// is logged (see [WithLogger]) and the next one runs on time. It returns
+// is logged ([Options].Logger) and the next one runs on time. It returns
 // nil when ctx ends, and an error at once only when interval or batch is
 // invalid. Several processes may run it at once: each skips the rows that
 // another is deleting.

@@ -66,7 +66,7 @@ func TestDeleteExpired(t *testing.T) {
 	const n = 20_000
 	insertExpired(t, pool, "expired-", n)
 	exec(t, pool, "ANALYZE idempotency_keys")
-	counter.take()
+	counter.Take()
 
 	start := time.Now()
 	deleted, err := store.DeleteExpired(ctx, 1000)
@@ -76,7 +76,7 @@ func TestDeleteExpired(t *testing.T) {
 	t.Logf("deleted %d expired rows in %v: %.0f rows/s (batches of 1000)", deleted, took, float64(deleted)/took.Seconds())
 	// 20 full batches and an empty one from the records, one short batch
 	// from the failures.
-	assert.Len(t, counter.take(), n/1000+1+1, "bounded batches, one statement each")
+	assert.Len(t, counter.Take(), n/1000+1+1, "bounded batches, one statement each")
 
 	assert.Equal(t, 100, count(t, pool, "SELECT count(*) FROM idempotency_keys WHERE expires_at > clock_timestamp()"), "every live row is left")
 	assert.Equal(t, 1, count(t, pool, "SELECT count(*) FROM idempotency_keys WHERE expires_at <= clock_timestamp()"),

@@ -21,34 +21,57 @@ import (
 // run as a test.)
 func Example() {
 	ctx := context.Background()
-	pool, err := pgxpool.New(ctx, os.Getenv("DATABASE_URL"))
-	if err != nil {
-		log.Fatal(err)
-	}
-	defer pool.Close()
-	if err := pgstore.Migrate(ctx, pool); err != nil {
-		log.Fatal(err)
-	}
-	store, err := pgstore.New(pool)
-	if err != nil {
-		log.Fatal(err)
-	}
-	go store.RunCleanup(ctx, time.Minute, 1000)
-
-	m, err := idempotency.New(store, idempotency.Options{})
-	if err != nil {
-		log.Fatal(err)
-	}
 	mux := http.NewServeMux()
-	mux.Handle("POST /venues", m.Handler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		w.WriteHeader(http.StatusCreated)
-		fmt.Fprintln(w, `{"id":"v_1"}`)
-	})))
+	if err := setUp(ctx, mux); err != nil {
+		log.Fatal(err)
+	}
 	log.Fatal(http.ListenAndServe(":8080", mux))
 }
 
+// setUp is the package documentation's snippet.
+func setUp(ctx context.Context, mux *http.ServeMux) error {
+	pool, err := pgxpool.New(ctx, os.Getenv("DATABASE_URL"))
+	if err != nil {
+		return err
+	}
+	if err := pgstore.Migrate(ctx, pool, pgstore.MigrateOptions{}); err != nil {
+		return err
+	}
+	store, err := pgstore.New(ctx, pool, pgstore.Options{})
+	if err != nil {
+		return err
+	}
+	go store.RunCleanup(ctx, time.Minute, 1000) // deletes expired records
+	m, err := idempotency.New(store, idempotency.Options{})
+	if err != nil {
+		return err
+	}
+	mux.Handle("POST /venues", m.Handler(http.HandlerFunc(createVenue)))
+	return nil
+}
+
+// store is the store of the examples.
+var store *pgstore.Store
+
+// createVenue writes its row in the claim's transaction, as the package
+// documentation shows: the row and the stored response commit together.
+func createVenue(w http.ResponseWriter, r *http.Request) {
+	tx, err := store.Tx(r.Context()) // the store commits it
+	if err != nil {
+		http.Error(w, "unavailable", idempotency.StatusCode(err))
+		return
+	}
+	var id int64
+	if err := tx.QueryRow(r.Context(), "INSERT INTO venues (name) VALUES ($1) RETURNING id", "Hall").Scan(&id); err != nil {
+		http.Error(w, "unavailable", http.StatusServiceUnavailable) // 5xx: rolled back, key freed
+		return
+	}
+	w.WriteHeader(http.StatusCreated)
+	fmt.Fprintf(w, `{"id":%d}`, id)
+}
+
 // Tables in a schema of their own, found whatever the search_path.
-func ExampleWithSchema() {
+func ExampleOptions() {
 	ctx := context.Background()
 	pool, err := pgxpool.New(ctx, os.Getenv("DATABASE_URL"))
 	if err != nil {
@@ -58,10 +81,10 @@ func ExampleWithSchema() {
 	if _, err := pool.Exec(ctx, "CREATE SCHEMA IF NOT EXISTS idempotency"); err != nil {
 		log.Fatal(err)
 	}
-	if err := pgstore.Migrate(ctx, pool, pgstore.WithSchema("idempotency")); err != nil {
+	if err := pgstore.Migrate(ctx, pool, pgstore.MigrateOptions{Schema: "idempotency"}); err != nil {
 		log.Fatal(err)
 	}
-	store, err := pgstore.New(pool, pgstore.WithSchema("idempotency"), pgstore.WithLockTimeout(200*time.Millisecond))
+	store, err := pgstore.New(ctx, pool, pgstore.Options{Schema: "idempotency", LockTimeout: 200 * time.Millisecond})
 	if err != nil {
 		log.Fatal(err)
 	}
@@ -76,7 +99,6 @@ func ExampleWithSchema() {
 // response. A retry after a crash resumes after the venue: it creates no
 // second one. (It needs a database, so it does not run as a test.)
 func ExampleStore_Phase() {
-	var store *pgstore.Store // as in the package example
 	createVenue := func(w http.ResponseWriter, r *http.Request) {
 		ctx := r.Context()
 		claim, _ := idempotency.ClaimFromContext(ctx)

@@ -72,7 +72,7 @@ func requireUnavailable(t *testing.T, w interface {
 func proxied(t *testing.T, maxConns int32) (through, direct *pgxpool.Pool, proxy *faultproxy.Proxy) {
 	t.Helper()
 	cfg := pgtest.Config(t)
-	direct = pgtest.Pool(t, cfg.Copy())
+	direct = pgtest.Pool(t, cfg.Copy(), migrate)
 	proxy, err := faultproxy.Start(net.JoinHostPort(cfg.ConnConfig.Host, strconv.Itoa(int(cfg.ConnConfig.Port))))
 	require.NoError(t, err)
 	t.Cleanup(func() { proxy.Close() })
@@ -121,7 +121,7 @@ func (s renewalStore) Extend(ctx context.Context, key, token string, lease time.
 func TestFaultBackendTerminated(t *testing.T) {
 	cfg := pgtest.Config(t)
 	app := cfg.ConnConfig.RuntimeParams["application_name"]
-	pool := pgtest.Pool(t, cfg)
+	pool := pgtest.Pool(t, cfg, migrate)
 	killerCfg := cfg.ConnConfig.Copy()
 	killerCfg.RuntimeParams["application_name"] = app + "_killer"
 	killer, err := pgx.ConnectConfig(context.Background(), killerCfg)
@@ -349,7 +349,7 @@ func TestFaultPoolExhausted(t *testing.T) {
 // live connection within the store timeout, 10 times over.
 func TestFaultAllBackendsTerminated(t *testing.T) {
 	cfg := pgtest.Config(t)
-	pool := pgtest.Pool(t, cfg)
+	pool := pgtest.Pool(t, cfg, migrate)
 	const conns = 4
 	require.EqualValues(t, conns, pool.Stat().MaxConns())
 	killer, err := pgx.ConnectConfig(context.Background(), cfg.ConnConfig.Copy())

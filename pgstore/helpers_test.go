@@ -6,12 +6,10 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
-	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/stretchr/testify/require"
 
@@ -21,11 +19,23 @@ import (
 	"github.com/seed70ea8305/idempotency/pgstore"
 )
 
-func newStore(t testing.TB, pool *pgxpool.Pool, opts ...pgstore.Option) *pgstore.Store {
+func newStore(t testing.TB, pool *pgxpool.Pool, opts ...pgstore.Options) *pgstore.Store {
 	t.Helper()
-	store, err := pgstore.New(pool, opts...)
+	store, err := pgstore.New(context.Background(), pool, overlay.Merge(opts...))
 	require.NoError(t, err)
 	return store
+}
+
+// migrate creates pgstore's tables: a setup for pgtest.Pool.
+func migrate(ctx context.Context, pool *pgxpool.Pool) error {
+	return pgstore.Migrate(ctx, pool, pgstore.MigrateOptions{})
+}
+
+// freshStore returns a store in a fresh schema of its own, or skips the
+// test when pgtest.URLEnv is unset.
+func freshStore(t testing.TB) *pgstore.Store {
+	t.Helper()
+	return newStore(t, pgtest.Pool(t, pgtest.Config(t), migrate))
 }
 
 func newMiddleware(t testing.TB, store idempotency.Store, opts ...idempotency.Options) *idempotency.Middleware {
@@ -71,29 +81,8 @@ func (c *counted) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	fmt.Fprintf(w, `{"execution":%d}`, n)
 }
 
-// statementCounter is a pgx QueryTracer that records every statement
-// sent (one round trip each).
-type statementCounter struct {
-	mu  sync.Mutex
-	sql []string
-}
-
-func (c *statementCounter) TraceQueryStart(ctx context.Context, _ *pgx.Conn, data pgx.TraceQueryStartData) context.Context {
-	c.mu.Lock()
-	c.sql = append(c.sql, data.SQL)
-	c.mu.Unlock()
-	return ctx
-}
-
-func (c *statementCounter) TraceQueryEnd(context.Context, *pgx.Conn, pgx.TraceQueryEndData) {}
-
-func (c *statementCounter) take() []string {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	out := c.sql
-	c.sql = nil
-	return out
-}
+// statementCounter records every statement sent (one round trip each).
+type statementCounter = pgtest.Statements
 
 // kinds names each statement by the table and verb it starts with, for
 // readable assertions.
@@ -124,20 +113,11 @@ func kinds(sql []string) []string {
 	return out
 }
 
-// exec runs sql on pool for a test, failing it on error.
-func exec(t testing.TB, pool *pgxpool.Pool, sql string, args ...any) {
-	t.Helper()
-	_, err := pool.Exec(context.Background(), sql, args...)
-	require.NoError(t, err, sql)
-}
-
-// count returns the result of a count(*) query.
-func count(t testing.TB, pool *pgxpool.Pool, sql string, args ...any) int {
-	t.Helper()
-	var n int
-	require.NoError(t, pool.QueryRow(context.Background(), sql, args...).Scan(&n), sql)
-	return n
-}
+// exec runs a statement for a test; count returns a count(*).
+var (
+	exec  = pgtest.Exec
+	count = pgtest.Count
+)
 
 // testPool returns a migrated pool in a schema of the test's own, after
 // configure changed its configuration.
@@ -147,5 +127,5 @@ func testPool(t testing.TB, configure ...func(*pgxpool.Config)) *pgxpool.Pool {
 	for _, c := range configure {
 		c(cfg)
 	}
-	return pgtest.Pool(t, cfg)
+	return pgtest.Pool(t, cfg, migrate)
 }

@@ -1,190 +1,3 @@
-// Package pgstore is an [idempotency.Store] in PostgreSQL (12 or later),
-// on pgx v5's connection pool. It lives in a package of its own so that
-// programs on the memory or Redis store never link a PostgreSQL driver.
-//
-// Create the tables once, at deploy or at start-up ([Migrate] is
-// idempotent and safe to call from several processes at once), then hand
-// the store to the middleware or the webhook helper:
-//
-//	pool, err := pgxpool.New(ctx, os.Getenv("DATABASE_URL"))
-//	if err != nil {
-//		return err
-//	}
-//	defer pool.Close()
-//	if err := pgstore.Migrate(ctx, pool); err != nil {
-//		return err
-//	}
-//	store, err := pgstore.New(pool)
-//	if err != nil {
-//		return err
-//	}
-//	go store.RunCleanup(ctx, time.Minute, 1000) // delete expired records
-//	m, err := idempotency.New(store)
-//	if err != nil {
-//		return err
-//	}
-//	http.Handle("POST /venues", m.Handler(createVenue))
-//
-// Teams with a migration tool of their own apply the SQL files of
-// [Migrations] instead of calling Migrate.
-//
-// # Tables
-//
-// idempotency_keys holds one row per record key: the claim while the work
-// runs (status in_flight, the owner's token, the lease's end), then the
-// stored response (status completed); a claim may carry a recovery point
-// (migration 0003), which keeps the row, suspended, after its owner
-// stopped. idempotency_failures counts the failed attempts of
-// [idempotency.FailureRecorder]. webhook_events is the webhook inbox's
-// ([Inbox], [Worker]; migration 0002 completes it). Keys are opaque bytes
-// (bytea); the primary key is their SHA-256, so keys of any length fit.
-//
-// # Protocol
-//
-// Every call is one statement, one round trip, in its own implicit
-// transaction; nothing on the request path takes a table or advisory lock.
-// [Store.Acquire] is one INSERT … ON CONFLICT DO UPDATE that claims a free
-// key, or a key whose row expired, or a suspended row of the same request
-// (keeping its recovery point), and otherwise returns the live row. The
-// later writes ([Store.Extend], [Store.Checkpoint], [Store.Complete],
-// [Store.Release], [Store.Fail]) lock the key's row, then change it only
-// when the caller's token owns it, in flight, with its lease unexpired,
-// checked on the row as locked (a check made before waiting for the lock
-// could be overtaken by the transaction it waited for). They return
-// [idempotency.ErrLeaseLost] when the token does not own it; except that
-// Complete and Fail repeated by the same token find their own outcome and
-// succeed again, and Release refuses only when another owner or a
-// completed record holds the key (see [idempotency.Store]). [Store.Get]
-// locks the row for a moment too (FOR SHARE), so that it waits for a write
-// in progress. A first request through the middleware thus costs two
-// statements (claim, then complete); a replay, a 409 or a 422 one, which
-// locks and writes nothing. Leases and expiry use the database's clock
-// (clock_timestamp()), never the client's.
-//
-// Release and Fail free a row in place, ending its lease and its life at
-// once (or suspending it, when it holds a recovery point): no statement
-// of the request path deletes a row, and a row keeps its fence. Fences
-// come from one sequence for every key (idempotency_fence), which only
-// grows, and a claim that takes over a key's row (ON CONFLICT DO UPDATE)
-// draws its fence once it holds the row's lock, so every new owner of a
-// key gets a greater fence than the owners before it. Only a claim of a
-// key without a row draws its fence before it inserts, and may then wait
-// for another claim's insert of the same key; that is why rows stay.
-// [Store.DeleteExpired] deletes a row a minute after it stopped counting,
-// far beyond any statement's wait; [Store.Remove], the operator's way out
-// of a record, deletes it at once.
-//
-// # Deadlines and failures
-//
-// pgx honours each call's context: when the deadline passes, the statement
-// is abandoned and its connection closed, so a call returns by its
-// deadline, also when the server or the network stalls. A claim whose
-// statement reaches the server only after the deadline (by the server's
-// clock) is refused by the statement itself, so it cannot land after the
-// middleware answered 503. Each statement waits at most [WithLockTimeout]
-// for a row lock. A statement whose connection broke (the server
-// terminated the backend, a reset) is sent again on another connection,
-// as often as it takes to reach a live one before the call's deadline (a
-// call without one: for 5 s), never after it: every statement is safe to
-// repeat (a repeated claim finds the caller's own claim and counts as
-// acquired; a repeated completion or failure finds its own outcome). The
-// pool may hold many idle connections that a restart killed, each found
-// dead only when used and then dropped; those re-sends go at once, until
-// the pool dials a new connection. When a new connection cannot be made
-// (the server is down or starting), re-sends wait a little longer each
-// time, up to 100 ms.
-//
-// A connection whose statement was abandoned at its deadline is closed
-// by pgx in the background, after a cancel request that pgx sends the
-// server on a new connection and waits up to 15 s for; pgxpool keeps the
-// connection's slot until then. A server that can be reached answers the
-// request at once, but a silent network partition swallows it, and the
-// pool would stay exhausted, every call failing, for up to 15 s after the
-// network healed. So the store gives such a connection back itself: when
-// pgx has not finished closing it within 250 ms, the store takes it out
-// of the pool (pgxpool's Hijack) and its slot is free at once, while pgx
-// goes on closing it. For those seconds the pool may have more
-// connections open than its MaxConns, the extra ones waiting for the
-// server to acknowledge that their statement is cancelled. The pool's
-// configuration is left as the caller made it. ([Inbox] and [Worker] use
-// the pool as pgx does.)
-//
-// A live record that cannot be decoded (a stored status outside 200 to
-// 999, a corrupt header, a row no version of the store writes) makes
-// [Store.Acquire] and [Store.Get] return an error wrapping
-// [idempotency.ErrRecordUnreadable], which the middleware answers with
-// 500: retrying changes nothing. [Store.Remove] deletes it. Every other
-// error except [idempotency.ErrLeaseLost] — a lock timeout (SQLSTATE
-// 55P03), a statement_timeout or cancellation (57014), a pool that had no
-// free connection before the deadline, a connection that could not be
-// made — is a store failure, which the middleware wraps in
-// [idempotency.ErrStoreUnavailable] and answers with 503 and Retry-After
-// (or runs the handler unprotected under [idempotency.WithFailOpen]).
-//
-// A Store is safe for concurrent use, also from several processes sharing
-// one database; create it with [New].
-//
-// # Transactions and recovery points
-//
-// A handler can write its business rows in the claim's transaction,
-// [Store.Tx]: the middleware stores the response in the same transaction
-// and commits it after the handler returns, so the rows and the stored
-// response commit together or not at all. The response is held until the
-// commit succeeded; when it fails (a lost lease, a broken connection),
-// the client gets 503 and the key is free for its retry, with nothing
-// committed. The transaction locks no row of the store, so lease renewals
-// and duplicates (409) are never blocked by it.
-//
-//	func createVenue(w http.ResponseWriter, r *http.Request) {
-//		tx, err := store.Tx(r.Context()) // the store commits it
-//		if err != nil {
-//			http.Error(w, "unavailable", idempotency.StatusCode(err))
-//			return
-//		}
-//		var id int64
-//		if err := tx.QueryRow(r.Context(), "INSERT INTO venues (name) VALUES ($1) RETURNING id", "Hall").Scan(&id); err != nil {
-//			http.Error(w, "unavailable", http.StatusServiceUnavailable) // 5xx: rolled back, key freed
-//			return
-//		}
-//		w.WriteHeader(http.StatusCreated)
-//		fmt.Fprintf(w, `{"id":%d}`, id)
-//	}
-//
-// Work with several phases (a foreign call between two sets of writes)
-// records recovery points, as in Brandur Leach's atomic phases:
-// [Store.Phase] commits a phase's writes together with its recovery point,
-// and a retry after a crash, a lost lease or a failure resumes from the
-// last one ([idempotency.Claim.RecoveryPoint]); the claim's transaction is
-// then the last phase. Until the retry comes, the key is bound to that
-// request: another request under it gets 422. The store implements
-// [idempotency.Checkpointer] ([Store.Checkpoint], a recovery point on its
-// own, which [idempotency.Claim.Checkpoint] calls),
-// [idempotency.Inspector] ([Store.Get]) and [idempotency.Inspector]
-// ([Store.Remove]).
-//
-// # Webhook inbox
-//
-// [Inbox] is the other way to receive Stripe webhooks: it verifies a
-// delivery as the root's WebhookHandler does, stores the event in
-// webhook_events in one statement and answers 200 at once; [Worker]s then
-// process the stored events, with retries, a dead-letter state, leases
-// and optional per-object ordering. [Inbox.Backfill] feeds the events
-// Stripe failed to deliver, and the operator functions ([Inbox.List],
-// [Inbox.Event], [Inbox.Redrive], [Inbox.Stats], [Inbox.AdminHandler])
-// show and redrive them:
-//
-//	inbox, err := pgstore.NewInbox(pool, []string{os.Getenv("STRIPE_WEBHOOK_SECRET")})
-//	if err != nil {
-//		return err
-//	}
-//	mux.Handle("POST /stripe/webhook", inbox)
-//	worker, err := pgstore.NewWorker(pool, func(ctx context.Context, ev stripe.Event) error {
-//		return handle(ctx, ev)
-//	}, pgstore.WithConcurrency(4))
-//	if err != nil {
-//		return err
-//	}
-//	go worker.Run(ctx) // until ctx ends
 package pgstore
 
 import (
@@ -202,13 +15,14 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/seed70ea8305/idempotency"
+	"github.com/seed70ea8305/idempotency/pgstore/internal/pg"
 )
 
 // Store is an [idempotency.Store] and [idempotency.FailureRecorder] in
-// PostgreSQL, also an [idempotency.Checkpointer], [idempotency.Inspector]
-// and [idempotency.Inspector]. See the package documentation for the
-// protocol and how it fails. It is safe for concurrent use; the zero
-// value is not usable, create one with [New].
+// PostgreSQL, also an [idempotency.Checkpointer] and
+// [idempotency.Inspector]. See the package documentation for the protocol
+// and how it fails. It is safe for concurrent use; the zero value is not
+// usable, create one with [New].
 type Store struct {
 	pool        *pgxpool.Pool
 	lockTimeout time.Duration
@@ -228,19 +42,30 @@ var (
 	_ idempotency.Inspector       = (*Store)(nil)
 )
 
-// New returns a Store on the tables that [Migrate] created (with the same
-// [WithSchema], if any). It sends nothing to the database.
-func New(pool *pgxpool.Pool, opts ...Option) (*Store, error) {
-	if pool == nil {
-		return nil, errors.New("pgstore: pool is nil")
+// ErrNotMigrated: the tables are missing, or at an older migration than
+// this version of pgstore needs. [New] and the inbox's constructors fail
+// with an error wrapping it that says what they found; run [Migrate] (or
+// apply the files of [Migrations]).
+var ErrNotMigrated = pg.ErrNotMigrated
+
+// New returns a Store on the tables that [Migrate] created (in
+// opts.Schema, if set). It checks, in one round trip under ctx, that they
+// are there at the migration this version needs, and fails otherwise:
+// with an error wrapping [ErrNotMigrated] when they are missing or older
+// (it says which migration it found), or with the database's error when
+// it could not ask. A nil pool or an invalid option fails before anything
+// is sent.
+func New(ctx context.Context, pool *pgxpool.Pool, opts Options) (*Store, error) {
+	o, err := opts.settings()
+	if err == nil {
+		err = pg.Check(ctx, pool, o.Schema)
 	}
-	c, err := newConfig(opts)
 	if err != nil {
 		return nil, err
 	}
 	return &Store{
-		pool: pool, lockTimeout: c.lockTimeout, recoveryTTL: c.recoveryTTL, orphanGrace: orphanGrace,
-		logger: c.logger, sql: newStatements(c.schema), txs: make(map[uint64]*claimTx),
+		pool: pool, lockTimeout: o.LockTimeout, recoveryTTL: o.RecoveryTTL, orphanGrace: orphanGrace,
+		logger: o.Logger, sql: newStatements(o.Schema), txs: make(map[uint64]*claimTx),
 	}, nil
 }
 
@@ -258,7 +83,7 @@ type statements struct {
 // A row with a recovery point whose lease lapsed (or was ended by Release
 // or Fail) is suspended until its expires_at: see migration 0003.
 func newStatements(schema string) statements {
-	keys, failures, fence := name(schema, "idempotency_keys"), name(schema, "idempotency_failures"), name(schema, "idempotency_fence")
+	keys, failures, fence := pg.Table(schema, "idempotency_keys"), pg.Table(schema, "idempotency_failures"), pg.Table(schema, "idempotency_fence")
 	// sql fills in the table names: %[1]s the keys, %[2]s the failures,
 	// %[3]s the fence sequence (as a regclass literal).
 	sql := func(format string) string {
@@ -560,14 +385,6 @@ WHERE f.ctid = ANY (ARRAY(
 	}
 }
 
-// name returns a table's name as SQL, qualified by schema if set.
-func name(schema, table string) string {
-	if schema == "" {
-		return pgx.Identifier{table}.Sanitize()
-	}
-	return pgx.Identifier{schema, table}.Sanitize()
-}
-
 var errTooLate = errors.New("pgstore: acquire: the server ran the claim after its deadline, and refused it")
 
 // errRaced: the claim lost a race with a claim of the same key that
@@ -850,7 +667,7 @@ func (s *Store) Release(ctx context.Context, key, token string) error {
 			}
 			return false, err
 		case n == 0 && held && mayHaveRun != nil:
-			// Not wrapping the earlier error: that would make resend
+			// Not wrapping the earlier error: that would make pg.Resend
 			// send the statement again.
 			return false, fmt.Errorf("%w (an earlier send: %v)", errReleaseUnknown, mayHaveRun)
 		}
@@ -969,10 +786,10 @@ func (s *Store) owned(ctx context.Context, op, token string, write func() (match
 }
 
 // retry runs op, and again on another connection while it failed because
-// its connection broke, until ctx's deadline ([resend]). Every statement
+// its connection broke, until ctx's deadline ([pg.Resend]). Every statement
 // of the store is safe to repeat.
 func (s *Store) retry(ctx context.Context, op func() error) error {
-	return resend(ctx, s.pool, op)
+	return pg.Resend(ctx, s.pool, op)
 }
 
 // lockTimeoutParam is the lock_timeout for a statement run under ctx, in

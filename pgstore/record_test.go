@@ -169,9 +169,9 @@ func TestRemove(t *testing.T) {
 	}
 	remove := func(key string) {
 		t.Helper()
-		counter.take()
+		counter.Take()
 		require.NoError(t, store.Remove(ctx, key))
-		assert.Len(t, counter.take(), 1, "one statement")
+		assert.Len(t, counter.Take(), 1, "one statement")
 		rec, err := store.Get(ctx, key)
 		require.NoError(t, err)
 		assert.Nil(t, rec)

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io/fs"
 	"net/http"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -18,14 +19,21 @@ import (
 
 	"github.com/seed70ea8305/idempotency"
 	"github.com/seed70ea8305/idempotency/internal/pgtest"
-	"github.com/seed70ea8305/idempotency/storetest"
 	"github.com/seed70ea8305/idempotency/pgstore"
+	"github.com/seed70ea8305/idempotency/pgstore/internal/pg"
+	"github.com/seed70ea8305/idempotency/storetest"
 )
 
 func TestConformance(t *testing.T) {
 	storetest.Run(t, func(t *testing.T) storetest.Harness {
-		return storetest.Harness{Store: pgtest.Store(t), Advance: time.Sleep}
+		return storetest.Harness{Store: freshStore(t), Advance: time.Sleep}
 	})
+}
+
+// TestConformanceMiddleware: what a client of the middleware relies on,
+// through HTTP, on the store.
+func TestConformanceMiddleware(t *testing.T) {
+	storetest.RunMiddleware(t, func(t *testing.T) idempotency.Store { return freshStore(t) })
 }
 
 // The same suite on tables in a named schema, through connections whose
@@ -38,8 +46,8 @@ func TestConformanceWithSchema(t *testing.T) {
 		pool, err := pgxpool.NewWithConfig(context.Background(), cfg)
 		require.NoError(t, err)
 		t.Cleanup(pool.Close)
-		require.NoError(t, pgstore.Migrate(context.Background(), pool, pgstore.WithSchema(schema)))
-		return storetest.Harness{Store: newStore(t, pool, pgstore.WithSchema(schema)), Advance: time.Sleep}
+		require.NoError(t, pgstore.Migrate(context.Background(), pool, pgstore.MigrateOptions{Schema: schema}))
+		return storetest.Harness{Store: newStore(t, pool, pgstore.Options{Schema: schema}), Advance: time.Sleep}
 	})
 }
 
@@ -72,15 +80,15 @@ func TestRoundTrips(t *testing.T) {
 		require.NoError(t, err)
 		w.WriteHeader(http.StatusCreated)
 	}))
-	counter.take() // the migration and the table
+	counter.Take() // the migration and the table
 
 	require.Equal(t, http.StatusCreated, serve(h, post("k", `{}`)).Code)
-	assert.Equal(t, []string{"acquire", "complete"}, kinds(counter.take()), "first request")
+	assert.Equal(t, []string{"acquire", "complete"}, kinds(counter.Take()), "first request")
 	w := serve(h, post("k", `{}`))
 	require.Equal(t, "true", w.Header().Get("X-Idempotent-Replayed"))
-	assert.Equal(t, []string{"acquire"}, kinds(counter.take()), "replay")
+	assert.Equal(t, []string{"acquire"}, kinds(counter.Take()), "replay")
 	require.Equal(t, http.StatusUnprocessableEntity, serve(h, post("k", `{"other":1}`)).Code)
-	assert.Equal(t, []string{"acquire"}, kinds(counter.take()), "422")
+	assert.Equal(t, []string{"acquire"}, kinds(counter.Take()), "422")
 
 	handler.hold = func() {
 		close(entered)
@@ -89,47 +97,123 @@ func TestRoundTrips(t *testing.T) {
 	done := make(chan struct{})
 	go func() { defer close(done); serve(h, post("held", `{}`)) }()
 	<-entered
-	counter.take()
+	counter.Take()
 	require.Equal(t, http.StatusConflict, serve(h, post("held", `{}`)).Code)
-	assert.Equal(t, []string{"acquire"}, kinds(counter.take()), "409")
+	assert.Equal(t, []string{"acquire"}, kinds(counter.Take()), "409")
 	close(finish)
 	<-done
-	counter.take()
+	counter.Take()
 
 	require.Equal(t, http.StatusCreated, serve(inTx, post("tx", `{}`)).Code)
-	assert.Equal(t, []string{"acquire", "begin", "holds", insert, "complete", "commit"}, kinds(counter.take()), "first request, Tx")
+	assert.Equal(t, []string{"acquire", "begin", "holds", insert, "complete", "commit"}, kinds(counter.Take()), "first request, Tx")
 	w = serve(inTx, post("tx", `{}`))
 	require.Equal(t, "true", w.Header().Get("X-Idempotent-Replayed"))
-	assert.Equal(t, []string{"acquire"}, kinds(counter.take()), "replay, Tx")
+	assert.Equal(t, []string{"acquire"}, kinds(counter.Take()), "replay, Tx")
 
 	r := post("phase", `{}`)
 	r.URL.RawQuery = "phase"
 	require.Equal(t, http.StatusCreated, serve(inTx, r).Code)
 	assert.Equal(t, []string{"acquire", "begin", insert, "checkpoint", "commit", "begin", "holds", insert, "complete", "commit"},
-		kinds(counter.take()), "first request, a phase and Tx")
+		kinds(counter.Take()), "first request, a phase and Tx")
 }
 
 func TestNewValidates(t *testing.T) {
-	_, err := pgstore.New(nil)
+	ctx := context.Background()
+	_, err := pgstore.New(ctx, nil, pgstore.Options{})
 	assert.Error(t, err, "nil pool")
-	assert.Error(t, pgstore.Migrate(context.Background(), nil), "nil pool")
+	assert.Error(t, pgstore.Migrate(ctx, nil, pgstore.MigrateOptions{}), "nil pool")
 	pool := &pgxpool.Pool{} // never used: options are checked first
-	for name, opt := range map[string]pgstore.Option{
-		"zero option":         {},
-		"empty schema":        pgstore.WithSchema(""),
-		"quoted schema":       pgstore.WithSchema(`a"b`),
-		"upper-case schema":   pgstore.WithSchema("Idem"),
-		"schema with a space": pgstore.WithSchema("a b"),
-		"long schema":         pgstore.WithSchema(string(make([]byte, 64))),
-		"zero lock timeout":   pgstore.WithLockTimeout(0),
-		"sub-ms lock timeout": pgstore.WithLockTimeout(time.Microsecond),
-		"short recovery TTL":  pgstore.WithRecoveryTTL(time.Millisecond),
+	for name, opts := range map[string]pgstore.Options{
+		"quoted schema":         {Schema: `a"b`},
+		"upper-case schema":     {Schema: "Idem"},
+		"schema with a space":   {Schema: "a b"},
+		"long schema":           {Schema: string(make([]byte, 64))},
+		"negative lock timeout": {LockTimeout: -time.Second},
+		"sub-ms lock timeout":   {LockTimeout: time.Microsecond},
+		"short recovery TTL":    {RecoveryTTL: time.Millisecond},
+		"negative recovery TTL": {RecoveryTTL: -time.Hour},
 	} {
-		_, err := pgstore.New(pool, opt)
+		_, err := pgstore.New(ctx, pool, opts)
 		assert.Error(t, err, name)
 	}
-	_, err = pgstore.New(pool, pgstore.WithSchema("idem_2"), pgstore.WithLockTimeout(time.Second), pgstore.WithLogger(nil), pgstore.WithRecoveryTTL(time.Hour))
-	assert.NoError(t, err)
+	assert.Error(t, pgstore.Migrate(ctx, pool, pgstore.MigrateOptions{Schema: "A"}), "upper-case schema")
+	store := newStore(t, testPool(t), pgstore.Options{LockTimeout: time.Second, RecoveryTTL: time.Hour})
+	assert.NotNil(t, store, "valid options; zero ones are the defaults")
+}
+
+// TestNewFailsFast: a store on tables that are missing, or older than the
+// code, is refused at construction with an error that says what was found
+// and to run Migrate, in one round trip; so are an inbox's constructors
+// (see package inbox). After Migrate, the same call succeeds.
+func TestNewFailsFast(t *testing.T) {
+	ctx := context.Background()
+	counter := &statementCounter{}
+	cfg := pgtest.Config(t)
+	cfg.ConnConfig.Tracer = counter
+	pool := pgtest.Pool(t, cfg)
+
+	_, err := pgstore.New(ctx, pool, pgstore.Options{})
+	require.ErrorIs(t, err, pgstore.ErrNotMigrated)
+	assert.ErrorContains(t, err, "run pgstore.Migrate")
+	assert.Len(t, counter.Take(), 1, "one round trip")
+
+	_, err = pgstore.New(ctx, pool, pgstore.Options{Schema: "no_such_schema_here"})
+	require.ErrorIs(t, err, pgstore.ErrNotMigrated)
+	assert.ErrorContains(t, err, `schema "no_such_schema_here" does not exist`)
+
+	// Tables at an older migration: the files before the last, recorded.
+	names, err := fs.Glob(pgstore.Migrations(), "*.sql")
+	require.NoError(t, err)
+	exec(t, pool, "CREATE TABLE idempotency_schema_migrations (version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())")
+	_, err = pgstore.New(ctx, pool, pgstore.Options{})
+	require.ErrorIs(t, err, pgstore.ErrNotMigrated, "no migration recorded")
+	for _, name := range names[:len(names)-1] {
+		body, err := fs.ReadFile(pgstore.Migrations(), name)
+		require.NoError(t, err)
+		exec(t, pool, string(body))
+		exec(t, pool, "INSERT INTO idempotency_schema_migrations (version) VALUES ($1)", strings.TrimSuffix(name, ".sql"))
+	}
+	_, err = pgstore.New(ctx, pool, pgstore.Options{})
+	require.ErrorIs(t, err, pgstore.ErrNotMigrated)
+	assert.ErrorContains(t, err, "at migration 0003_recovery_points, this version of pgstore needs "+pg.Required)
+	t.Log(err)
+
+	require.NoError(t, pgstore.Migrate(ctx, pool, pgstore.MigrateOptions{}))
+	counter.Take()
+	_, err = pgstore.New(ctx, pool, pgstore.Options{})
+	require.NoError(t, err)
+	assert.Len(t, counter.Take(), 1, "one round trip")
+
+	// A database that cannot be reached fails New too.
+	down := cfg.Copy()
+	down.ConnConfig.Port, down.ConnConfig.ConnectTimeout = 1, 200*time.Millisecond
+	downPool, err := pgxpool.NewWithConfig(ctx, down)
+	require.NoError(t, err)
+	defer downPool.Close()
+	_, err = pgstore.New(ctx, downPool, pgstore.Options{})
+	require.Error(t, err)
+	assert.NotErrorIs(t, err, pgstore.ErrNotMigrated)
+}
+
+// TestMigrationsByHand: a team applying the files of Migrations with a
+// tool of its own (no Migrate) gets the migrations table from 0004 on,
+// with every version recorded, so New accepts its tables; Migrate then
+// finds nothing to do.
+func TestMigrationsByHand(t *testing.T) {
+	ctx := context.Background()
+	pool := pgtest.Pool(t, pgtest.Config(t))
+	names, err := fs.Glob(pgstore.Migrations(), "*.sql")
+	require.NoError(t, err)
+	require.Equal(t, pg.Required+".sql", names[len(names)-1], "pg.Required names the last migration")
+	for _, name := range names {
+		body, err := fs.ReadFile(pgstore.Migrations(), name)
+		require.NoError(t, err)
+		exec(t, pool, string(body))
+	}
+	_, err = pgstore.New(ctx, pool, pgstore.Options{})
+	require.NoError(t, err)
+	require.NoError(t, pgstore.Migrate(ctx, pool, pgstore.MigrateOptions{}))
+	assert.Equal(t, len(names), count(t, pool, "SELECT count(*) FROM idempotency_schema_migrations"))
 }
 
 // TestMigrateConcurrentAndIdempotent: eight processes' worth of Migrate at
@@ -147,7 +231,7 @@ func TestMigrateConcurrentAndIdempotent(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			errs <- pgstore.Migrate(context.Background(), pool)
+			errs <- pgstore.Migrate(context.Background(), pool, pgstore.MigrateOptions{})
 		}()
 	}
 	wg.Wait()
@@ -155,16 +239,16 @@ func TestMigrateConcurrentAndIdempotent(t *testing.T) {
 	for err := range errs {
 		require.NoError(t, err)
 	}
-	require.NoError(t, pgstore.Migrate(context.Background(), pool), "again")
+	require.NoError(t, pgstore.Migrate(context.Background(), pool, pgstore.MigrateOptions{}), "again")
 	files, err := fs.Glob(pgstore.Migrations(), "*.sql")
 	require.NoError(t, err)
-	assert.Len(t, files, 3)
+	assert.Len(t, files, 4)
 	assert.Equal(t, len(files), count(t, pool, "SELECT count(*) FROM idempotency_schema_migrations"))
 	for _, table := range []string{"idempotency_keys", "idempotency_failures", "webhook_events"} {
 		assert.Equal(t, 0, count(t, pool, "SELECT count(*) FROM "+table), table)
 	}
 
-	err = pgstore.Migrate(context.Background(), pool, pgstore.WithSchema("no_such_schema_here"))
+	err = pgstore.Migrate(context.Background(), pool, pgstore.MigrateOptions{Schema: "no_such_schema_here"})
 	assert.ErrorContains(t, err, "does not exist")
 }
 
@@ -185,7 +269,7 @@ type lyingDeadline struct {
 func (c lyingDeadline) Deadline() (time.Time, bool) { return c.deadline, true }
 
 func TestAcquireRefusesAfterDeadline(t *testing.T) {
-	store := pgtest.Store(t)
+	store := freshStore(t)
 	claim := idempotency.Record{Token: rand.Text(), Fingerprint: "fp", CreatedAt: time.Now()}
 	late := lyingDeadline{Context: context.Background(), deadline: time.Now().Add(-time.Millisecond)}
 	_, _, err := store.Acquire(late, "k", claim, time.Minute)
@@ -214,7 +298,7 @@ func TestAcquireRefusesAfterDeadline(t *testing.T) {
 // lost finds the caller's own token and counts as acquired, with the same
 // fence; a repeated Complete or Fail succeeds again.
 func TestRepeatedCallsSucceed(t *testing.T) {
-	store := pgtest.Store(t)
+	store := freshStore(t)
 	ctx := context.Background()
 	claim := idempotency.Record{Token: rand.Text(), Fingerprint: "fp", CreatedAt: time.Now()}
 	f1, existing, err := store.Acquire(ctx, "k", claim, time.Minute)
@@ -243,7 +327,7 @@ func TestRepeatedCallsSucceed(t *testing.T) {
 func TestLockTimeout(t *testing.T) {
 	ctx := context.Background()
 	pool := testPool(t, func(cfg *pgxpool.Config) { cfg.MaxConns = 2 })
-	store := newStore(t, pool, pgstore.WithLockTimeout(100*time.Millisecond))
+	store := newStore(t, pool, pgstore.Options{LockTimeout: 100 * time.Millisecond})
 	handler := &counted{}
 	h := newMiddleware(t, store, idempotency.Options{StoreTimeout: 2 * time.Second}).Handler(handler)
 
@@ -290,7 +374,7 @@ func TestLockTimeout(t *testing.T) {
 		pool := testPool(t, func(cfg *pgxpool.Config) {
 			cfg.ConnConfig.RuntimeParams["statement_timeout"] = "100"
 		})
-		store := newStore(t, pool, pgstore.WithLockTimeout(time.Minute))
+		store := newStore(t, pool, pgstore.Options{LockTimeout: time.Minute})
 		claim := idempotency.Record{Token: rand.Text(), Fingerprint: "fp"}
 		_, _, err := store.Acquire(ctx, "k", claim, time.Minute)
 		require.NoError(t, err)

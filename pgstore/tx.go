@@ -430,7 +430,7 @@ func (s *Store) Checkpoint(ctx context.Context, key, token, point string, data [
 //	}
 //
 // The record then stays, suspended after a failed or crashed attempt,
-// for [WithRecoveryTTL] after the phase. A phase costs fn's statements and
+// for [Options].RecoveryTTL after the phase. A phase costs fn's statements and
 // three round trips (begin, the recovery point, commit). It refuses while
 // the claim's transaction is open ([Store.Tx]): run phases first; the
 // claim's transaction, which commits with the response, is the last phase.
@@ -488,7 +488,7 @@ func (phaseTx) Rollback(context.Context) error { return errPhaseEnds }
 // [idempotency.ErrRecordUnreadable].
 //
 // Get locks the key's row for a moment (FOR SHARE, at most
-// [WithLockTimeout]): a write to it in progress, a lease renewal say, is
+// [Options].LockTimeout): a write to it in progress, a lease renewal say, is
 // waited for, and Get returns the row as that write left it. Without the
 // wait it would answer from before the write, and could report a claim
 // whose lease had just run out although its owner's renewal, which

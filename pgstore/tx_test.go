@@ -201,13 +201,13 @@ func TestTxKillBeforeCommit(t *testing.T) {
 		require.NoError(t, env.pool.QueryRow(context.Background(), "SELECT pg_terminate_backend($1, 5000)", killedPID).Scan(&terminated))
 		require.True(t, terminated, "the backend ended within 5 s")
 	}))
-	counter.take()
+	counter.Take()
 
 	w := serve(h, post("k", `{"name":"Hall"}`))
 	requireProblem(t, w, http.StatusServiceUnavailable)
 	rep := env.report(t)
 	assert.Equal(t, idempotency.OutcomeStoreError, rep.Outcome)
-	sent := kinds(counter.take())
+	sent := kinds(counter.Take())
 	t.Logf("killed backend %d; client got %d %s; outcome %s: %v", killedPID, w.Code, w.Header().Get("Content-Type"), rep.Outcome, rep.Err)
 	t.Logf("statements: %q", sent)
 	assert.Equal(t, 1, countOf(sent, "complete"), "the completion is not sent again on another connection")
@@ -392,7 +392,7 @@ func TestTxOrphaned(t *testing.T) {
 		env := newTxEnv(t)
 		var logs bytes.Buffer
 		var mu sync.Mutex
-		handlerTx, err := pgstore.New(env.pool, pgstore.WithLogger(slog.New(slog.NewTextHandler(lockedWriter{&mu, &logs}, nil))))
+		handlerTx, err := pgstore.New(context.Background(), env.pool, pgstore.Options{Logger: slog.New(slog.NewTextHandler(lockedWriter{&mu, &logs}, nil))})
 		require.NoError(t, err)
 		handlerTx.SetOrphanGrace(100 * time.Millisecond)
 		h := env.middleware(t, nil, func(w http.ResponseWriter, r *http.Request) {
@@ -619,7 +619,7 @@ func TestPhaseRollsBack(t *testing.T) {
 	assert.Empty(t, rec.RecoveryPoint)
 }
 
-// TestGet: what Reader.Get returns for each state of a record.
+// TestGet: what Inspector.Get returns for each state of a record.
 func TestGet(t *testing.T) {
 	store := newStore(t, testPool(t))
 	ctx := context.Background()

@@ -59,11 +59,11 @@ func contains(list []string, s string) bool {
 // and the subcommands, on stdout, and exits 0.
 func TestHelp(t *testing.T) {
 	var flags []string
-	var a, b, c, d, e, f, g string
-	for _, o := range options(&a, &b, &c, &d, &e, &f, &g) {
+	var a, b, c, d, e, f, g, h string
+	for _, o := range options(&a, &b, &c, &d, &e, &f, &g, &h) {
 		flags = append(flags, o.flag)
 	}
-	assert.Equal(t, []string{"addr", "redis", "database-url", "webhook-secret", "api-keys", "admin-key", "admin-redrive"}, flags, "the flags; update the test's list when adding one")
+	assert.Equal(t, []string{"addr", "redis", "database-url", "webhook-secret", "partner-webhook-secret", "api-keys", "admin-key", "admin-redrive"}, flags, "the flags; update the test's list when adding one")
 
 	for _, arg := range []string{"-h", "-help", "--help"} {
 		stdout, stderr, code := runBinary(t, nil, arg)

@@ -58,6 +58,7 @@ import (
 	"github.com/seed70ea8305/idempotency"
 	"github.com/seed70ea8305/idempotency/idemotel"
 	"github.com/seed70ea8305/idempotency/pgstore"
+	"github.com/seed70ea8305/idempotency/pgstore/inbox"
 	"github.com/seed70ea8305/idempotency/stripefake"
 )
 
@@ -65,6 +66,10 @@ import (
 // service uses them only with the fake Stripe, and says so at start.
 const (
 	devWebhookSecret = "whsec_dev_secret"
+	// devPartnerSecret is the development secret of the partner's
+	// Standard Webhooks deliveries: base64 after whsec_, as the
+	// specification's secrets are.
+	devPartnerSecret = "whsec_dmVudWUtc2VydmljZSBwYXJ0bmVyIGRldmVsb3BtZW50"
 	devAPIKeys       = "dev-key-a:tenant-a,dev-key-b:tenant-b"
 )
 
@@ -75,6 +80,7 @@ type config struct {
 	adminKey        string
 	adminRedrive    bool
 	webhookSecret   string
+	partnerSecret   string
 	apiKeys         apiKeys
 	stripeSecretKey string
 	shutdownTimeout time.Duration
@@ -91,12 +97,13 @@ type option struct {
 	value                *string
 }
 
-func options(webhookSecret, apiKeys, addr, redisURL, databaseURL, adminKey, adminRedrive *string) []option {
+func options(webhookSecret, partnerSecret, apiKeys, addr, redisURL, databaseURL, adminKey, adminRedrive *string) []option {
 	return []option{
 		{"addr", "ADDR", "127.0.0.1:8080", "listen address", addr},
 		{"redis", "REDIS_URL", "", "Redis URL, e.g. redis://127.0.0.1:6379/0; unset: records in memory, forgotten on restart", redisURL},
 		{"database-url", "DATABASE_URL", "", "PostgreSQL URL, e.g. postgres://user@host/db: the venues and the idempotency records in PostgreSQL (tables created at start), kept across restarts; not with -redis", databaseURL},
 		{"webhook-secret", "STRIPE_WEBHOOK_SECRET", "", "Stripe webhook signing secret (whsec_...); unset: " + devWebhookSecret + " with the fake Stripe, required with STRIPE_SECRET_KEY", webhookSecret},
+		{"partner-webhook-secret", "PARTNER_WEBHOOK_SECRET", "", "the ticketing partner's Standard Webhooks signing secret (whsec_<base64>) for POST /webhooks/partner; unset: " + devPartnerSecret + ", public, for development", partnerSecret},
 		{"api-keys", "API_KEYS", "", "client API keys and their tenants, as key:tenant,key:tenant; unset: " + devAPIKeys + " with the fake Stripe, required with STRIPE_SECRET_KEY", apiKeys},
 		{"admin-key", "ADMIN_KEY", "", "API key of the webhook inbox's operator API under /admin/webhooks/ (with DATABASE_URL); unset: no operator API", adminKey},
 		{"admin-redrive", "ADMIN_REDRIVE", "", "1: the operator API may redrive failed events; unset: read-only", adminRedrive},
@@ -105,7 +112,7 @@ func options(webhookSecret, apiKeys, addr, redisURL, databaseURL, adminKey, admi
 
 // usage is the text of -h.
 func usage(w io.Writer) {
-	var a, b, c, d, e, f, g string
+	var a, b, c, d, e, f, g, h string
 	fmt.Fprint(w, `Usage:
   venue-service [flags]
       serve the venue API
@@ -117,7 +124,7 @@ func usage(w io.Writer) {
 
 Flags (a flag wins over its environment variable):
 `)
-	for _, o := range options(&a, &b, &c, &d, &e, &f, &g) {
+	for _, o := range options(&a, &b, &c, &d, &e, &f, &g, &h) {
 		def := "unset"
 		if o.def != "" {
 			def = o.def
@@ -197,7 +204,7 @@ func loadConfig(args []string, getenv func(string) string) (config, error) {
 	fs.SetOutput(io.Discard) // main prints the usage or the error
 	cfg := config{shutdownTimeout: 15 * time.Second}
 	var webhookSecret, apiKeysText, adminRedrive string
-	for _, o := range options(&webhookSecret, &apiKeysText, &cfg.addr, &cfg.redisURL, &cfg.databaseURL, &cfg.adminKey, &adminRedrive) {
+	for _, o := range options(&webhookSecret, &cfg.partnerSecret, &apiKeysText, &cfg.addr, &cfg.redisURL, &cfg.databaseURL, &cfg.adminKey, &adminRedrive) {
 		def := o.def
 		if v := getenv(o.env); v != "" {
 			def = v
@@ -250,6 +257,9 @@ func loadConfig(args []string, getenv func(string) string) (config, error) {
 		apiKeysText, cfg.devAPIKeys = devAPIKeys, true
 	}
 	cfg.webhookSecret = webhookSecret
+	if cfg.partnerSecret == "" {
+		cfg.partnerSecret = devPartnerSecret
+	}
 	if cfg.apiKeys, err = parseAPIKeys(apiKeysText); err != nil {
 		return cfg, fmt.Errorf("API_KEYS (-api-keys): %w", err)
 	}
@@ -279,7 +289,7 @@ func run(ctx context.Context, cfg config, logger *slog.Logger) error {
 	if pv, ok := venues.(pgVenues); ok {
 		pool = pv.pool
 	}
-	handler, err := svc.routes(store, pool, cfg, metrics, metricsHandler)
+	handler, err := svc.routes(ctx, store, pool, cfg, metrics, metricsHandler)
 	if err != nil {
 		return err
 	}
@@ -365,11 +375,13 @@ func openStore(ctx context.Context, cfg config, logger *slog.Logger) (idempotenc
 // attempts, so a demonstration shows the retries quickly; a production
 // service keeps the library's defaults (10 s to 1 h, 10 attempts).
 func startWorker(ctx context.Context, pool *pgxpool.Pool, svc *service, logger *slog.Logger) (func(), error) {
-	worker, err := pgstore.NewWorker(pool, svc.handleEvent,
-		pgstore.WithBackoff(200*time.Millisecond, 5*time.Second),
-		pgstore.WithMaxAttempts(5),
-		pgstore.WithPollInterval(100*time.Millisecond),
-		pgstore.WithLogger(logger))
+	worker, err := inbox.NewWorker(ctx, pool, svc.handleWebhook, inbox.WorkerOptions{
+		BackoffMin:   200 * time.Millisecond,
+		BackoffMax:   5 * time.Second,
+		MaxAttempts:  5,
+		PollInterval: 100 * time.Millisecond,
+		Logger:       logger,
+	})
 	if err != nil {
 		return nil, err
 	}
@@ -393,7 +405,7 @@ func openPostgres(ctx context.Context, url string, logger *slog.Logger) (idempot
 	}
 	setupCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	if err := pgstore.Migrate(setupCtx, pool); err != nil {
+	if err := pgstore.Migrate(setupCtx, pool, pgstore.MigrateOptions{}); err != nil {
 		pool.Close()
 		return nil, nil, "", nil, fmt.Errorf("migrating the idempotency tables: %w", err)
 	}
@@ -401,7 +413,7 @@ func openPostgres(ctx context.Context, url string, logger *slog.Logger) (idempot
 		pool.Close()
 		return nil, nil, "", nil, fmt.Errorf("creating the venues table: %w", err)
 	}
-	store, err := pgstore.New(pool, pgstore.WithLogger(logger))
+	store, err := pgstore.New(setupCtx, pool, pgstore.Options{Logger: logger})
 	if err != nil {
 		pool.Close()
 		return nil, nil, "", nil, err

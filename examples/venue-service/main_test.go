@@ -204,6 +204,7 @@ type stats struct {
 	WebhookEventsProcessed int `json:"webhook_events_processed"`
 	WebhookEventsDuplicate int `json:"webhook_events_duplicate"`
 	WebhookAttemptsFailed  int `json:"webhook_attempts_failed"`
+	PartnerEventsProcessed int `json:"partner_events_processed"`
 }
 
 func (p *process) stats() stats {

@@ -20,7 +20,8 @@ import (
 
 	"github.com/seed70ea8305/idempotency"
 	"github.com/seed70ea8305/idempotency/idemotel"
-	"github.com/seed70ea8305/idempotency/pgstore"
+	"github.com/seed70ea8305/idempotency/pgstore/inbox"
+	"github.com/seed70ea8305/idempotency/pgstore/inbox/admin"
 )
 
 // Venue is what the service stores and returns.
@@ -58,8 +59,10 @@ type service struct {
 
 	venuesCreated     atomic.Int64
 	webhooksProcessed atomic.Int64
-	webhookDuplicates atomic.Int64
-	webhookFailures   atomic.Int64
+	// partnerEventsProcessed counts the partner's events processed.
+	partnerEventsProcessed atomic.Int64
+	webhookDuplicates      atomic.Int64
+	webhookFailures        atomic.Int64
 }
 
 func newService(stripeClient *client.API, venues venueStore, keys apiKeys, logger *slog.Logger) *service {
@@ -79,7 +82,7 @@ func newService(stripeClient *client.API, venues venueStore, keys apiKeys, logge
 // verified, stored and answered 200 at once, then processed by the worker
 // that run starts. Without one, the webhook helper processes each delivery
 // before answering.
-func (s *service) routes(store idempotency.Store, pool *pgxpool.Pool, cfg config, metrics *idemotel.Metrics, metricsHandler http.Handler) (http.Handler, error) {
+func (s *service) routes(ctx context.Context, store idempotency.Store, pool *pgxpool.Pool, cfg config, metrics *idemotel.Metrics, metricsHandler http.Handler) (http.Handler, error) {
 	// Time every store call.
 	store = metrics.Store(store)
 	mw, err := idempotency.New(store, idempotency.Options{
@@ -100,39 +103,49 @@ func (s *service) routes(store idempotency.Store, pool *pgxpool.Pool, cfg config
 	if err != nil {
 		return nil, err
 	}
-	var webhooks, admin http.Handler
+	// Two webhook endpoints: Stripe's, and a ticketing partner's that
+	// signs its deliveries as the Standard Webhooks specification says.
+	stripeVerifier, err := idempotency.NewStripeVerifier([]string{cfg.webhookSecret}, 0)
+	if err != nil {
+		return nil, err
+	}
+	partnerVerifier, err := idempotency.NewStandardWebhooksVerifier([]string{cfg.partnerSecret}, 0)
+	if err != nil {
+		return nil, err
+	}
+	var stripeWebhooks, partnerWebhooks, adminAPI http.Handler
 	if pool != nil {
-		inbox, err := pgstore.NewInbox(pool, []string{cfg.webhookSecret})
+		// With PostgreSQL, deliveries go to the inbox: stored and
+		// answered at once, processed by the worker (startWorker) with
+		// retries and dead letters.
+		stripeInbox, err := inbox.NewInbox(ctx, pool, stripeVerifier, inbox.Options{})
 		if err != nil {
 			return nil, err
 		}
-		webhooks = s.countDuplicates(inbox)
+		partnerInbox, err := inbox.NewInbox(ctx, pool, partnerVerifier, inbox.Options{})
+		if err != nil {
+			return nil, err
+		}
+		stripeWebhooks, partnerWebhooks = s.countDuplicates(stripeInbox), s.countDuplicates(partnerInbox)
 		if cfg.adminKey != "" {
-			var opts []pgstore.Option
-			if cfg.adminRedrive {
-				opts = append(opts, pgstore.WithAdminRedrive())
-			}
-			api, err := inbox.AdminHandler(opts...)
+			api, err := admin.New(stripeInbox, admin.Options{Redrive: cfg.adminRedrive})
 			if err != nil {
 				return nil, err
 			}
-			admin = requireKey(cfg.adminKey, http.StripPrefix("/admin/webhooks", api))
+			adminAPI = requireKey(cfg.adminKey, http.StripPrefix("/admin/webhooks", api))
 		}
 	} else {
-		verifier, err := idempotency.NewStripeVerifier([]string{cfg.webhookSecret}, 0)
-		if err != nil {
-			return nil, err
-		}
-		webhooks, err = idempotency.NewWebhookHandler(store, verifier, func(ctx context.Context, ev idempotency.WebhookEvent) error {
-			return s.handleEvent(ctx, *ev.Stripe)
-		}, idempotency.WebhookOptions{
+		opts := idempotency.WebhookOptions{
 			Logger: s.logger,
 			Observer: func(ctx context.Context, r idempotency.Report) {
 				metrics.ObserveWebhook(ctx, r)
 				s.countWebhook(ctx, r)
 			},
-		})
-		if err != nil {
+		}
+		if stripeWebhooks, err = idempotency.NewWebhookHandler(store, stripeVerifier, s.handleWebhook, opts); err != nil {
+			return nil, err
+		}
+		if partnerWebhooks, err = idempotency.NewWebhookHandler(store, partnerVerifier, s.handleWebhook, opts); err != nil {
 			return nil, err
 		}
 	}
@@ -147,11 +160,14 @@ func (s *service) routes(store idempotency.Store, pool *pgxpool.Pool, cfg config
 	mux.Handle("GET /venues/{id}", s.authenticate(http.HandlerFunc(s.getVenue)))
 	// Stripe authenticates its deliveries with the Stripe-Signature header,
 	// which the webhook handler verifies before anything else.
-	mux.Handle("POST /webhooks/stripe", webhooks)
-	if admin != nil {
+	mux.Handle("POST /webhooks/stripe", stripeWebhooks)
+	// The partner signs with webhook-id, webhook-timestamp and
+	// webhook-signature (Standard Webhooks).
+	mux.Handle("POST /webhooks/partner", partnerWebhooks)
+	if adminAPI != nil {
 		// The inbox's operator API: events across tenants, for operators
 		// with ADMIN_KEY only.
-		mux.Handle("/admin/webhooks/", admin)
+		mux.Handle("/admin/webhooks/", adminAPI)
 	}
 	// Operational endpoints, unauthenticated: keep them off the public
 	// network (or put them on another listener).
@@ -337,6 +353,19 @@ func (s *service) getVenue(w http.ResponseWriter, r *http.Request) {
 
 // handleEvent is the webhook function: the library has verified the
 // signature and guarantees it runs once per event ID.
+// handleWebhook processes one event from either endpoint, Stripe's or the
+// partner's, exactly once.
+func (s *service) handleWebhook(ctx context.Context, ev idempotency.WebhookEvent) error {
+	if ev.Stripe != nil {
+		return s.handleEvent(ctx, *ev.Stripe)
+	}
+	// The partner's events only need acknowledging here: a real service
+	// would record the ticket sale.
+	s.logger.InfoContext(ctx, "partner event", "provider", ev.Provider, "event", ev.ID, "type", ev.Type)
+	s.partnerEventsProcessed.Add(1)
+	return nil
+}
+
 func (s *service) handleEvent(ctx context.Context, event stripe.Event) error {
 	if s.failWebhook != nil && s.failWebhook() {
 		s.webhookFailures.Add(1)
@@ -376,6 +405,7 @@ func (s *service) stats(w http.ResponseWriter, r *http.Request) {
 		"venues_created":           s.venuesCreated.Load(),
 		"stripe_accounts_created":  int64(accounts),
 		"webhook_events_processed": s.webhooksProcessed.Load(),
+		"partner_events_processed": s.partnerEventsProcessed.Load(),
 		"webhook_events_duplicate": s.webhookDuplicates.Load(),
 		"webhook_attempts_failed":  s.webhookFailures.Load(),
 	})

@@ -173,6 +173,13 @@ func (m *memoryVenues) setChargesEnabled(_ context.Context, accountID string, en
 // that pgstore commits with the step's recovery point (Phase), and the
 // last in the claim's own transaction, which commits with the stored
 // response (Tx).
+//
+// Every write to a venue is also fenced: it carries the claim's fence and
+// changes the row only if no newer owner of the request has written it
+// (fence <= $fence). pgstore already refuses a stale owner's recovery
+// point and response; the fence makes the venue row itself refuse an owner
+// that was paused past its lease while another attempt went on. Any
+// downstream system can do the same with the fence it is handed.
 type pgVenues struct {
 	pool  *pgxpool.Pool
 	store *pgstore.Store
@@ -190,7 +197,8 @@ CREATE TABLE IF NOT EXISTS venues (
     created_at        timestamptz NOT NULL DEFAULT clock_timestamp(),
     UNIQUE (tenant, slug)
 );
-ALTER TABLE venues ADD COLUMN IF NOT EXISTS status text NOT NULL DEFAULT 'active'`
+ALTER TABLE venues ADD COLUMN IF NOT EXISTS status text NOT NULL DEFAULT 'active';
+ALTER TABLE venues ADD COLUMN IF NOT EXISTS fence bigint NOT NULL DEFAULT 0`
 
 func migrateVenues(ctx context.Context, pool *pgxpool.Pool) error {
 	_, err := pool.Exec(ctx, venuesTable)
@@ -199,11 +207,21 @@ func migrateVenues(ctx context.Context, pool *pgxpool.Pool) error {
 
 const venueColumns = `id, tenant, name, slug, stripe_account_id, charges_enabled, status`
 
+// errFenced: a newer attempt at the same request has written the venue;
+// this one, paused past its lease, must not.
+var errFenced = errors.New("a newer attempt owns this venue")
+
+// fenceOf is the fence of the claim in ctx, as PostgreSQL's bigint.
+func fenceOf(ctx context.Context) int64 {
+	claim, _ := idempotency.ClaimFromContext(ctx)
+	return int64(claim.Fence)
+}
+
 func (p pgVenues) createPending(ctx context.Context, v Venue, data []byte) error {
 	err := p.store.Phase(ctx, "venue_created", data, func(tx pgx.Tx) error {
-		tag, err := tx.Exec(ctx, `INSERT INTO venues (`+venueColumns+`) VALUES ($1, $2, $3, $4, $5, $6, $7)
+		tag, err := tx.Exec(ctx, `INSERT INTO venues (`+venueColumns+`, fence) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
             ON CONFLICT (id) DO NOTHING`,
-			v.ID, v.Tenant, v.Name, v.Slug, v.StripeAccountID, v.ChargesEnabled, v.Status)
+			v.ID, v.Tenant, v.Name, v.Slug, v.StripeAccountID, v.ChargesEnabled, v.Status, fenceOf(ctx))
 		if err == nil && tag.RowsAffected() == 0 {
 			// Stored by an attempt that stopped before its recovery point.
 			var same bool
@@ -223,9 +241,10 @@ func (p pgVenues) createPending(ctx context.Context, v Venue, data []byte) error
 
 func (p pgVenues) attachAccount(ctx context.Context, tenant, venueID, accountID string, data []byte) error {
 	return p.store.Phase(ctx, "account_created", data, func(tx pgx.Tx) error {
-		tag, err := tx.Exec(ctx, `UPDATE venues SET stripe_account_id = $3 WHERE tenant = $1 AND id = $2`, tenant, venueID, accountID)
+		tag, err := tx.Exec(ctx, `UPDATE venues SET stripe_account_id = $3, fence = $4
+            WHERE tenant = $1 AND id = $2 AND fence <= $4`, tenant, venueID, accountID, fenceOf(ctx))
 		if err == nil && tag.RowsAffected() == 0 {
-			err = errNoSuchVenue
+			err = p.missingOrFenced(ctx, tx, tenant, venueID)
 		}
 		return err
 	})
@@ -238,16 +257,29 @@ func (p pgVenues) activate(ctx context.Context, tenant, venueID string) (Venue, 
 	if err != nil {
 		return Venue{}, err
 	}
-	rows, err := tx.Query(ctx, `UPDATE venues SET status = 'active' WHERE tenant = $1 AND id = $2
-        RETURNING `+venueColumns, tenant, venueID)
+	rows, err := tx.Query(ctx, `UPDATE venues SET status = 'active', fence = $3
+        WHERE tenant = $1 AND id = $2 AND fence <= $3
+        RETURNING `+venueColumns, tenant, venueID, fenceOf(ctx))
 	if err != nil {
 		return Venue{}, err
 	}
 	v, err := pgx.CollectOneRow(rows, scanVenue)
 	if errors.Is(err, pgx.ErrNoRows) {
-		return Venue{}, errNoSuchVenue
+		return Venue{}, p.missingOrFenced(ctx, tx, tenant, venueID)
 	}
 	return v, err
+}
+
+// missingOrFenced tells why a fenced update changed no row.
+func (p pgVenues) missingOrFenced(ctx context.Context, tx pgx.Tx, tenant, venueID string) error {
+	var exists bool
+	if err := tx.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM venues WHERE tenant = $1 AND id = $2)`, tenant, venueID).Scan(&exists); err != nil {
+		return err
+	}
+	if exists {
+		return errFenced
+	}
+	return errNoSuchVenue
 }
 
 func (p pgVenues) list(ctx context.Context, tenant, slug string) ([]Venue, error) {

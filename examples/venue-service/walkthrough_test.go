@@ -1,8 +1,8 @@
 package main
 
-// TestWalkthrough runs the README's walk-through ("Try the example"), its
+// TestWalkthrough runs the walk-through (docs/walkthrough.md), its
 // commands exactly as printed there, against the built binary, and checks
-// what the README says each one shows.
+// what the page says each one shows.
 
 import (
 	"fmt"
@@ -55,7 +55,7 @@ var walkthrough = []walkSession{
   -H 'Content-Type: application/json' -d '{"name":"Club","slug":"club"}'`,
 			want: []string{`(?m)^HTTP/1\.1 401 `, problemJSON}},
 		{cmd: `curl -s localhost:8080/stats`,
-			want: []string{`^\{"stripe_accounts_created":2,"venues_created":2,"webhook_attempts_failed":0,"webhook_events_duplicate":0,"webhook_events_processed":0\}\n$`}},
+			want: []string{`^\{"partner_events_processed":0,"stripe_accounts_created":2,"venues_created":2,"webhook_attempts_failed":0,"webhook_events_duplicate":0,"webhook_events_processed":0\}\n$`}},
 		{cmd: `curl -s localhost:8080/metrics | grep idempotency_requests_total`,
 			want: []string{`idempotency_requests_total\{[^}]*outcome="executed"[^}]*\} 2\n`,
 				`idempotency_requests_total\{[^}]*outcome="replayed"[^}]*\} 1\n`,
@@ -166,13 +166,13 @@ func TestWalkthrough(t *testing.T) {
 }
 
 // TestWalkthroughIsTheREADMEs: every command TestWalkthrough runs is in the
-// README, verbatim. It skips until the README shows the authenticated
-// walk-through.
+// walk-through the README links to (docs/walkthrough.md), verbatim. It
+// skips until the walk-through shows the authenticated service.
 func TestWalkthroughIsTheREADMEs(t *testing.T) {
-	readme, err := os.ReadFile("../../README.md")
+	readme, err := os.ReadFile("../../docs/walkthrough.md")
 	require.NoError(t, err)
 	if !strings.Contains(string(readme), "Authorization: Bearer dev-key-a") {
-		t.Skip("README.md does not show the authenticated walk-through yet")
+		t.Skip("docs/walkthrough.md does not show the authenticated walk-through yet")
 	}
 	for _, session := range walkthrough {
 		assert.Contains(t, string(readme), session.start)

@@ -7,6 +7,8 @@ require (
 	github.com/jackc/pgx/v5 v5.7.6
 	github.com/redis/go-redis/v9 v9.22.0
 	github.com/seed70ea8305/idempotency v0.0.0-00010101000000-000000000000
+	github.com/seed70ea8305/idempotency/internal/pgtest v0.0.0-00010101000000-000000000000
+	github.com/seed70ea8305/idempotency/pgstore v0.0.0-00010101000000-000000000000
 )
 
 require (
@@ -24,4 +26,8 @@ require (
 	golang.org/x/text v0.25.0 // indirect
 )
 
-replace github.com/seed70ea8305/idempotency => ../..
+replace (
+	github.com/seed70ea8305/idempotency => ../..
+	github.com/seed70ea8305/idempotency/internal/pgtest => ../pgtest
+	github.com/seed70ea8305/idempotency/pgstore => ../../pgstore
+)

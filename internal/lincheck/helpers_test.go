@@ -264,7 +264,7 @@ func startProxy(t *testing.T, target string) *faultproxy.Proxy {
 func pgProxied(t *testing.T, maxConns int32, configure ...func(*pgxpool.Config)) (*pgxpool.Pool, *faultproxy.Proxy, *pgxpool.Config) {
 	t.Helper()
 	direct := pgtest.Config(t)
-	pgtest.Pool(t, direct.Copy()) // migrates
+	pgtest.Pool(t, direct.Copy(), migrate)
 	proxy := startProxy(t, net.JoinHostPort(direct.ConnConfig.Host, strconv.Itoa(int(direct.ConnConfig.Port))))
 	host, port, err := net.SplitHostPort(proxy.Addr())
 	if err != nil {
@@ -295,10 +295,15 @@ func pgPool(t *testing.T, cfg *pgxpool.Config) *pgxpool.Pool {
 	return pool
 }
 
+// migrate creates pgstore's tables: a setup for pgtest.Pool.
+func migrate(ctx context.Context, pool *pgxpool.Pool) error {
+	return pgstore.Migrate(ctx, pool, pgstore.MigrateOptions{})
+}
+
 // pgStore returns a pgstore.Store on pool.
 func pgStore(t *testing.T, pool *pgxpool.Pool) *pgstore.Store {
 	t.Helper()
-	store, err := pgstore.New(pool)
+	store, err := pgstore.New(context.Background(), pool, pgstore.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -39,7 +39,7 @@ func newStall(t *testing.T, when, pick string) *stall {
 	t.Helper()
 	cfg := pgtest.Config(t)
 	s := &stall{app: cfg.ConnConfig.RuntimeParams["application_name"], lock: mrand.Int64()}
-	s.pool = pgtest.Pool(t, cfg)
+	s.pool = pgtest.Pool(t, cfg, migrate)
 	ctx := context.Background()
 	for _, sql := range []string{
 		`CREATE SEQUENCE lincheck_picked`,
@@ -339,7 +339,7 @@ func TestPGAcquireWhileRenewing(t *testing.T) {
 // stalled one must not time out before the test lets it go.
 func patientStore(t *testing.T, s *stall) *pgstore.Store {
 	t.Helper()
-	store, err := pgstore.New(s.pool, pgstore.WithLockTimeout(10*time.Second))
+	store, err := pgstore.New(context.Background(), s.pool, pgstore.Options{LockTimeout: 10 * time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}

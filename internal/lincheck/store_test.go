@@ -72,7 +72,7 @@ func TestPGStore(t *testing.T) {
 	f := newFigures(t)
 	cfg := pgtest.Config(t)
 	cfg.MaxConns = 8
-	store, err := pgstore.New(pgtest.Pool(t, cfg))
+	store, err := pgstore.New(context.Background(), pgtest.Pool(t, cfg, migrate), pgstore.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -143,7 +143,7 @@ func TestPGStoreFaults(t *testing.T) {
 		app := cfg.ConnConfig.RuntimeParams["application_name"]
 		killerCfg := cfg.ConnConfig.Copy()
 		killerCfg.RuntimeParams["application_name"] = app + "_killer"
-		store, err := pgstore.New(pgtest.Pool(t, cfg))
+		store, err := pgstore.New(context.Background(), pgtest.Pool(t, cfg, migrate), pgstore.Options{})
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -1,6 +1,12 @@
 // Package pgtest gives tests a PostgreSQL to talk to: the server named by
 // an environment variable, each test in a schema of its own that is dropped
 // when the test ends.
+//
+// It is a module of its own, needing pgx alone, so that the root module
+// requires no PostgreSQL driver while pgstore's tests, the linearizability
+// checks and the examples share it. It knows nothing of pgstore: a test
+// that wants pgstore's tables passes a setup function to [Pool] that
+// migrates.
 package pgtest
 
 import (
@@ -8,20 +14,20 @@ import (
 	"crypto/rand"
 	"os"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
-
-	"github.com/seed70ea8305/idempotency/pgstore"
 )
 
 // URLEnv holds a postgres:// URL of a database the tests may create and
 // drop schemas in. .ci/run sets it.
 const URLEnv = "IDEMPOTENCY_TEST_DATABASE_URL"
 
-// setupTimeout bounds creating and dropping a test's schema.
+// setupTimeout bounds creating and dropping a test's schema, and a pool's
+// setup.
 const setupTimeout = 10 * time.Second
 
 // Config returns a pool configuration for the database named by URLEnv
@@ -76,11 +82,11 @@ func Schema(cfg *pgxpool.Config) string {
 	return cfg.ConnConfig.RuntimeParams["search_path"]
 }
 
-// Pool opens a pool with cfg (from [Config], possibly changed), applies
-// pgstore's migrations, and closes the pool when the test ends. Cleanups
-// run last-in first-out, so the pool is closed before its schema is
-// dropped.
-func Pool(t testing.TB, cfg *pgxpool.Config) *pgxpool.Pool {
+// Pool opens a pool with cfg (from [Config], possibly changed), runs each
+// setup on it (pgstore's migration, say), and closes the pool when the
+// test ends. Cleanups run last-in first-out, so the pool is closed before
+// its schema is dropped.
+func Pool(t testing.TB, cfg *pgxpool.Config, setup ...func(context.Context, *pgxpool.Pool) error) *pgxpool.Pool {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), setupTimeout)
 	defer cancel()
@@ -89,19 +95,56 @@ func Pool(t testing.TB, cfg *pgxpool.Config) *pgxpool.Pool {
 		t.Fatalf("pool: %v", err)
 	}
 	t.Cleanup(pool.Close)
-	if err := pgstore.Migrate(ctx, pool); err != nil {
-		t.Fatalf("migrate: %v", err)
+	for _, s := range setup {
+		if err := s(ctx, pool); err != nil {
+			t.Fatalf("pool setup: %v", err)
+		}
 	}
 	return pool
 }
 
-// Store returns a store in a fresh schema of its own, or skips the test
-// when URLEnv is unset.
-func Store(t testing.TB, opts ...pgstore.Option) *pgstore.Store {
+// Exec runs sql on pool for a test, failing it on error.
+func Exec(t testing.TB, pool *pgxpool.Pool, sql string, args ...any) {
 	t.Helper()
-	store, err := pgstore.New(Pool(t, Config(t)), opts...)
-	if err != nil {
-		t.Fatalf("pgstore.New: %v", err)
+	if _, err := pool.Exec(context.Background(), sql, args...); err != nil {
+		t.Fatalf("%s: %v", sql, err)
 	}
-	return store
+}
+
+// Count returns the number a query such as SELECT count(*) returns.
+func Count(t testing.TB, pool *pgxpool.Pool, sql string, args ...any) int {
+	t.Helper()
+	var n int
+	if err := pool.QueryRow(context.Background(), sql, args...).Scan(&n); err != nil {
+		t.Fatalf("%s: %v", sql, err)
+	}
+	return n
+}
+
+// Statements is a pgx QueryTracer (set it as a connection config's
+// Tracer) that records the text of every statement sent: one round trip
+// each, as pgx sends them with the default exec mode once prepared.
+type Statements struct {
+	mu  sync.Mutex
+	sql []string
+}
+
+// TraceQueryStart records the statement.
+func (s *Statements) TraceQueryStart(ctx context.Context, _ *pgx.Conn, data pgx.TraceQueryStartData) context.Context {
+	s.mu.Lock()
+	s.sql = append(s.sql, data.SQL)
+	s.mu.Unlock()
+	return ctx
+}
+
+// TraceQueryEnd does nothing.
+func (s *Statements) TraceQueryEnd(context.Context, *pgx.Conn, pgx.TraceQueryEndData) {}
+
+// Take returns the statements recorded since the last Take.
+func (s *Statements) Take() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := s.sql
+	s.sql = nil
+	return out
 }

@@ -1,9 +1,10 @@
-package pgstore_test
+package inbox_test
 
 import (
 	"context"
 	"fmt"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"slices"
 	"sync"
@@ -11,13 +12,13 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
-	"github.com/stripe/stripe-go/v76"
 
 	"github.com/seed70ea8305/idempotency"
 	"github.com/seed70ea8305/idempotency/pgstore"
+	"github.com/seed70ea8305/idempotency/pgstore/inbox"
 )
 
-// figuresEnv runs the measurements of INBOX-NOTES.md only when set.
+// figuresEnv runs the measurements below only when set.
 const figuresEnv = "PGSTORE_INBOX_FIGURES"
 
 func skipFigures(t *testing.T) {
@@ -33,18 +34,18 @@ func percentile(d []time.Duration, p float64) time.Duration {
 }
 
 // TestFiguresAckLatency measures how long a delivery takes to be
-// answered: the inbox (verify, one INSERT) against the root's synchronous
-// WebhookHandler on a pgstore.Store on the same database (verify, claim,
-// run the function, complete), with a function that does nothing and one
-// that takes 20 ms. The three kinds of delivery alternate.
+// answered: the inbox (verify, one INSERT) of each provider, against the
+// root's synchronous WebhookHandler on a pgstore.Store on the same
+// database (verify, claim, run the function, complete), with a function
+// that does nothing and one that takes 20 ms. The kinds of delivery
+// alternate.
 func TestFiguresAckLatency(t *testing.T) {
 	skipFigures(t)
 	const n = 1000
 	env := newInboxEnv(t)
-	store, err := pgstore.New(env.pool)
+	store, err := pgstore.New(context.Background(), env.pool, pgstore.Options{})
 	require.NoError(t, err)
-	verifier, err := idempotency.NewStripeVerifier([]string{whSecret}, 0)
-	require.NoError(t, err)
+	verifier := stripeVerifier(t, whSecret)
 	syncNoop, err := idempotency.NewWebhookHandler(store, verifier, func(context.Context, idempotency.WebhookEvent) error { return nil }, idempotency.WebhookOptions{})
 	require.NoError(t, err)
 	sync20, err := idempotency.NewWebhookHandler(store, verifier, func(context.Context, idempotency.WebhookEvent) error {
@@ -52,27 +53,44 @@ func TestFiguresAckLatency(t *testing.T) {
 		return nil
 	}, idempotency.WebhookOptions{})
 	require.NoError(t, err)
+	swIn, ghIn := env.newInbox(t, swVerifier(t)), env.newInbox(t, ghVerifier(t))
+	stripeDelivery := func(h http.Handler) func(id string) *httptest.ResponseRecorder {
+		return func(id string) *httptest.ResponseRecorder {
+			payload := eventPayload(id, "account.updated", "acct_1", time.Now().Unix())
+			return deliver(h, payload, sign(payload, whSecret, time.Now()))
+		}
+	}
 	handlers := []struct {
 		name string
-		h    http.Handler
+		send func(id string) *httptest.ResponseRecorder
 		n    int
-	}{{"inbox", env.inbox, n}, {"sync, no-op function", syncNoop, n}, {"sync, 20 ms function", sync20, n / 5}}
+	}{
+		{"inbox, Stripe", stripeDelivery(env.in), n},
+		{"inbox, Standard Webhooks", func(id string) *httptest.ResponseRecorder {
+			payload := []byte(`{"type":"invoice.paid","data":{"id":"` + id + `"}}`)
+			return deliverWith(swIn, payload, swHeader(swKey, id, time.Now(), payload))
+		}, n},
+		{"inbox, GitHub", func(id string) *httptest.ResponseRecorder {
+			payload := []byte(`{"action":"opened","id":"` + id + `"}`)
+			return deliverWith(ghIn, payload, ghHeader(ghSecret, id, "issues", payload))
+		}, n},
+		{"sync, no-op function", stripeDelivery(syncNoop), n},
+		{"sync, 20 ms function", stripeDelivery(sync20), n / 5},
+	}
 	lat := make([][]time.Duration, len(handlers))
 	for i := range n {
 		for j, h := range handlers {
 			if i >= h.n {
 				continue
 			}
-			payload := eventPayload(fmt.Sprintf("evt_%d_%d", j, i), "account.updated", "acct_1", time.Now().Unix())
-			sig := sign(payload, whSecret, time.Now())
 			start := time.Now()
-			w := deliver(h.h, payload, sig)
+			w := h.send(fmt.Sprintf("evt_%d_%d", j, i))
 			lat[j] = append(lat[j], time.Since(start))
 			require.Equal(t, http.StatusOK, w.Code)
 		}
 	}
 	for j, h := range handlers {
-		t.Logf("%-22s n=%4d p50 %8v p99 %8v", h.name, len(lat[j]), percentile(lat[j], 0.5).Round(time.Microsecond), percentile(lat[j], 0.99).Round(time.Microsecond))
+		t.Logf("%-26s n=%4d p50 %8v p99 %8v", h.name, len(lat[j]), percentile(lat[j], 0.5).Round(time.Microsecond), percentile(lat[j], 0.99).Round(time.Microsecond))
 	}
 }
 
@@ -91,7 +109,7 @@ func TestFiguresThroughput(t *testing.T) {
 				}
 				env := newInboxEnv(t)
 				fill(t, env, events)
-				fn := func(context.Context, stripe.Event) error {
+				fn := func(context.Context, idempotency.WebhookEvent) error {
 					if work > 0 {
 						time.Sleep(work)
 					}
@@ -99,9 +117,9 @@ func TestFiguresThroughput(t *testing.T) {
 				}
 				start := time.Now()
 				for range workers {
-					runWorker(t, newWorker(t, env.newPool(t), fn, pgstore.WithPollInterval(time.Millisecond)))
+					runWorker(t, newWorker(t, env.newPool(t), fn, inbox.WorkerOptions{PollInterval: time.Millisecond}))
 				}
-				waitFor(t, time.Minute, "all processed", func() bool { return stats(t, env.inbox).Processed == int64(events) })
+				waitFor(t, time.Minute, "all processed", func() bool { return stats(t, env.in).Processed == int64(events) })
 				d := time.Since(start)
 				t.Logf("work %v, %d workers: %d events in %v: %.0f events/s", work, workers, events, d.Round(time.Millisecond), float64(events)/d.Seconds())
 			})
@@ -119,7 +137,7 @@ func fill(t *testing.T, env *inboxEnv, n int) {
 		go func() {
 			defer func() { <-sem; wg.Done() }()
 			payload := eventPayload(fmt.Sprintf("evt_%d", i), "account.updated", fmt.Sprintf("acct_%d", i), time.Now().Unix())
-			_, err := env.inbox.Receive(context.Background(), payload, sign(payload, whSecret, time.Now()))
+			_, err := env.in.Receive(context.Background(), http.Header{"Stripe-Signature": {sign(payload, whSecret, time.Now())}}, payload)
 			if err != nil {
 				t.Error(err)
 			}

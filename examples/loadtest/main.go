@@ -18,7 +18,7 @@
 // one line per correctness check; it exits 1 when a check fails and 2 on
 // bad flags:
 //
-//	go run ./internal/loadtest -duration 5s
+//	go run ./examples/loadtest -duration 5s
 //
 // Flags: -rate (2000 requests/s), -duration (5s), -connections (32 per
 // server), -redis (REDIS_URL, else redis://127.0.0.1:6379/0; empty: no
@@ -117,7 +117,7 @@ func parseFlags(args []string, stderr io.Writer) (config, string, error) {
 	fs := flag.NewFlagSet("loadtest", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.Usage = func() {
-		fmt.Fprint(fs.Output(), "Usage: go run ./internal/loadtest [flags]\n\n"+
+		fmt.Fprint(fs.Output(), "Usage: go run ./examples/loadtest [flags]\n\n"+
 			"Load-tests the idempotency middleware with vegeta against in-process servers\n"+
 			"on 127.0.0.1 (bare handler, memory store, Redis) and checks how often the\n"+
 			"handler ran. Exits 1 when a check fails, 2 on bad flags.\n\nFlags:\n")
@@ -176,7 +176,7 @@ func printHeader(w io.Writer, flags string) {
 	}
 	fmt.Fprintf(w, "go: %s %s/%s, GOMAXPROCS=%d, NumCPU=%d, vegeta %s\n",
 		runtime.Version(), runtime.GOOS, runtime.GOARCH, runtime.GOMAXPROCS(0), runtime.NumCPU(), vegetaVersion)
-	fmt.Fprintf(w, "command: go run ./internal/loadtest %s\n\n", flags)
+	fmt.Fprintf(w, "command: go run ./examples/loadtest %s\n\n", flags)
 }
 
 // app is the handler under test: it counts its executions, and the request

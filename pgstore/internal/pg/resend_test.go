@@ -1,4 +1,4 @@
-package pgstore
+package pg
 
 import (
 	"context"
@@ -79,7 +79,7 @@ func TestResendUntilContextEnds(t *testing.T) {
 	defer cancel()
 	const sends = 8
 	calls := 0
-	err := resend(ctx, pool, func() error {
+	err := Resend(ctx, pool, func() error {
 		calls++
 		if calls == sends {
 			cancel()
@@ -98,7 +98,7 @@ func TestResendWaitsUntilTheDeadline(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
 	defer cancel()
 	calls := 0
-	err := resend(ctx, idlePool(t, 1), func() error {
+	err := Resend(ctx, idlePool(t, 1), func() error {
 		calls++
 		return refused
 	})
@@ -118,7 +118,7 @@ func TestResendOnlyBrokenConnections(t *testing.T) {
 		context.Canceled,
 	} {
 		calls := 0
-		err := resend(context.Background(), pool, func() error {
+		err := Resend(context.Background(), pool, func() error {
 			calls++
 			return failure
 		})
@@ -126,7 +126,7 @@ func TestResendOnlyBrokenConnections(t *testing.T) {
 		assert.Equal(t, 1, calls, "%v", failure)
 	}
 	calls := 0
-	err := resend(context.Background(), pool, func() error {
+	err := Resend(context.Background(), pool, func() error {
 		calls++
 		if calls < 3 {
 			return &pgconn.PgError{Severity: "FATAL", Code: "57P01"} // terminated

@@ -1,4 +1,4 @@
-package pgstore_test
+package inbox_test
 
 import (
 	"context"
@@ -15,7 +15,9 @@ import (
 	"github.com/stretchr/testify/require"
 	"github.com/stripe/stripe-go/v76"
 
-	"github.com/seed70ea8305/idempotency/pgstore"
+	"github.com/seed70ea8305/idempotency"
+	"github.com/seed70ea8305/idempotency/pgstore/inbox"
+	"github.com/seed70ea8305/idempotency/pgstore/inbox/admin"
 	"github.com/seed70ea8305/idempotency/stripefake"
 )
 
@@ -40,7 +42,7 @@ func TestWorkerObjectOrdering(t *testing.T) {
 	rand.Shuffle(len(all), func(i, j int) { all[i], all[j] = all[j], all[i] })
 	for _, e := range all {
 		payload := eventPayload(e.id, "account.updated", e.object, e.created)
-		require.Equal(t, http.StatusOK, deliver(env.inbox, payload, sign(payload, whSecret, time.Now())).Code)
+		require.Equal(t, http.StatusOK, deliver(env.in, payload, sign(payload, whSecret, time.Now())).Code)
 	}
 
 	var mu sync.Mutex
@@ -48,8 +50,8 @@ func TestWorkerObjectOrdering(t *testing.T) {
 	done := map[string][]int64{}   // object: created of each success, in order
 	attempts := map[string]int{}   // event: attempts
 	var violations []string
-	fn := func(ctx context.Context, event stripe.Event) error {
-		obj, _ := event.Data.Object["id"].(string)
+	fn := func(ctx context.Context, event idempotency.WebhookEvent) error {
+		obj := event.Object // the Stripe verifier's: the data object's id
 		mu.Lock()
 		if other, ok := running[obj]; ok {
 			violations = append(violations, fmt.Sprintf("%s runs while %s runs", event.ID, other))
@@ -65,15 +67,15 @@ func TestWorkerObjectOrdering(t *testing.T) {
 		if first && rand.IntN(4) == 0 {
 			return errors.New("transient")
 		}
-		done[obj] = append(done[obj], event.Created)
+		done[obj] = append(done[obj], event.Stripe.Created)
 		return nil
 	}
 	start := time.Now()
 	for range 3 {
-		runWorker(t, newWorker(t, env.newPool(t), fn, pgstore.WithObjectOrdering(), pgstore.WithConcurrency(4),
-			pgstore.WithPollInterval(5*time.Millisecond), pgstore.WithBackoff(5*time.Millisecond, 20*time.Millisecond)))
+		runWorker(t, newWorker(t, env.newPool(t), fn, inbox.WorkerOptions{ObjectOrdering: true}, inbox.WorkerOptions{Concurrency: 4},
+			inbox.WorkerOptions{PollInterval: 5 * time.Millisecond}, inbox.WorkerOptions{BackoffMin: 5 * time.Millisecond, BackoffMax: 20 * time.Millisecond}))
 	}
-	waitFor(t, 30*time.Second, "every event processed", func() bool { return stats(t, env.inbox).Processed == objects*perObject })
+	waitFor(t, 30*time.Second, "every event processed", func() bool { return stats(t, env.in).Processed == objects*perObject })
 	t.Logf("%d events of %d objects, 3 workers x 4, ordered: %v", objects*perObject, objects, time.Since(start))
 
 	// Then events arriving while the workers run, each object's in
@@ -85,14 +87,14 @@ func TestWorkerObjectOrdering(t *testing.T) {
 			defer wg.Done()
 			for k := range perObject {
 				payload := eventPayload(fmt.Sprintf("evt_%d_%d", o, k), "account.updated", fmt.Sprintf("acct_%d", o), base+int64(k))
-				if w := deliver(env.inbox, payload, sign(payload, whSecret, time.Now())); w.Code != http.StatusOK {
+				if w := deliver(env.in, payload, sign(payload, whSecret, time.Now())); w.Code != http.StatusOK {
 					t.Errorf("delivery: %d", w.Code)
 				}
 			}
 		}()
 	}
 	wg.Wait()
-	waitFor(t, 30*time.Second, "every event processed", func() bool { return stats(t, env.inbox).Processed == 2*objects*perObject })
+	waitFor(t, 30*time.Second, "every event processed", func() bool { return stats(t, env.in).Processed == 2*objects*perObject })
 	mu.Lock()
 	defer mu.Unlock()
 	require.Empty(t, violations)
@@ -113,28 +115,28 @@ func TestInboxAdmin(t *testing.T) {
 			typ = "transfer.created"
 		}
 		payload := eventPayload(fmt.Sprintf("evt_%d", i), typ, "acct_1", time.Now().Unix())
-		require.Equal(t, http.StatusOK, deliver(env.inbox, payload, sign(payload, whSecret, time.Now())).Code)
+		require.Equal(t, http.StatusOK, deliver(env.in, payload, sign(payload, whSecret, time.Now())).Code)
 	}
-	list, err := env.inbox.List(ctx, pgstore.Filter{Type: "transfer.created"})
+	list, err := env.in.List(ctx, inbox.Filter{Type: "transfer.created"})
 	require.NoError(t, err)
 	require.Len(t, list, 2)
-	page1, err := env.inbox.List(ctx, pgstore.Filter{Limit: 3})
+	page1, err := env.in.List(ctx, inbox.Filter{Limit: 3})
 	require.NoError(t, err)
 	require.Len(t, page1, 3)
-	page2, err := env.inbox.List(ctx, pgstore.Filter{Limit: 3, Before: page1[2].ReceivedAt})
+	page2, err := env.in.List(ctx, inbox.Filter{Limit: 3, Before: page1[2].ReceivedAt})
 	require.NoError(t, err)
 	require.Len(t, page2, 2)
-	_, err = env.inbox.List(ctx, pgstore.Filter{Status: "nope"})
+	_, err = env.in.List(ctx, inbox.Filter{Status: "nope"})
 	require.Error(t, err)
-	_, err = env.inbox.Event(ctx, "evt_nope")
-	require.ErrorIs(t, err, pgstore.ErrEventNotFound)
+	_, err = env.in.Event(ctx, "evt_nope")
+	require.ErrorIs(t, err, inbox.ErrEventNotFound)
 
 	time.Sleep(20 * time.Millisecond)
-	s := stats(t, env.inbox)
+	s := stats(t, env.in)
 	require.EqualValues(t, 5, s.Pending)
 	require.GreaterOrEqual(t, s.OldestPending, 20*time.Millisecond)
 
-	h, err := env.inbox.AdminHandler()
+	h, err := admin.New(env.in, admin.Options{})
 	require.NoError(t, err)
 	w := serveAdmin(h, http.MethodGet, "/stats")
 	require.Equal(t, http.StatusOK, w.Code)
@@ -143,7 +145,7 @@ func TestInboxAdmin(t *testing.T) {
 	require.EqualValues(t, 5, got["pending"])
 	w = serveAdmin(h, http.MethodGet, "/events/evt_1")
 	require.Equal(t, http.StatusOK, w.Code)
-	var one pgstore.EventInfo
+	var one inbox.EventInfo
 	require.NoError(t, json.Unmarshal(w.Body.Bytes(), &one))
 	require.Equal(t, "transfer.created", one.Type)
 	require.NotEmpty(t, one.Payload)
@@ -152,13 +154,13 @@ func TestInboxAdmin(t *testing.T) {
 	require.Equal(t, http.StatusBadRequest, serveAdmin(h, http.MethodGet, "/events?status=x").Code)
 
 	// Cleanup deletes processed events past their expiry only.
-	runWorker(t, newWorker(t, env.newPool(t), func(context.Context, stripe.Event) error { return nil }, pgstore.WithPollInterval(5*time.Millisecond)))
-	waitFor(t, 5*time.Second, "processed", func() bool { return stats(t, env.inbox).Processed == 5 })
+	runWorker(t, newWorker(t, env.newPool(t), func(context.Context, idempotency.WebhookEvent) error { return nil }, inbox.WorkerOptions{PollInterval: 5 * time.Millisecond}))
+	waitFor(t, 5*time.Second, "processed", func() bool { return stats(t, env.in).Processed == 5 })
 	exec(t, env.pool, "UPDATE webhook_events SET expires_at = now() - interval '1 second' WHERE event_id IN ('evt_0', 'evt_1', 'evt_2')")
-	n, err := env.inbox.DeleteExpired(ctx, 2)
+	n, err := env.in.DeleteExpired(ctx, 2)
 	require.NoError(t, err)
 	require.Equal(t, 3, n)
-	require.EqualValues(t, 2, stats(t, env.inbox).Processed)
+	require.EqualValues(t, 2, stats(t, env.in).Processed)
 }
 
 // TestBackfill feeds the events stripefake lists as undelivered into the
@@ -182,33 +184,33 @@ func TestBackfill(t *testing.T) {
 	// counts it as failed (our answer was lost).
 	for _, ev := range events[:3] {
 		payload := ev.Payload()
-		require.Equal(t, http.StatusOK, deliver(env.inbox, payload, sign(payload, whSecret, time.Now())).Code)
+		require.Equal(t, http.StatusOK, deliver(env.in, payload, sign(payload, whSecret, time.Now())).Code)
 	}
 	require.True(t, fake.SetDelivered(events[0].ID, true))
 	require.True(t, fake.SetDelivered(events[1].ID, true))
 
-	res, err := env.inbox.Backfill(ctx, sc, time.Time{})
+	res, err := env.in.Backfill(ctx, sc, time.Time{})
 	require.NoError(t, err)
-	require.Equal(t, pgstore.BackfillResult{Listed: 5, Stored: 4}, res)
-	res, err = env.inbox.Backfill(ctx, sc, time.Now().Add(-time.Hour))
+	require.Equal(t, inbox.BackfillResult{Listed: 5, Stored: 4}, res)
+	res, err = env.in.Backfill(ctx, sc, time.Now().Add(-time.Hour))
 	require.NoError(t, err)
-	require.Equal(t, pgstore.BackfillResult{Listed: 5}, res)
-	res, err = env.inbox.Backfill(ctx, sc, time.Now().Add(time.Hour))
+	require.Equal(t, inbox.BackfillResult{Listed: 5}, res)
+	res, err = env.in.Backfill(ctx, sc, time.Now().Add(time.Hour))
 	require.NoError(t, err)
 	require.Zero(t, res.Listed)
 
 	var mu sync.Mutex
 	seen := map[string]int{}
-	runWorker(t, newWorker(t, env.newPool(t), func(ctx context.Context, ev stripe.Event) error {
+	runWorker(t, newWorker(t, env.newPool(t), func(ctx context.Context, ev idempotency.WebhookEvent) error {
 		mu.Lock()
 		defer mu.Unlock()
-		if ev.Type != "account.updated" || ev.Data.Object["charges_enabled"] != true {
-			return fmt.Errorf("unexpected event %s %v", ev.Type, ev.Data.Object)
+		if ev.Type != "account.updated" || ev.Stripe.Data.Object["charges_enabled"] != true {
+			return fmt.Errorf("unexpected event %s %v", ev.Type, ev.Stripe.Data.Object)
 		}
 		seen[ev.ID]++
 		return nil
-	}, pgstore.WithPollInterval(5*time.Millisecond), pgstore.WithConcurrency(3)))
-	waitFor(t, 5*time.Second, "every event processed", func() bool { return stats(t, env.inbox).Processed == 7 })
+	}, inbox.WorkerOptions{PollInterval: 5 * time.Millisecond}, inbox.WorkerOptions{Concurrency: 3}))
+	waitFor(t, 5*time.Second, "every event processed", func() bool { return stats(t, env.in).Processed == 7 })
 	mu.Lock()
 	defer mu.Unlock()
 	require.Len(t, seen, 7)
@@ -218,6 +220,6 @@ func TestBackfill(t *testing.T) {
 
 	// A Stripe that fails: the error is returned, nothing is stored.
 	fake.Fail(stripefake.Failure{Method: "GET", Path: "/v1/events", Status: 500, Times: 10})
-	_, err = env.inbox.Backfill(ctx, sc, time.Time{})
+	_, err = env.in.Backfill(ctx, sc, time.Time{})
 	require.Error(t, err)
 }

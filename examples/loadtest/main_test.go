@@ -60,7 +60,7 @@ func runOK(t *testing.T, args []string) string {
 		t.Fatalf("exit status %d\nstdout:\n%s\nstderr:\n%s", code, stdout.String(), stderr.String())
 	}
 	out := stdout.String()
-	for _, want := range []string{"go: go1.", "GOMAXPROCS=", "command: go run ./internal/loadtest -rate=200 -duration=300ms -connections=8"} {
+	for _, want := range []string{"go: go1.", "GOMAXPROCS=", "command: go run ./examples/loadtest -rate=200 -duration=300ms -connections=8"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("output lacks %q:\n%s", want, out)
 		}
@@ -133,7 +133,7 @@ func TestFlags(t *testing.T) {
 		code    int
 		wantErr string
 	}{
-		{[]string{"-h"}, 0, "Usage: go run ./internal/loadtest"},
+		{[]string{"-h"}, 0, "Usage: go run ./examples/loadtest"},
 		{[]string{"-rate=abc"}, 2, `invalid value "abc" for flag -rate`},
 		{[]string{"-rate=0"}, 2, "-rate 0: must be positive"},
 		{[]string{"-duration=0s"}, 2, "-duration 0s: must be positive"},
