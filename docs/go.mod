@@ -1,6 +1,6 @@
 module github.com/seed70ea8305/idempotency/docs
 
-go 1.24.0
+go 1.24
 
 require (
 	github.com/jackc/pgx/v5 v5.7.6
