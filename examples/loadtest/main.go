@@ -20,9 +20,23 @@
 //
 //	go run ./examples/loadtest -duration 5s
 //
-// Flags: -rate (2000 requests/s), -duration (5s), -connections (32 per
-// server), -redis (REDIS_URL, else redis://127.0.0.1:6379/0; empty: no
-// Redis rows).
+// With -saturate it runs no scenarios but looks, for each server, for the
+// highest constant rate of first requests (new keys) that it answers
+// entirely with p99 under -p99 (10 ms): it doubles the rate from
+// -rate until a step fails, then bisects between the last rate that
+// passed and the first that failed; each step attacks for -duration, and
+// a failing step is tried once more before it counts. It prints each
+// server's rate and its ratio to the bare handler's:
+//
+//	go run ./examples/loadtest -saturate -rate 500 -duration 3s
+//
+// Flags: -rate (2000 requests/s; with -saturate, the first step),
+// -duration (5s), -connections (32 per server), -redis (REDIS_URL, else
+// redis://127.0.0.1:6379/0; empty: no Redis rows), -cluster (Redis Cluster
+// seed addresses, comma-separated; empty: no cluster rows), -database (a
+// postgres:// URL whose database the run may create a schema in; empty:
+// no PostgreSQL rows), -saturate, -p99 (10ms), -max-rate (2^20: where
+// the search stops doubling).
 package main
 
 import (
@@ -49,11 +63,14 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/redis/go-redis/v9"
 	"github.com/redis/go-redis/v9/maintnotifications"
 	vegeta "github.com/tsenart/vegeta/v12/lib"
 
 	"github.com/seed70ea8305/idempotency"
+	"github.com/seed70ea8305/idempotency/pgstore"
 )
 
 const (
@@ -79,6 +96,11 @@ type config struct {
 	duration    time.Duration
 	connections int
 	redisURL    string // empty: no Redis rows
+	cluster     string // Redis Cluster seed addresses, comma-separated; empty: no cluster rows
+	databaseURL string // empty: no PostgreSQL rows
+	saturate    bool
+	p99         time.Duration // with saturate: the latency bound
+	maxRate     int           // with saturate: the highest rate tried
 }
 
 func main() {
@@ -132,6 +154,11 @@ func parseFlags(args []string, stderr io.Writer) (config, string, error) {
 	fs.DurationVar(&cfg.duration, "duration", 5*time.Second, "length of each scenario's attack")
 	fs.IntVar(&cfg.connections, "connections", 32, "connections per server: at most this many open, and kept idle")
 	fs.StringVar(&cfg.redisURL, "redis", defRedis, "Redis URL (default from REDIS_URL); empty skips the Redis rows")
+	fs.StringVar(&cfg.cluster, "cluster", "", "Redis Cluster seed addresses, comma-separated; empty skips the cluster rows")
+	fs.StringVar(&cfg.databaseURL, "database", "", "postgres:// URL of a database the run may create a schema in; empty skips the PostgreSQL rows")
+	fs.BoolVar(&cfg.saturate, "saturate", false, "find each server's highest rate of first requests with p99 under -p99, instead of the scenarios")
+	fs.DurationVar(&cfg.p99, "p99", 10*time.Millisecond, "with -saturate: the p99 latency a rate must stay under")
+	fs.IntVar(&cfg.maxRate, "max-rate", 1<<20, "with -saturate: the highest rate tried")
 	if err := fs.Parse(args); err != nil {
 		return config{}, "", err // flag printed the error and the usage
 	}
@@ -150,6 +177,15 @@ func parseFlags(args []string, stderr io.Writer) (config, string, error) {
 		return fail("-duration %v: must be positive", cfg.duration)
 	case cfg.connections <= 0:
 		return fail("-connections %d: must be positive", cfg.connections)
+	case cfg.p99 <= 0:
+		return fail("-p99 %v: must be positive", cfg.p99)
+	case cfg.maxRate < cfg.rate:
+		return fail("-max-rate %d: below -rate %d", cfg.maxRate, cfg.rate)
+	}
+	if cfg.databaseURL != "" {
+		if _, err := pgxpool.ParseConfig(cfg.databaseURL); err != nil {
+			return fail("-database: %v", err)
+		}
 	}
 	shownRedis := cfg.redisURL
 	if cfg.redisURL != "" {
@@ -162,6 +198,19 @@ func parseFlags(args []string, stderr io.Writer) (config, string, error) {
 		}
 	}
 	flags := fmt.Sprintf("-rate=%d -duration=%v -connections=%d -redis=%q", cfg.rate, cfg.duration, cfg.connections, shownRedis)
+	if cfg.cluster != "" {
+		flags += fmt.Sprintf(" -cluster=%q", cfg.cluster)
+	}
+	if cfg.databaseURL != "" {
+		shown := cfg.databaseURL
+		if u, err := url.Parse(cfg.databaseURL); err == nil {
+			shown = u.Redacted()
+		}
+		flags += fmt.Sprintf(" -database=%q", shown)
+	}
+	if cfg.saturate {
+		flags += fmt.Sprintf(" -saturate -p99=%v -max-rate=%d", cfg.p99, cfg.maxRate)
+	}
 	return cfg, flags, nil
 }
 
@@ -238,62 +287,19 @@ type check struct {
 	detail string
 }
 
-// run starts the servers, runs every scenario and prints the table and the
+// run starts the servers, runs every scenario (or, with saturate, the
+// search for each server's highest rate) and prints the table and the
 // checks. It reports whether every check passed; an error means the run
 // itself could not be done.
 func run(ctx context.Context, cfg config, out io.Writer) (bool, error) {
 	runID := strconv.FormatInt(time.Now().UnixNano(), 36)
-
-	var servers []server
-	bare := &app{}
-	bareSrv := httptest.NewServer(bare)
-	defer bareSrv.Close()
-	servers = append(servers, server{name: "bare", url: bareSrv.URL, app: bare, scenarios: []string{"baseline"}})
-
-	memApp := &app{}
-	memMW, err := idempotency.New(idempotency.NewMemoryStore(idempotency.MemoryOptions{}), idempotency.Options{})
+	servers, notes, cleanup, err := startServers(ctx, cfg, runID, out)
+	defer cleanup()
 	if err != nil {
 		return false, err
 	}
-	memSrv := httptest.NewServer(memMW.Handler(memApp))
-	defer memSrv.Close()
-	scenarios := []string{"unique", "replay", "conflict"}
-	servers = append(servers, server{name: "memory", url: memSrv.URL, app: memApp, scenarios: scenarios})
-
-	var notes []string
-	if cfg.redisURL != "" {
-		rdb, note, err := openRedis(ctx, cfg.redisURL)
-		switch {
-		case err != nil:
-			return false, err
-		case note != "":
-			notes = append(notes, note)
-		default:
-			defer rdb.Close()
-			// A prefix per run keeps runs apart; the store's fence counters
-			// never expire, so the run removes its keys when it ends.
-			prefix := "idem-loadtest:" + runID + ":"
-			defer func() {
-				n, err := removeKeys(context.WithoutCancel(ctx), rdb, prefix)
-				if err != nil {
-					fmt.Fprintf(out, "note: removing the run's Redis keys (%s*): %v\n", prefix, err)
-					return
-				}
-				fmt.Fprintf(out, "note: removed the run's %d Redis keys (%s*)\n", n, prefix)
-			}()
-			store, err := idempotency.NewRedisStore(rdb, idempotency.RedisOptions{Prefix: prefix})
-			if err != nil {
-				return false, err
-			}
-			mw, err := idempotency.New(store, idempotency.Options{})
-			if err != nil {
-				return false, err
-			}
-			redisApp := &app{}
-			redisSrv := httptest.NewServer(mw.Handler(redisApp))
-			defer redisSrv.Close()
-			servers = append(servers, server{name: "redis", url: redisSrv.URL, app: redisApp, scenarios: scenarios})
-		}
+	if cfg.saturate {
+		return saturate(ctx, cfg, servers, notes, runID, out)
 	}
 
 	var rows []row
@@ -323,6 +329,178 @@ func run(ctx context.Context, cfg config, out io.Writer) (bool, error) {
 		fmt.Fprintf(out, "check %-16s %-4s %s\n", c.name, verdict, c.detail)
 	}
 	return ok, nil
+}
+
+// startServers starts one server per kind: bare, memory, and Redis,
+// Redis Cluster and PostgreSQL when configured and reachable (a note says
+// why one is skipped). cleanup, never nil, stops them and removes what the
+// run stored.
+func startServers(ctx context.Context, cfg config, runID string, out io.Writer) (servers []server, notes []string, cleanup func(), err error) {
+	var undo []func()
+	cleanup = func() {
+		for i := len(undo) - 1; i >= 0; i-- {
+			undo[i]()
+		}
+	}
+	serveWith := func(name string, store idempotency.Store) error {
+		a := &app{}
+		h := http.Handler(a)
+		if store != nil {
+			mw, err := idempotency.New(store, idempotency.Options{})
+			if err != nil {
+				return err
+			}
+			h = mw.Handler(a)
+		}
+		srv := httptest.NewServer(h)
+		undo = append(undo, srv.Close)
+		scenarios := []string{"unique", "replay", "conflict"}
+		if store == nil {
+			scenarios = []string{"baseline"}
+		}
+		servers = append(servers, server{name: name, url: srv.URL, app: a, scenarios: scenarios})
+		return nil
+	}
+	if err := serveWith("bare", nil); err != nil {
+		return nil, nil, cleanup, err
+	}
+	if err := serveWith("memory", idempotency.NewMemoryStore(idempotency.MemoryOptions{})); err != nil {
+		return nil, nil, cleanup, err
+	}
+	// A prefix per run keeps runs apart; the store's fence counters never
+	// expire, so the run removes its keys when it ends.
+	prefix := "idem-loadtest:" + runID + ":"
+	if cfg.redisURL != "" {
+		rdb, note, err := openRedis(ctx, cfg.redisURL)
+		switch {
+		case err != nil:
+			return nil, nil, cleanup, err
+		case note != "":
+			notes = append(notes, note)
+		default:
+			undo = append(undo, func() { _ = rdb.Close() })
+			undo = append(undo, func() {
+				n, err := removeKeys(context.WithoutCancel(ctx), rdb, prefix)
+				reportRemoved(out, "Redis", prefix, n, err)
+			})
+			store, err := idempotency.NewRedisStore(rdb, idempotency.RedisOptions{Prefix: prefix})
+			if err != nil {
+				return nil, nil, cleanup, err
+			}
+			if err := serveWith("redis", store); err != nil {
+				return nil, nil, cleanup, err
+			}
+		}
+	}
+	if cfg.cluster != "" {
+		cc, note := openCluster(ctx, cfg.cluster)
+		if note != "" {
+			notes = append(notes, note)
+		} else {
+			undo = append(undo, func() { _ = cc.Close() })
+			undo = append(undo, func() {
+				var total atomic.Int64
+				err := cc.ForEachMaster(context.WithoutCancel(ctx), func(ctx context.Context, node *redis.Client) error {
+					n, err := removeKeys(ctx, node, prefix)
+					total.Add(int64(n))
+					return err
+				})
+				reportRemoved(out, "Redis Cluster", prefix, int(total.Load()), err)
+			})
+			store, err := idempotency.NewRedisStore(cc, idempotency.RedisOptions{Prefix: prefix})
+			if err != nil {
+				return nil, nil, cleanup, err
+			}
+			if err := serveWith("cluster", store); err != nil {
+				return nil, nil, cleanup, err
+			}
+		}
+	}
+	if cfg.databaseURL != "" {
+		store, drop, note, err := openPostgres(ctx, cfg, runID)
+		switch {
+		case err != nil:
+			return nil, nil, cleanup, err
+		case note != "":
+			notes = append(notes, note)
+		default:
+			undo = append(undo, drop)
+			if err := serveWith("postgres", store); err != nil {
+				return nil, nil, cleanup, err
+			}
+		}
+	}
+	return servers, notes, cleanup, nil
+}
+
+func reportRemoved(out io.Writer, what, prefix string, n int, err error) {
+	if err != nil {
+		fmt.Fprintf(out, "note: removing the run's %s keys (%s*): %v\n", what, prefix, err)
+		return
+	}
+	fmt.Fprintf(out, "note: removed the run's %d %s keys (%s*)\n", n, what, prefix)
+}
+
+// openCluster returns a cluster client, or a note saying why the cluster
+// rows are skipped.
+func openCluster(ctx context.Context, addrs string) (*redis.ClusterClient, string) {
+	cc := redis.NewClusterClient(&redis.ClusterOptions{
+		Addrs:                    strings.Split(addrs, ","),
+		ContextTimeoutEnabled:    true,
+		MaintNotificationsConfig: &maintnotifications.Config{Mode: maintnotifications.ModeDisabled},
+	})
+	pingCtx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if err := cc.ForEachShard(pingCtx, func(ctx context.Context, c *redis.Client) error { return c.Ping(ctx).Err() }); err != nil {
+		_ = cc.Close()
+		return nil, fmt.Sprintf("Redis Cluster rows skipped: %s: %v", addrs, err)
+	}
+	return cc, ""
+}
+
+// openPostgres migrates a schema of the run's own and returns a store on
+// it and a function that drops it, or a note saying why the PostgreSQL
+// rows are skipped.
+func openPostgres(ctx context.Context, cfg config, runID string) (idempotency.Store, func(), string, error) {
+	pcfg, err := pgxpool.ParseConfig(cfg.databaseURL)
+	if err != nil {
+		return nil, nil, "", fmt.Errorf("-database: %w", err)
+	}
+	connectCtx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	admin, err := pgx.ConnectConfig(connectCtx, pcfg.ConnConfig.Copy())
+	if err != nil {
+		return nil, nil, fmt.Sprintf("PostgreSQL rows skipped: %v", err), nil
+	}
+	schema := "idem_loadtest_" + runID
+	drop := func() {
+		dropCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+		defer cancel()
+		_, _ = admin.Exec(dropCtx, "DROP SCHEMA IF EXISTS "+schema+" CASCADE")
+		_ = admin.Close(dropCtx)
+	}
+	if _, err := admin.Exec(connectCtx, "CREATE SCHEMA "+schema); err != nil {
+		drop()
+		return nil, nil, "", err
+	}
+	// As many connections as the attack's, so the pool is not the limit.
+	pcfg.MaxConns = int32(cfg.connections)
+	pool, err := pgxpool.NewWithConfig(ctx, pcfg)
+	if err != nil {
+		drop()
+		return nil, nil, "", err
+	}
+	closeAll := func() { pool.Close(); drop() }
+	if err := pgstore.Migrate(ctx, pool, pgstore.MigrateOptions{Schema: schema}); err != nil {
+		closeAll()
+		return nil, nil, "", err
+	}
+	store, err := pgstore.New(ctx, pool, pgstore.Options{Schema: schema})
+	if err != nil {
+		closeAll()
+		return nil, nil, "", err
+	}
+	return store, closeAll, "", nil
 }
 
 // openRedis returns a client, or a note saying why the Redis rows are
@@ -355,7 +533,8 @@ func openRedis(ctx context.Context, rawURL string) (*redis.Client, string, error
 	return rdb, "", nil
 }
 
-// removeKeys deletes every key under prefix (records and fence counters).
+// removeKeys deletes every key under prefix (records and fence counters)
+// on one node.
 func removeKeys(ctx context.Context, rdb *redis.Client, prefix string) (int, error) {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
@@ -366,7 +545,14 @@ func removeKeys(ctx context.Context, rdb *redis.Client, prefix string) (int, err
 		if len(batch) == 0 {
 			return nil
 		}
-		err := rdb.Unlink(ctx, batch...).Err()
+		// One UNLINK per key, pipelined: a cluster node refuses one
+		// UNLINK of keys in different slots.
+		_, err := rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+			for _, k := range batch {
+				p.Unlink(ctx, k)
+			}
+			return nil
+		})
 		n += len(batch)
 		batch = batch[:0]
 		return err

@@ -42,6 +42,67 @@ func TestRunRedis(t *testing.T) {
 	}
 }
 
+func TestRunCluster(t *testing.T) {
+	addrs := os.Getenv("IDEMPOTENCY_TEST_REDIS_CLUSTER")
+	if addrs == "" {
+		t.Skip("IDEMPOTENCY_TEST_REDIS_CLUSTER is not set: no Redis Cluster rows tested")
+	}
+	out := runOK(t, append(short, "-redis=", "-cluster="+addrs))
+	wantRows(t, out, "bare baseline", "memory unique", "memory replay", "memory conflict",
+		"cluster unique", "cluster replay", "cluster conflict")
+	if !strings.Contains(out, "note: removed the run's") {
+		t.Errorf("no line about removing the run's keys:\n%s", out)
+	}
+}
+
+func TestRunPostgres(t *testing.T) {
+	u := os.Getenv("IDEMPOTENCY_TEST_DATABASE_URL")
+	if u == "" {
+		t.Skip("IDEMPOTENCY_TEST_DATABASE_URL is not set: no PostgreSQL rows tested")
+	}
+	out := runOK(t, append(short, "-redis=", "-database="+u))
+	wantRows(t, out, "bare baseline", "memory unique", "memory replay", "memory conflict",
+		"postgres unique", "postgres replay", "postgres conflict")
+}
+
+// TestSaturate: the search reports, for each server, a rate it passed
+// and its ratio to the bare handler's; -max-rate keeps it short.
+func TestSaturate(t *testing.T) {
+	out := runOK(t, append(short, "-redis=", "-saturate", "-max-rate=800"))
+	var rows []string
+	inTable := false
+	for line := range strings.Lines(out) {
+		f := strings.Fields(line)
+		switch {
+		case len(f) > 0 && f[0] == "server":
+			inTable = true
+		case inTable && (len(f) == 0 || strings.HasPrefix(line, "load at the end") || strings.HasPrefix(line, "failed steps")):
+			inTable = false
+		case inTable:
+			rows = append(rows, f[0])
+			// "bare 800/s 1.00 …" or "memory ≥ 800/s 0.50 …"
+			rate := f[1]
+			if rate == "≥" {
+				rate = f[2]
+			}
+			if !strings.HasSuffix(rate, "/s") || rate == "0/s" {
+				t.Errorf("row %q: no passing rate", line)
+			}
+			if f[0] == "bare" && !strings.Contains(line, " 1.00 ") {
+				t.Errorf("bare row %q: ratio to itself is not 1.00", line)
+			}
+		}
+	}
+	if strings.Join(rows, ",") != "bare,memory" {
+		t.Errorf("rows %q, want bare and memory:\n%s", rows, out)
+	}
+	for _, want := range []string{"load: ", "bare     steps: 200✓", "memory   steps: 200✓", "-saturate -p99=10ms -max-rate=800"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("output lacks %q:\n%s", want, out)
+		}
+	}
+}
+
 func TestRedisUnreachable(t *testing.T) {
 	// Port 1 on loopback refuses connections; the run goes on without Redis.
 	out := runOK(t, append(short, "-redis=redis://127.0.0.1:1/0"))
@@ -140,6 +201,9 @@ func TestFlags(t *testing.T) {
 		{[]string{"-duration=-1s"}, 2, "-duration -1s: must be positive"},
 		{[]string{"-connections=0"}, 2, "-connections 0: must be positive"},
 		{[]string{"-redis=::bad"}, 2, "-redis:"},
+		{[]string{"-p99=0s"}, 2, "-p99 0s: must be positive"},
+		{[]string{"-saturate", "-rate=100", "-max-rate=50"}, 2, "-max-rate 50: below -rate 100"},
+		{[]string{"-database=postgres://a b"}, 2, "-database:"},
 		{[]string{"-nosuchflag"}, 2, "flag provided but not defined"},
 		{[]string{"extra"}, 2, `unexpected argument "extra"`},
 	} {

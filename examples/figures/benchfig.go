@@ -1,0 +1,120 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+)
+
+const (
+	redisURLEnv    = "IDEMPOTENCY_TEST_REDIS_URL"
+	databaseURLEnv = "IDEMPOTENCY_TEST_DATABASE_URL"
+	redisServerEnv = "IDEMPOTENCY_TEST_REDIS_SERVER"
+)
+
+func (r *report) benchArgs(pattern string, pkg string) []string {
+	return []string{"-count", itoa(r.cfg.count), "-run", "^$", "-bench", pattern, "-benchmem", "-benchtime", r.cfg.bench, pkg}
+}
+
+// memory: the bare handler against the middleware on the memory store,
+// interleaved in every iteration (BenchmarkMemoryOverhead), and the whole
+// requests (BenchmarkBaseline, BenchmarkMemory).
+func (r *report) memory(ctx context.Context) {
+	r.section("Memory store: the middleware against the bare handler")
+	args := r.benchArgs("^Benchmark(Baseline|Memory|MemoryOverhead)$", ".")
+	out, err := goTest(ctx, r.cfg.root, []string{redisURLEnv + "="}, args...)
+	if err != nil {
+		r.fail("memory benchmarks", err)
+		return
+	}
+	res := parseBench(out)
+	bare := of(res, "BenchmarkMemoryOverhead", "bare-µs")
+	firstOver := of(res, "BenchmarkMemoryOverhead", "first-over-bare-µs")
+	replayOver := of(res, "BenchmarkMemoryOverhead", "replay-over-bare-µs")
+	baseAllocs := of(res, "BenchmarkBaseline", "allocs/op")
+	allocsOver := func(name string) string {
+		return zip(of(res, name, "allocs/op"), baseAllocs, minus).format(0, "")
+	}
+	rows := [][]string{
+		{"first", bare.format(2, " µs"), zip(bare, firstOver, plus).format(2, " µs"),
+			zip(zip(bare, firstOver, plus), bare, ratio).format(2, ""), firstOver.format(2, " µs"), allocsOver("BenchmarkMemory/first")},
+		{"replay", bare.format(2, " µs"), zip(bare, replayOver, plus).format(2, " µs"),
+			zip(zip(bare, replayOver, plus), bare, ratio).format(2, ""), replayOver.format(2, " µs"), allocsOver("BenchmarkMemory/replay")},
+	}
+	rounds, k := 10, 5000
+	if r.cfg.short {
+		rounds, k = 2, 200
+	}
+	par, err := measureParallel(rounds, k)
+	if err != nil {
+		r.fail("memory, parallel", err)
+	} else {
+		rows = append(rows, []string{fmt.Sprintf("first, %d goroutines in parallel (wall time per request) ¹", par.goroutines),
+			par.bare.format(2, " µs"), par.mw.format(2, " µs"), zip(par.mw, par.bare, ratio).format(2, ""), zip(par.mw, par.bare, minus).format(2, " µs"),
+			allocsOver("BenchmarkMemory/first-parallel")})
+	}
+	r.table([]string{"request", "bare handler", "middleware", "× bare", "over bare", "allocations over bare"}, rows)
+	r.note("\nfirst and replay: BenchmarkMemoryOverhead, bare handler and middleware in every iteration (range over the runs); allocations: BenchmarkMemory against BenchmarkBaseline.\n" +
+		fmt.Sprintf("¹ this program: one goroutine per CPU serving %d requests each, bare handler then middleware, %d rounds (range over the rounds); allocations from BenchmarkMemory/first-parallel.\n", k, rounds) +
+		"command: go test " + join(args) + "\n")
+}
+
+// redisBench: the middleware on Redis against the raw go-redis commands
+// the protocol cannot do without, interleaved (BenchmarkRedisOverhead).
+func (r *report) redisBench(ctx context.Context) {
+	r.section("Redis: the middleware against the raw-client floor")
+	url := os.Getenv(redisURLEnv)
+	if url == "" {
+		r.skip("Redis rows", redisURLEnv+" is not set")
+		return
+	}
+	args := r.benchArgs("^Benchmark(Redis|RedisOverhead)$", ".")
+	out, err := goTest(ctx, r.cfg.root, nil, args...)
+	if err != nil {
+		r.fail("Redis benchmarks", err)
+		return
+	}
+	res := parseBench(out)
+	ff, fo := of(res, "BenchmarkRedisOverhead", "floor-first-µs"), of(res, "BenchmarkRedisOverhead", "first-over-floor-µs")
+	rf, ro := of(res, "BenchmarkRedisOverhead", "floor-replay-µs"), of(res, "BenchmarkRedisOverhead", "replay-over-floor-µs")
+	ping := of(res, "BenchmarkRedis/ping", "ns/op")
+	pingAllocs := of(res, "BenchmarkRedis/ping", "allocs/op")
+	r.table([]string{"request", "floor", "middleware", "× floor", "over floor", "allocations (one PING: " + pingAllocs.format(0, ")")}, [][]string{
+		{"first (floor: SET NX PX GET, EVALSHA)", ff.format(1, " µs"), zip(ff, fo, plus).format(1, " µs"), zip(zip(ff, fo, plus), ff, ratio).format(2, ""), fo.format(1, " µs"),
+			of(res, "BenchmarkRedis/first", "allocs/op").format(0, "")},
+		{"replay (floor: SET NX PX GET)", rf.format(1, " µs"), zip(rf, ro, plus).format(1, " µs"), zip(zip(rf, ro, plus), rf, ratio).format(2, ""), ro.format(1, " µs"),
+			of(res, "BenchmarkRedis/replay", "allocs/op").format(0, "")},
+		{"one round trip (PING)", ping.scale(1e-3).format(1, " µs"), "", "", "", ""},
+	})
+	r.note("\nBenchmarkRedisOverhead: bare handler plus raw commands, and the middleware, in every iteration, on " + redisURLEnv + ".\n" +
+		"command: " + redisURLEnv + "=" + url + " go test " + join(args) + "\n")
+}
+
+// postgresBench: the middleware on pgstore against bare INSERT … ON
+// CONFLICT statements on the same pool, interleaved
+// (BenchmarkPostgresOverhead).
+func (r *report) postgresBench(ctx context.Context) {
+	r.section("PostgreSQL: the middleware against the raw statements")
+	url := os.Getenv(databaseURLEnv)
+	if url == "" {
+		r.skip("PostgreSQL rows", databaseURLEnv+" is not set")
+		return
+	}
+	args := r.benchArgs("^BenchmarkPostgres(Overhead)?$", "./pgstore")
+	out, err := goTest(ctx, r.cfg.root, nil, args...)
+	if err != nil {
+		r.fail("PostgreSQL benchmarks", err)
+		return
+	}
+	res := parseBench(out)
+	ff, fo := of(res, "BenchmarkPostgresOverhead", "floor-first-µs"), of(res, "BenchmarkPostgresOverhead", "first-over-floor-µs")
+	rf, ro := of(res, "BenchmarkPostgresOverhead", "floor-replay-µs"), of(res, "BenchmarkPostgresOverhead", "replay-over-floor-µs")
+	r.table([]string{"request", "floor", "middleware", "× floor", "over floor", "allocations"}, [][]string{
+		{"first (floor: INSERT, then INSERT … ON CONFLICT DO UPDATE)", ff.format(0, " µs"), zip(ff, fo, plus).format(0, " µs"), zip(zip(ff, fo, plus), ff, ratio).format(2, ""), fo.format(0, " µs"),
+			of(res, "BenchmarkPostgres/first", "allocs/op").format(0, "")},
+		{"replay (floor: INSERT … ON CONFLICT DO NOTHING of an existing key)", rf.format(0, " µs"), zip(rf, ro, plus).format(0, " µs"), zip(zip(rf, ro, plus), rf, ratio).format(2, ""), ro.format(0, " µs"),
+			of(res, "BenchmarkPostgres/replay", "allocs/op").format(0, "")},
+	})
+	r.note("\nBenchmarkPostgresOverhead: raw statements and the middleware on the same pool in every iteration.\n" +
+		"command: " + databaseURLEnv + "='" + url + "' go test " + join(args) + "\n")
+}

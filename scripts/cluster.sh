@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# A Redis Cluster of N primaries and no replicas on loopback, keeping
+# nothing on disk: the shards of the capacity check (docs/capacity.md).
+# .ci/cluster.sh starts the tests' cluster (3 primaries, 3 replicas).
+#
+#   scripts/cluster.sh start N DIR   start it; print the node addresses, comma-separated
+#   scripts/cluster.sh stop DIR      stop the nodes started in DIR
+#
+# Ports: N free ports from REDIS_CLUSTER_BASE_PORT (default 31001) up,
+# each with its cluster bus port (port + 10000) free too. The binaries:
+# REDIS_SERVER (else IDEMPOTENCY_TEST_REDIS_SERVER, else redis-server on
+# the PATH) and REDIS_CLI (else redis-cli).
+set -euo pipefail
+
+usage() {
+	echo "usage: $0 start N DIR | stop DIR" >&2
+	exit 2
+}
+cmd=${1:-}
+case "$cmd" in
+start)
+	n=${2:-}
+	dir=${3:-}
+	[ -n "$dir" ] && [[ "$n" =~ ^[1-9][0-9]*$ ]] || usage
+	;;
+stop)
+	dir=${2:-}
+	[ -n "$dir" ] || usage
+	;;
+*) usage ;;
+esac
+server=${REDIS_SERVER:-${IDEMPOTENCY_TEST_REDIS_SERVER:-$(command -v redis-server || true)}}
+cli=${REDIS_CLI:-$(command -v redis-cli || true)}
+
+in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+stop() {
+	[ -f "$dir/ports" ] || return 0
+	for port in $(cat "$dir/ports"); do
+		if [ -f "$dir/redis-$port.pid" ]; then
+			kill "$(cat "$dir/redis-$port.pid")" 2>/dev/null || true
+		fi
+	done
+	# Wait until every node is gone, so the ports are free again.
+	for port in $(cat "$dir/ports"); do
+		for _ in $(seq 50); do in_use "$port" || break; sleep 0.1; done
+	done
+	rm -f "$dir/ports"
+}
+
+start() {
+	if [ -z "$server" ] || [ -z "$cli" ]; then
+		echo "redis-server or redis-cli not found (set REDIS_SERVER, REDIS_CLI)" >&2
+		exit 1
+	fi
+	mkdir -p "$dir"
+	stop
+	rm -f "$dir"/nodes-*.conf "$dir"/redis-*.log "$dir"/redis-*.pid
+	local port=${REDIS_CLUSTER_BASE_PORT:-31001} ports=()
+	while [ ${#ports[@]} -lt "$n" ]; do
+		if [ "$port" -gt 39999 ]; then
+			echo "no free ports for the cluster" >&2
+			exit 1
+		fi
+		if ! in_use "$port" && ! in_use $((port + 10000)); then ports+=("$port"); fi
+		port=$((port + 1))
+	done
+	echo "${ports[*]}" >"$dir/ports"
+	local addrs=()
+	for p in "${ports[@]}"; do
+		"$server" --port "$p" --bind 127.0.0.1 --cluster-enabled yes \
+			--cluster-config-file "nodes-$p.conf" --cluster-node-timeout 5000 \
+			--save '' --appendonly no --dir "$dir" --daemonize yes \
+			--pidfile "$dir/redis-$p.pid" --logfile "$dir/redis-$p.log" >/dev/null
+		addrs+=("127.0.0.1:$p")
+	done
+	for p in "${ports[@]}"; do
+		for _ in $(seq 100); do
+			[ "$("$cli" -p "$p" ping 2>/dev/null)" = PONG ] && break
+			sleep 0.1
+		done
+	done
+	if [ "$n" -eq 1 ]; then
+		# redis-cli --cluster create wants three masters; one node gets
+		# every slot by hand.
+		"$cli" -p "${ports[0]}" cluster addslotsrange 0 16383 >/dev/null
+	else
+		"$cli" --cluster create "${addrs[@]}" --cluster-replicas 0 --cluster-yes >"$dir/create.log" 2>&1 || {
+			cat "$dir/create.log" >&2
+			exit 1
+		}
+	fi
+	# Every node must see every slot served before the caller starts.
+	for p in "${ports[@]}"; do
+		local ok=
+		for _ in $(seq 300); do
+			if "$cli" -p "$p" cluster info 2>/dev/null | tr -d '\r' | grep -q '^cluster_state:ok$' &&
+				[ "$("$cli" -p "$p" cluster nodes 2>/dev/null | grep -c master)" = "$n" ]; then
+				ok=1
+				break
+			fi
+			sleep 0.1
+		done
+		if [ -z "$ok" ]; then
+			echo "node $p: cluster not ready after 30 s" >&2
+			"$cli" -p "$p" cluster info >&2 || true
+			exit 1
+		fi
+	done
+	(
+		IFS=,
+		echo "${addrs[*]}"
+	)
+}
+
+case "$cmd" in
+start) start ;;
+stop) stop ;;
+esac
