@@ -1,16 +1,57 @@
 #!/usr/bin/env bash
 # Prints the performance tables of README.md, docs/performance.md and
 # docs/capacity.md, each against a floor measured in the same run, with the
-# machine's load beside them (examples/figures does the work).
+# machine's load beside them (examples/figures does the work), then each
+# server's highest rate with p99 under 10 ms against the bare handler's
+# (examples/loadtest -saturate, with a Redis Cluster of 3 primaries started
+# by scripts/cluster.sh).
 #
-#   bash scripts/figures.sh          the published figures (several minutes)
+#   bash scripts/figures.sh          the published figures (about 15 minutes)
 #   bash scripts/figures.sh -short   every row once and briefly: CI runs it so it cannot rot
 #
-# Servers, as for the tests: IDEMPOTENCY_TEST_REDIS_URL (Redis benchmarks),
-# IDEMPOTENCY_TEST_REDIS_SERVER or redis-server on the PATH (a server and
+# Servers, as for the tests: IDEMPOTENCY_TEST_REDIS_URL (Redis),
+# IDEMPOTENCY_TEST_REDIS_SERVER or redis-server on the PATH (servers and
 # clusters of this run's own), IDEMPOTENCY_TEST_DATABASE_URL (PostgreSQL).
 # Rows whose server is missing are skipped with a line saying so.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-exec go run ./examples/figures -root "$root" "$@"
+short=
+for arg in "$@"; do
+	case "$arg" in
+	-short) short=1 ;;
+	*)
+		echo "usage: $0 [-short]" >&2
+		exit 2
+		;;
+	esac
+done
+
+status=0
+go run ./examples/figures -root "$root" "$@" || status=$?
+
+echo
+echo "## Load to saturation: the highest rate of first requests with p99 under 10 ms"
+echo
+args=(-saturate -rate 500 -duration 3s -redis "${IDEMPOTENCY_TEST_REDIS_URL:-}")
+if [ -n "$short" ]; then
+	args=(-saturate -rate 200 -duration 300ms -max-rate 800 -redis "${IDEMPOTENCY_TEST_REDIS_URL:-}")
+fi
+[ -n "${IDEMPOTENCY_TEST_REDIS_URL:-}" ] || echo "skipped: Redis rows: IDEMPOTENCY_TEST_REDIS_URL is not set"
+if [ -n "${IDEMPOTENCY_TEST_DATABASE_URL:-}" ]; then
+	args+=(-database "$IDEMPOTENCY_TEST_DATABASE_URL")
+else
+	echo "skipped: PostgreSQL rows: IDEMPOTENCY_TEST_DATABASE_URL is not set"
+fi
+server=${IDEMPOTENCY_TEST_REDIS_SERVER:-$(command -v redis-server || true)}
+cluster_dir=
+if [ -n "$server" ]; then
+	cluster_dir=$(mktemp -d)
+	trap 'bash scripts/cluster.sh stop "$cluster_dir"; rm -rf "$cluster_dir"' EXIT
+	addrs=$(REDIS_SERVER=$server bash scripts/cluster.sh start 3 "$cluster_dir")
+	args+=(-cluster "$addrs")
+else
+	echo "skipped: Redis Cluster rows: IDEMPOTENCY_TEST_REDIS_SERVER is not set and no redis-server is on the PATH"
+fi
+go run ./examples/loadtest "${args[@]}" || status=$?
+exit "$status"

@@ -12,8 +12,8 @@ const (
 	redisServerEnv = "IDEMPOTENCY_TEST_REDIS_SERVER"
 )
 
-func (r *report) benchArgs(pattern string, pkg string) []string {
-	return []string{"-count", itoa(r.cfg.count), "-run", "^$", "-bench", pattern, "-benchmem", "-benchtime", r.cfg.bench, pkg}
+func (r *report) benchArgs(pattern, benchtime, pkg string) []string {
+	return []string{"-count", itoa(r.cfg.count), "-run", "^$", "-bench", pattern, "-benchmem", "-benchtime", benchtime, pkg}
 }
 
 // memory: the bare handler against the middleware on the memory store,
@@ -21,7 +21,7 @@ func (r *report) benchArgs(pattern string, pkg string) []string {
 // requests (BenchmarkBaseline, BenchmarkMemory).
 func (r *report) memory(ctx context.Context) {
 	r.section("Memory store: the middleware against the bare handler")
-	args := r.benchArgs("^Benchmark(Baseline|Memory|MemoryOverhead)$", ".")
+	args := r.benchArgs("^Benchmark(Baseline|Memory|MemoryOverhead)$", r.cfg.bench[0], ".")
 	out, err := goTest(ctx, r.cfg.root, []string{redisURLEnv + "="}, args...)
 	if err != nil {
 		r.fail("memory benchmarks", err)
@@ -68,7 +68,7 @@ func (r *report) redisBench(ctx context.Context) {
 		r.skip("Redis rows", redisURLEnv+" is not set")
 		return
 	}
-	args := r.benchArgs("^Benchmark(Redis|RedisOverhead)$", ".")
+	args := r.benchArgs("^Benchmark(Redis|RedisOverhead)$", r.cfg.bench[1], ".")
 	out, err := goTest(ctx, r.cfg.root, nil, args...)
 	if err != nil {
 		r.fail("Redis benchmarks", err)
@@ -100,7 +100,7 @@ func (r *report) postgresBench(ctx context.Context) {
 		r.skip("PostgreSQL rows", databaseURLEnv+" is not set")
 		return
 	}
-	args := r.benchArgs("^BenchmarkPostgres(Overhead)?$", "./pgstore")
+	args := r.benchArgs("^BenchmarkPostgres(Overhead)?$", r.cfg.bench[2], "./pgstore")
 	out, err := goTest(ctx, r.cfg.root, nil, args...)
 	if err != nil {
 		r.fail("PostgreSQL benchmarks", err)
