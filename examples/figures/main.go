@@ -41,10 +41,10 @@ import (
 type config struct {
 	root    string // the repository's root
 	short   bool
-	count   int    // runs of each benchmark
+	count   int       // runs of each benchmark
 	bench   [3]string // -benchtime of the memory, Redis and PostgreSQL benchmarks
-	n       int    // requests per server-side measurement
-	shards  []int  // cluster sizes to check
+	n       int       // requests per server-side measurement
+	shards  []int     // cluster sizes to check
 	cluster time.Duration
 }
 
