@@ -1,13 +1,16 @@
 module github.com/seed70ea8305/idempotency/examples
 
-go 1.24
+go 1.25
 
 require (
 	github.com/alicebob/miniredis/v2 v2.40.0
+	github.com/chromedp/cdproto v0.160.1
+	github.com/chromedp/chromedp v0.23.1
 	github.com/jackc/pgx/v5 v5.7.6
 	github.com/prometheus/client_golang v1.23.0
 	github.com/redis/go-redis/v9 v9.22.0
 	github.com/seed70ea8305/idempotency v0.0.0-00010101000000-000000000000
+	github.com/seed70ea8305/idempotency/console v0.0.0-00010101000000-000000000000
 	github.com/seed70ea8305/idempotency/idemotel v0.0.0-00010101000000-000000000000
 	github.com/seed70ea8305/idempotency/internal/pgtest v0.0.0-00010101000000-000000000000
 	github.com/seed70ea8305/idempotency/pgstore v0.0.0-00010101000000-000000000000
@@ -25,6 +28,7 @@ require (
 require (
 	github.com/beorn7/perks v1.0.1 // indirect
 	github.com/cespare/xxhash/v2 v2.3.0 // indirect
+	github.com/go-json-experiment/json v0.0.0-20260213210345-44df1a37e875 // indirect
 	github.com/go-logr/logr v1.4.3 // indirect
 	github.com/go-logr/stdr v1.2.2 // indirect
 	github.com/google/uuid v1.6.0 // indirect
@@ -56,6 +60,7 @@ require (
 
 replace (
 	github.com/seed70ea8305/idempotency => ../
+	github.com/seed70ea8305/idempotency/console => ../console
 	github.com/seed70ea8305/idempotency/idemotel => ../idemotel
 	github.com/seed70ea8305/idempotency/internal/pgtest => ../internal/pgtest
 	github.com/seed70ea8305/idempotency/pgstore => ../pgstore

@@ -12,6 +12,9 @@
 //   - GET /stats shows how often work really happened;
 //   - GET /metrics serves the library's OpenTelemetry metrics (package
 //     idemotel) through the OpenTelemetry Prometheus exporter.
+//   - with DATABASE_URL and ADMIN_KEY, /admin/webhooks/ serves the webhook
+//     inbox's operator API and /admin/console/ the operator console, in a
+//     browser (package console).
 //
 // Without STRIPE_SECRET_KEY it talks to an in-process fake of Stripe's API
 // (package stripefake) with public development credentials; with it, it
@@ -105,8 +108,8 @@ func options(webhookSecret, partnerSecret, apiKeys, addr, redisURL, databaseURL,
 		{"webhook-secret", "STRIPE_WEBHOOK_SECRET", "", "Stripe webhook signing secret (whsec_...); unset: " + devWebhookSecret + " with the fake Stripe, required with STRIPE_SECRET_KEY", webhookSecret},
 		{"partner-webhook-secret", "PARTNER_WEBHOOK_SECRET", "", "the ticketing partner's Standard Webhooks signing secret (whsec_<base64>) for POST /webhooks/partner; unset: " + devPartnerSecret + ", public, for development", partnerSecret},
 		{"api-keys", "API_KEYS", "", "client API keys and their tenants, as key:tenant,key:tenant; unset: " + devAPIKeys + " with the fake Stripe, required with STRIPE_SECRET_KEY", apiKeys},
-		{"admin-key", "ADMIN_KEY", "", "API key of the webhook inbox's operator API under /admin/webhooks/ (with DATABASE_URL); unset: no operator API", adminKey},
-		{"admin-redrive", "ADMIN_REDRIVE", "", "1: the operator API may redrive failed events; unset: read-only", adminRedrive},
+		{"admin-key", "ADMIN_KEY", "", "admin key of the webhook inbox's operator API under /admin/webhooks/ and of the operator console at /admin/console/ (with DATABASE_URL); unset: neither", adminKey},
+		{"admin-redrive", "ADMIN_REDRIVE", "", "1: the operator API and console may redrive failed events (and the console remove unreadable records); unset: read-only", adminRedrive},
 	}
 }
 
@@ -375,7 +378,7 @@ func openStore(ctx context.Context, cfg config, logger *slog.Logger) (idempotenc
 // attempts, so a demonstration shows the retries quickly; a production
 // service keeps the library's defaults (10 s to 1 h, 10 attempts).
 func startWorker(ctx context.Context, pool *pgxpool.Pool, svc *service, logger *slog.Logger) (func(), error) {
-	worker, err := inbox.NewWorker(ctx, pool, svc.handleWebhook, inbox.WorkerOptions{
+	worker, err := inbox.NewWorker(ctx, pool, svc.activity.Worker(svc.handleWebhook), inbox.WorkerOptions{
 		BackoffMin:   200 * time.Millisecond,
 		BackoffMax:   5 * time.Second,
 		MaxAttempts:  5,

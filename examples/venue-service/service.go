@@ -19,6 +19,7 @@ import (
 	"github.com/stripe/stripe-go/v76/client"
 
 	"github.com/seed70ea8305/idempotency"
+	"github.com/seed70ea8305/idempotency/console"
 	"github.com/seed70ea8305/idempotency/idemotel"
 	"github.com/seed70ea8305/idempotency/pgstore/inbox"
 	"github.com/seed70ea8305/idempotency/pgstore/inbox/admin"
@@ -53,6 +54,9 @@ type service struct {
 	crashAfter func(point string) bool
 
 	venues venueStore
+	// activity counts request outcomes and webhook attempts per minute
+	// for the operator console's charts.
+	activity *console.Activity
 
 	mu             sync.Mutex
 	stripeAccounts map[string]bool // distinct accounts Stripe returned
@@ -69,6 +73,7 @@ func newService(stripeClient *client.API, venues venueStore, keys apiKeys, logge
 	return &service{
 		stripe:         stripeClient,
 		venues:         venues,
+		activity:       console.NewActivity(),
 		apiKeys:        keys,
 		logger:         logger,
 		stripeAccounts: make(map[string]bool),
@@ -83,6 +88,9 @@ func newService(stripeClient *client.API, venues venueStore, keys apiKeys, logge
 // that run starts. Without one, the webhook helper processes each delivery
 // before answering.
 func (s *service) routes(ctx context.Context, store idempotency.Store, pool *pgxpool.Pool, cfg config, metrics *idemotel.Metrics, metricsHandler http.Handler) (http.Handler, error) {
+	// The console reads records through the store itself (every store of
+	// the library is an Inspector), not through the metrics' wrapper.
+	records, _ := store.(idempotency.Inspector)
 	// Time every store call.
 	store = metrics.Store(store)
 	mw, err := idempotency.New(store, idempotency.Options{
@@ -97,6 +105,7 @@ func (s *service) routes(ctx context.Context, store idempotency.Store, pool *pgx
 		// One observer: the audit log and the metrics.
 		Observer: func(ctx context.Context, r idempotency.Report) {
 			metrics.ObserveRequest(ctx, r)
+			s.activity.ObserveRequest(ctx, r)
 			s.auditReplay(ctx, r)
 		},
 	})
@@ -113,7 +122,7 @@ func (s *service) routes(ctx context.Context, store idempotency.Store, pool *pgx
 	if err != nil {
 		return nil, err
 	}
-	var stripeWebhooks, partnerWebhooks, adminAPI http.Handler
+	var stripeWebhooks, partnerWebhooks, adminAPI, adminConsole http.Handler
 	if pool != nil {
 		// With PostgreSQL, deliveries go to the inbox: stored and
 		// answered at once, processed by the worker (startWorker) with
@@ -133,6 +142,14 @@ func (s *service) routes(ctx context.Context, store idempotency.Store, pool *pgx
 				return nil, err
 			}
 			adminAPI = requireKey(cfg.adminKey, http.StripPrefix("/admin/webhooks", api))
+			// The operator console in the browser: a login with the same
+			// key; redrives and removals with ADMIN_REDRIVE=1 only.
+			if adminConsole, err = console.New(ctx, cfg.adminKey, console.Options{
+				Pool: pool, Records: records, Activity: s.activity, ReadWrite: cfg.adminRedrive,
+				Prefix: "/admin/console", Logger: s.logger,
+			}); err != nil {
+				return nil, err
+			}
 		}
 	} else {
 		opts := idempotency.WebhookOptions{
@@ -168,6 +185,7 @@ func (s *service) routes(ctx context.Context, store idempotency.Store, pool *pgx
 		// The inbox's operator API: events across tenants, for operators
 		// with ADMIN_KEY only.
 		mux.Handle("/admin/webhooks/", adminAPI)
+		mux.Handle("/admin/console/", adminConsole)
 	}
 	// Operational endpoints, unauthenticated: keep them off the public
 	// network (or put them on another listener).
