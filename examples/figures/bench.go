@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 )
@@ -97,8 +98,8 @@ func (s series) bounds() (lo, hi float64) {
 	return lo, hi
 }
 
-// format prints the series as one value or a range over the runs, with
-// the given number of decimals.
+// format prints the series as one value, or as its median and its range
+// over the runs, with the given number of decimals.
 func (s series) format(decimals int, suffix string) string {
 	if len(s) == 0 {
 		return "—"
@@ -108,7 +109,16 @@ func (s series) format(decimals int, suffix string) string {
 	if f(lo) == f(hi) {
 		return f(lo) + suffix
 	}
-	return f(lo) + "–" + f(hi) + suffix
+	return f(s.median()) + suffix + " (" + f(lo) + "–" + f(hi) + ")"
+}
+
+func (s series) median() float64 {
+	c := slices.Clone(s)
+	slices.Sort(c)
+	if len(c)%2 == 1 {
+		return c[len(c)/2]
+	}
+	return (c[len(c)/2-1] + c[len(c)/2]) / 2
 }
 
 func plus(a, b float64) float64  { return a + b }

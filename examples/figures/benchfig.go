@@ -54,8 +54,8 @@ func (r *report) memory(ctx context.Context) {
 			allocsOver("BenchmarkMemory/first-parallel")})
 	}
 	r.table([]string{"request", "bare handler", "middleware", "× bare", "over bare", "allocations over bare"}, rows)
-	r.note("\nfirst and replay: BenchmarkMemoryOverhead, bare handler and middleware in every iteration (range over the runs); allocations: BenchmarkMemory against BenchmarkBaseline.\n" +
-		fmt.Sprintf("¹ this program: one goroutine per CPU serving %d requests each, bare handler then middleware, %d rounds (range over the rounds); allocations from BenchmarkMemory/first-parallel.\n", k, rounds) +
+	r.note("\nfirst and replay: BenchmarkMemoryOverhead, bare handler and middleware in every iteration (median and range over the runs); allocations: BenchmarkMemory against BenchmarkBaseline.\n" +
+		fmt.Sprintf("¹ this program: one goroutine per CPU serving %d requests each, bare handler then middleware, %d rounds (median and range over the rounds); allocations from BenchmarkMemory/first-parallel.\n", k, rounds) +
 		"command: go test " + join(args) + "\n")
 }
 

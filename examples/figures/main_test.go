@@ -24,7 +24,7 @@ PASS
 		t.Errorf("allocs = %v", got)
 	}
 	bare := of(res, "BenchmarkMemoryOverhead", "bare-µs")
-	if got := zip(bare, of(res, "BenchmarkMemoryOverhead", "first-over-bare-µs"), plus).format(2, " µs"); got != "19.00–20.38 µs" {
+	if got := zip(bare, of(res, "BenchmarkMemoryOverhead", "first-over-bare-µs"), plus).format(2, " µs"); got != "19.69 µs (19.00–20.38)" {
 		t.Errorf("range = %q", got)
 	}
 	if got := (series{}).format(1, ""); got != "—" {

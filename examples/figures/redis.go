@@ -120,7 +120,8 @@ type redisCost struct {
 	commands   float64 // commands the server ran (a script counts as EVALSHA plus the commands it calls)
 	cmdMicros  float64 // microseconds in commands (INFO commandstats)
 	cpuMicros  float64 // the server process's CPU, user and system (INFO cpu): commands, networking and the event loop
-	bytes      float64 // used_memory growth (INFO memory)
+	bytes      float64 // used_memory growth (INFO memory), hash tables included: it moves in steps when they grow
+	usage      float64 // MEMORY USAGE of the keys a request adds (the average key's, times keys added)
 	keys       float64 // keys added
 }
 
@@ -285,7 +286,36 @@ func measureRedisCosts(ctx context.Context, addr string, n int) (redisCosts, err
 			return out, err
 		}
 	}
+	for _, u := range []struct {
+		cost    *redisCost
+		pattern string
+	}{{&out.storeFirst, "figures:*"}, {&out.floorFirst, "floor:*"}} {
+		avg, err := averageUsage(ctx, meter, u.pattern, 1000)
+		if err != nil {
+			return out, err
+		}
+		u.cost.usage = avg * u.cost.keys
+	}
 	return out, nil
+}
+
+// averageUsage is the average MEMORY USAGE of up to limit keys matching
+// pattern.
+func averageUsage(ctx context.Context, c *redis.Client, pattern string, limit int) (float64, error) {
+	var sum, n float64
+	iter := c.Scan(ctx, 0, pattern, 500).Iterator()
+	for iter.Next(ctx) && n < float64(limit) {
+		u, err := c.MemoryUsage(ctx, iter.Val(), 0).Result()
+		if err != nil {
+			return 0, err
+		}
+		sum += float64(u)
+		n++
+	}
+	if err := iter.Err(); err != nil || n == 0 {
+		return 0, err
+	}
+	return sum / n, nil
 }
 
 // redisServerBin is the redis-server binary to start, or why there is none.

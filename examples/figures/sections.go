@@ -85,7 +85,8 @@ func (r *report) redisCostTable(c redisCosts, bin string) {
 		{"commands run (a script: EVALSHA and the calls inside)", func(c redisCost) float64 { return c.commands }, f2},
 		{"µs in commands (INFO commandstats)", func(c redisCost) float64 { return c.cmdMicros }, f1},
 		{"µs of Redis CPU (INFO cpu: commands, network, event loop)", func(c redisCost) float64 { return c.cpuMicros }, f1},
-		{"bytes of memory added (INFO used_memory)", func(c redisCost) float64 { return c.bytes }, f0},
+		{"bytes of memory added (INFO used_memory, hash tables included)", func(c redisCost) float64 { return c.bytes }, f0},
+		{"bytes of the keys added (MEMORY USAGE)", func(c redisCost) float64 { return c.usage }, f0},
 		{"keys added", func(c redisCost) float64 { return c.keys }, f2},
 	} {
 		rows = append(rows, []string{m.name,
