@@ -3,6 +3,7 @@ package idempotency
 import (
 	"encoding/binary"
 	"fmt"
+	"net/http"
 
 	"github.com/seed70ea8305/idempotency/internal/wire"
 )
@@ -31,21 +32,27 @@ func ownerPrefix(token string) string { return tokenPrefix(stateInFlight, token)
 func completedPrefix(token string) string { return tokenPrefix(stateCompleted, token) }
 
 func tokenPrefix(state byte, token string) string {
-	return string(wire.AppendString([]byte{recordVersion, state}, token))
+	return string(appendTokenPrefix(make([]byte, 0, 4+len(token)), state, token))
 }
 
 // encodeRecord encodes rec; token is its owner when rec is in flight, else
 // the owner that completed it.
 func encodeRecord(rec *Record, token string) string {
+	size := 32 + len(rec.Fingerprint) + len(token)
+	if rec.Response != nil {
+		size += len(rec.Response.Body) + wire.HeaderSize(rec.Response.Header)
+	}
+	return string(appendRecord(make([]byte, 0, size), rec, token))
+}
+
+// appendRecord appends rec, encoded as encodeRecord does, to b.
+func appendRecord(b []byte, rec *Record, token string) []byte {
 	if rec.Response == nil {
-		b := []byte(ownerPrefix(token))
-		b = wire.AppendString(b, rec.Fingerprint)
-		b = binary.AppendVarint(b, rec.CreatedAt.UnixMilli())
-		return string(b)
+		b, _, _ = appendClaim(b, rec, token)
+		return b
 	}
 	resp := rec.Response
-	b := make([]byte, 0, 32+len(rec.Fingerprint)+len(resp.Body)+len(token)+wire.HeaderSize(resp.Header))
-	b = append(b, completedPrefix(token)...)
+	b = appendTokenPrefix(b, stateCompleted, token)
 	b = wire.AppendString(b, rec.Fingerprint)
 	b = binary.AppendVarint(b, rec.CreatedAt.UnixMilli())
 	b = binary.AppendUvarint(b, uint64(resp.StatusCode))
@@ -55,8 +62,58 @@ func encodeRecord(rec *Record, token string) string {
 	}
 	b = append(b, flags)
 	b = wire.AppendHeader(b, resp.Header)
-	b = wire.AppendString(b, string(resp.Body))
-	return string(b)
+	return wire.AppendString(b, string(resp.Body))
+}
+
+// appendClaim appends rec, in flight and owned by token, to b, and
+// returns where its owner prefix and the encoded fingerprint after it
+// end in b.
+func appendClaim(b []byte, rec *Record, token string) (_ []byte, ownerEnd, fingerprintEnd int) {
+	b = appendTokenPrefix(b, stateInFlight, token)
+	ownerEnd = len(b)
+	b = wire.AppendString(b, rec.Fingerprint)
+	fingerprintEnd = len(b)
+	return binary.AppendVarint(b, rec.CreatedAt.UnixMilli()), ownerEnd, fingerprintEnd
+}
+
+func appendTokenPrefix(b []byte, state byte, token string) []byte {
+	return wire.AppendString(append(b, recordVersion, state), token)
+}
+
+// decodedCompletion is a decoded completed record, its response and the
+// values of its first headers, in one allocation.
+type decodedCompletion struct {
+	completion
+	values [2]string
+}
+
+// header decodes a header as wire.Decoder.Header does, with the values
+// of the first headers in c's own space.
+func (c *decodedCompletion) header(d *wire.Decoder) http.Header {
+	// Each header takes at least two bytes, which bounds the count before
+	// anything is allocated.
+	n := d.Uvarint(uint64(len(d.B)))
+	if n == 0 || d.Err != nil {
+		return nil
+	}
+	h := make(http.Header, n)
+	free := c.values[:0:len(c.values)]
+	for i := uint64(0); i < n && d.Err == nil; i++ {
+		name := d.String()
+		count := d.Uvarint(uint64(len(d.B)))
+		var values []string
+		if count <= uint64(cap(free)-len(free)) {
+			values = free[len(free) : len(free)+int(count) : len(free)+int(count)]
+			free = free[:len(free)+int(count)]
+		} else {
+			values = make([]string, count)
+		}
+		for i := range values {
+			values[i] = d.String()
+		}
+		h[name] = values
+	}
+	return h
 }
 
 // errCorruptRecord is what the decoders wrap: a record the store holds
@@ -72,7 +129,7 @@ func decodeRecord(b string) (*Record, string, error) {
 	if d.Byte() != recordVersion {
 		return nil, "", fmt.Errorf("%w: unknown version", errCorruptRecord)
 	}
-	rec := &Record{}
+	var rec *Record
 	state := d.Byte()
 	token := d.String()
 	if token == "" {
@@ -80,18 +137,21 @@ func decodeRecord(b string) (*Record, string, error) {
 	}
 	switch state {
 	case stateInFlight:
-		rec.Token = token
+		rec = &Record{Token: token}
 		rec.Fingerprint = d.String()
 		rec.CreatedAt = d.Time()
 	case stateCompleted:
+		c := &decodedCompletion{}
+		resp := &c.resp
+		rec = &c.rec
 		rec.Fingerprint = d.String()
 		rec.CreatedAt = d.Time()
-		resp := &Response{StatusCode: int(d.Uvarint(999))}
+		resp.StatusCode = int(d.Uvarint(999))
 		if d.Err == nil && wire.CheckStatus(resp.StatusCode) != nil {
 			d.Fail("bad status")
 		}
 		resp.BodyOmitted = d.Byte()&flagBodyOmitted != 0
-		resp.Header = d.Header()
+		resp.Header = c.header(&d)
 		if body := d.String(); body != "" {
 			resp.Body = []byte(body)
 		}

@@ -1,6 +1,7 @@
 package idempotency
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
@@ -184,14 +185,17 @@ var (
 // bounds the key's length; the short tag lets the keys that share it share
 // one fence counter too.
 func (s *RedisStore) redisKey(key string) string {
-	sum := sha256.Sum256([]byte(key))
 	var buf [64]byte
-	b := append(buf[:0], s.prefix...)
+	return string(s.appendRedisKey(buf[:0], key))
+}
+
+func (s *RedisStore) appendRedisKey(b []byte, key string) []byte {
+	sum := sha256.Sum256([]byte(key))
+	b = append(b, s.prefix...)
 	b = append(b, '{')
 	b = hex.AppendEncode(b, sum[:2])
 	b = append(b, '}')
-	b = hex.AppendEncode(b, sum[2:16])
-	return string(b)
+	return hex.AppendEncode(b, sum[2:16])
 }
 
 // fenceKey is the counter of the fences of every key sharing rkey's tag.
@@ -201,45 +205,70 @@ func fenceKey(rkey string) string {
 
 // Scripts. Each compares the stored value's owner prefix (see ownerPrefix)
 // with the caller's, so it acts only for the token that holds the key.
+//
+// The acquire and get scripts answer one string (see decodeRedisReply),
+// the others an integer, so that go-redis reads a reply without boxing
+// it. A free key's path takes five commands; a replay's, one GET.
 var (
-	// KEYS: record, fence counter, recovery point. ARGV: owner prefix,
-	// claim, lease ms, not-after (Unix ms by the caller's clock; 0: none),
-	// the claim's encoded fingerprint. Returns the fence (acquired), the
-	// record already there (with its PTTL when in flight: the 409's
-	// Retry-After and a waiter's timer), -1 (too late), or, when a
-	// recovery point is kept under the key (see redisCheckpoint), {fence,
-	// its fingerprint, point, data}: fence is 0 when the point belongs to
-	// another request and nothing was claimed.
-	redisAcquire = redis.NewScript(`
+	// KEYS: record, fence counter, recovery point. ARGV: claim, owner
+	// prefix, the claim's encoded fingerprint, lease ms, not-after (Unix
+	// ms by the caller's clock; 0: none). Returns the fence (acquired),
+	// -1 (too late), the completed record already there, or an envelope:
+	// 'P' for a record in flight (with its PTTL: the 409's Retry-After and
+	// a waiter's timer), 'R' when a recovery point is kept under the key
+	// (see redisCheckpoint): the fence, its fingerprint, point and data;
+	// the fence is 0 when the point belongs to another request and
+	// nothing was claimed.
+	//
+	// A new fence is the greater of the counter plus one and the server's
+	// clock: SET ... GET writes the clock and reads the counter in one
+	// command, and a second SET corrects it in the rare case that the
+	// counter was ahead.
+	redisAcquire = newRedisScript(`
 local v = redis.call('GET', KEYS[1])
 if v then
-  if string.sub(v, 1, #ARGV[1]) == ARGV[1] then
-    local f = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if string.byte(v, 2) ~= 70 then
+    return v
+  end
+  if string.sub(v, 1, #ARGV[2]) ~= ARGV[2] then
+    local pttl = tostring(redis.call('PTTL', KEYS[1]))
+    return 'P' .. #pttl .. ':' .. pttl .. #v .. ':' .. v .. '0:0:'
+  end
+  local f = redis.call('GET', KEYS[2]) or '0'
+  if redis.call('EXISTS', KEYS[3]) == 1 then
     local rp = redis.call('HMGET', KEYS[3], 'fp', 'point', 'data')
-    if rp[1] and string.sub(rp[1], 1, #ARGV[5]) == ARGV[5] then
-      return {f, rp[1], rp[2], rp[3]}
+    if rp[1] and string.sub(rp[1], 1, #ARGV[3]) == ARGV[3] then
+      local point, data = rp[2] or '', rp[3] or ''
+      return 'R' .. #f .. ':' .. f .. #rp[1] .. ':' .. rp[1] .. #point .. ':' .. point .. #data .. ':' .. data
     end
-    return f
   end
-  if string.sub(v, 2, 2) == 'F' then
-    return {v, redis.call('PTTL', KEYS[1])}
-  end
-  return v
+  return f
 end
-local rp = redis.call('HMGET', KEYS[3], 'fp', 'point', 'data')
-if rp[1] and string.sub(rp[1], 1, #ARGV[5]) ~= ARGV[5] then
-  return {0, rp[1], rp[2], rp[3]}
+local rp
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  rp = redis.call('HMGET', KEYS[3], 'fp', 'point', 'data')
+  if not rp[1] then
+    rp = nil
+  elseif string.sub(rp[1], 1, #ARGV[3]) ~= ARGV[3] then
+    local point, data = rp[2] or '', rp[3] or ''
+    return 'R1:0' .. #rp[1] .. ':' .. rp[1] .. #point .. ':' .. point .. #data .. ':' .. data
+  end
 end
 local t = redis.call('TIME')
 local us = tonumber(t[1]) * 1000000 + tonumber(t[2])
-if ARGV[4] ~= '0' and math.floor(us / 1000) > tonumber(ARGV[4]) then
+if ARGV[5] ~= '0' and math.floor(us / 1000) > tonumber(ARGV[5]) then
   return -1
 end
-local f = math.max(tonumber(redis.call('GET', KEYS[2]) or '0') + 1, us)
-redis.call('SET', KEYS[2], string.format('%.0f', f))
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-if rp[1] then
-  return {f, rp[1], rp[2], rp[3]}
+local f = us
+local last = tonumber(redis.call('SET', KEYS[2], string.format('%.0f', us), 'GET') or '0')
+if last >= us then
+  f = last + 1
+  redis.call('SET', KEYS[2], string.format('%.0f', f))
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[4])
+if rp then
+  local fs, point, data = string.format('%.0f', f), rp[2] or '', rp[3] or ''
+  return 'R' .. #fs .. ':' .. fs .. #rp[1] .. ':' .. rp[1] .. #point .. ':' .. point .. #data .. ':' .. data
 end
 return f`)
 
@@ -249,7 +278,7 @@ return f`)
 	// key suspended. Its 'fp' is the in-flight value after the owner
 	// prefix, which starts with the length-prefixed fingerprint that
 	// Acquire compares. ARGV: owner prefix, point, data, keep ms.
-	redisCheckpoint = redis.NewScript(`
+	redisCheckpoint = newRedisScript(`
 local v = redis.call('GET', KEYS[1])
 if v and string.sub(v, 1, #ARGV[1]) == ARGV[1] then
   redis.call('HSET', KEYS[2], 'fp', string.sub(v, #ARGV[1] + 1), 'point', ARGV[2], 'data', ARGV[3])
@@ -260,24 +289,28 @@ if v and string.sub(v, 1, #ARGV[1]) == ARGV[1] then
 end
 return 0`)
 
-	// Get reads a record without claiming it: the value (with its PTTL
-	// when in flight, and the recovery point if any), or {0, fp, point,
-	// data} for a suspended key.
-	redisGet = redis.NewScript(`
+	// Get reads a record without claiming it: the value, as the acquire
+	// script answers it ('P' with the PTTL and the recovery point when in
+	// flight), or 'R' with fence 0 for a suspended key.
+	redisGet = newRedisScript(`
 local v = redis.call('GET', KEYS[1])
-local rp = redis.call('HMGET', KEYS[2], 'fp', 'point', 'data')
 if v then
-  if string.sub(v, 2, 2) == 'F' then
-    return {v, redis.call('PTTL', KEYS[1]), rp[2], rp[3]}
+  if string.byte(v, 2) ~= 70 then
+    return v
   end
-  return v
+  local pttl = tostring(redis.call('PTTL', KEYS[1]))
+  local rp = redis.call('HMGET', KEYS[2], 'point', 'data')
+  local point, data = rp[1] or '', rp[2] or ''
+  return 'P' .. #pttl .. ':' .. pttl .. #v .. ':' .. v .. #point .. ':' .. point .. #data .. ':' .. data
 end
+local rp = redis.call('HMGET', KEYS[2], 'fp', 'point', 'data')
 if rp[1] then
-  return {0, rp[1], rp[2], rp[3]}
+  local point, data = rp[2] or '', rp[3] or ''
+  return 'R1:0' .. #rp[1] .. ':' .. rp[1] .. #point .. ':' .. point .. #data .. ':' .. data
 end
 return false`)
 
-	redisExtend = redis.NewScript(`
+	redisExtend = newRedisScript(`
 local v = redis.call('GET', KEYS[1])
 if v and string.sub(v, 1, #ARGV[1]) == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -293,7 +326,7 @@ return 0`)
 	// the command in their last ARGV ('' for none), which wakes waiting
 	// duplicates in the same round trip; through pcall, since a failed
 	// wake-up must not fail the write (waiters re-read at their deadline).
-	redisComplete = redis.NewScript(`
+	redisComplete = newRedisScript(`
 local v = redis.call('GET', KEYS[1])
 if v and string.sub(v, 1, #ARGV[1]) == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
@@ -320,7 +353,7 @@ return 0`)
 	// and a run that finds the key held answers done when its call's ID is
 	// there: the same call, re-sent. KEYS: record, released. ARGV: owner
 	// prefix, publish command, call ID, memory ms.
-	redisRelease = redis.NewScript(`
+	redisRelease = newRedisScript(`
 local v = redis.call('GET', KEYS[1])
 if not v then
   return 1
@@ -342,7 +375,7 @@ return 0`)
 	// re-sent after a lost reply returns the same count instead of
 	// counting again. It returns the count, or 0 when the token neither
 	// owns the key nor failed it last.
-	redisFail = redis.NewScript(`
+	redisFail = newRedisScript(`
 local v = redis.call('GET', KEYS[1])
 if v and string.sub(v, 1, #ARGV[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
@@ -370,82 +403,97 @@ func (s *RedisStore) Acquire(ctx context.Context, key string, claim Record, leas
 	if deadline, ok := ctx.Deadline(); ok {
 		notAfter = deadline.UnixMilli()
 	}
-	rkey := s.redisKey(key)
-	owner := ownerPrefix(claim.Token)
-	var fence uint64
-	var existing *Record
-	err := s.call(ctx, 0, func(ctx context.Context) error {
-		reply, err := s.eval(ctx, redisAcquire, s.waitReplicas > 0, 0, []string{rkey, fenceKey(rkey), rkey + redisRecoverySuffix},
-			owner, encodeRecord(&claim, claim.Token), milliseconds(lease), notAfter, string(wire.AppendString(nil, claim.Fingerprint)))
-		if err != nil {
-			return err
-		}
-		if v, ok := reply.(int64); ok {
-			if v < 0 {
-				return errTooLate
-			}
-			fence = uint64(v)
-			return nil
-		}
-		fence, existing, err = decodeRedisRecord(reply)
-		return err
-	})
+	c := newScriptCall(redisAcquire, true, s.waitReplicas > 0)
+	c.keys(s, key, fenceSuffix, redisRecoverySuffix)
+	start := len(c.buf)
+	var ownerEnd, fingerprintEnd int
+	c.buf, ownerEnd, fingerprintEnd = appendClaim(c.buf, &claim, claim.Token)
+	c.spanArg(start, len(c.buf))
+	c.spanArg(start, ownerEnd)
+	c.spanArg(ownerEnd, fingerprintEnd)
+	c.int(milliseconds(lease))
+	c.int(notAfter)
+	reply, err := s.run(ctx, c, 0)
+	if err != nil {
+		return 0, nil, fmt.Errorf("idempotency: redis acquire: %w", err)
+	}
+	fence, existing, err := decodeRedisReply(reply.str)
 	if err != nil {
 		return 0, nil, fmt.Errorf("idempotency: redis acquire: %w", err)
 	}
 	return fence, existing, nil
 }
 
-// decodeRedisRecord decodes a record that the acquire and get scripts
-// return: a value, an in-flight value with its PTTL and recovery point, or
-// a fence with a recovery point.
-func decodeRedisRecord(reply any) (uint64, *Record, error) {
-	switch v := reply.(type) {
-	case string:
-		rec, _, err := decodeRecord(v)
+// decodeRedisReply decodes what the acquire and get scripts answer: a
+// fence (acquired), -1 (too late), a stored value, or an envelope of four
+// length-prefixed fields ("3:abc"): 'P' a record in flight, with its PTTL,
+// value, recovery point and data; 'R' a recovery point, with the fence,
+// its fingerprint, point and data.
+func decodeRedisReply(reply string) (uint64, *Record, error) {
+	if reply == "" {
+		return 0, nil, fmt.Errorf("%w: empty reply", errCorruptRecord)
+	}
+	switch c := reply[0]; {
+	case c == '-':
+		if reply == "-1" {
+			return 0, nil, errTooLate
+		}
+	case c >= '0' && c <= '9':
+		fence, err := strconv.ParseUint(reply, 10, 64)
+		if err == nil {
+			return fence, nil, nil
+		}
+	case c == 'P' || c == 'R':
+		var fields [4]string
+		rest := reply[1:]
+		for i := range fields {
+			colon := strings.IndexByte(rest, ':')
+			n, err := strconv.Atoi(rest[:max(colon, 0)])
+			if colon < 0 || err != nil || n < 0 || n > len(rest)-colon-1 {
+				return 0, nil, fmt.Errorf("%w: reply envelope", errCorruptRecord)
+			}
+			fields[i], rest = rest[colon+1:colon+1+n], rest[colon+1+n:]
+		}
+		if rest != "" {
+			break
+		}
+		return decodeEnvelope(c, fields)
+	default:
+		rec, _, err := decodeRecord(reply)
 		return 0, rec, err
-	case []any:
-		if len(v) < 2 {
-			break
+	}
+	return 0, nil, fmt.Errorf("%w: reply %.20q", errCorruptRecord, reply)
+}
+
+func decodeEnvelope(kind byte, f [4]string) (uint64, *Record, error) {
+	n, err := strconv.ParseInt(f[0], 10, 64)
+	if err != nil || n < -2 {
+		return 0, nil, fmt.Errorf("%w: reply envelope", errCorruptRecord)
+	}
+	var rec *Record
+	if kind == 'P' { // in flight: PTTL, value
+		if rec, _, err = decodeRecord(f[1]); err != nil {
+			return 0, nil, err
 		}
-		if value, ok := v[0].(string); ok { // in flight, with its PTTL
-			pttl, ok := v[1].(int64)
-			if !ok {
-				break
-			}
-			rec, _, err := decodeRecord(value)
-			if err != nil {
-				return 0, nil, err
-			}
-			if pttl > 0 {
-				rec.LeaseLeft = time.Duration(pttl) * time.Millisecond
-			}
-			if len(v) == 4 {
-				rec.RecoveryPoint, _ = v[2].(string)
-				if data, _ := v[3].(string); data != "" {
-					rec.RecoveryData = []byte(data)
-				}
-			}
-			return 0, rec, nil
+		if rec.Response != nil {
+			return 0, nil, fmt.Errorf("%w: completed record with a lease", errCorruptRecord)
 		}
-		fence, ok := v[0].(int64)
-		if !ok || len(v) != 4 || fence < 0 {
-			break
+		if n > 0 {
+			rec.LeaseLeft = time.Duration(n) * time.Millisecond
 		}
-		fp, _ := v[1].(string)
-		point, _ := v[2].(string)
-		data, _ := v[3].(string)
-		d := wire.Decoder{B: fp}
-		rec := &Record{Fingerprint: d.String(), RecoveryPoint: point}
-		if data != "" {
-			rec.RecoveryData = []byte(data)
-		}
-		if d.Err != nil || point == "" {
+		n = 0
+	} else { // a recovery point: fence, the fingerprint it belongs to
+		d := wire.Decoder{B: f[1]}
+		rec = &Record{Fingerprint: d.String()}
+		if d.Err != nil || n < 0 || f[2] == "" {
 			return 0, nil, fmt.Errorf("%w: recovery point", errCorruptRecord)
 		}
-		return uint64(fence), rec, nil
 	}
-	return 0, nil, fmt.Errorf("unexpected reply %T", reply)
+	rec.RecoveryPoint = f[2]
+	if f[3] != "" {
+		rec.RecoveryData = []byte(f[3])
+	}
+	return uint64(n), rec, nil
 }
 
 // redisRecoverySuffix names the hash that keeps a key's recovery point,
@@ -457,24 +505,30 @@ func (s *RedisStore) Checkpoint(ctx context.Context, key, token, point string, d
 	if ttl <= 0 {
 		return fmt.Errorf("idempotency: recovery point TTL %v is not positive", ttl)
 	}
-	return s.runOwned(ctx, "checkpoint", redisCheckpoint, false, key, token, []string{redisRecoverySuffix}, point, data, milliseconds(ttl))
+	if token == "" {
+		return ErrLeaseLost
+	}
+	c := newScriptCall(redisCheckpoint, false, false)
+	c.keys(s, key, redisRecoverySuffix)
+	c.ownerArg(token)
+	c.str(point)
+	c.str(string(data))
+	c.int(milliseconds(ttl))
+	return s.runOwned(ctx, "checkpoint", c)
 }
 
 // Get implements [Inspector] in one round trip.
 func (s *RedisStore) Get(ctx context.Context, key string) (*Record, error) {
-	rkey := s.redisKey(key)
+	c := newScriptCall(redisGet, true, false)
+	c.keys(s, key, redisRecoverySuffix)
+	reply, err := s.run(ctx, c, 0)
+	if errors.Is(err, redis.Nil) {
+		return nil, nil
+	}
 	var rec *Record
-	err := s.call(ctx, 0, func(ctx context.Context) error {
-		reply, err := s.eval(ctx, redisGet, false, 0, []string{rkey, rkey + redisRecoverySuffix})
-		if errors.Is(err, redis.Nil) {
-			return nil
-		}
-		if err != nil {
-			return err
-		}
-		_, rec, err = decodeRedisRecord(reply)
-		return err
-	})
+	if err == nil {
+		_, rec, err = decodeRedisReply(reply.str)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("idempotency: redis get: %w", err)
 	}
@@ -486,7 +540,14 @@ func (s *RedisStore) Extend(ctx context.Context, key, token string, lease time.D
 	if lease <= 0 {
 		return fmt.Errorf("idempotency: lease %v is not positive", lease)
 	}
-	return s.runOwned(ctx, "extend", redisExtend, false, key, token, nil, milliseconds(lease))
+	if token == "" {
+		return ErrLeaseLost
+	}
+	c := newScriptCall(redisExtend, false, false)
+	c.keys(s, key)
+	c.ownerArg(token)
+	c.int(milliseconds(lease))
+	return s.runOwned(ctx, "extend", c)
 }
 
 // Complete implements [Store].
@@ -494,8 +555,20 @@ func (s *RedisStore) Complete(ctx context.Context, key, token string, rec *Recor
 	if err := validateCompletion(rec, ttl); err != nil {
 		return err
 	}
-	return s.runOwned(ctx, "complete", redisComplete, s.waitReplicas > 0, key, token, []string{redisRecoverySuffix},
-		encodeRecord(rec, token), milliseconds(ttl), completedPrefix(token), s.publish)
+	if token == "" {
+		return ErrLeaseLost
+	}
+	c := newScriptCall(redisComplete, false, s.waitReplicas > 0)
+	c.keys(s, key, redisRecoverySuffix)
+	ownerStart := len(c.buf)
+	c.ownerArg(token)
+	start := len(c.buf)
+	c.buf = appendRecord(c.buf, rec, token)
+	c.spanArg(start, len(c.buf))
+	c.int(milliseconds(ttl))
+	c.spanArg(start, 2*start-ownerStart) // the completed prefix, as long as the owner's
+	c.str(s.publish)
+	return s.runOwned(ctx, "complete", c)
 }
 
 // Release implements [Store] in one round trip. A key that nothing holds
@@ -505,8 +578,16 @@ func (s *RedisStore) Complete(ctx context.Context, key, token string, rec *Recor
 // minute, so that go-redis re-sending it after its reply was lost
 // succeeds also when another claim took the key in between.
 func (s *RedisStore) Release(ctx context.Context, key, token string) error {
-	return s.runOwned(ctx, "release", redisRelease, false, key, token, []string{redisReleasedSuffix},
-		s.publish, rand.Text(), milliseconds(redisReleaseMemory))
+	if token == "" {
+		return ErrLeaseLost
+	}
+	c := newScriptCall(redisRelease, false, false)
+	c.keys(s, key, redisReleasedSuffix)
+	c.ownerArg(token)
+	c.str(s.publish)
+	c.str(rand.Text())
+	c.int(milliseconds(redisReleaseMemory))
+	return s.runOwned(ctx, "release", c)
 }
 
 // redisReleasedSuffix names the key that holds the ID of the Release call
@@ -528,22 +609,20 @@ func (s *RedisStore) Fail(ctx context.Context, key, token, reason string, ttl ti
 	if token == "" {
 		return 0, ErrLeaseLost
 	}
-	rkey := s.redisKey(key)
-	budget := writeBudget(ctx)
-	var n int64
-	err := s.call(ctx, budget, func(ctx context.Context) error {
-		reply, err := s.eval(ctx, redisFail, false, budget, []string{rkey, rkey + redisFailuresSuffix},
-			ownerPrefix(token), reason, milliseconds(ttl), s.publish)
-		n, _ = reply.(int64)
-		return err
-	})
+	c := newScriptCall(redisFail, false, false)
+	c.keys(s, key, redisFailuresSuffix)
+	c.ownerArg(token)
+	c.str(reason)
+	c.int(milliseconds(ttl))
+	c.str(s.publish)
+	reply, err := s.run(ctx, c, writeBudget(ctx))
 	switch {
 	case err != nil:
 		return 0, fmt.Errorf("idempotency: redis fail: %w", err)
-	case n == 0:
+	case reply.n == 0:
 		return 0, ErrLeaseLost
 	}
-	return int(n), nil
+	return int(reply.n), nil
 }
 
 // Failures implements [FailureRecorder].
@@ -572,19 +651,17 @@ func (s *RedisStore) Failures(ctx context.Context, key string) (int, string, err
 // redisRemove deletes a record with its recovery point and failure
 // history, and wakes the waiters on it. ARGV: the publish command, empty
 // for none.
-var redisRemove = redis.NewScript(`
+var redisRemove = newRedisScript(`
 local n = redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
 if ARGV[1] ~= '' then redis.pcall(ARGV[1], KEYS[1], 'r') end
 return n`)
 
 // Remove implements [Inspector] in one round trip.
 func (s *RedisStore) Remove(ctx context.Context, key string) error {
-	rkey := s.redisKey(key)
-	err := s.call(ctx, 0, func(ctx context.Context) error {
-		_, err := s.eval(ctx, redisRemove, false, 0, []string{rkey, rkey + redisRecoverySuffix, rkey + redisFailuresSuffix}, s.publish)
-		return err
-	})
-	if err != nil {
+	c := newScriptCall(redisRemove, false, false)
+	c.keys(s, key, redisRecoverySuffix, redisFailuresSuffix)
+	c.str(s.publish)
+	if _, err := s.run(ctx, c, 0); err != nil {
 		return fmt.Errorf("idempotency: redis remove: %w", err)
 	}
 	return nil
@@ -595,41 +672,169 @@ func (s *RedisStore) Remove(ctx context.Context, key string) error {
 const redisFailuresSuffix = ":failures"
 
 // runOwned runs an owner-checked write script, which answers 1 (done) or
-// 0 (the token does not own the key). Its KEYS are the record and, after
-// it, the record's key with each of suffixes (same hash tag).
-func (s *RedisStore) runOwned(ctx context.Context, op string, script *redis.Script, wait bool, key, token string, suffixes []string, args ...any) error {
-	if token == "" {
-		return ErrLeaseLost
-	}
-	argv := append([]any{ownerPrefix(token)}, args...)
-	rkey := s.redisKey(key)
-	keys := []string{rkey}
-	for _, suffix := range suffixes {
-		keys = append(keys, rkey+suffix)
-	}
-	budget := writeBudget(ctx)
-	var n int64
-	err := s.call(ctx, budget, func(ctx context.Context) error {
-		reply, err := s.eval(ctx, script, wait, budget, keys, argv...)
-		n, _ = reply.(int64)
-		return err
-	})
+// 0 (the token does not own the key).
+func (s *RedisStore) runOwned(ctx context.Context, op string, c *scriptCall) error {
+	reply, err := s.run(ctx, c, writeBudget(ctx))
 	switch {
 	case err != nil:
 		return fmt.Errorf("idempotency: redis %s: %w", op, err)
-	case n == 0:
+	case reply.n == 0:
 		return ErrLeaseLost
-	case n == 1:
+	case reply.n == 1:
 		return nil
 	default:
-		return fmt.Errorf("idempotency: redis %s: unexpected reply %d", op, n)
+		return fmt.Errorf("idempotency: redis %s: unexpected reply %d", op, reply.n)
 	}
 }
 
-// call runs op by ctx's deadline, or extra later (room for a write's
+// redisScript is a script with the arguments that name it, boxed once,
+// so that no call boxes them again.
+type redisScript struct {
+	*redis.Script
+	sha, src any
+}
+
+func newRedisScript(src string) *redisScript {
+	script := redis.NewScript(src)
+	return &redisScript{Script: script, sha: script.Hash(), src: src}
+}
+
+// The command names, boxed once.
+var (
+	argEvalSha any = "evalsha"
+	argEval    any = "eval"
+)
+
+// scriptCall is one call of a script: its keys and arguments, and the
+// command's argument list, which points at them. A pointer boxes without
+// allocating, and go-redis writes a *string, an *int64 or an
+// encoding.BinaryMarshaler (a *bytesArg: the keys and encoded arguments,
+// cut from buf, which starts in the call's own space) as what it stands
+// for, so that a call costs one allocation for all of them.
+type scriptCall struct {
+	script *redisScript
+	str1   bool // the script answers a string, else an integer
+	wait   bool // WAIT for replicas in the same round trip
+	nkeys  int
+	parts  [6]bytesArg
+	strs   [3]string
+	ints   [2]int64
+	nparts int
+	nstr   int
+	nint   int
+	args   [3 + 3 + 6]any
+	n      int
+
+	buf   []byte
+	space [512]byte
+}
+
+// bytesArg is a key or an argument: the bytes from start to end of its
+// call's buf, which may move while the call is built.
+type bytesArg struct {
+	call       *scriptCall
+	start, end int
+}
+
+// MarshalBinary is how go-redis writes it.
+func (a *bytesArg) MarshalBinary() ([]byte, error) { return a.call.buf[a.start:a.end], nil }
+
+// String is how go-redis reads a key to route the command on a Cluster.
+func (a *bytesArg) String() string { return string(a.call.buf[a.start:a.end]) }
+
+func newScriptCall(script *redisScript, str, wait bool) *scriptCall {
+	c := &scriptCall{script: script, str1: str, wait: wait, n: 3}
+	c.buf = c.space[:0]
+	return c
+}
+
+// keys sets the keys: the record's, mapped from the record key by s, then
+// the record's followed by each suffix, or the counter of the record's
+// hash tag for fenceSuffix (same tag, so the same slot on a Cluster).
+// They come before any argument.
+func (c *scriptCall) keys(s *RedisStore, key string, suffixes ...string) {
+	c.buf = s.appendRedisKey(c.buf, key)
+	n := len(c.buf)
+	c.spanArg(0, n)
+	for _, suffix := range suffixes {
+		start := len(c.buf)
+		if suffix == fenceSuffix {
+			c.buf = append(c.buf, c.buf[:bytes.IndexByte(c.buf, '}')+1]...)
+			c.buf = append(c.buf, "fence"...)
+		} else {
+			c.buf = append(append(c.buf, c.buf[:n]...), suffix...)
+		}
+		c.spanArg(start, len(c.buf))
+	}
+	c.nkeys = 1 + len(suffixes)
+	c.args[2] = c.nkeys
+}
+
+// fenceSuffix in scriptCall.keys stands for the fence counter of the
+// record's hash tag (see fenceKey).
+const fenceSuffix = "\x00fence"
+
+// spanArg adds the next key or argument: buf from start to end.
+func (c *scriptCall) spanArg(start, end int) {
+	c.parts[c.nparts] = bytesArg{call: c, start: start, end: end}
+	c.args[c.n] = &c.parts[c.nparts]
+	c.nparts++
+	c.n++
+}
+
+// ownerArg adds the next argument: the owner prefix of token.
+func (c *scriptCall) ownerArg(token string) {
+	start := len(c.buf)
+	c.buf = appendTokenPrefix(c.buf, stateInFlight, token)
+	c.spanArg(start, len(c.buf))
+}
+
+func (c *scriptCall) str(v string) {
+	c.strs[c.nstr] = v
+	c.args[c.n] = &c.strs[c.nstr]
+	c.nstr++
+	c.n++
+}
+
+func (c *scriptCall) int(v int64) {
+	c.ints[c.nint] = v
+	c.args[c.n] = &c.ints[c.nint]
+	c.nint++
+	c.n++
+}
+
+// key returns the record's key.
+func (c *scriptCall) key() string { return c.parts[0].String() }
+
+// scriptReply is a script's answer: str for the scripts that answer a
+// string, n for those that answer an integer.
+type scriptReply struct {
+	str string
+	n   int64
+}
+
+// run runs c by ctx's deadline, or extra later (room for a write's
 // fallback, see eval): inline when the client honours deadlines, else in
-// a goroutine that is left to finish on its own when that time comes (op
-// then writes results nobody reads).
+// a goroutine (see call).
+func (s *RedisStore) run(ctx context.Context, c *scriptCall, extra time.Duration) (scriptReply, error) {
+	if s.honoursDeadlines || ctx.Done() == nil {
+		return s.eval(ctx, c, extra)
+	}
+	var reply scriptReply
+	err := s.call(ctx, extra, func(ctx context.Context) error {
+		var err error
+		reply, err = s.eval(ctx, c, extra)
+		return err
+	})
+	if err != nil {
+		return scriptReply{}, err
+	}
+	return reply, nil
+}
+
+// call runs op by ctx's deadline, or extra later: inline when the client
+// honours deadlines, else in a goroutine that is left to finish on its
+// own when that time comes (op then writes results nobody reads).
 func (s *RedisStore) call(ctx context.Context, extra time.Duration, op func(context.Context) error) error {
 	if s.honoursDeadlines || ctx.Done() == nil {
 		return op(ctx)
@@ -661,12 +866,11 @@ func writeBudget(ctx context.Context) time.Duration {
 	return 0
 }
 
-// eval runs script by its SHA and, if the server has lost it, by its
+// eval runs c's script by its SHA and, if the server has lost it, by its
 // body, then within fallback (when positive) instead of ctx's deadline.
-// With wait, WAIT goes in the same pipeline and its count is checked.
-func (s *RedisStore) eval(ctx context.Context, script *redis.Script, wait bool, fallback time.Duration, keys []string, args ...any) (any, error) {
-	reply, err := s.evalOnce(ctx, script, false, wait, keys, args)
-	if !redis.HasErrorPrefix(err, "NOSCRIPT") {
+func (s *RedisStore) eval(ctx context.Context, c *scriptCall, fallback time.Duration) (scriptReply, error) {
+	reply, err := s.evalOnce(ctx, c, false)
+	if err == nil || !redis.HasErrorPrefix(err, "NOSCRIPT") {
 		return reply, err
 	}
 	if fallback > 0 {
@@ -674,40 +878,117 @@ func (s *RedisStore) eval(ctx context.Context, script *redis.Script, wait bool, 
 		ctx, cancel = context.WithTimeout(context.WithoutCancel(ctx), fallback)
 		defer cancel()
 	}
-	return s.evalOnce(ctx, script, true, wait, keys, args)
+	return s.evalOnce(ctx, c, true)
 }
 
-func (s *RedisStore) evalOnce(ctx context.Context, script *redis.Script, body, wait bool, keys []string, args []any) (any, error) {
-	if !wait {
-		if body {
-			return script.Eval(ctx, s.client, keys, args...).Result()
-		}
-		return script.EvalSha(ctx, s.client, keys, args...).Result()
+// cmdProcessor is what every go-redis client and pipeline has, through
+// which the store sends its own commands.
+type cmdProcessor interface {
+	Process(ctx context.Context, cmd redis.Cmder) error
+}
+
+// evalOnce sends EVALSHA, or EVAL with body. With c.wait, WAIT goes in
+// the same pipeline and its count is checked.
+func (s *RedisStore) evalOnce(ctx context.Context, c *scriptCall, body bool) (scriptReply, error) {
+	proc, ok := s.client.(cmdProcessor)
+	if !ok {
+		return s.evalScripter(ctx, c, body)
 	}
-	pipe, err := s.pipeline(ctx, keys[0])
-	if err != nil {
-		return nil, err
-	}
-	var run *redis.Cmd
 	if body {
-		run = script.Eval(ctx, pipe, keys, args...)
+		c.args[0], c.args[1] = argEval, c.script.src
 	} else {
-		run = script.EvalSha(ctx, pipe, keys, args...)
+		c.args[0], c.args[1] = argEvalSha, c.script.sha
 	}
+	var pipe redis.Pipeliner
+	if c.wait {
+		var err error
+		if pipe, err = s.pipeline(ctx, c.key()); err != nil {
+			return scriptReply{}, err
+		}
+		proc = pipe
+	}
+	var cmd redis.Cmder
+	var strCmd *redis.StringCmd
+	var intCmd *redis.IntCmd
+	if c.str1 {
+		strCmd = redis.NewStringCmd(ctx, c.args[:c.n]...)
+		strCmd.SetFirstKeyPos(3)
+		cmd = strCmd
+	} else {
+		intCmd = redis.NewIntCmd(ctx, c.args[:c.n]...)
+		intCmd.SetFirstKeyPos(3)
+		cmd = intCmd
+	}
+	_ = proc.Process(ctx, cmd) // the error is the command's, read below
+	if pipe != nil {
+		if err := s.waitFor(ctx, pipe); err != nil {
+			return scriptReply{}, err
+		}
+	}
+	if c.str1 {
+		str, err := strCmd.Result()
+		return scriptReply{str: str}, err
+	}
+	n, err := intCmd.Result()
+	return scriptReply{n: n}, err
+}
+
+// waitFor adds WAIT to pipe after the write in it, sends both, and checks
+// the count of replicas, unless the write failed.
+func (s *RedisStore) waitFor(ctx context.Context, pipe redis.Pipeliner) error {
 	waitCmd := pipe.Do(ctx, "wait", s.waitReplicas, milliseconds(s.waitTimeout))
-	_, _ = pipe.Exec(ctx) // each command's result is checked below
-	reply, err := run.Result()
-	if err != nil {
-		return nil, err
+	cmds, _ := pipe.Exec(ctx) // each command's result is checked
+	if len(cmds) == 0 || cmds[0].Err() != nil {
+		return nil // the write's own error is its caller's to read
 	}
 	n, err := waitCmd.Int64()
 	switch {
 	case err != nil:
-		return nil, fmt.Errorf("wait: %w", err)
+		return fmt.Errorf("wait: %w", err)
 	case n < int64(s.waitReplicas):
-		return nil, fmt.Errorf("acknowledged by %d of %d replicas within %v", n, s.waitReplicas, s.waitTimeout)
+		return fmt.Errorf("acknowledged by %d of %d replicas within %v", n, s.waitReplicas, s.waitTimeout)
 	}
-	return reply, nil
+	return nil
+}
+
+// evalScripter runs c through the Scripter methods, for a client that
+// is not one of go-redis' own.
+func (s *RedisStore) evalScripter(ctx context.Context, c *scriptCall, body bool) (scriptReply, error) {
+	keys := make([]string, c.nkeys)
+	for i := range keys {
+		keys[i] = c.parts[i].String()
+	}
+	args := make([]any, 0, c.n-3-c.nkeys)
+	for _, arg := range c.args[3+c.nkeys : c.n] {
+		switch v := arg.(type) {
+		case *bytesArg:
+			args = append(args, v.String())
+		case *string:
+			args = append(args, *v)
+		case *int64:
+			args = append(args, *v)
+		}
+	}
+	var cmd *redis.Cmd
+	if body {
+		cmd = c.script.Eval(ctx, s.client, keys, args...)
+	} else {
+		cmd = c.script.EvalSha(ctx, s.client, keys, args...)
+	}
+	reply, err := cmd.Result()
+	if err != nil {
+		return scriptReply{}, err
+	}
+	switch v := reply.(type) {
+	case string:
+		return scriptReply{str: v}, nil
+	case int64:
+		if c.str1 {
+			return scriptReply{str: strconv.FormatInt(v, 10)}, nil
+		}
+		return scriptReply{n: v}, nil
+	}
+	return scriptReply{}, fmt.Errorf("unexpected reply %T", reply)
 }
 
 // pipeline returns a pipeline whose commands all go, on one connection,

@@ -2,7 +2,10 @@ package idempotency
 
 import (
 	"bytes"
+	"errors"
 	"net/http"
+	"reflect"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -131,42 +134,80 @@ func FuzzRedisKey(f *testing.F) {
 }
 
 // FuzzDecodeRedisReply: the acquire and get scripts' replies, whatever a
-// server sends in their shapes, decode or fail without a panic; a decoded
-// recovery point is never empty.
+// server sends, decode or fail without a panic; a decoded recovery point
+// is never empty, and a claim's fence never comes with a record that is
+// not a recovery point.
 func FuzzDecodeRedisReply(f *testing.F) {
 	inFlight := encodeRecord(&Record{Token: "T", Fingerprint: "fp", CreatedAt: time.UnixMilli(1)}, "T")
+	completed := encodeRecord(&Record{Fingerprint: "fp", CreatedAt: time.UnixMilli(1), Response: &Response{StatusCode: 201, Body: []byte("{}")}}, "T")
 	fp := string(wire.AppendString(nil, "fp")) + "\x02"
-	f.Add(uint8(0), int64(0), inFlight, "", "")
-	f.Add(uint8(1), int64(1500), inFlight, "", "")
-	f.Add(uint8(2), int64(1500), inFlight, "point", "data")
-	f.Add(uint8(3), int64(7), fp, "point", "data")
-	f.Add(uint8(3), int64(0), fp, "point", "")
-	f.Add(uint8(4), int64(-1), "", "", "")
-	f.Fuzz(func(t *testing.T, shape uint8, n int64, a, b, c string) {
-		var reply any
-		switch shape % 6 {
-		case 0:
-			reply = a
-		case 1:
-			reply = []any{a, n}
-		case 2:
-			reply = []any{a, n, b, c}
-		case 3:
-			reply = []any{n, a, b, c}
-		case 4:
-			reply = []any{n}
-		case 5:
-			reply = []any{a, b, n, c}
-		}
-		fence, rec, err := decodeRedisRecord(reply)
+	f.Add("1733230000000000")
+	f.Add("-1")
+	f.Add(completed)
+	f.Add(envelope('P', "1500", inFlight, "", ""))
+	f.Add(envelope('P', "-1", inFlight, "point", "data"))
+	f.Add(envelope('R', "7", fp, "point", "data"))
+	f.Add(envelope('R', "0", fp, "point", ""))
+	f.Add("P4:15")
+	f.Fuzz(func(t *testing.T, reply string) {
+		fence, rec, err := decodeRedisReply(reply)
 		if err != nil {
 			return
 		}
-		if rec == nil {
-			t.Fatal("no error and no record")
-		}
-		if fence > 0 && rec.RecoveryPoint == "" {
+		if fence > 0 && rec != nil && rec.RecoveryPoint == "" {
 			t.Fatal("a claim resumed from an empty recovery point")
 		}
+		if fence == 0 && rec == nil && (reply[0] < '0' || reply[0] > '9') {
+			t.Fatalf("no fence and no record from %q", reply)
+		}
 	})
+}
+
+// envelope is what the scripts build for a 'P' or 'R' reply.
+func envelope(kind byte, fields ...string) string {
+	b := []byte{kind}
+	for _, f := range fields {
+		b = append(strconv.AppendInt(b, int64(len(f)), 10), ':')
+		b = append(b, f...)
+	}
+	return string(b)
+}
+
+// The replies the scripts build decode to what they stand for.
+func TestDecodeRedisReply(t *testing.T) {
+	at := time.UnixMilli(1_790_000_000_000)
+	inFlight := encodeRecord(&Record{Token: "T", Fingerprint: "fp", CreatedAt: at}, "T")
+	done := &Record{Fingerprint: "fp", CreatedAt: at, Response: &Response{StatusCode: 201, Header: http.Header{"A": {"1"}}, Body: []byte("{}")}}
+	fp := string(wire.AppendString(nil, "fp"))
+	for _, tc := range []struct {
+		reply string
+		fence uint64
+		want  *Record
+		err   error
+	}{
+		{reply: "1733230000000001", fence: 1733230000000001},
+		{reply: "-1", err: errTooLate},
+		{reply: encodeRecord(done, "T"), want: &Record{Fingerprint: "fp", CreatedAt: at, Response: done.Response}},
+		{reply: envelope('P', "1500", inFlight, "", ""), want: &Record{Token: "T", Fingerprint: "fp", CreatedAt: at, LeaseLeft: 1500 * time.Millisecond}},
+		{reply: envelope('P', "-1", inFlight, "p", "d"), want: &Record{Token: "T", Fingerprint: "fp", CreatedAt: at, RecoveryPoint: "p", RecoveryData: []byte("d")}},
+		{reply: envelope('R', "7", fp+"rest", "p", "d"), fence: 7, want: &Record{Fingerprint: "fp", RecoveryPoint: "p", RecoveryData: []byte("d")}},
+		{reply: envelope('R', "0", fp, "p", ""), want: &Record{Fingerprint: "fp", RecoveryPoint: "p"}},
+		{reply: envelope('R', "0", fp, "", ""), err: ErrRecordUnreadable},
+		{reply: envelope('P', "1", encodeRecord(done, "T"), "", ""), err: ErrRecordUnreadable},
+		{reply: "P3:abc", err: ErrRecordUnreadable},
+		{reply: "P9:abc0:0:0:", err: ErrRecordUnreadable},
+		{reply: "", err: ErrRecordUnreadable},
+		{reply: "x", err: ErrRecordUnreadable},
+	} {
+		fence, rec, err := decodeRedisReply(tc.reply)
+		if tc.err != nil {
+			if !errors.Is(err, tc.err) {
+				t.Errorf("%q: err = %v, want %v", tc.reply, err, tc.err)
+			}
+			continue
+		}
+		if err != nil || fence != tc.fence || !reflect.DeepEqual(rec, tc.want) {
+			t.Errorf("%q: got %d, %+v, %v; want %d, %+v", tc.reply, fence, rec, err, tc.fence, tc.want)
+		}
+	}
 }

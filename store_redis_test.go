@@ -242,3 +242,78 @@ func recordKeys(mr *miniredis.Miniredis) []string {
 	}
 	return keys
 }
+
+// What the previous version of the store wrote (the record encoding of
+// version 1, the fence counters, a recovery point), keys without their
+// prefix: records written before an upgrade stay readable, and an
+// upgraded process completes a claim that an old one made.
+var redisRecordsOfV1 = []struct {
+	key, value string
+	hash       map[string]string
+}{
+	{"{6e00}e5505b7c1467b57659c906c50224", "\x01F\aTOKEN-C\x04fp-1\x80\xb0\x83Řh", nil},
+	{"{6e00}fence", "1796306210648440", nil},
+	{"{a4c3}ed04a95a3da14a9d235c83d868be", "\x01C\aTOKEN-A\x04fp-1\x80\xb0\x83Řh\xc9\x01\x00\x01\fContent-Type\x01\x10application/json\x10{\"id\":\"venue_1\"}", nil},
+	{"{a4c3}fence", "1796306210646018", nil},
+	{"{de2d}423ac0393a3265f41f3dbb2ef0b7:recovery", "", map[string]string{"data": "data-1", "fp": "\x04fp-1\x80\xb0\x83Řh", "point": "point-1"}},
+	{"{de2d}423ac0393a3265f41f3dbb2ef0b7:released", "BHLAEMUORYBTZPIPFIRGR3WYQQ", nil},
+	{"{de2d}fence", "1796306210646983", nil},
+}
+
+func TestRedisReadsRecordsOfThePreviousVersion(t *testing.T) {
+	clients := map[string]func(t *testing.T) *redis.Client{
+		"miniredis": func(t *testing.T) *redis.Client { _, c := redistest.Miniredis(t); return c },
+		"redis":     func(t *testing.T) *redis.Client { return redistest.Client(t) },
+	}
+	for name, newClient := range clients {
+		t.Run(name, func(t *testing.T) {
+			client := newClient(t)
+			ctx := context.Background()
+			prefix := redistest.Prefix(t)
+			for _, r := range redisRecordsOfV1 {
+				if r.hash != nil {
+					require.NoError(t, client.HSet(ctx, prefix+r.key, r.hash).Err())
+					require.NoError(t, client.Expire(ctx, prefix+r.key, time.Hour).Err())
+				} else {
+					require.NoError(t, client.Set(ctx, prefix+r.key, r.value, time.Hour).Err())
+				}
+			}
+			// A counter ahead of the clock: the next fence is one more.
+			require.NoError(t, client.Set(ctx, prefix+"{de2d}fence", "9000000000000000", time.Hour).Err())
+			store, err := idempotency.NewRedisStore(client, idempotency.RedisOptions{Prefix: prefix})
+			require.NoError(t, err)
+			at := time.UnixMilli(1_790_000_000_000)
+			claim := func(token string) idempotency.Record {
+				return idempotency.Record{Token: token, Fingerprint: "fp-1", CreatedAt: at}
+			}
+
+			want := &idempotency.Record{Fingerprint: "fp-1", CreatedAt: at, Response: &idempotency.Response{
+				StatusCode: 201, Header: http.Header{"Content-Type": {"application/json"}}, Body: []byte(`{"id":"venue_1"}`)}}
+			got, err := store.Get(ctx, "done")
+			require.NoError(t, err)
+			assert.Equal(t, want, got)
+			fence, got, err := store.Acquire(ctx, "done", claim("TOKEN-D"), time.Minute)
+			require.NoError(t, err)
+			assert.Zero(t, fence)
+			assert.Equal(t, want, got)
+
+			fence, got, err = store.Acquire(ctx, "inflight", claim("TOKEN-D"), time.Minute)
+			require.NoError(t, err)
+			assert.Zero(t, fence)
+			require.NotNil(t, got)
+			assert.Equal(t, "TOKEN-C", got.Token)
+			assert.Positive(t, got.LeaseLeft)
+			require.NoError(t, store.Complete(ctx, "inflight", "TOKEN-C", want, time.Hour), "the old claim's owner completes")
+			got, err = store.Get(ctx, "inflight")
+			require.NoError(t, err)
+			assert.Equal(t, want, got)
+
+			fence, got, err = store.Acquire(ctx, "suspended", claim("TOKEN-E"), time.Minute)
+			require.NoError(t, err)
+			assert.Equal(t, uint64(9000000000000001), fence)
+			require.NotNil(t, got)
+			assert.Equal(t, "point-1", got.RecoveryPoint)
+			assert.Equal(t, []byte("data-1"), got.RecoveryData)
+		})
+	}
+}
