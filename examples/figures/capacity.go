@@ -23,9 +23,9 @@ var modelRates = []float64{10_000, 100_000, 1_000_000}
 // first request, the largest of the one-at-a-time figure and the loaded
 // runs' (a shard that is not busy wakes for each request alone and pays
 // more per request than a busy one, which batches), so the model leans on
-// no batching it may not get; and the memory per record, the larger of
-// used_memory's growth (which moves in steps as hash tables double) and
-// the keys' MEMORY USAGE.
+// no batching it may not get; and the memory per record once the fence
+// counters exist, the larger of used_memory's growth (which moves in steps
+// as hash tables double) and the keys' MEMORY USAGE.
 func redisInputs(c *costs) (cpu, bytes float64, from string) {
 	cpu, from = c.redis.storeFirst.cpuMicros, "one request at a time"
 	for _, s := range c.shards {
@@ -33,7 +33,7 @@ func redisInputs(c *costs) (cpu, bytes float64, from string) {
 			cpu, from = v, fmt.Sprintf("the %d-shard run", s.shards)
 		}
 	}
-	return cpu, max(c.redis.storeFirst.bytes, c.redis.storeFirst.usage), from
+	return cpu, max(c.redis.storeFirst.recordBytes, c.redis.storeFirst.recordUsage), from
 }
 
 func (r *report) capacity(c *costs) {
@@ -48,7 +48,7 @@ func (r *report) capacity(c *costs) {
 	}
 	if c.redis != nil {
 		cpu, bytes, from := redisInputs(c)
-		r.note(fmt.Sprintf("\nRedis inputs (measured above): %.1f µs of Redis CPU per first request (%s), %.0f bytes per record (the larger of used_memory growth and MEMORY USAGE), %.2f round trips.\n\n",
+		r.note(fmt.Sprintf("\nRedis inputs (measured above): %.1f µs of Redis CPU per first request (%s), %.0f bytes per record (the larger of used_memory growth and MEMORY USAGE, fence counters left out), %.2f round trips.\n\n",
 			cpu, from, bytes, c.redis.storeFirst.roundTrips))
 		var rows [][]string
 		for _, rate := range modelRates {

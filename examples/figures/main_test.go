@@ -39,7 +39,7 @@ func TestCapacityModel(t *testing.T) {
 	var out bytes.Buffer
 	r := &report{out: &out}
 	c := &costs{
-		redis: &redisCosts{storeFirst: redisCost{cpuMicros: 10, bytes: 1000, roundTrips: 2}},
+		redis: &redisCosts{storeFirst: redisCost{cpuMicros: 10, bytes: 1100, recordBytes: 1000, recordUsage: 900, roundTrips: 2}},
 		pg:    &pgCosts{storeFirst: pgCost{cpuMicros: 100, walBytes: 1000, rows: 2, bytes: 800, roundTrips: 2}, local: true},
 		shards: []shardRun{{shards: 3, requests: 3000, elapsed: time.Second,
 			keys: []float64{1000, 1000, 1000}, cpu: []float64{20000, 20000, 20000}}},

@@ -121,8 +121,13 @@ type redisCost struct {
 	cmdMicros  float64 // microseconds in commands (INFO commandstats)
 	cpuMicros  float64 // the server process's CPU, user and system (INFO cpu): commands, networking and the event loop
 	bytes      float64 // used_memory growth (INFO memory), hash tables included: it moves in steps when they grow
-	usage      float64 // MEMORY USAGE of the keys a request adds (the average key's, times keys added)
 	keys       float64 // keys added
+	// What one more record costs once the store's fence counters (one per
+	// hash tag, 65,536 at most, never expiring) all exist, as they soon
+	// do: a few thousand requests still add one each.
+	fenceKeys   float64 // fence counters added
+	recordBytes float64 // used_memory growth less the fence counters' MEMORY USAGE
+	recordUsage float64 // MEMORY USAGE of the other keys a request adds
 }
 
 // redisSnapshot is the server's counters at one moment.
@@ -281,30 +286,67 @@ func measureRedisCosts(ctx context.Context, addr string, n int) (redisCosts, err
 			return nil
 		}},
 	}
-	for _, p := range phases {
-		if *p.cost, err = measureRedis(ctx, meter, rt, n, p.do); err != nil {
+	for i, p := range phases {
+		measure := measureRedis
+		if i == 0 {
+			measure = storeFirstPhase
+		}
+		if *p.cost, err = measure(ctx, meter, rt, n, p.do); err != nil {
 			return out, err
 		}
 	}
-	for _, u := range []struct {
-		cost    *redisCost
-		pattern string
-	}{{&out.storeFirst, "figures:*"}, {&out.floorFirst, "floor:*"}} {
-		avg, err := averageUsage(ctx, meter, u.pattern, 1000)
-		if err != nil {
-			return out, err
+	out.floorFirst.recordBytes, out.floorFirst.recordUsage = out.floorFirst.bytes, out.floorFirst.bytes
+	u, err := averageUsage(ctx, meter, "floor:*", 1000, false)
+	out.floorFirst.recordUsage = u * out.floorFirst.keys
+	return out, err
+}
+
+// storeFirstPhase measures first requests and splits off what the fence
+// counters they create cost.
+func storeFirstPhase(ctx context.Context, meter redis.Cmdable, rt *roundTrips, n int, do func(i int) error) (redisCost, error) {
+	fences := func() (int, error) {
+		k := 0
+		iter := meter.Scan(ctx, 0, "figures:*fence", 1000).Iterator()
+		for iter.Next(ctx) {
+			k++
 		}
-		u.cost.usage = avg * u.cost.keys
+		return k, iter.Err()
 	}
-	return out, nil
+	before, err := fences()
+	if err != nil {
+		return redisCost{}, err
+	}
+	c, err := measureRedis(ctx, meter, rt, n, do)
+	if err != nil {
+		return c, err
+	}
+	after, err := fences()
+	if err != nil {
+		return c, err
+	}
+	c.fenceKeys = float64(after-before) / float64(n)
+	fenceUsage, err := averageUsage(ctx, meter, "figures:*fence", 1000, true)
+	if err != nil {
+		return c, err
+	}
+	recordUsage, err := averageUsage(ctx, meter, "figures:*", 1000, false)
+	if err != nil {
+		return c, err
+	}
+	c.recordBytes = c.bytes - c.fenceKeys*fenceUsage
+	c.recordUsage = recordUsage * (c.keys - c.fenceKeys)
+	return c, nil
 }
 
 // averageUsage is the average MEMORY USAGE of up to limit keys matching
-// pattern.
-func averageUsage(ctx context.Context, c *redis.Client, pattern string, limit int) (float64, error) {
+// pattern, fence counters only or all but them.
+func averageUsage(ctx context.Context, c redis.Cmdable, pattern string, limit int, fence bool) (float64, error) {
 	var sum, n float64
 	iter := c.Scan(ctx, 0, pattern, 500).Iterator()
 	for iter.Next(ctx) && n < float64(limit) {
+		if strings.HasSuffix(iter.Val(), "fence") != fence {
+			continue
+		}
 		u, err := c.MemoryUsage(ctx, iter.Val(), 0).Result()
 		if err != nil {
 			return 0, err

@@ -86,7 +86,9 @@ func (r *report) redisCostTable(c redisCosts, bin string) {
 		{"µs in commands (INFO commandstats)", func(c redisCost) float64 { return c.cmdMicros }, f1},
 		{"µs of Redis CPU (INFO cpu: commands, network, event loop)", func(c redisCost) float64 { return c.cpuMicros }, f1},
 		{"bytes of memory added (INFO used_memory, hash tables included)", func(c redisCost) float64 { return c.bytes }, f0},
-		{"bytes of the keys added (MEMORY USAGE)", func(c redisCost) float64 { return c.usage }, f0},
+		{"fence counters added (one per hash tag, at most 65,536, never expiring)", func(c redisCost) float64 { return c.fenceKeys }, f2},
+		{"bytes per record, fence counters left out: used_memory growth", func(c redisCost) float64 { return c.recordBytes }, f0},
+		{"bytes per record, fence counters left out: MEMORY USAGE", func(c redisCost) float64 { return c.recordUsage }, f0},
 		{"keys added", func(c redisCost) float64 { return c.keys }, f2},
 	} {
 		rows = append(rows, []string{m.name,

@@ -23,31 +23,45 @@ type saturation struct {
 
 // saturate finds, for every server, the highest constant rate of first
 // requests that it answers entirely with 201 and a p99 under cfg.p99,
-// and prints it beside the bare handler's. It reports false when a step
-// ran the handler other than once per 201.
+// and prints it beside the bare handler's. The servers' searches advance
+// in turns, one step each, so that a busy spell of a shared machine falls
+// on all of them rather than on one server's search. It reports false
+// when a step ran the handler other than once per 201.
 func saturate(ctx context.Context, cfg config, servers []server, notes []string, runID string, out io.Writer) (bool, error) {
 	fmt.Fprintf(out, "load: %s\n\n", loadavg())
-	ok := true
-	var results []saturation
-	for _, srv := range servers {
-		res, good, err := searchRate(ctx, cfg, srv, runID)
-		if err != nil {
-			return false, fmt.Errorf("%s: %w", srv.name, err)
+	searches := make([]*search, len(servers))
+	for i, srv := range servers {
+		searches[i] = &search{cfg: cfg, srv: srv, res: saturation{server: srv.name}, next: cfg.rate, good: true}
+	}
+	for step := 0; ; step++ {
+		active := 0
+		for _, s := range searches {
+			if s.next == 0 {
+				continue
+			}
+			active++
+			if err := s.step(ctx, runID+"-"+strconv.Itoa(step)); err != nil {
+				return false, fmt.Errorf("%s: %w", s.srv.name, err)
+			}
 		}
-		ok = ok && good
-		results = append(results, res)
-		fmt.Fprintf(out, "%-8s steps: %s\n", srv.name, strings.Join(res.steps, " "))
+		if active == 0 {
+			break
+		}
+	}
+	ok := true
+	var bare float64
+	for _, s := range searches {
+		ok = ok && s.good
+		fmt.Fprintf(out, "%-8s steps: %s\n", s.srv.name, strings.Join(s.res.steps, " "))
+		if s.srv.name == "bare" {
+			bare = float64(s.res.best)
+		}
 	}
 	fmt.Fprintln(out)
-	var bare float64
-	for _, r := range results {
-		if r.server == "bare" {
-			bare = float64(r.best)
-		}
-	}
 	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
 	fmt.Fprintf(tw, "server\thighest rate with p99 < %v\t× bare\tp50 there\tp99 there\n", cfg.p99)
-	for _, r := range results {
+	for _, s := range searches {
+		r := s.res
 		rate := strconv.Itoa(r.best) + "/s"
 		if !r.bounded {
 			rate = "≥ " + rate
@@ -59,9 +73,9 @@ func saturate(ctx context.Context, cfg config, servers []server, notes []string,
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", r.server, rate, ratio, round(r.at.p50), round(r.at.p99))
 	}
 	_ = tw.Flush()
-	for _, r := range results {
-		if len(r.failures) > 0 {
-			fmt.Fprintf(out, "failed steps of %s: %s\n", r.server, strings.Join(r.failures, "; "))
+	for _, s := range searches {
+		if len(s.res.failures) > 0 {
+			fmt.Fprintf(out, "failed steps of %s: %s\n", s.srv.name, strings.Join(s.res.failures, "; "))
 		}
 	}
 	for _, n := range notes {
@@ -71,87 +85,84 @@ func saturate(ctx context.Context, cfg config, servers []server, notes []string,
 	return ok, nil
 }
 
-// searchRate doubles the rate from cfg.rate until a step fails (halves
-// it while the first fails), then bisects to within 5 %.
-func searchRate(ctx context.Context, cfg config, srv server, runID string) (saturation, bool, error) {
-	res := saturation{server: srv.name}
-	good := true
-	step := 0
-	pass := func(rate int) (bool, error) {
-		// A failing step gets a second try before it counts: one
-		// stall of a shared machine should not set the figure.
-		for try := range 2 {
-			c := cfg
-			c.rate = rate
-			step++
-			r, ck, err := runScenario(ctx, c, srv, "unique", runID+"-s"+strconv.Itoa(step))
-			if err != nil {
-				return false, err
-			}
-			good = good && ck.ok
-			why := ""
-			switch {
-			case !ck.ok:
-				why = ck.detail
-			case r.success < 1:
-				why = fmt.Sprintf("%.2f%% answered 201 (%s)", 100*r.success, formatCodes(r.codes))
-			case r.p99 >= cfg.p99:
-				why = fmt.Sprintf("p99 %v", round(r.p99))
-			}
-			if why == "" {
-				res.steps = append(res.steps, strconv.Itoa(rate)+"✓")
-				if rate > res.best {
-					res.best, res.at = rate, r
-				}
-				return true, nil
-			}
-			res.steps = append(res.steps, strconv.Itoa(rate)+"✗")
-			if len(res.failures) < 3 {
-				res.failures = append(res.failures, fmt.Sprintf("%d/s: %s", rate, why))
-			}
-			if try == 1 {
-				return false, nil
-			}
-		}
-		return false, nil
+// search is one server's search: it doubles the rate from cfg.rate until
+// a step fails (halves it while the first fails), then bisects to within
+// 5 %.
+type search struct {
+	cfg    config
+	srv    server
+	res    saturation
+	lo, hi int  // highest rate passed, lowest failed; 0: none yet
+	next   int  // the rate of the next step; 0: done
+	good   bool // no step's execution count was wrong
+	steps  int
+}
+
+// step runs the next rate and chooses the one after.
+func (s *search) step(ctx context.Context, tag string) error {
+	rate := s.next
+	passed, err := s.try(ctx, rate, tag)
+	if err != nil {
+		return err
 	}
-	lo, hi := 0, 0
-	for rate := cfg.rate; hi == 0 && rate <= cfg.maxRate; rate *= 2 {
-		ok, err := pass(rate)
+	if passed {
+		s.lo = max(s.lo, rate)
+	} else if s.hi == 0 || rate < s.hi {
+		s.hi = rate
+	}
+	switch {
+	case s.hi == 0 && s.lo*2 <= s.cfg.maxRate:
+		s.next = s.lo * 2
+	case s.hi == 0:
+		s.next = 0 // reached -max-rate
+	case s.lo == 0 && s.hi > 1:
+		s.next = s.hi / 2
+	case s.lo == 0 || s.hi-s.lo <= s.lo/20:
+		s.next = 0
+	default:
+		s.next = (s.lo + s.hi) / 2
+	}
+	s.res.bounded = s.hi > 0
+	return nil
+}
+
+// try attacks at rate; a failing step gets a second try before it
+// counts, so that one stall of a shared machine does not set the figure.
+func (s *search) try(ctx context.Context, rate int, tag string) (bool, error) {
+	for attempt := range 2 {
+		c := s.cfg
+		c.rate = rate
+		s.steps++
+		r, ck, err := runScenario(ctx, c, s.srv, "unique", tag+"-"+s.srv.name+"-"+strconv.Itoa(s.steps))
 		if err != nil {
-			return res, good, err
+			return false, err
 		}
-		if !ok {
-			hi = rate
-		} else {
-			lo = rate
+		s.good = s.good && ck.ok
+		why := ""
+		switch {
+		case !ck.ok:
+			why = ck.detail
+		case r.success < 1:
+			why = fmt.Sprintf("%.2f%% answered 201 (%s)", 100*r.success, formatCodes(r.codes))
+		case r.p99 >= s.cfg.p99:
+			why = fmt.Sprintf("p99 %v", round(r.p99))
 		}
-	}
-	for lo == 0 && hi > 1 { // even the first rate failed: go down
-		ok, err := pass(hi / 2)
-		if err != nil {
-			return res, good, err
+		if why == "" {
+			s.res.steps = append(s.res.steps, strconv.Itoa(rate)+"✓")
+			if rate > s.res.best {
+				s.res.best, s.res.at = rate, r
+			}
+			return true, nil
 		}
-		if ok {
-			lo = hi / 2
-		} else {
-			hi /= 2
+		s.res.steps = append(s.res.steps, strconv.Itoa(rate)+"✗")
+		if len(s.res.failures) < 3 {
+			s.res.failures = append(s.res.failures, fmt.Sprintf("%d/s: %s", rate, why))
 		}
-	}
-	for lo > 0 && hi > 0 && hi-lo > lo/20 {
-		mid := (lo + hi) / 2
-		ok, err := pass(mid)
-		if err != nil {
-			return res, good, err
-		}
-		if ok {
-			lo = mid
-		} else {
-			hi = mid
+		if attempt == 1 {
+			return false, nil
 		}
 	}
-	res.bounded = hi > 0
-	return res, good, nil
+	return false, nil
 }
 
 // loadavg is the machine's load, printed beside the figures.
