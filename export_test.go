@@ -44,9 +44,14 @@ func NewMemoryStoreWithClocks(monotonic, wall func() time.Time, opts ...MemoryOp
 // Len returns how many records the store holds, expired ones not yet
 // purged included.
 func (s *MemoryStore) Len() int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return len(s.records)
+	n := 0
+	for i := range s.shards {
+		sh := &s.shards[i]
+		sh.mu.Lock()
+		n += len(sh.records)
+		sh.mu.Unlock()
+	}
+	return n
 }
 
 // The MemoryStore's accounting and purge constants.
@@ -58,30 +63,22 @@ const (
 )
 
 // Bytes returns the bytes the store counts against its limits.
-func (s *MemoryStore) Bytes() int64 {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.bytes
-}
+func (s *MemoryStore) Bytes() int64 { return s.bytes.Load() }
 
-// OnPurge has f called after every purge batch, under the store's lock,
-// with the expiry slots the batch took and how long it held the lock.
+// OnPurge has f called after every purge batch, under the lock of the
+// shard purged, with the expiry slots the batch took and how long it held
+// the lock. The calls are serialized.
 func (s *MemoryStore) OnPurge(f func(slots int, held time.Duration)) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.onPurge = f
+	s.onPurge.Store(&f)
 }
 
 // WaitPurge returns once no background purge runs.
 func (s *MemoryStore) WaitPurge() {
-	for {
-		s.mu.Lock()
-		purging := s.purging
-		s.mu.Unlock()
-		if !purging {
-			return
-		}
-		time.Sleep(time.Millisecond)
+	s.sweepMu.Lock()
+	done := s.sweepDone
+	s.sweepMu.Unlock()
+	if done != nil {
+		<-done
 	}
 }
 
@@ -108,11 +105,14 @@ func (s *RedisStore) Subscriptions() (conns, channels int) {
 
 // Waiters returns how many requests wait on the store's keys.
 func (s *MemoryStore) Waiters() int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
 	n := 0
-	for _, set := range s.waiting.byKey {
-		n += len(set)
+	for i := range s.shards {
+		sh := &s.shards[i]
+		sh.mu.Lock()
+		for _, set := range sh.waiting.byKey {
+			n += len(set)
+		}
+		sh.mu.Unlock()
 	}
 	return n
 }

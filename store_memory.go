@@ -8,6 +8,7 @@ import (
 	"hash/maphash"
 	"runtime"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -21,10 +22,17 @@ import (
 // replay as they are, without a copy. What the store holds is bounded
 // ([MemoryOptions]; by default 1 GiB): at the limit, a claim that needs
 // a new record fails, so the middleware answers 503, while the records
-// already held keep working; nothing is evicted before it expires. Expired
-// records are purged as the store is used, at most 1,000 per hold of the
-// store's lock, so a purge never stalls the requests for long. A
-// MemoryStore is safe for concurrent use; create it with [NewMemoryStore].
+// already held keep working; nothing is evicted before it expires.
+//
+// Keys are spread by their hash over 64 shards, each with its own lock,
+// so that requests for different keys seldom wait for each other. Expired
+// records are purged as the store is used, at most 1,000 per hold of a
+// shard's lock, so a purge never stalls the requests for long: a claim
+// purges a batch of what has expired in its own shard, and starts a
+// background pass over every shard when its shard has more due, and
+// otherwise at most every 100 ms. At a limit, what has expired in any
+// shard makes room before a claim is refused. A MemoryStore is safe for
+// concurrent use; create it with [NewMemoryStore].
 type MemoryStore struct {
 	// clock reads the monotonic clock, in nanoseconds since the store was
 	// made: every lease and TTL runs on it, so a step of the wall clock
@@ -35,18 +43,56 @@ type MemoryStore struct {
 	maxBytes   int64 // 0: no limit
 	seed       maphash.Seed
 
+	// What the limits count, over every shard: the entries held and their
+	// bytes, expired ones not yet purged included. Written by most calls,
+	// they have a cache line of their own, away from the fields above,
+	// which every call reads.
+	_       [64]byte
+	records atomic.Int64
+	bytes   atomic.Int64
+	_       [48]byte
+
+	// The background purge of every shard (see sweep): when the next may
+	// start, on the store's clock; whether one runs; and, under sweepMu,
+	// the channel closed when the one running ends (nil when none runs).
+	nextSweep atomic.Int64
+	sweeping  atomic.Bool
+	sweepMu   sync.Mutex
+	sweepDone chan struct{}
+
+	shards [memoryShards]memoryShard
+
+	// onPurge, when set (by tests), is told of every purge batch: the heap
+	// slots it took and how long it held its shard's lock. Its calls are
+	// serialized by onPurgeMu.
+	onPurge   atomic.Pointer[func(slots int, held time.Duration)]
+	onPurgeMu sync.Mutex
+}
+
+// memoryShard holds the keys whose hash selects it. Its fields other than
+// mu are guarded by mu.
+type memoryShard struct {
 	mu      sync.Mutex
 	records map[string]*memoryEntry
 	expiry  memoryHeap
-	bytes   int64  // counted for the entries held, expired ones not yet purged included
-	fence   uint64 // the last fence handed out, for any key (see nextFenceLocked)
-	purging bool   // a background purge is under way
+	fence   uint64 // the last fence handed out, for any key of the shard (see nextFenceLocked)
 	peak    int    // the most entries held since the map was last rebuilt
 	waiting waiters
+	_       [memoryShardPad]byte
+}
 
-	// onPurge, when set (by tests), is told of every purge batch: the heap
-	// slots it took and how long it held the lock for them.
-	onPurge func(slots int, held time.Duration)
+// memoryShards is how many shards a MemoryStore spreads its keys over: a
+// power of two, enough that the requests running on a machine's cores
+// rarely meet in one. memoryShardPad rounds a shard up to 128 bytes (two
+// cache lines), so that no two shards' locks share a line.
+const (
+	memoryShards   = 64
+	memoryShardPad = 128 - (8 + 8 + 24 + 8 + 8 + 8)
+)
+
+// shard returns the shard that holds key.
+func (s *MemoryStore) shard(key string) *memoryShard {
+	return &s.shards[maphash.String(s.seed, key)&(memoryShards-1)]
 }
 
 // memoryEntry is what the store holds under one key: a record (a claim in
@@ -57,22 +103,26 @@ type memoryEntry struct {
 	key string
 	// The owner while in flight, also once its lease lapsed (a lapsed
 	// owner is no owner: see ownedLocked); "" once suspended or completed.
-	token string
-	// The hash of the token that completed the record, so that a repeated
-	// Complete succeeds: 8 bytes instead of the token. Another owner's
-	// token matches it with a chance of 2^-64, and then changes nothing
-	// either.
-	completer   uint64
+	token       string
 	fingerprint string  // in flight or suspended; a completed record has its own
 	done        *Record // the completed record; nil until then
 	extra       *memoryExtra
 	created     int64 // in flight or suspended: the claim's CreatedAt, Unix nanoseconds
-	// lease, until and at are on the store's clock (monotonic nanoseconds).
-	lease int64 // in flight: when the owner's lease ends
+	// In flight: when the owner's lease ends, on the store's clock.
+	// Completed: the hash of the token that completed the record (see
+	// completer); one field for both keeps an entry in 112 bytes.
+	lease int64
+	// until and at are on the store's clock (monotonic nanoseconds).
 	until int64 // when the record ends; 0: none, only a failure history
-	at    int64 // the time of e's newest slot in the expiry heap
+	at    int64 // when e's one live slot in the expiry heap is due; 0: none
 	size  int64 // the bytes counted for the entry
 }
+
+// completer returns the hash of the token that completed e's record, so
+// that a repeated Complete succeeds: 8 bytes instead of the token. Another
+// owner's token matches it with a chance of 2^-64, and then changes
+// nothing either.
+func (e *memoryEntry) completer() uint64 { return uint64(e.lease) }
 
 // memoryExtra holds what few entries have: a recovery point, a failure
 // history. Out of line, it costs the others one pointer.
@@ -147,14 +197,18 @@ var errMemoryFull = errors.New("idempotency: memory store full (see MemoryOption
 // NewMemoryStore returns an empty MemoryStore that holds what opts allows.
 func NewMemoryStore(opts MemoryOptions) *MemoryStore {
 	start := time.Now()
-	return &MemoryStore{
+	s := &MemoryStore{
 		clock:      func() int64 { return int64(time.Since(start)) },
 		wall:       time.Now,
-		records:    make(map[string]*memoryEntry),
 		seed:       maphash.MakeSeed(),
 		maxRecords: max(opts.MaxRecords, 0),
 		maxBytes:   max(or(opts.MaxBytes, defaultMemoryMaxBytes), 0),
 	}
+	for i := range s.shards {
+		s.shards[i].records = make(map[string]*memoryEntry)
+	}
+	s.nextSweep.Store(memorySweepEvery)
+	return s
 }
 
 var (
@@ -165,8 +219,9 @@ var (
 	_ waker           = (*MemoryStore)(nil)
 )
 
-// Acquire implements [Store]. Fences come from one counter for the whole
-// store, so they grow per key too (see nextFenceLocked for where it starts).
+// Acquire implements [Store]. Fences come from one counter per shard, and
+// a key always lives in the same shard, so they grow per key (see
+// nextFenceLocked for where they start).
 func (s *MemoryStore) Acquire(ctx context.Context, key string, claim Record, lease time.Duration) (uint64, *Record, error) {
 	if err := validateClaim(&claim, lease); err != nil {
 		return 0, nil, err
@@ -174,26 +229,50 @@ func (s *MemoryStore) Acquire(ctx context.Context, key string, claim Record, lea
 	if err := ctx.Err(); err != nil {
 		return 0, nil, err
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	now := s.clock()
-	if !s.purging && len(s.expiry) > 0 && s.expiry[0].at <= now && s.purgeLocked(now) {
-		// More has expired than one batch takes: the rest in the
-		// background, so this request pays for one batch only.
-		s.purging = true
-		go s.purge()
+	sh := s.shard(key)
+	fence, existing, full := s.acquire(sh, key, &claim, lease, true)
+	for more := true; full && more; {
+		// What has expired, in any shard, makes room before a claim is
+		// refused: a batch of a shard at a time, each under that shard's
+		// lock only, until there is room or nothing more is due.
+		more = false
+		now := s.clock()
+		for i := 0; full && i < len(s.shards); i++ {
+			took, m := s.purgeShard(&s.shards[i], now)
+			more = more || m
+			if took > 0 {
+				fence, existing, full = s.acquire(sh, key, &claim, lease, false)
+			}
+		}
 	}
-	e := s.records[key]
+	if full {
+		return 0, nil, fmt.Errorf("%w: %d records of %d bytes held, limits %d records, %d bytes (0: none)",
+			errMemoryFull, s.records.Load(), s.bytes.Load(), s.maxRecords, s.maxBytes)
+	}
+	return fence, existing, nil
+}
+
+// acquire is Acquire in sh, which holds key; with purge, it first takes a
+// batch of what has expired in sh. full reports a claim refused at the
+// store's limits, which changed nothing.
+func (s *MemoryStore) acquire(sh *memoryShard, key string, claim *Record, lease time.Duration, purge bool) (fence uint64, existing *Record, full bool) {
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	now := s.clock()
+	if purge {
+		s.purgeDueLocked(sh, now)
+	}
+	e := sh.records[key]
 	if e != nil && e.until != 0 {
 		if now < e.until {
 			switch {
 			case e.done != nil:
-				return 0, e.done, nil
+				return 0, e.done, false
 			case e.inFlight(now):
-				return 0, e.record(now), nil
+				return 0, e.record(now), false
 			case e.fingerprint != claim.Fingerprint:
 				// Suspended: bound to work partly done for another request.
-				return 0, e.record(now), nil
+				return 0, e.record(now), false
 			}
 			// Suspended, for this request: resume it.
 			resumed := e.record(now)
@@ -202,56 +281,66 @@ func (s *MemoryStore) Acquire(ctx context.Context, key string, claim Record, lea
 			if x := e.extra; x != nil {
 				e.until = max(e.lease, x.pointUntil)
 			}
-			s.settleLocked(e)
-			return s.nextFenceLocked(), resumed, nil
+			s.settleLocked(sh, e)
+			return s.nextFenceLocked(sh), resumed, false
 		}
 		// The record ended; a failure history may stay.
 		e.clearRecord()
-		s.settleLocked(e)
-		e = s.records[key]
+		s.settleLocked(sh, e)
+		e = sh.records[key]
 	}
 
+	// The claim's bytes, and its entry if new, are reserved against the
+	// limits before anything changes, so that claims in other shards,
+	// under other locks, cannot pass a limit together.
 	need := memoryEntryOverhead + int64(len(key)+len(claim.Token)+len(claim.Fingerprint))
-	if s.fullLocked(e == nil, need) {
-		// What has expired makes room first.
-		if s.purgeLocked(now) && !s.purging {
-			s.purging = true
-			go s.purge()
-		}
-		e = s.records[key]
-		if s.fullLocked(e == nil, need) {
-			return 0, nil, fmt.Errorf("%w: %d records of %d bytes held, limits %d records, %d bytes (0: none)",
-				errMemoryFull, len(s.records), s.bytes, s.maxRecords, s.maxBytes)
-		}
+	if !reserve(&s.bytes, need, s.maxBytes) {
+		return 0, nil, true
 	}
 	if e == nil {
+		if !reserve(&s.records, 1, int64(s.maxRecords)) {
+			s.bytes.Add(-need)
+			return 0, nil, true
+		}
 		e = &memoryEntry{key: key}
-		s.records[key] = e
-		s.peak = max(s.peak, len(s.records))
+		sh.records[key] = e
+		sh.peak = max(sh.peak, len(sh.records))
 	}
+	e.size += need // the reservation is the entry's now; settleLocked recounts it
 	e.token, e.fingerprint, e.created = claim.Token, claim.Fingerprint, claim.CreatedAt.UnixNano()
 	e.lease = now + int64(lease)
 	e.until = e.lease
-	s.settleLocked(e)
-	return s.nextFenceLocked(), nil, nil
+	s.settleLocked(sh, e)
+	return s.nextFenceLocked(sh), nil, false
 }
 
-// nextFenceLocked hands out a fence: one more than the last, or the wall
-// clock in nanoseconds if that is greater. Fences thus grow within the
-// store, and a store in a new process (whose records are gone, but whose
-// fences may be remembered downstream) starts above those of the process
-// before it, unless the wall clock stepped back by more than the restart
-// took.
-func (s *MemoryStore) nextFenceLocked() uint64 {
-	s.fence = max(s.fence+1, uint64(max(s.wall().UnixNano(), 0)))
-	return s.fence
+// reserve adds n to *count unless that would take it past limit (0: no
+// limit), and reports whether it did.
+func reserve(count *atomic.Int64, n, limit int64) bool {
+	if limit <= 0 {
+		count.Add(n)
+		return true
+	}
+	for {
+		c := count.Load()
+		if c+n > limit {
+			return false
+		}
+		if count.CompareAndSwap(c, c+n) {
+			return true
+		}
+	}
 }
 
-// fullLocked reports whether need more bytes, in a new entry if newEntry,
-// would take the store past its limits.
-func (s *MemoryStore) fullLocked(newEntry bool, need int64) bool {
-	return (s.maxRecords > 0 && newEntry && len(s.records) >= s.maxRecords) ||
-		(s.maxBytes > 0 && s.bytes+need > s.maxBytes)
+// nextFenceLocked hands out a fence: one more than the last of sh, or the
+// wall clock in nanoseconds if that is greater. Fences thus grow within
+// each key, and a store in a new process (whose records are gone, but
+// whose fences may be remembered downstream) starts above those of the
+// process before it, unless the wall clock stepped back by more than the
+// restart took.
+func (s *MemoryStore) nextFenceLocked(sh *memoryShard) uint64 {
+	sh.fence = max(sh.fence+1, uint64(max(s.wall().UnixNano(), 0)))
+	return sh.fence
 }
 
 // Extend implements [Store].
@@ -259,13 +348,13 @@ func (s *MemoryStore) Extend(ctx context.Context, key, token string, lease time.
 	if lease <= 0 {
 		return fmt.Errorf("idempotency: lease %v is not positive", lease)
 	}
-	return s.withInFlight(ctx, key, token, func(now int64, e *memoryEntry) {
+	return s.withInFlight(ctx, key, token, func(sh *memoryShard, now int64, e *memoryEntry) {
 		e.lease = now + int64(lease)
 		e.until = e.lease
 		if x := e.extra; x != nil && x.point != "" {
 			e.until = max(e.lease, x.pointUntil)
 		}
-		s.settleLocked(e)
+		s.settleLocked(sh, e)
 	})
 }
 
@@ -279,10 +368,11 @@ func (s *MemoryStore) Complete(ctx context.Context, key, token string, rec *Reco
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
+	sh := s.shard(key)
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
 	now := s.clock()
-	e := s.ownedLocked(key, token, now)
+	e := s.ownedLocked(sh, key, token, now)
 	switch {
 	case e == nil:
 		return ErrLeaseLost
@@ -291,11 +381,12 @@ func (s *MemoryStore) Complete(ctx context.Context, key, token string, rec *Reco
 	}
 	rec.Token, rec.LeaseLeft, rec.RecoveryPoint, rec.RecoveryData = "", 0, "", nil
 	e.dropPoint()
-	e.done, e.completer = rec, maphash.String(s.seed, token)
-	e.token, e.fingerprint, e.created, e.lease = "", "", 0, 0
+	e.done = rec
+	e.token, e.fingerprint, e.created = "", "", 0
+	e.lease = int64(maphash.String(s.seed, token)) // see completer
 	e.until = now + int64(ttl)
-	s.settleLocked(e)
-	s.wakeLocked(key)
+	s.settleLocked(sh, e)
+	sh.wakeLocked(key)
 	return nil
 }
 
@@ -311,10 +402,11 @@ func (s *MemoryStore) Release(ctx context.Context, key, token string) error {
 	if token == "" {
 		return ErrLeaseLost // no claim has it
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
+	sh := s.shard(key)
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
 	now := s.clock()
-	e := s.records[key]
+	e := sh.records[key]
 	switch {
 	case e == nil || now >= e.until:
 		return nil // free
@@ -325,7 +417,7 @@ func (s *MemoryStore) Release(ctx context.Context, key, token string) error {
 	case e.token != token:
 		return ErrLeaseLost
 	}
-	s.freeLocked(e, now)
+	s.freeLocked(sh, e, now)
 	return nil
 }
 
@@ -336,7 +428,7 @@ func (s *MemoryStore) Fail(ctx context.Context, key, token, reason string, ttl t
 		return 0, fmt.Errorf("idempotency: failure TTL %v is not positive", ttl)
 	}
 	var attempts int
-	err := s.withInFlight(ctx, key, token, func(now int64, e *memoryEntry) {
+	err := s.withInFlight(ctx, key, token, func(sh *memoryShard, now int64, e *memoryEntry) {
 		x := e.extras()
 		if now >= x.failUntil {
 			x.attempts = 0
@@ -345,14 +437,15 @@ func (s *MemoryStore) Fail(ctx context.Context, key, token, reason string, ttl t
 		x.reason, x.failUntil = reason, now+int64(ttl)
 		x.failer = maphash.String(s.seed, token)
 		attempts = x.attempts
-		s.freeLocked(e, now)
+		s.freeLocked(sh, e, now)
 	})
 	if errors.Is(err, ErrLeaseLost) && token != "" {
 		// The same call again, after it succeeded: the same count, as the
 		// stores that can lose a reply answer.
-		s.mu.Lock()
-		defer s.mu.Unlock()
-		if e := s.records[key]; e != nil && e.extra != nil {
+		sh := s.shard(key)
+		sh.mu.Lock()
+		defer sh.mu.Unlock()
+		if e := sh.records[key]; e != nil && e.extra != nil {
 			if x := e.extra; x.attempts > 0 && s.clock() < x.failUntil && x.failer == maphash.String(s.seed, token) {
 				return x.attempts, nil
 			}
@@ -363,15 +456,15 @@ func (s *MemoryStore) Fail(ctx context.Context, key, token, reason string, ttl t
 
 // freeLocked ends the claim in flight in e: suspended when it holds a
 // recovery point, else gone.
-func (s *MemoryStore) freeLocked(e *memoryEntry, now int64) {
+func (s *MemoryStore) freeLocked(sh *memoryShard, e *memoryEntry, now int64) {
 	key := e.key
 	if x := e.extra; x != nil && x.point != "" && now < x.pointUntil {
 		e.token, e.lease, e.until = "", 0, x.pointUntil
 	} else {
 		e.clearRecord()
 	}
-	s.settleLocked(e)
-	s.wakeLocked(key)
+	s.settleLocked(sh, e)
+	sh.wakeLocked(key)
 }
 
 // Failures implements [FailureRecorder].
@@ -379,9 +472,10 @@ func (s *MemoryStore) Failures(ctx context.Context, key string) (int, string, er
 	if err := ctx.Err(); err != nil {
 		return 0, "", err
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	e := s.records[key]
+	sh := s.shard(key)
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	e := sh.records[key]
 	if e == nil || e.extra == nil || s.clock() >= e.extra.failUntil {
 		return 0, "", nil
 	}
@@ -397,11 +491,11 @@ func (s *MemoryStore) Checkpoint(ctx context.Context, key, token, point string, 
 		return fmt.Errorf("idempotency: recovery point TTL %v is not positive", ttl)
 	}
 	data = bytes.Clone(data)
-	return s.withInFlight(ctx, key, token, func(now int64, e *memoryEntry) {
+	return s.withInFlight(ctx, key, token, func(sh *memoryShard, now int64, e *memoryEntry) {
 		x := e.extras()
 		x.point, x.data, x.pointUntil = point, data, now+int64(ttl)
 		e.until = max(e.lease, x.pointUntil)
-		s.settleLocked(e)
+		s.settleLocked(sh, e)
 	})
 }
 
@@ -410,10 +504,11 @@ func (s *MemoryStore) Get(ctx context.Context, key string) (*Record, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
+	sh := s.shard(key)
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
 	now := s.clock()
-	e := s.records[key]
+	e := sh.records[key]
 	switch {
 	case e == nil || now >= e.until:
 		return nil, nil
@@ -428,53 +523,56 @@ func (s *MemoryStore) Remove(ctx context.Context, key string) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if e := s.records[key]; e != nil {
+	sh := s.shard(key)
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	if e := sh.records[key]; e != nil {
 		e.clearRecord()
 		e.extra = nil
-		s.settleLocked(e)
-		s.wakeLocked(key)
+		s.settleLocked(sh, e)
+		sh.wakeLocked(key)
 	}
 	return nil
 }
 
 // watch implements waker: a condition per waiter, signalled under the
-// store's lock by the call that completes or frees key.
+// shard's lock by the call that completes or frees key.
 func (s *MemoryStore) watch(_ context.Context, key string) (<-chan struct{}, func(), error) {
-	s.mu.Lock()
-	ch := s.waiting.add(key)
-	s.mu.Unlock()
+	sh := s.shard(key)
+	sh.mu.Lock()
+	ch := sh.waiting.add(key)
+	sh.mu.Unlock()
 	return ch, func() {
-		s.mu.Lock()
-		s.waiting.remove(key, ch)
-		s.mu.Unlock()
+		sh.mu.Lock()
+		sh.waiting.remove(key, ch)
+		sh.mu.Unlock()
 	}, nil
 }
 
 // wakeLocked wakes the waiters on key; a map lookup when there are some,
 // a length check when there are none.
-func (s *MemoryStore) wakeLocked(key string) {
-	if len(s.waiting.byKey) > 0 {
-		s.waiting.wake(key)
+func (sh *memoryShard) wakeLocked(key string) {
+	if len(sh.waiting.byKey) > 0 {
+		sh.waiting.wake(key)
 	}
 }
 
-// withInFlight runs change under the lock if token owns a live claim in
-// flight under key; else it returns ErrLeaseLost (or the store's error, or
-// ctx's).
-func (s *MemoryStore) withInFlight(ctx context.Context, key, token string, change func(now int64, e *memoryEntry)) error {
+// withInFlight runs change under the shard's lock if token owns a live
+// claim in flight under key; else it returns ErrLeaseLost (or the store's
+// error, or ctx's).
+func (s *MemoryStore) withInFlight(ctx context.Context, key, token string, change func(sh *memoryShard, now int64, e *memoryEntry)) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
+	sh := s.shard(key)
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
 	now := s.clock()
-	e := s.ownedLocked(key, token, now)
+	e := s.ownedLocked(sh, key, token, now)
 	if e == nil || e.done != nil {
 		return ErrLeaseLost
 	}
-	change(now, e)
+	change(sh, now, e)
 	return nil
 }
 
@@ -482,13 +580,13 @@ func (s *MemoryStore) withInFlight(ctx context.Context, key, token string, chang
 // flight with its lease running, or completed by it. The lease, not the
 // record's end: a suspended record, or one whose lease lapsed, has no
 // owner.
-func (s *MemoryStore) ownedLocked(key, token string, now int64) *memoryEntry {
-	e := s.records[key]
+func (s *MemoryStore) ownedLocked(sh *memoryShard, key, token string, now int64) *memoryEntry {
+	e := sh.records[key]
 	switch {
 	case e == nil || token == "" || now >= e.until:
 		return nil
 	case e.done != nil:
-		if e.completer == maphash.String(s.seed, token) {
+		if e.completer() == maphash.String(s.seed, token) {
 			return e
 		}
 	case e.token == token && now < e.lease:
@@ -497,35 +595,53 @@ func (s *MemoryStore) ownedLocked(key, token string, now int64) *memoryEntry {
 	return nil
 }
 
-// settleLocked accounts for a change to e: it recounts e's bytes,
+// settleLocked accounts for a change to e, in sh: it recounts e's bytes,
 // schedules its next end, and drops e when it holds nothing any more. e
 // must not be used after it was dropped.
-func (s *MemoryStore) settleLocked(e *memoryEntry) {
+func (s *MemoryStore) settleLocked(sh *memoryShard, e *memoryEntry) {
 	next := e.next()
 	if next == 0 {
-		delete(s.records, e.key)
-		s.bytes -= e.size
+		delete(sh.records, e.key)
+		s.records.Add(-1)
+		s.bytes.Add(-e.size)
 		*e = memoryEntry{} // its slots left in the heap are stale now
-		s.compactLocked()
+		sh.compactLocked()
 		return
 	}
-	size := e.bytes()
-	s.bytes += size - e.size
-	e.size = size
-	if next != e.at {
+	if size := e.bytes(); size != e.size {
+		s.bytes.Add(size - e.size)
+		e.size = size
+	}
+	// One live slot per entry: a new one only when e ends before its slot
+	// is due. A later end (a renewal, a completion) keeps the slot, which
+	// when due finds e alive and schedules the next.
+	if e.at == 0 || next < e.at {
 		e.at = next
-		s.expiry.push(memorySlot{at: next, e: e})
+		sh.expiry.push(memorySlot{at: next, e: e})
 	}
 }
 
 // The purge. Ends come from leases (renewed every lease/3), completions
 // with any TTL and recovery points, so they are in no order a queue could
-// keep; a binary heap orders them, and the purge pops exactly what has
-// expired, a batch at a time. The heap is lazy: a change pushes a new slot
-// rather than moving the old one, which stays until its time and is then
-// dropped as stale. A change then costs one push (the slots carry their
-// time, so sifting reads no entry), and a heap of the slots of the last
-// lease and of every live record costs 16 bytes a slot.
+// keep; a binary heap per shard orders them, and the purge pops exactly
+// what is due, a batch at a time. The heap is lazy: an entry has one live
+// slot, due at or before its end. An end that moves later (a renewal, a
+// completion) leaves the slot as it is: when due, it finds the entry
+// alive and pushes a slot for its end. An end that moves earlier (a
+// release) pushes a new slot, and the old one, when due, is dropped as
+// stale. A change then costs at most one push (the slots carry their
+// time, so sifting reads no entry), and the heap about one 16-byte slot
+// per entry.
+//
+// A claim pays for one batch of its own shard's purge; the rest of that
+// shard, and every other shard, is taken by a background pass (sweep),
+// which a claim starts when its shard has more than a batch due, and at
+// most every memorySweepEvery otherwise: so a shard that no request
+// touches is purged too.
+
+// memorySweepEvery is the least time, on the store's clock, between two
+// background passes over every shard that no shard asked for.
+const memorySweepEvery = int64(100 * time.Millisecond)
 
 // memorySlot schedules a look at e at time at; it is stale unless e's
 // newest slot is for the same time.
@@ -534,16 +650,37 @@ type memorySlot struct {
 	e  *memoryEntry
 }
 
-// purgeLocked takes up to memoryPurgeBatch slots that are due and drops
-// what has expired, and reports whether more slots are due.
-func (s *MemoryStore) purgeLocked(now int64) (more bool) {
+// purgeDueLocked purges a batch of sh when something in it has expired,
+// and starts a background pass over every shard when more is due there,
+// or when the last pass is memorySweepEvery old.
+func (s *MemoryStore) purgeDueLocked(sh *memoryShard, now int64) {
+	more := len(sh.expiry) > 0 && sh.expiry[0].at <= now && s.purgeLocked(sh, now) > 0 && sh.dueLocked(now)
+	if (more || now >= s.nextSweep.Load()) && !s.sweeping.Load() && s.sweeping.CompareAndSwap(false, true) {
+		s.nextSweep.Store(now + memorySweepEvery)
+		done := make(chan struct{})
+		s.sweepMu.Lock()
+		s.sweepDone = done
+		s.sweepMu.Unlock()
+		go s.sweep(done)
+	}
+}
+
+// dueLocked reports whether a slot of sh is due at now.
+func (sh *memoryShard) dueLocked(now int64) bool {
+	return len(sh.expiry) > 0 && sh.expiry[0].at <= now
+}
+
+// purgeLocked takes up to memoryPurgeBatch slots of sh that are due and
+// drops what has expired, and returns how many slots it took.
+func (s *MemoryStore) purgeLocked(sh *memoryShard, now int64) int {
+	hook := s.onPurge.Load()
 	var start time.Time
-	if s.onPurge != nil {
+	if hook != nil {
 		start = time.Now()
 	}
 	n := 0
-	for ; n < memoryPurgeBatch && len(s.expiry) > 0 && s.expiry[0].at <= now; n++ {
-		slot := s.expiry.pop()
+	for ; n < memoryPurgeBatch && sh.dueLocked(now); n++ {
+		slot := sh.expiry.pop()
 		e := slot.e
 		if slot.at != e.at {
 			continue // stale: the entry changed or is gone
@@ -558,13 +695,49 @@ func (s *MemoryStore) purgeLocked(now int64) (more bool) {
 				e.extra = nil
 			}
 		}
-		s.settleLocked(e)
+		s.settleLocked(sh, e)
 	}
-	s.compactLocked()
-	if s.onPurge != nil {
-		s.onPurge(n, time.Since(start))
+	sh.compactLocked()
+	if hook != nil {
+		held := time.Since(start)
+		s.onPurgeMu.Lock()
+		(*hook)(n, held)
+		s.onPurgeMu.Unlock()
 	}
-	return len(s.expiry) > 0 && s.expiry[0].at <= now
+	return n
+}
+
+// purgeShard takes a batch of what has expired in sh under its lock, and
+// reports how many slots it took and whether more are due.
+func (s *MemoryStore) purgeShard(sh *memoryShard, now int64) (took int, more bool) {
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	if !sh.dueLocked(now) {
+		return 0, false
+	}
+	took = s.purgeLocked(sh, now)
+	return took, sh.dueLocked(now)
+}
+
+// sweep takes what has expired in every shard, a batch per hold of a
+// shard's lock, letting the callers that waited for the lock go first
+// between batches, until nothing more is due; then it closes done.
+func (s *MemoryStore) sweep(done chan struct{}) {
+	for more := true; more; {
+		more = false
+		now := s.clock()
+		for i := range s.shards {
+			if took, m := s.purgeShard(&s.shards[i], now); took > 0 {
+				more = more || m
+				runtime.Gosched()
+			}
+		}
+	}
+	s.sweepMu.Lock()
+	s.sweepDone = nil
+	s.sweeping.Store(false)
+	s.sweepMu.Unlock()
+	close(done)
 }
 
 // compactLocked gives back the memory of a map and heap sized for many
@@ -572,39 +745,24 @@ func (s *MemoryStore) purgeLocked(now int64) (more bool) {
 // cheap, so the lock is never held for long. The map is rebuilt from the
 // heap's live slots, one per entry, because ranging over a map costs its
 // size at its peak, not its length.
-func (s *MemoryStore) compactLocked() {
-	if n := len(s.expiry); n > 4*memoryPurgeBatch {
+func (sh *memoryShard) compactLocked() {
+	if n := len(sh.expiry); n > 4*memoryPurgeBatch {
 		return
 	}
-	if cap(s.expiry) >= 8*max(len(s.expiry), memoryPurgeBatch) {
-		s.expiry = append(memoryHeap(nil), s.expiry...)
+	if cap(sh.expiry) >= 8*max(len(sh.expiry), memoryPurgeBatch) {
+		sh.expiry = append(memoryHeap(nil), sh.expiry...)
 	}
-	if n := len(s.records); n <= memoryPurgeBatch && s.peak >= 8*memoryPurgeBatch {
+	if n := len(sh.records); n <= memoryPurgeBatch && sh.peak >= 8*memoryPurgeBatch {
 		m := make(map[string]*memoryEntry, n)
-		for _, slot := range s.expiry {
+		for _, slot := range sh.expiry {
 			if e := slot.e; slot.at == e.at {
 				m[e.key] = e
 			}
 		}
 		if len(m) == n { // else an entry without a slot: keep the map
-			s.records = m
+			sh.records = m
 		}
-		s.peak = n
-	}
-}
-
-// purge takes what has expired a batch at a time, letting others have
-// the lock between batches, until nothing more is due.
-func (s *MemoryStore) purge() {
-	for {
-		runtime.Gosched() // the callers that waited for the lock go first
-		s.mu.Lock()
-		more := s.purgeLocked(s.clock())
-		s.purging = more
-		s.mu.Unlock()
-		if !more {
-			return
-		}
+		sh.peak = n
 	}
 }
 
@@ -647,7 +805,7 @@ func (e *memoryEntry) extras() *memoryExtra {
 // clearRecord drops e's record, keeping its failure history.
 func (e *memoryEntry) clearRecord() {
 	e.dropPoint()
-	e.token, e.fingerprint, e.done, e.completer = "", "", nil, 0
+	e.token, e.fingerprint, e.done = "", "", nil
 	e.created, e.lease, e.until = 0, 0, 0
 }
 

@@ -110,6 +110,7 @@ func TestMemoryStoreLimits(t *testing.T) {
 
 			clock.Advance(25 * time.Hour) // the default TTL is 24 h
 			assert.Equal(t, http.StatusCreated, serve(h, post("new", `{}`)).Code, "expired records made room")
+			store.WaitPurge() // what was not needed for room goes in the background
 			assert.Equal(t, 1, store.Len())
 		})
 	}
@@ -137,14 +138,13 @@ func TestMemoryStoreLimitError(t *testing.T) {
 }
 
 // TestMemoryStorePurgeBatchBound: however many records expire at once, a
-// purge holds the store's lock for one batch at a time, and takes them
-// all.
+// purge holds a shard's lock for one batch at a time, and takes them all.
 func TestMemoryStorePurgeBatchBound(t *testing.T) {
 	ctx := context.Background()
 	clock := newFakeClock()
 	store := idempotency.NewMemoryStoreWithClock(clock.Now)
 	var batches, slots, most int
-	store.OnPurge(func(n int, _ time.Duration) { // called under the store's lock
+	store.OnPurge(func(n int, _ time.Duration) { // called under a shard's lock, serialized
 		batches++
 		slots += n
 		most = max(most, n)
@@ -169,7 +169,7 @@ func TestMemoryStorePurgeBatchBound(t *testing.T) {
 
 	assert.LessOrEqual(t, most, idempotency.MemoryPurgeBatch, "slots taken in one hold of the lock")
 	assert.GreaterOrEqual(t, batches, n/idempotency.MemoryPurgeBatch)
-	assert.Equal(t, n+n/2+1, slots, "a slot per claim and per completion")
+	assert.Equal(t, n, slots, "one slot per entry: a completion, which ends later than its claim, adds none")
 	assert.Equal(t, 1, store.Len(), "only the new claim is left")
 	assert.Equal(t, claimBytes("trigger", c), store.Bytes())
 }
@@ -213,6 +213,7 @@ func TestMemoryStoreBytesReturnToZero(t *testing.T) {
 	require.Equal(t, "one", resumed.RecoveryPoint)
 	c = acquire("failed", "fp") // a failure history and a new claim
 	require.NoError(t, store.Complete(ctx, "failed", c.Token, memoryRecord("fp", []byte("ok")), 4*time.Hour))
+	store.WaitPurge()
 	assert.Equal(t, 4, store.Len(), "the lapsed claim was purged, the others are held")
 
 	for _, d := range []time.Duration{time.Minute, time.Hour, time.Hour, time.Hour, time.Hour} {
@@ -387,4 +388,69 @@ func liveHeap() int64 {
 	var m runtime.MemStats
 	runtime.ReadMemStats(&m)
 	return int64(m.HeapAlloc)
+}
+
+// TestMemoryStoreExpiredMakeRoomAnywhere: at a limit, what has expired in
+// any shard makes room before a claim is refused, within the claim: every
+// new key is taken at once, whichever shard holds it, with no background
+// purge waited for.
+func TestMemoryStoreExpiredMakeRoomAnywhere(t *testing.T) {
+	ctx := context.Background()
+	for _, tt := range []struct {
+		name string
+		opts idempotency.MemoryOptions
+	}{
+		{"records", idempotency.MemoryOptions{MaxRecords: 200, MaxBytes: -1}},
+		{"bytes", idempotency.MemoryOptions{MaxBytes: 200 * claimBytes("old-000", memoryClaim("fp"))}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			clock := newFakeClock()
+			store := idempotency.NewMemoryStoreWithClock(clock.Now, tt.opts)
+			for i := range 200 {
+				_, _, err := store.Acquire(ctx, fmt.Sprintf("old-%03d", i), memoryClaim("fp"), time.Second)
+				require.NoError(t, err)
+			}
+			_, _, err := store.Acquire(ctx, "new-000", memoryClaim("fp"), time.Second)
+			require.ErrorContains(t, err, "memory store full", "nothing has expired yet")
+
+			clock.Advance(2 * time.Second)
+			for i := range 200 {
+				_, _, err := store.Acquire(ctx, fmt.Sprintf("new-%03d", i), memoryClaim("fp"), time.Minute)
+				require.NoError(t, err, "claim %d", i)
+			}
+			_, _, err = store.Acquire(ctx, "new-200", memoryClaim("fp"), time.Minute)
+			require.ErrorContains(t, err, "memory store full", "nothing more has expired")
+			store.WaitPurge()
+			assert.Equal(t, 200, store.Len())
+		})
+	}
+}
+
+// TestMemoryStoreLimitsUnderConcurrency: claims racing in every shard
+// together take no more than the limit: exactly MaxRecords of them win.
+func TestMemoryStoreLimitsUnderConcurrency(t *testing.T) {
+	ctx := context.Background()
+	const limit, claims = 100, 400
+	store := idempotency.NewMemoryStore(idempotency.MemoryOptions{MaxRecords: limit, MaxBytes: -1})
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	won := 0
+	start := make(chan struct{})
+	for i := range claims {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			<-start
+			_, _, err := store.Acquire(ctx, "k"+strconv.Itoa(i), memoryClaim("fp"), time.Minute)
+			if err == nil {
+				mu.Lock()
+				won++
+				mu.Unlock()
+			}
+		}()
+	}
+	close(start)
+	wg.Wait()
+	assert.Equal(t, limit, won)
+	assert.Equal(t, limit, store.Len())
 }
