@@ -9,7 +9,12 @@ import (
 	"strconv"
 	"strings"
 	"text/tabwriter"
+	"time"
 )
+
+// minSamples is the fewest requests a step must send for its p99 to say
+// anything.
+const minSamples = 100
 
 // saturation is one server's search for its highest passing rate.
 type saturation struct {
@@ -29,6 +34,15 @@ type saturation struct {
 // when a step ran the handler other than once per 201.
 func saturate(ctx context.Context, cfg config, servers []server, notes []string, runID string, out io.Writer) (bool, error) {
 	fmt.Fprintf(out, "load: %s\n\n", loadavg())
+	// A warm-up attack per server first: pools fill and statements get
+	// prepared outside the measured steps.
+	for _, srv := range servers {
+		c := cfg
+		c.duration = min(cfg.duration, time.Second)
+		if _, _, err := runScenario(ctx, c, srv, "unique", runID+"-warm"); err != nil {
+			return false, fmt.Errorf("%s: warm-up: %w", srv.name, err)
+		}
+	}
 	searches := make([]*search, len(servers))
 	for i, srv := range servers {
 		searches[i] = &search{cfg: cfg, srv: srv, res: saturation{server: srv.name}, next: cfg.rate, good: true}
@@ -63,11 +77,14 @@ func saturate(ctx context.Context, cfg config, servers []server, notes []string,
 	for _, s := range searches {
 		r := s.res
 		rate := strconv.Itoa(r.best) + "/s"
-		if !r.bounded {
+		switch {
+		case r.best == 0:
+			rate = "< " + strconv.Itoa(s.hi) + "/s"
+		case !r.bounded:
 			rate = "≥ " + rate
 		}
 		ratio := "—"
-		if bare > 0 {
+		if bare > 0 && r.best > 0 {
 			ratio = strconv.FormatFloat(float64(r.best)/bare, 'f', 2, 64)
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", r.server, rate, ratio, round(r.at.p50), round(r.at.p99))
@@ -86,8 +103,8 @@ func saturate(ctx context.Context, cfg config, servers []server, notes []string,
 }
 
 // search is one server's search: it doubles the rate from cfg.rate until
-// a step fails (halves it while the first fails), then bisects to within
-// 5 %.
+// a step fails (halves it while the first fails, as long as a step still
+// sends minSamples requests), then bisects to within 5 %.
 type search struct {
 	cfg    config
 	srv    server
@@ -115,7 +132,7 @@ func (s *search) step(ctx context.Context, tag string) error {
 		s.next = s.lo * 2
 	case s.hi == 0:
 		s.next = 0 // reached -max-rate
-	case s.lo == 0 && s.hi > 1:
+	case s.lo == 0 && float64(s.hi/2)*s.cfg.duration.Seconds() >= minSamples:
 		s.next = s.hi / 2
 	case s.lo == 0 || s.hi-s.lo <= s.lo/20:
 		s.next = 0
