@@ -1,6 +1,7 @@
 package idempotency
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -12,6 +13,7 @@ import (
 	"sync/atomic"
 	"time"
 	"unicode/utf8"
+	"unsafe"
 
 	"github.com/seed70ea8305/idempotency/internal/lease"
 )
@@ -249,6 +251,60 @@ func newCompletion(resp Response) *Record {
 	c := &completion{resp: resp}
 	c.rec.Response = &c.resp
 	return &c.rec
+}
+
+// newCompletionCopy returns a record for resp with a copy of body as its
+// body: in the same allocation as the record, sized to an allocation
+// class so that it wastes no more than a body of its own would, when the
+// body is up to a few KiB (the most common responses).
+func newCompletionCopy(resp Response, body []byte) *Record {
+	if len(body) == 0 {
+		return newCompletion(resp)
+	}
+	for _, size := range inlineBodySizes {
+		if len(body) <= size.max {
+			return size.make(resp, body)
+		}
+	}
+	resp.Body = bytes.Clone(body)
+	return newCompletion(resp)
+}
+
+// inlineBody returns a completion holding resp and, in its buffer B (a
+// byte array), a copy of body, which fits in it.
+func inlineBody[B any](resp Response, body []byte) *Record {
+	c := new(struct {
+		completion
+		buf B
+	})
+	buf := unsafe.Slice((*byte)(unsafe.Pointer(&c.buf)), unsafe.Sizeof(c.buf))
+	resp.Body = buf[:copy(buf, body):len(body)]
+	c.resp = resp
+	c.rec.Response = &c.resp
+	return &c.rec
+}
+
+// inlineBodySizes are the bodies newCompletionCopy keeps with their
+// record: each buffer takes a completion (160 bytes) up to one of Go's
+// allocation size classes, counting the 8-byte header that objects with
+// pointers get beyond 512 bytes (TestCompletionSizes).
+var inlineBodySizes = [...]struct {
+	max  int
+	make func(Response, []byte) *Record
+}{
+	{16, inlineBody[[16]byte]}, {32, inlineBody[[32]byte]}, {48, inlineBody[[48]byte]},
+	{64, inlineBody[[64]byte]}, {80, inlineBody[[80]byte]}, {96, inlineBody[[96]byte]},
+	{128, inlineBody[[128]byte]}, {160, inlineBody[[160]byte]}, {192, inlineBody[[192]byte]},
+	{224, inlineBody[[224]byte]}, {256, inlineBody[[256]byte]}, {288, inlineBody[[288]byte]},
+	{320, inlineBody[[320]byte]}, {352, inlineBody[[352]byte]}, {408, inlineBody[[408]byte]},
+	{472, inlineBody[[472]byte]}, {536, inlineBody[[536]byte]}, {600, inlineBody[[600]byte]},
+	{728, inlineBody[[728]byte]}, {856, inlineBody[[856]byte]}, {984, inlineBody[[984]byte]},
+	{1112, inlineBody[[1112]byte]}, {1240, inlineBody[[1240]byte]}, {1368, inlineBody[[1368]byte]},
+	{1624, inlineBody[[1624]byte]}, {1880, inlineBody[[1880]byte]}, {2136, inlineBody[[2136]byte]},
+	{2520, inlineBody[[2520]byte]}, {2904, inlineBody[[2904]byte]}, {3032, inlineBody[[3032]byte]},
+	{3288, inlineBody[[3288]byte]}, {3928, inlineBody[[3928]byte]}, {4696, inlineBody[[4696]byte]},
+	{5208, inlineBody[[5208]byte]}, {5976, inlineBody[[5976]byte]}, {6360, inlineBody[[6360]byte]},
+	{6616, inlineBody[[6616]byte]}, {6744, inlineBody[[6744]byte]}, {8024, inlineBody[[8024]byte]},
 }
 
 // claimContext is the context of an attempt's store calls and the base of

@@ -51,10 +51,21 @@ type Fingerprinter struct {
 
 // Fingerprint returns the hex-encoded fingerprint of r with the given body.
 func (f Fingerprinter) Fingerprint(r *http.Request, body []byte) (string, error) {
+	var buf [2 * sha256.Size]byte
+	b, err := f.appendFingerprint(buf[:0], r, body)
+	if err != nil {
+		return "", err
+	}
+	return string(b), nil
+}
+
+// appendFingerprint appends the Fingerprint of r and body to dst, for the
+// middleware, which makes it in one allocation with the record's key.
+func (f Fingerprinter) appendFingerprint(dst []byte, r *http.Request, body []byte) ([]byte, error) {
 	if f.CanonicalJSON && len(body) > 0 && isJSON(r.Header.Get("Content-Type")) {
 		canonical, err := canonicalJSON(body)
 		if err != nil {
-			return "", err
+			return dst, err
 		}
 		body = canonical
 	}
@@ -77,9 +88,7 @@ func (f Fingerprinter) Fingerprint(r *http.Request, body []byte) (string, error)
 	st.buf = b
 	st.h.Write(b)
 	st.h.Write(body)
-	var hexSum [2 * sha256.Size]byte
-	hex.Encode(hexSum[:], st.h.Sum(st.sum[:0]))
-	return string(hexSum[:]), nil
+	return hex.AppendEncode(dst, st.h.Sum(st.sum[:0])), nil
 }
 
 func (f Fingerprinter) appendHeaders(b []byte, header http.Header) []byte {

@@ -10,10 +10,15 @@ import "strconv"
 // name unambiguous whatever either part holds.
 func Name(kind, scope, key string) string {
 	var buf [128]byte
-	b := append(buf[:0], kind...)
+	return string(Append(buf[:0], kind, scope, key))
+}
+
+// Append appends the Name of kind, scope and key to b, for a caller that
+// makes it in one allocation with other strings.
+func Append(b []byte, kind, scope, key string) []byte {
+	b = append(b, kind...)
 	b = append(b, ':')
 	b = strconv.AppendQuote(b, scope)
 	b = append(b, ':')
-	b = append(b, key...)
-	return string(b)
+	return append(b, key...)
 }
