@@ -18,7 +18,8 @@ import (
 // BenchmarkRedisServerTime reports the time Redis itself spends per
 // request (INFO commandstats: the usec of the commands, summed and
 // divided by the requests), for the middleware's scripts and for the
-// floors of BenchmarkRedisOverhead's commands:
+// commands of BenchmarkRedisOverhead's floors (floor: the plain commands,
+// script-floor: with the store-if-owner script):
 //
 //	IDEMPOTENCY_TEST_REDIS_SERVER=$(command -v redis-server) \
 //	  go test -run '^$' -bench RedisServerTime -benchtime 20000x .
