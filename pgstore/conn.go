@@ -64,11 +64,16 @@ func (s *Store) exec(ctx context.Context, sql string, args ...any) (pgconn.Comma
 // begin begins a transaction, as pool.Begin does, on a connection that its
 // Commit or Rollback gives back with giveBack.
 func (s *Store) begin(ctx context.Context) (pgx.Tx, error) {
+	return s.beginWith(ctx, pgx.TxOptions{})
+}
+
+// beginWith is begin with opts.
+func (s *Store) beginWith(ctx context.Context, opts pgx.TxOptions) (pgx.Tx, error) {
 	conn, err := s.pool.Acquire(ctx)
 	if err != nil {
 		return nil, err
 	}
-	tx, err := conn.Begin(ctx)
+	tx, err := conn.BeginTx(ctx, opts)
 	if err != nil {
 		giveBack(conn)
 		return nil, err

@@ -102,8 +102,8 @@ func kinds(sql []string) []string {
 			out[i] = "extend"
 		case strings.Contains(s, "SET recovery_point"):
 			out[i] = "checkpoint"
-		case strings.HasPrefix(s, "SELECT EXISTS") && strings.Contains(s, "k.fence = $2"):
-			out[i] = "holds"
+		case strings.HasPrefix(s, "BEGIN; SELECT") && strings.Contains(s, "no longer holds"):
+			out[i] = "begin+holds"
 		case s == "begin", s == "commit", s == "rollback":
 			out[i] = s
 		default:

@@ -71,10 +71,11 @@ func New(ctx context.Context, pool *pgxpool.Pool, opts Options) (*Store, error) 
 
 // statements are the store's SQL, with its table names filled in.
 type statements struct {
-	acquire, extend, complete, release, fail, failures string
-	releaseByFence, checkpoint, checkpointByFence      string
-	holds, get, remove                                 string
-	deleteKeys, deleteFailures                         string
+	claim, acquire, extend, complete, release, fail, failures string
+	releaseByFence, checkpoint, checkpointByFence             string
+	get, remove                                               string
+	keys                                                      string // the table, for Store.beginHolding
+	deleteKeys, deleteFailures                                string
 }
 
 // Parameters shared by the statements: $1 is always the record key. The
@@ -176,6 +177,57 @@ SELECT (SELECT count(*) FROM released), ` + held(owner))
          AND k.fingerprint = excluded.fingerprint
          AND k.lease_expires_at <= (SELECT now FROM clock) AND k.expires_at > (SELECT now FROM clock))`
 	return statements{
+		keys: keys,
+
+		// claim is Acquire's first statement, the one that almost every
+		// call needs alone: it inserts a key that has no row (ON CONFLICT
+		// DO NOTHING), and otherwise returns the row it found, live or
+		// not, touching nothing. Only a row it cannot take as it is (one
+		// that expired, or a suspended one of the same request) needs
+		// acquire, below, which takes rows over; a replay, a 409 or a 422
+		// costs a read and a first request an insert, with no ON CONFLICT
+		// DO UPDATE to set up. Parameters as for acquire. Returns one row:
+		// the new fence, whether the server's clock is past not-after,
+		// and the row already there (if not claimed), with whether it is
+		// live.
+		// A row it does not find but that a concurrent claim committed
+		// meanwhile leaves every column NULL, as for acquire.
+		claim: sql(`
+WITH clock AS MATERIALIZED (
+    SELECT t.now,
+           ($6::timestamptz IS NOT NULL AND t.now > $6::timestamptz) AS too_late,
+           set_config('lock_timeout', $7::text, true) AS lock_timeout
+    FROM (SELECT clock_timestamp() AS now) AS t
+), found AS MATERIALIZED (
+    SELECT e.status, e.token, e.fence, e.fingerprint, e.created_at,
+           e.response_status, e.response_headers, e.response_body, e.body_omitted,
+           e.recovery_point, e.recovery_data,
+           (e.status = 'in_flight' AND e.lease_expires_at <= clock.now) AS suspended,
+           (extract(epoch FROM e.lease_expires_at - clock.now) * 1000000)::bigint AS lease_left,
+           e.expires_at > clock.now AS live
+    FROM %[1]s AS e, clock
+    WHERE e.key_hash = sha256($1::bytea)
+), claimed AS (
+    INSERT INTO %[1]s AS k (key, token, fingerprint, fence, status, lease_expires_at, expires_at, created_at)
+    SELECT $1::bytea, $2::bytea, $3::bytea, nextval(%[3]s), 'in_flight',
+           clock.now + $5::bigint * interval '1 microsecond',
+           clock.now + $5::bigint * interval '1 microsecond',
+           $4::timestamptz
+    FROM clock
+    WHERE NOT clock.too_late AND NOT EXISTS (SELECT 1 FROM found)
+    ON CONFLICT (key_hash) DO NOTHING
+    RETURNING k.fence
+)
+SELECT c.fence, clock.too_late,
+       e.status, e.token, e.fence, e.fingerprint, e.created_at,
+       e.response_status, e.response_headers, e.response_body, e.body_omitted,
+       e.suspended, e.recovery_point, e.recovery_data, e.lease_left, e.live
+FROM clock
+LEFT JOIN claimed AS c ON true
+LEFT JOIN found AS e ON c.fence IS NULL`),
+
+		// acquire is Acquire's statement for a key whose row claim could
+		// not take as it is.
 		// $1 key, $2 token, $3 fingerprint, $4 created, $5 lease (µs),
 		// $6 not-after (NULL: none), $7 lock timeout. Returns one row:
 		// the new fence and the recovery point it resumes from (claimed),
@@ -314,14 +366,6 @@ WHERE key_hash = sha256($1::bytea) AND expires_at > clock_timestamp()`),
 		checkpoint:        setPoint(byToken),
 		checkpointByFence: setPoint(byFence),
 
-		// $1 key, $2 fence. Whether the claim with fence $2 holds the key,
-		// in flight, its lease unexpired. Locks nothing.
-		holds: sql(`
-SELECT EXISTS (
-    SELECT 1 FROM %[1]s AS k
-    WHERE k.key_hash = sha256($1::bytea) AND k.fence = $2::bigint
-      AND k.status = 'in_flight' AND k.lease_expires_at > clock_timestamp())`),
-
 		// $1 key, $2 lock timeout. The live row, if any. It locks the row
 		// (FOR SHARE) before it looks at its expiry, so that it waits for
 		// a write in progress (a renewal, a completion, a release) and
@@ -396,7 +440,10 @@ var errRaced = errors.New("pgstore: acquire: raced with a concurrent claim of th
 // losing a race (each repeat sees every claim committed before it).
 const maxAcquireRaces = 3
 
-// Acquire implements [idempotency.Store] in one statement. It refuses to
+// Acquire implements [idempotency.Store], in one statement unless the key
+// holds a row that expired (and was not deleted yet) or a suspended
+// record of the same request: taking that row over costs a second one.
+// It refuses to
 // claim when the server's clock is past ctx's deadline. It repeats the
 // statement only when its connection broke, or when it lost a race with
 // a concurrent claim of the same key whose row its snapshot could not see.
@@ -443,7 +490,52 @@ func (s *Store) Acquire(ctx context.Context, key string, claim idempotency.Recor
 	return fence, existing, nil
 }
 
+// errTakeOver: the claim statement found a row that only the acquire
+// statement can take over.
+var errTakeOver = errors.New("pgstore: acquire: the key's row must be taken over")
+
 func (s *Store) acquireOnce(ctx context.Context, key string, claim *idempotency.Record, lease time.Duration, notAfter *time.Time) (uint64, *idempotency.Record, error) {
+	fence, rec, err := s.claimOnce(ctx, key, claim, lease, notAfter)
+	if errors.Is(err, errTakeOver) {
+		return s.takeOverOnce(ctx, key, claim, lease, notAfter)
+	}
+	return fence, rec, err
+}
+
+// claimOnce sends the claim statement. A row that it finds expired, or
+// suspended for the same request, is errTakeOver.
+func (s *Store) claimOnce(ctx context.Context, key string, claim *idempotency.Record, lease time.Duration, notAfter *time.Time) (uint64, *idempotency.Record, error) {
+	var (
+		fence   *int64
+		tooLate bool
+		live    *bool
+		row     storedRow
+	)
+	err := s.queryRow(ctx, s.sql.claim,
+		[]byte(key), []byte(claim.Token), []byte(claim.Fingerprint), claim.CreatedAt,
+		lease.Microseconds(), notAfter, s.lockTimeoutParam(ctx),
+	).Scan(&fence, &tooLate, &row.status, &row.token, &row.fence, &row.fingerprint, &row.created,
+		&row.respStatus, &row.respHeader, &row.respBody, &row.bodyOmitted, &row.suspended, &row.point, &row.data, &row.leaseLeft, &live)
+	switch {
+	case err != nil:
+		return 0, nil, err
+	case fence != nil:
+		return uint64(*fence), nil, nil // a new row: nothing to resume
+	case row.status == nil && tooLate:
+		return 0, nil, errTooLate
+	case row.status == nil:
+		return 0, nil, errRaced
+	case live == nil || !*live:
+		return 0, nil, errTakeOver
+	case row.suspended != nil && *row.suspended && string(row.fingerprint) == claim.Fingerprint:
+		return 0, nil, errTakeOver
+	}
+	return found(claim, &row, tooLate)
+}
+
+// takeOverOnce sends the acquire statement, which also takes over a row
+// that expired or a suspended one of the same request.
+func (s *Store) takeOverOnce(ctx context.Context, key string, claim *idempotency.Record, lease time.Duration, notAfter *time.Time) (uint64, *idempotency.Record, error) {
 	var (
 		fence   *int64
 		point   *string
@@ -466,6 +558,12 @@ func (s *Store) acquireOnce(ctx context.Context, key string, claim *idempotency.
 	case row.status == nil:
 		return 0, nil, errRaced
 	}
+	return found(claim, &row, tooLate)
+}
+
+// found is Acquire's answer when its statement found a live row and
+// claimed nothing.
+func found(claim *idempotency.Record, row *storedRow, tooLate bool) (uint64, *idempotency.Record, error) {
 	rec, err := row.record()
 	if err != nil {
 		return 0, nil, err

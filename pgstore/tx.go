@@ -2,14 +2,17 @@ package pgstore
 
 import (
 	"context"
+	"encoding/hex"
 	"errors"
 	"fmt"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
 	"unicode/utf8"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/seed70ea8305/idempotency"
 	"github.com/seed70ea8305/idempotency/internal/recordkey"
@@ -103,7 +106,8 @@ func (h *heldTx) Rollback(ctx context.Context) error {
 // after the handler returns, or not at all. Tx opens the transaction on
 // the store's pool at the first call, checks in it that the claim still
 // holds its key (in flight, the claim's fence, the lease unexpired;
-// without locking the row, so lease renewals go on), and makes the
+// without locking the row, so lease renewals go on; sent with BEGIN, in
+// one round trip), and makes the
 // middleware hold the response ([idempotency.Claim.HoldResponse]): the
 // client gets it only once it committed, and otherwise 503, with the key
 // freed for its retry. Later calls in the same attempt return the same
@@ -176,31 +180,45 @@ func (s *Store) open(ctx context.Context, t *claimTx) error {
 	}
 	// Nothing is written yet: on a broken connection, begin again on
 	// another one.
-	var (
-		tx    pgx.Tx
-		holds bool
-	)
+	var tx pgx.Tx
+	begin := s.beginHolding(t.key, t.fence)
 	err := s.retry(ctx, func() error {
 		var err error
-		if tx, err = s.begin(ctx); err != nil {
-			return err
-		}
-		if err = tx.QueryRow(ctx, s.sql.holds, []byte(t.key), int64(t.fence)).Scan(&holds); err != nil {
-			tx.Rollback(ctx)
-		}
+		tx, err = s.beginWith(ctx, pgx.TxOptions{BeginQuery: begin})
 		return err
 	})
+	var pgErr *pgconn.PgError
 	switch {
+	case errors.As(err, &pgErr) && pgErr.Code == notHoldingCode:
+		return fmt.Errorf("pgstore: tx: %w", idempotency.ErrLeaseLost)
 	case err != nil:
 		return fmt.Errorf("pgstore: tx: %w", err)
-	case !holds:
-		tx.Rollback(ctx)
-		return fmt.Errorf("pgstore: tx: %w", idempotency.ErrLeaseLost)
 	}
 	t.tx, t.handle = tx, &heldTx{Tx: tx, t: t}
 	t.done = make(chan struct{})
 	t.stop = context.AfterFunc(ctx, func() { s.watch(context.WithoutCancel(ctx), t) })
 	return nil
+}
+
+// notHoldingCode is the SQLSTATE of beginHolding's check when the claim
+// no longer holds its key (invalid_text_representation: its message cast
+// to an integer).
+const notHoldingCode = "22P02"
+
+// beginHolding is the query that begins a claim's transaction and checks
+// in it that the claim (its fence) holds key: in flight, its lease
+// unexpired. pgx sends a BeginQuery without arguments in the simple
+// protocol, so the check travels with BEGIN in one round trip; it reports
+// a claim that no longer holds by failing, with an error whose message
+// says so (notHoldingCode), since the simple protocol's Exec returns no
+// rows. The key is inlined hex-encoded and the fence as a number, so no
+// byte of either is read as SQL. It reads without locking, so lease
+// renewals go on.
+func (s *Store) beginHolding(key string, fence uint64) string {
+	return `BEGIN; SELECT (SELECT 'pgstore: the claim no longer holds its key'::text WHERE NOT EXISTS (
+    SELECT 1 FROM ` + s.sql.keys + ` AS k
+    WHERE k.key_hash = sha256(decode('` + hex.EncodeToString([]byte(key)) + `', 'hex')) AND k.fence = ` + strconv.FormatInt(int64(fence), 10) + `
+      AND k.status = 'in_flight' AND k.lease_expires_at > clock_timestamp()))::integer`
 }
 
 // watch runs once the handler's context ended (ctx keeps its values):

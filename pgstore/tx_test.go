@@ -119,10 +119,11 @@ func requireProblem(t *testing.T, w *httptest.ResponseRecorder, status int) {
 }
 
 // TestRecordKey: Tx finds the claim's row by the record key the
-// middleware stores, also for scopes that need quoting.
+// middleware stores, also for scopes that need quoting (its check travels
+// with BEGIN, the key inlined).
 func TestRecordKey(t *testing.T) {
 	env := newTxEnv(t)
-	scopes := []string{"", "tenant 1", `a"b\c:d`, "é\x00\xff\n"}
+	scopes := []string{"", "tenant 1", `a"b\c:d`, "é\x00\xff\n", `it's'); SELECT '\x`}
 	scope := func(r *http.Request) string {
 		var i int
 		fmt.Sscan(r.Header.Get("X-Scope"), &i)
