@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math"
 	"os"
+	"regexp"
 	"strconv"
 	"time"
 
@@ -122,7 +123,7 @@ func (r *report) pgCostTable(c pgCosts, reps int) {
 			m.fmt(m.get(c.storeReplay)), m.fmt(m.get(c.floorReplay)), times(m.get(c.storeReplay), m.get(c.floorReplay))})
 	}
 	r.table([]string{"per request", "first", "floor", "× floor", "replay", "floor", "× floor"}, rows)
-	r.note("\nfloor: the statements of BenchmarkPostgresOverhead (INSERT … ON CONFLICT DO NOTHING, then … DO UPDATE with the 200-byte body; a replay: the first alone on an existing key).\n")
+	r.note("\nfloor: a table of the columns a store needs with its primary key alone; a first request is a claim (INSERT … ON CONFLICT DO NOTHING) and an owner-checked UPDATE storing the response, a replay one SELECT.\n")
 	if !c.local {
 		r.note("The backend's CPU is not shown: the server is not on this machine.\n")
 	}
@@ -153,6 +154,33 @@ func (r *report) inbox(ctx context.Context) {
 		row("floor: the same verification, one INSERT of the same row", f.floor, f.floor, f.floorIndex),
 	})
 	r.note(fmt.Sprintf("\n%d events, inbox and floor alternating on one connection of a schema of this run's own.\n", n))
+	r.inboxTests(ctx, url)
+}
+
+// inboxFigureLine is a result line of pgstore/inbox's own figures tests.
+var inboxFigureLine = regexp.MustCompile(`(acknowledgement: .*× the floor|one worker .*× the loop)`)
+
+// inboxTests runs pgstore/inbox's figures tests against their floors (an
+// INSERT into a table with the indexes any inbox needs; a raw
+// claim-and-complete loop), where the tree has them, and prints their
+// results.
+func (r *report) inboxTests(ctx context.Context, url string) {
+	args := []string{"-count=1", "-run", "^TestFigures(AckFloor|WorkerFloor)$", "-v", "./pgstore/inbox"}
+	out, err := goTest(ctx, r.cfg.root, []string{"PGSTORE_INBOX_FIGURES=1"}, args...)
+	if err != nil {
+		r.fail("pgstore/inbox figures tests", err)
+		return
+	}
+	lines := inboxFigureLine.FindAllString(out, -1)
+	if len(lines) == 0 {
+		r.skip("pgstore/inbox's floors", "this tree has no TestFiguresAckFloor or TestFiguresWorkerFloor")
+		return
+	}
+	r.note("\npgstore/inbox's own figures against its floors:\n\n")
+	for _, l := range lines {
+		r.note("- " + l + "\n")
+	}
+	r.note("\ncommand: PGSTORE_INBOX_FIGURES=1 " + databaseURLEnv + "='" + url + "' go test " + join(args) + "\n")
 }
 
 // clusters: first requests from a fixed number of goroutines against 1,
