@@ -141,9 +141,7 @@ func (in *Inbox) List(ctx context.Context, f Filter) ([]EventInfo, error) {
 	if !f.Before.IsZero() {
 		before = f.Before
 	}
-	rows, err := in.pool.Query(ctx, `SELECT `+eventColumns+` FROM `+in.sql.table+`
-WHERE `+mine+` AND ($3 = '' OR status = $3) AND ($4 = '' OR type = $4) AND ($5::timestamptz IS NULL OR received_at < $5)
-ORDER BY received_at DESC, event_id LIMIT $6`, in.o.Scope, in.provider, f.Status, f.Type, before, f.Limit)
+	rows, err := in.pool.Query(ctx, in.sql.list, in.o.Scope, in.provider, f.Status, f.Type, before, f.Limit)
 	if err != nil {
 		return nil, fmt.Errorf("inbox: list: %w", err)
 	}
@@ -157,8 +155,7 @@ ORDER BY received_at DESC, event_id LIMIT $6`, in.o.Scope, in.provider, f.Status
 // Event returns one event with its payload, or an error wrapping
 // [ErrEventNotFound].
 func (in *Inbox) Event(ctx context.Context, id string) (EventInfo, error) {
-	e, err := scanEvent(in.pool.QueryRow(ctx, `SELECT `+eventColumns+`, payload FROM `+in.sql.table+`
-WHERE `+mine+` AND event_id = $3`, in.o.Scope, in.provider, id), true)
+	e, err := scanEvent(in.pool.QueryRow(ctx, in.sql.event, in.o.Scope, in.provider, id), true)
 	switch {
 	case errors.Is(err, pgx.ErrNoRows):
 		return e, fmt.Errorf("%w: %q", ErrEventNotFound, id)
@@ -168,16 +165,12 @@ WHERE `+mine+` AND event_id = $3`, in.o.Scope, in.provider, id), true)
 	return e, nil
 }
 
-// redrive makes failed events pending again.
-const redrive = `SET status = 'pending', attempts = 0, next_attempt_at = clock_timestamp()`
-
 // Redrive makes a failed event pending again, with its attempts counted
 // from zero (its last error is kept until the next attempt), so a worker
 // processes it at once. It returns an error wrapping [ErrEventNotFound] or
 // [ErrNotFailed] when the event is absent or not failed.
 func (in *Inbox) Redrive(ctx context.Context, id string) error {
-	tag, err := in.pool.Exec(ctx, `UPDATE `+in.sql.table+` `+redrive+`
-WHERE `+mine+` AND event_id = $3 AND status = 'failed'`, in.o.Scope, in.provider, id)
+	tag, err := in.pool.Exec(ctx, in.sql.redrive, in.o.Scope, in.provider, id)
 	if err != nil {
 		return fmt.Errorf("inbox: redrive: %w", err)
 	}
@@ -185,8 +178,7 @@ WHERE `+mine+` AND event_id = $3 AND status = 'failed'`, in.o.Scope, in.provider
 		return nil
 	}
 	var status string
-	err = in.pool.QueryRow(ctx, `SELECT status FROM `+in.sql.table+` WHERE `+mine+` AND event_id = $3`,
-		in.o.Scope, in.provider, id).Scan(&status)
+	err = in.pool.QueryRow(ctx, in.sql.status, in.o.Scope, in.provider, id).Scan(&status)
 	switch {
 	case errors.Is(err, pgx.ErrNoRows):
 		return fmt.Errorf("%w: %q", ErrEventNotFound, id)
@@ -200,8 +192,7 @@ WHERE `+mine+` AND event_id = $3 AND status = 'failed'`, in.o.Scope, in.provider
 // as [Inbox.Redrive] does, and returns how many. An empty eventType
 // redrives every failed event.
 func (in *Inbox) RedriveType(ctx context.Context, eventType string) (int, error) {
-	tag, err := in.pool.Exec(ctx, `UPDATE `+in.sql.table+` `+redrive+`
-WHERE `+mine+` AND status = 'failed' AND ($3 = '' OR type = $3)`, in.o.Scope, in.provider, eventType)
+	tag, err := in.pool.Exec(ctx, in.sql.redriveType, in.o.Scope, in.provider, eventType)
 	if err != nil {
 		return 0, fmt.Errorf("inbox: redrive: %w", err)
 	}
@@ -229,15 +220,7 @@ type Stats struct {
 func (in *Inbox) Stats(ctx context.Context) (Stats, error) {
 	var s Stats
 	var oldestMS float64
-	err := in.pool.QueryRow(ctx, `SELECT
-    count(*) FILTER (WHERE status = 'pending'),
-    count(*) FILTER (WHERE status = 'processing'),
-    count(*) FILTER (WHERE status = 'failed'),
-    count(*) FILTER (WHERE status = 'processed'),
-    count(*) FILTER (WHERE status = 'pending' AND attempts > 0),
-    coalesce(extract(epoch FROM clock_timestamp() - min(received_at) FILTER (WHERE status IN ('pending', 'processing'))) * 1000, 0)::float8,
-    coalesce(sum(attempts) FILTER (WHERE status IN ('pending', 'processing')), 0)::bigint
-FROM `+in.sql.table+` WHERE `+mine, in.o.Scope, in.provider).Scan(
+	err := in.pool.QueryRow(ctx, in.sql.stats, in.o.Scope, in.provider).Scan(
 		&s.Pending, &s.Processing, &s.Failed, &s.Processed, &s.Retrying, &oldestMS, &s.Attempts)
 	if err != nil {
 		return s, fmt.Errorf("inbox: stats: %w", err)
@@ -259,11 +242,8 @@ func (in *Inbox) DeleteExpired(ctx context.Context, batch int) (deleted int, err
 	if batch < 1 || batch > maxBatch {
 		return 0, fmt.Errorf("inbox: batch %d is not between 1 and %d", batch, maxBatch)
 	}
-	stmt := `DELETE FROM ` + in.sql.table + ` WHERE ctid = ANY(ARRAY(
-    SELECT ctid FROM ` + in.sql.table + ` WHERE status = 'processed' AND expires_at <= clock_timestamp()
-    LIMIT $1 FOR UPDATE SKIP LOCKED)) AND status = 'processed' AND expires_at <= clock_timestamp()`
 	for {
-		tag, err := in.pool.Exec(ctx, stmt, batch)
+		tag, err := in.pool.Exec(ctx, in.sql.expire, batch)
 		if err != nil {
 			return deleted, fmt.Errorf("inbox: delete expired: %w", err)
 		}

@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/stretchr/testify/require"
 
 	"github.com/seed70ea8305/idempotency"
@@ -144,4 +146,150 @@ func fill(t *testing.T, env *inboxEnv, n int) {
 		}()
 	}
 	wg.Wait()
+}
+
+// TestFiguresAckFloor measures a Stripe delivery's acknowledgement by the
+// inbox (Receive: verify, one INSERT) against two floors, all three in
+// every iteration: the same verification, then one raw INSERT … ON
+// CONFLICT DO NOTHING of the same row into a table of the same columns
+// with its primary key alone, and into one with the two indexes any inbox
+// needs, its primary key (a redelivery changes nothing) and the index of
+// due events (a worker finds the next one). It reports the means and the
+// ratios.
+func TestFiguresAckFloor(t *testing.T) {
+	skipFigures(t)
+	const n = 2000
+	env := newInboxEnv(t)
+	ctx := context.Background()
+	v := stripeVerifier(t, whSecret)
+	in := env.newInbox(t, v)
+	for _, table := range []string{"floor_pk", "floor_due"} {
+		exec(t, env.pool, `CREATE TABLE `+table+` (LIKE webhook_events INCLUDING DEFAULTS, PRIMARY KEY (scope, provider, event_id))`)
+	}
+	exec(t, env.pool, `CREATE INDEX ON floor_due (scope, next_attempt_at) WHERE status IN ('pending', 'processing')`)
+	floor := func(table string, header http.Header, payload []byte) error {
+		ev, err := v.Verify(header, payload, time.Now())
+		if err != nil {
+			return err
+		}
+		_, err = env.pool.Exec(ctx, `INSERT INTO `+table+` (scope, provider, event_id, type, object_id, api_version, created, payload,
+    received_at, next_attempt_at, expires_at)
+VALUES ('', $1, $2, $3, $4, $5, $6, $7, now(), now(), now() + interval '45 days')
+ON CONFLICT (scope, provider, event_id) DO NOTHING`, v.Provider(), ev.ID, ev.Type, ev.Object, ev.APIVersion, ev.Stripe.Created, payload)
+		return err
+	}
+	var inboxT, pkT, dueT time.Duration
+	for i := range n + 20 {
+		id := fmt.Sprintf("evt_%d", i)
+		payload := eventPayload(id, "account.updated", "acct_"+id, time.Now().Unix())
+		header := http.Header{"Stripe-Signature": {sign(payload, whSecret, time.Now())}}
+		start := time.Now()
+		stored, err := in.Receive(ctx, header, payload)
+		d := time.Since(start)
+		require.NoError(t, err)
+		require.True(t, stored)
+		start = time.Now()
+		require.NoError(t, floor("floor_pk", header, payload))
+		pk := time.Since(start)
+		start = time.Now()
+		require.NoError(t, floor("floor_due", header, payload))
+		due := time.Since(start)
+		if i >= 20 { // statements prepared, pool warm
+			inboxT, pkT, dueT = inboxT+d, pkT+pk, dueT+due
+		}
+	}
+	t.Logf("acknowledgement: inbox %v; floor, primary key alone %v (inbox %.2f × it); floor, primary key and due index %v (inbox %.2f × it)",
+		(inboxT / n).Round(time.Microsecond), (pkT / n).Round(time.Microsecond), float64(inboxT)/float64(pkT),
+		(dueT / n).Round(time.Microsecond), float64(inboxT)/float64(dueT))
+}
+
+// TestFiguresWorkerFloor measures one worker (concurrency 1, a function
+// that does nothing) against a raw loop of the worker's own statements
+// (claim one due event, complete it) on the same table, in alternating
+// rounds over events of two scopes. The worker's round ends when its
+// last completion returns (seen by a tracer on its pool). It reports
+// events per second of both and the ratio.
+func TestFiguresWorkerFloor(t *testing.T) {
+	skipFigures(t)
+	const rounds, m = 4, 300
+	env := newInboxEnv(t)
+	ctx := context.Background()
+	raw := env.newInbox(t, stripeVerifier(t, whSecret), inbox.Options{Scope: "raw"})
+	claim, complete := inbox.WorkerStatements()
+	completions := &completionCounter{sql: complete, done: make(chan struct{}, 1)}
+	workerPool := env.newPool(t, func(cfg *pgxpool.Config) { cfg.ConnConfig.Tracer = completions })
+	w := newWorker(t, workerPool, func(context.Context, idempotency.WebhookEvent) error { return nil },
+		inbox.WorkerOptions{Scope: "worker", PollInterval: time.Millisecond})
+	worker := env.newInbox(t, stripeVerifier(t, whSecret), inbox.Options{Scope: "worker"})
+	var rawT, workerT time.Duration
+	for r := range rounds {
+		for _, in := range []*inbox.Inbox{raw, worker} {
+			for i := range m {
+				payload := eventPayload(fmt.Sprintf("evt_%d_%d", r, i), "account.updated", fmt.Sprintf("acct_%d", i), time.Now().Unix())
+				_, err := in.Receive(ctx, http.Header{"Stripe-Signature": {sign(payload, whSecret, time.Now())}}, payload)
+				require.NoError(t, err)
+			}
+		}
+		start := time.Now()
+		for done := 0; done < m; {
+			var provider, id string
+			err := env.pool.QueryRow(ctx, claim, "raw", 1, "tok", 30000).Scan(&provider, &id, nil, nil, nil, nil, nil, nil)
+			require.NoError(t, err)
+			tag, err := env.pool.Exec(ctx, complete, "raw", provider, id, "tok")
+			require.NoError(t, err)
+			require.Equal(t, int64(1), tag.RowsAffected())
+			done++
+		}
+		rawT += time.Since(start)
+
+		completions.reset(m)
+		start = time.Now()
+		stop := runWorker(t, w)
+		select {
+		case <-completions.done:
+		case <-time.After(time.Minute):
+			t.Fatal("the worker did not complete its events within a minute")
+		}
+		workerT += time.Since(start)
+		stop()
+	}
+	rawRate, workerRate := float64(rounds*m)/rawT.Seconds(), float64(rounds*m)/workerT.Seconds()
+	t.Logf("one worker %.0f events/s, raw claim-and-complete loop %.0f events/s: %.2f × the loop", workerRate, rawRate, workerRate/rawRate)
+	require.Equal(t, int64(rounds*m), stats(t, worker).Processed)
+	require.Equal(t, int64(rounds*m), stats(t, raw).Processed)
+}
+
+// completionCounter is a pgx tracer that signals done once want
+// statements sql ended.
+type completionCounter struct {
+	sql  string
+	done chan struct{}
+	mu   sync.Mutex
+	want int
+}
+
+func (c *completionCounter) reset(want int) {
+	c.mu.Lock()
+	c.want = want
+	c.mu.Unlock()
+}
+
+func (c *completionCounter) TraceQueryStart(ctx context.Context, _ *pgx.Conn, data pgx.TraceQueryStartData) context.Context {
+	if data.SQL == c.sql {
+		return context.WithValue(ctx, c, true)
+	}
+	return ctx
+}
+
+func (c *completionCounter) TraceQueryEnd(ctx context.Context, _ *pgx.Conn, data pgx.TraceQueryEndData) {
+	if ctx.Value(c) == nil || data.Err != nil {
+		return
+	}
+	c.mu.Lock()
+	c.want--
+	last := c.want == 0
+	c.mu.Unlock()
+	if last {
+		c.done <- struct{}{}
+	}
 }

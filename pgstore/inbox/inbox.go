@@ -142,14 +142,17 @@ func NewInbox(ctx context.Context, pool *pgxpool.Pool, v idempotency.Verifier, o
 }
 
 // inboxStatements are the inbox's SQL with its table name filled in.
+// Each one's index is asserted by TestQueryPlans.
 type inboxStatements struct {
-	table, insert string
+	insert, insertOne                                        string
+	list, event, status, redrive, redriveType, stats, expire string
 }
 
 func newInboxStatements(schema string) inboxStatements {
 	t := pg.Table(schema, "webhook_events")
+	// redrive makes failed events pending again.
+	const redrive = `SET status = 'pending', attempts = 0, next_attempt_at = clock_timestamp()`
 	return inboxStatements{
-		table: t,
 		// $1 scope, $2 provider, then one array element per event: $3
 		// IDs, $4 types, $5 objects, $6 API versions, $7 created times
 		// (NULL: the time of receipt), $8 payloads; $9 retention in ms.
@@ -161,6 +164,46 @@ SELECT $1, $2, u.i, u.ty, u.o, u.v, coalesce(u.c, floor(extract(epoch FROM c.now
 FROM unnest($3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[], $8::bytea[]) AS u(i, ty, o, v, c, p),
     (SELECT clock_timestamp() AS now) AS c
 ON CONFLICT (scope, provider, event_id) DO NOTHING`,
+		// insertOne is insert for one event (a delivery), its parameters
+		// single values: no arrays to encode and unnest.
+		insertOne: `INSERT INTO ` + t + ` AS e (scope, provider, event_id, type, object_id, api_version, created, payload,
+    received_at, next_attempt_at, expires_at)
+SELECT $1::text, $2::text, $3::text, $4::text, $5::text, $6::text, coalesce($7::bigint, floor(extract(epoch FROM c.now))::bigint), $8::bytea,
+    c.now, c.now, c.now + $9::bigint * interval '1 millisecond'
+FROM (SELECT clock_timestamp() AS now) AS c
+ON CONFLICT (scope, provider, event_id) DO NOTHING`,
+
+		// Every statement below is about the inbox's events: $1 its
+		// scope, $2 its provider.
+
+		// $3 status, $4 type ('' for any), $5 received before (NULL for
+		// any time), $6 limit.
+		list: `SELECT ` + eventColumns + ` FROM ` + t + `
+WHERE ` + mine + ` AND ($3 = '' OR status = $3) AND ($4 = '' OR type = $4) AND ($5::timestamptz IS NULL OR received_at < $5)
+ORDER BY received_at DESC, event_id LIMIT $6`,
+		// $3 event ID.
+		event:   `SELECT ` + eventColumns + `, payload FROM ` + t + ` WHERE ` + mine + ` AND event_id = $3`,
+		status:  `SELECT status FROM ` + t + ` WHERE ` + mine + ` AND event_id = $3`,
+		redrive: `UPDATE ` + t + ` ` + redrive + ` WHERE ` + mine + ` AND event_id = $3 AND status = 'failed'`,
+		// $3 type ('' for any).
+		redriveType: `UPDATE ` + t + ` ` + redrive + ` WHERE ` + mine + ` AND status = 'failed' AND ($3 = '' OR type = $3)`,
+		stats: `SELECT
+    count(*) FILTER (WHERE status = 'pending'),
+    count(*) FILTER (WHERE status = 'processing'),
+    count(*) FILTER (WHERE status = 'failed'),
+    count(*) FILTER (WHERE status = 'processed'),
+    count(*) FILTER (WHERE status = 'pending' AND attempts > 0),
+    coalesce(extract(epoch FROM clock_timestamp() - min(received_at) FILTER (WHERE status IN ('pending', 'processing'))) * 1000, 0)::float8,
+    coalesce(sum(attempts) FILTER (WHERE status IN ('pending', 'processing')), 0)::bigint
+FROM ` + t + ` WHERE ` + mine,
+		// $1 batch size; every scope and provider. The batch is found
+		// with now(), not clock_timestamp(): the planner estimates how
+		// many rows expired from a stable now() (and then reads
+		// webhook_events_expires_at), while a volatile clock makes it
+		// guess a third of the table and scan it.
+		expire: `DELETE FROM ` + t + ` WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM ` + t + ` WHERE status = 'processed' AND expires_at <= now()
+    LIMIT $1 FOR UPDATE SKIP LOCKED)) AND status = 'processed' AND expires_at <= clock_timestamp()`,
 	}
 }
 
@@ -272,10 +315,13 @@ func (in *Inbox) store(ctx context.Context, events []idempotency.WebhookEvent) (
 	}
 	ctx, cancel := context.WithTimeout(ctx, in.o.Timeout)
 	defer cancel()
+	sql, args := in.sql.insert, []any{in.o.Scope, in.provider, ids, types, objects, versions, created, payloads, in.o.Retention.Milliseconds()}
+	if n == 1 {
+		sql, args = in.sql.insertOne, []any{in.o.Scope, in.provider, ids[0], types[0], objects[0], versions[0], created[0], payloads[0], in.o.Retention.Milliseconds()}
+	}
 	var stored int64
 	err := pg.Resend(ctx, in.pool, func() error {
-		tag, err := in.pool.Exec(ctx, in.sql.insert, in.o.Scope, in.provider, ids, types, objects, versions, created, payloads,
-			in.o.Retention.Milliseconds())
+		tag, err := in.pool.Exec(ctx, sql, args...)
 		stored = tag.RowsAffected()
 		return err
 	})

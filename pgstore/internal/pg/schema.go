@@ -15,7 +15,7 @@ import (
 // Required is the migration this version of pgstore's code needs: the
 // last file of its migrations (a test holds it to that). Every
 // constructor checks that the database has it.
-const Required = "0004_webhook_providers"
+const Required = "0006_inbox_indexes"
 
 // MigrationsTable records the migrations applied, one row per file.
 const MigrationsTable = "idempotency_schema_migrations"
