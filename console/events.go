@@ -11,6 +11,7 @@ import (
 	"net/url"
 	"slices"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/seed70ea8305/idempotency/pgstore/inbox"
@@ -161,38 +162,40 @@ func (c *Console) overview(w http.ResponseWriter, r *http.Request) {
 			c.unavailable(w, r, "listing the inboxes", err)
 			return
 		}
-		for _, ref := range refs {
-			in, err := c.inbox(ctx, ref)
-			if err != nil {
-				c.unavailable(w, r, "opening an inbox", err)
-				return
-			}
-			s, err := in.Stats(ctx)
-			if err != nil {
-				c.unavailable(w, r, "reading an inbox's counts", err)
-				return
-			}
+		// The counts and the timeline each read the whole table: run them
+		// side by side, on connections of their own.
+		stats := make([]inbox.Stats, len(refs))
+		var counts []typeCount
+		var processed []int64
+		jobs := []func() error{
+			func() (err error) { counts, err = c.typeCounts(ctx); return err },
+			func() (err error) { processed, err = c.processedPerMinute(ctx, now); return err },
+		}
+		for i, ref := range refs {
+			jobs = append(jobs, func() error {
+				in, err := c.inbox(ctx, ref)
+				if err == nil {
+					stats[i], err = in.Stats(ctx)
+				}
+				return err
+			})
+		}
+		if err := parallel(jobs); err != nil {
+			c.unavailable(w, r, "reading the counts", err)
+			return
+		}
+		for i, ref := range refs {
 			link := func(status string) string {
 				return c.url("/events", filterForm{Inbox: ref.ID(), Status: status}.values())
 			}
-			d.Inboxes = append(d.Inboxes, inboxStats{Ref: ref, Stats: s, URL: link(""), FailedURL: link(inbox.StatusFailed),
+			d.Inboxes = append(d.Inboxes, inboxStats{Ref: ref, Stats: stats[i], URL: link(""), FailedURL: link(inbox.StatusFailed),
 				PendingURL: link(inbox.StatusPending), DoneURL: link(inbox.StatusProcessed)})
-		}
-		counts, err := c.typeCounts(ctx)
-		if err != nil {
-			c.unavailable(w, r, "counting events per type", err)
-			return
 		}
 		for _, tc := range counts {
 			link := func(status string) string {
 				return c.url("/events", filterForm{Inbox: tc.Inbox.ID(), Type: tc.Type, Status: status}.values())
 			}
 			d.Types = append(d.Types, typeRow{typeCount: tc, URL: link(""), FailedURL: link(inbox.StatusFailed)})
-		}
-		processed, err := c.processedPerMinute(ctx, now)
-		if err != nil {
-			c.unavailable(w, r, "counting events per minute", err)
-			return
 		}
 		webhooks := []series{{Name: "processed (database: every worker)", Class: "s-ok", Counts: processed}}
 		if c.o.Activity != nil {
@@ -492,4 +495,20 @@ func (c *Console) redriveSet(w http.ResponseWriter, r *http.Request) {
 	v := back.values()
 	v.Set("redriven", strconv.Itoa(total))
 	http.Redirect(w, r, c.url("/events", v), http.StatusSeeOther)
+}
+
+// parallel runs the jobs at once and, once all have returned, their
+// errors joined.
+func parallel(jobs []func() error) error {
+	errs := make([]error, len(jobs))
+	var wg sync.WaitGroup
+	for i, job := range jobs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = job()
+		}()
+	}
+	wg.Wait()
+	return errors.Join(errs...)
 }
