@@ -1,7 +1,6 @@
 package idempotency
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -253,21 +252,22 @@ func newCompletion(resp Response) *Record {
 	return &c.rec
 }
 
-// newCompletionCopy returns a record for resp with a copy of body as its
-// body: in the same allocation as the record, sized to an allocation
-// class so that it wastes no more than a body of its own would, when the
-// body is up to a few KiB (the most common responses).
-func newCompletionCopy(resp Response, body []byte) *Record {
+// newCompletionCopy returns a record for resp with body as its body. A
+// body of up to 8 KB is copied into the record's own allocation, sized to
+// an allocation class so that it wastes no more than a body of its own
+// would; a larger one is kept as it is, so the caller gives it up when
+// kept reports so.
+func newCompletionCopy(resp Response, body []byte) (rec *Record, kept bool) {
 	if len(body) == 0 {
-		return newCompletion(resp)
+		return newCompletion(resp), false
 	}
 	for _, size := range inlineBodySizes {
 		if len(body) <= size.max {
-			return size.make(resp, body)
+			return size.make(resp, body), false
 		}
 	}
-	resp.Body = bytes.Clone(body)
-	return newCompletion(resp)
+	resp.Body = body
+	return newCompletion(resp), true
 }
 
 // inlineBody returns a completion holding resp and, in its buffer B (a

@@ -821,7 +821,7 @@ type recorder struct {
 	wroteHeader bool
 	status      int
 	header      http.Header
-	body        []byte  // what was recorded, in pooled; response copies it
+	body        []byte  // what was recorded, in pooled; response copies or keeps it
 	pooled      *[]byte // the pooled buffer body grows in; nil until used
 	omitted     bool
 }
@@ -1025,7 +1025,11 @@ func (rec *recorder) statusOr200() int {
 }
 
 func (rec *recorder) response() *Record {
-	return newCompletionCopy(Response{StatusCode: rec.status, Header: rec.header, BodyOmitted: rec.omitted}, rec.body)
+	done, kept := newCompletionCopy(Response{StatusCode: rec.status, Header: rec.header, BodyOmitted: rec.omitted}, rec.body)
+	if kept {
+		rec.pooled = nil // the record has the buffer now
+	}
+	return done
 }
 
 // free gives back the buffer the body was recorded in, once the response
