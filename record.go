@@ -48,8 +48,7 @@ func encodeRecord(rec *Record, token string) string {
 // appendRecord appends rec, encoded as encodeRecord does, to b.
 func appendRecord(b []byte, rec *Record, token string) []byte {
 	if rec.Response == nil {
-		b, _, _ = appendClaim(b, rec, token)
-		return b
+		return appendClaim(b, rec, token)
 	}
 	resp := rec.Response
 	b = appendTokenPrefix(b, stateCompleted, token)
@@ -65,15 +64,13 @@ func appendRecord(b []byte, rec *Record, token string) []byte {
 	return wire.AppendString(b, string(resp.Body))
 }
 
-// appendClaim appends rec, in flight and owned by token, to b, and
-// returns where its owner prefix and the encoded fingerprint after it
-// end in b.
-func appendClaim(b []byte, rec *Record, token string) (_ []byte, ownerEnd, fingerprintEnd int) {
+// appendClaim appends rec, in flight and owned by token, to b: its owner
+// prefix, the encoded fingerprint (which the Redis scripts read from it),
+// and its time.
+func appendClaim(b []byte, rec *Record, token string) []byte {
 	b = appendTokenPrefix(b, stateInFlight, token)
-	ownerEnd = len(b)
 	b = wire.AppendString(b, rec.Fingerprint)
-	fingerprintEnd = len(b)
-	return binary.AppendVarint(b, rec.CreatedAt.UnixMilli()), ownerEnd, fingerprintEnd
+	return binary.AppendVarint(b, rec.CreatedAt.UnixMilli())
 }
 
 func appendTokenPrefix(b []byte, state byte, token string) []byte {

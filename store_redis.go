@@ -210,12 +210,14 @@ func fenceKey(rkey string) string {
 // the others an integer, so that go-redis reads a reply without boxing
 // it. A free key's path takes five commands; a replay's, one GET.
 var (
-	// KEYS: record, fence counter, recovery point. ARGV: claim, owner
-	// prefix, the claim's encoded fingerprint, lease ms, not-after (Unix
-	// ms by the caller's clock; 0: none). Returns the fence (acquired),
-	// -1 (too late), the completed record already there, or an envelope:
-	// 'P' for a record in flight (with its PTTL: the 409's Retry-After and
-	// a waiter's timer), 'R' when a recovery point is kept under the key
+	// KEYS: record, fence counter, recovery point. ARGV: the claim, and
+	// the lease and the not-after time (Unix ms by the caller's clock; 0:
+	// none) as "lease notAfter". The owner prefix and the encoded
+	// fingerprint are read from the claim: every argument costs the
+	// server time, on replays too. Returns the fence (acquired), -1 (too
+	// late), the completed record already there, or an envelope: 'P' for
+	// a record in flight (with its PTTL: the 409's Retry-After and a
+	// waiter's timer), 'R' when a recovery point is kept under the key
 	// (see redisCheckpoint): the fence, its fingerprint, point and data;
 	// the fence is 0 when the point belongs to another request and
 	// nothing was claimed.
@@ -226,18 +228,31 @@ var (
 	// counter was ahead.
 	redisAcquire = newRedisScript(`
 local v = redis.call('GET', KEYS[1])
-if v then
-  if string.byte(v, 2) ~= 70 then
-    return v
+if v and string.byte(v, 2) ~= 70 then
+  return v
+end
+local claim = ARGV[1]
+local function after(i)
+  local n, shift = 0, 1
+  while true do
+    local b = string.byte(claim, i)
+    n, i = n + (b % 128) * shift, i + 1
+    if b < 128 then return i + n end
+    shift = shift * 128
   end
-  if string.sub(v, 1, #ARGV[2]) ~= ARGV[2] then
+end
+local fpAt = after(3)
+local owner = string.sub(claim, 1, fpAt - 1)
+local fp = string.sub(claim, fpAt, after(fpAt) - 1)
+if v then
+  if string.sub(v, 1, #owner) ~= owner then
     local pttl = tostring(redis.call('PTTL', KEYS[1]))
     return 'P' .. #pttl .. ':' .. pttl .. #v .. ':' .. v .. '0:0:'
   end
   local f = redis.call('GET', KEYS[2]) or '0'
   if redis.call('EXISTS', KEYS[3]) == 1 then
     local rp = redis.call('HMGET', KEYS[3], 'fp', 'point', 'data')
-    if rp[1] and string.sub(rp[1], 1, #ARGV[3]) == ARGV[3] then
+    if rp[1] and string.sub(rp[1], 1, #fp) == fp then
       local point, data = rp[2] or '', rp[3] or ''
       return 'R' .. #f .. ':' .. f .. #rp[1] .. ':' .. rp[1] .. #point .. ':' .. point .. #data .. ':' .. data
     end
@@ -249,14 +264,15 @@ if redis.call('EXISTS', KEYS[3]) == 1 then
   rp = redis.call('HMGET', KEYS[3], 'fp', 'point', 'data')
   if not rp[1] then
     rp = nil
-  elseif string.sub(rp[1], 1, #ARGV[3]) ~= ARGV[3] then
+  elseif string.sub(rp[1], 1, #fp) ~= fp then
     local point, data = rp[2] or '', rp[3] or ''
     return 'R1:0' .. #rp[1] .. ':' .. rp[1] .. #point .. ':' .. point .. #data .. ':' .. data
   end
 end
+local lease, notAfter = string.match(ARGV[2], '^(%d+) (-?%d+)$')
 local t = redis.call('TIME')
 local us = tonumber(t[1]) * 1000000 + tonumber(t[2])
-if ARGV[5] ~= '0' and math.floor(us / 1000) > tonumber(ARGV[5]) then
+if notAfter ~= '0' and math.floor(us / 1000) > tonumber(notAfter) then
   return -1
 end
 local f = us
@@ -265,7 +281,7 @@ if last >= us then
   f = last + 1
   redis.call('SET', KEYS[2], string.format('%.0f', f))
 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[4])
+redis.call('SET', KEYS[1], claim, 'PX', lease)
 if rp then
   local fs, point, data = string.format('%.0f', f), rp[2] or '', rp[3] or ''
   return 'R' .. #fs .. ':' .. fs .. #rp[1] .. ':' .. rp[1] .. #point .. ':' .. point .. #data .. ':' .. data
@@ -319,22 +335,36 @@ end
 return 0`)
 
 	// Complete drops the recovery point (KEYS[2]) with the in-flight
-	// state. It also succeeds when this token already completed the record
-	// (ARGV[4] is its completedPrefix): go-redis re-sent the script after
-	// the first run's reply was lost. Complete, Release and Fail publish on
-	// the record's channel (its own key name, so the same hash slot) with
-	// the command in their last ARGV ('' for none), which wakes waiting
+	// state. ARGV: the completed value, its TTL ms. The value starts with
+	// the token's completedPrefix, from which the script makes the owner
+	// prefix; it also succeeds when this token already completed the
+	// record: go-redis re-sent the script after the first run's reply was
+	// lost. Complete, Release and Fail publish on the record's channel
+	// (its own key name, so the same hash slot), which wakes waiting
 	// duplicates in the same round trip; through pcall, since a failed
 	// wake-up must not fail the write (waiters re-read at their deadline).
-	redisComplete = newRedisScript(`
+	// Release and Fail take the command in their last ARGV ('' for none);
+	// Complete, on every first request, has a script for each
+	// (redisPublishing), which saves the server an argument.
+	redisComplete = redisPublishing(`
+local value = ARGV[1]
+local n, shift, i = 0, 1, 3
+while true do
+  local b = string.byte(value, i)
+  n, i = n + (b % 128) * shift, i + 1
+  if b < 128 then break end
+  shift = shift * 128
+end
+local done = string.sub(value, 1, i + n - 1)
+local owner = '\1F' .. string.sub(done, 3)
 local v = redis.call('GET', KEYS[1])
-if v and string.sub(v, 1, #ARGV[1]) == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+if v and string.sub(v, 1, #owner) == owner then
+  redis.call('SET', KEYS[1], value, 'PX', ARGV[2])
   redis.call('DEL', KEYS[2])
-  if ARGV[5] ~= '' then redis.pcall(ARGV[5], KEYS[1], 'c') end
+  PUBLISH(KEYS[1], 'c')
   return 1
 end
-if v and string.sub(v, 1, #ARGV[4]) == ARGV[4] then
+if v and string.sub(v, 1, #done) == done then
   return 1
 end
 return 0`)
@@ -406,13 +436,13 @@ func (s *RedisStore) Acquire(ctx context.Context, key string, claim Record, leas
 	c := newScriptCall(redisAcquire, true, s.waitReplicas > 0)
 	c.keys(s, key, fenceSuffix, redisRecoverySuffix)
 	start := len(c.buf)
-	var ownerEnd, fingerprintEnd int
-	c.buf, ownerEnd, fingerprintEnd = appendClaim(c.buf, &claim, claim.Token)
+	c.buf = appendClaim(c.buf, &claim, claim.Token)
 	c.spanArg(start, len(c.buf))
-	c.spanArg(start, ownerEnd)
-	c.spanArg(ownerEnd, fingerprintEnd)
-	c.int(milliseconds(lease))
-	c.int(notAfter)
+	start = len(c.buf)
+	c.buf = strconv.AppendInt(c.buf, milliseconds(lease), 10)
+	c.buf = append(c.buf, ' ')
+	c.buf = strconv.AppendInt(c.buf, notAfter, 10)
+	c.spanArg(start, len(c.buf))
 	reply, err := s.run(ctx, c, 0)
 	if err != nil {
 		return 0, nil, fmt.Errorf("idempotency: redis acquire: %w", err)
@@ -558,16 +588,12 @@ func (s *RedisStore) Complete(ctx context.Context, key, token string, rec *Recor
 	if token == "" {
 		return ErrLeaseLost
 	}
-	c := newScriptCall(redisComplete, false, s.waitReplicas > 0)
+	c := newScriptCall(redisComplete[s.publish], false, s.waitReplicas > 0)
 	c.keys(s, key, redisRecoverySuffix)
-	ownerStart := len(c.buf)
-	c.ownerArg(token)
 	start := len(c.buf)
 	c.buf = appendRecord(c.buf, rec, token)
 	c.spanArg(start, len(c.buf))
 	c.int(milliseconds(ttl))
-	c.spanArg(start, 2*start-ownerStart) // the completed prefix, as long as the owner's
-	c.str(s.publish)
 	return s.runOwned(ctx, "complete", c)
 }
 
@@ -655,6 +681,34 @@ var redisRemove = newRedisScript(`
 local n = redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
 if ARGV[1] ~= '' then redis.pcall(ARGV[1], KEYS[1], 'r') end
 return n`)
+
+// redisPublishing returns a script for each publish command a store may
+// use (see RedisStore.publish): src with PUBLISH(channel, message)
+// replaced by a pcall of it, or by nothing for "".
+func redisPublishing(src string) map[string]*redisScript {
+	scripts := make(map[string]*redisScript, 3)
+	for _, command := range []string{"", "publish", "spublish"} {
+		call := ""
+		if command != "" {
+			call = "redis.pcall('" + command + "', "
+		}
+		body := src
+		for {
+			at := strings.Index(body, "PUBLISH(")
+			if at < 0 {
+				break
+			}
+			end := at + strings.IndexByte(body[at:], ')') + 1
+			if call == "" {
+				body = body[:at] + body[end:]
+			} else {
+				body = body[:at] + call + body[at+len("PUBLISH("):]
+			}
+		}
+		scripts[command] = newRedisScript(body)
+	}
+	return scripts
+}
 
 // Remove implements [Inspector] in one round trip.
 func (s *RedisStore) Remove(ctx context.Context, key string) error {
