@@ -78,7 +78,11 @@ type memoryShard struct {
 	fence   uint64 // the last fence handed out, for any key of the shard (see nextFenceLocked)
 	peak    int    // the most entries held since the map was last rebuilt
 	waiting waiters
-	_       [memoryShardPad]byte
+	// due is when the first slot of expiry is due, 0 when none: written
+	// under mu, read without it by the passes over every shard, which
+	// skip a shard with nothing due without taking its lock.
+	due atomic.Int64
+	_   [memoryShardPad]byte
 }
 
 // memoryShards is how many shards a MemoryStore spreads its keys over: a
@@ -87,7 +91,7 @@ type memoryShard struct {
 // cache lines), so that no two shards' locks share a line.
 const (
 	memoryShards   = 64
-	memoryShardPad = 128 - (8 + 8 + 24 + 8 + 8 + 8)
+	memoryShardPad = 128 - (8 + 8 + 24 + 8 + 8 + 8 + 8)
 )
 
 // shard returns the shard that holds key.
@@ -618,6 +622,9 @@ func (s *MemoryStore) settleLocked(sh *memoryShard, e *memoryEntry) {
 	if e.at == 0 || next < e.at {
 		e.at = next
 		sh.expiry.push(memorySlot{at: next, e: e})
+		if sh.expiry[0].at == next {
+			sh.due.Store(next)
+		}
 	}
 }
 
@@ -698,6 +705,11 @@ func (s *MemoryStore) purgeLocked(sh *memoryShard, now int64) int {
 		s.settleLocked(sh, e)
 	}
 	sh.compactLocked()
+	if len(sh.expiry) > 0 {
+		sh.due.Store(sh.expiry[0].at)
+	} else {
+		sh.due.Store(0)
+	}
 	if hook != nil {
 		held := time.Since(start)
 		s.onPurgeMu.Lock()
@@ -710,6 +722,9 @@ func (s *MemoryStore) purgeLocked(sh *memoryShard, now int64) int {
 // purgeShard takes a batch of what has expired in sh under its lock, and
 // reports how many slots it took and whether more are due.
 func (s *MemoryStore) purgeShard(sh *memoryShard, now int64) (took int, more bool) {
+	if due := sh.due.Load(); due == 0 || due > now {
+		return 0, false
+	}
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
 	if !sh.dueLocked(now) {
