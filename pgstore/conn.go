@@ -64,16 +64,22 @@ func (s *Store) exec(ctx context.Context, sql string, args ...any) (pgconn.Comma
 // begin begins a transaction, as pool.Begin does, on a connection that its
 // Commit or Rollback gives back with giveBack.
 func (s *Store) begin(ctx context.Context) (pgx.Tx, error) {
-	return s.beginWith(ctx, pgx.TxOptions{})
+	return s.beginWith(ctx, func(*pgx.Conn) (pgx.TxOptions, error) { return pgx.TxOptions{}, nil })
 }
 
-// beginWith is begin with opts.
-func (s *Store) beginWith(ctx context.Context, opts pgx.TxOptions) (pgx.Tx, error) {
+// beginWith is begin with the options that opts returns for the
+// connection acquired.
+func (s *Store) beginWith(ctx context.Context, opts func(*pgx.Conn) (pgx.TxOptions, error)) (pgx.Tx, error) {
 	conn, err := s.pool.Acquire(ctx)
 	if err != nil {
 		return nil, err
 	}
-	tx, err := conn.BeginTx(ctx, opts)
+	o, err := opts(conn.Conn())
+	if err != nil {
+		giveBack(conn)
+		return nil, err
+	}
+	tx, err := conn.BeginTx(ctx, o)
 	if err != nil {
 		giveBack(conn)
 		return nil, err

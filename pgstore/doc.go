@@ -50,9 +50,12 @@
 //
 // Every call is one statement, one round trip, in its own implicit
 // transaction; nothing on the request path takes a table or advisory lock.
-// [Store.Acquire] is one INSERT … ON CONFLICT DO UPDATE that claims a free
-// key, or a key whose row expired, or a suspended row of the same request
-// (keeping its recovery point), and otherwise returns the live row. The
+// [Store.Acquire] is one INSERT … ON CONFLICT DO NOTHING that claims a
+// free key, and otherwise returns the row it found without touching it;
+// only a key whose row expired (and was not deleted yet), or a suspended
+// row of the same request, needs a second statement, an INSERT … ON
+// CONFLICT DO UPDATE that takes the row over (keeping a suspended row's
+// recovery point). The
 // later writes ([Store.Extend], [Store.Checkpoint], [Store.Complete],
 // [Store.Release], [Store.Fail]) lock the key's row, then change it only
 // when the caller's token owns it, in flight, with its lease unexpired,
@@ -64,8 +67,8 @@
 // completed record holds the key (see [idempotency.Store]). [Store.Get]
 // locks the row for a moment too (FOR SHARE), so that it waits for a write
 // in progress. A first request through the middleware thus costs two
-// statements (claim, then complete); a replay, a 409 or a 422 one, which
-// locks and writes nothing. Leases and expiry use the database's clock
+// statements (claim, then complete), three when it takes a row over; a
+// replay, a 409 or a 422 one, which locks and writes nothing. Leases and expiry use the database's clock
 // (clock_timestamp()), never the client's.
 //
 // Release and Fail free a row in place, ending its lease and its life at

@@ -90,6 +90,8 @@ func kinds(sql []string) []string {
 	out := make([]string, len(sql))
 	for i, s := range sql {
 		switch {
+		case strings.Contains(s, "INSERT INTO") && strings.Contains(s, "claimed AS") && strings.Contains(s, "DO UPDATE"):
+			out[i] = "takeover"
 		case strings.Contains(s, "INSERT INTO") && strings.Contains(s, "claimed AS"):
 			out[i] = "acquire"
 		case strings.Contains(s, "SET status = 'completed'"):
@@ -102,7 +104,7 @@ func kinds(sql []string) []string {
 			out[i] = "extend"
 		case strings.Contains(s, "SET recovery_point"):
 			out[i] = "checkpoint"
-		case strings.HasPrefix(s, "BEGIN; SELECT") && strings.Contains(s, "no longer holds"):
+		case strings.HasPrefix(s, "BEGIN; EXECUTE pgstore_holds_"):
 			out[i] = "begin+holds"
 		case s == "begin", s == "commit", s == "rollback":
 			out[i] = s

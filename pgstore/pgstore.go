@@ -2,6 +2,8 @@ package pgstore
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -74,7 +76,7 @@ type statements struct {
 	claim, acquire, extend, complete, release, fail, failures string
 	releaseByFence, checkpoint, checkpointByFence             string
 	get, remove                                               string
-	keys                                                      string // the table, for Store.beginHolding
+	holds, holdsName                                          string
 	deleteKeys, deleteFailures                                string
 }
 
@@ -176,8 +178,15 @@ SELECT (SELECT count(*) FROM released), ` + held(owner))
 	const resumable = `(k.status = 'in_flight' AND k.recovery_point IS NOT NULL
          AND k.fingerprint = excluded.fingerprint
          AND k.lease_expires_at <= (SELECT now FROM clock) AND k.expires_at > (SELECT now FROM clock))`
-	return statements{
-		keys: keys,
+	st := statements{
+		// $1 key, $2 fence. Fails, with notHoldingCode, unless the claim
+		// with fence $2 holds the key, in flight, its lease unexpired
+		// (see Store.beginHolding). Locks nothing.
+		holds: sql(`
+SELECT (SELECT 'pgstore: the claim no longer holds its key'::text WHERE NOT EXISTS (
+    SELECT 1 FROM %[1]s AS k
+    WHERE k.key_hash = sha256($1::bytea) AND k.fence = $2::bigint
+      AND k.status = 'in_flight' AND k.lease_expires_at > clock_timestamp()))::integer`),
 
 		// claim is Acquire's first statement, the one that almost every
 		// call needs alone: it inserts a key that has no row (ON CONFLICT
@@ -427,6 +436,11 @@ WHERE f.ctid = ANY (ARRAY(
         FOR UPDATE SKIP LOCKED))
   AND f.expires_at <= clock_timestamp()`),
 	}
+	// The name the holds statement is prepared under on a connection, one
+	// per text (stores of two schemas may share a pool).
+	sum := sha256.Sum256([]byte(st.holds))
+	st.holdsName = "pgstore_holds_" + hex.EncodeToString(sum[:8])
+	return st
 }
 
 var errTooLate = errors.New("pgstore: acquire: the server ran the claim after its deadline, and refused it")

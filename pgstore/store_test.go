@@ -52,8 +52,9 @@ func TestConformanceWithSchema(t *testing.T) {
 }
 
 // TestRoundTrips pins the round-trip floor with a pgx tracer: a first
-// request sends two statements (claim, complete), a replay, a 409 and a
-// 422 one each. A first request whose handler writes in the claim's
+// request sends two statements (claim, complete), three when its key's
+// old record expired but is still there (the takeover, as for a claim
+// that resumes a suspended record), a replay, a 409 and a 422 one each. A first request whose handler writes in the claim's
 // transaction sends three more than its own statements: begin with the
 // check that the claim holds its key (one round trip), then the
 // completion and the commit; a phase three (begin, recovery point,
@@ -90,6 +91,10 @@ func TestRoundTrips(t *testing.T) {
 	assert.Equal(t, []string{"acquire"}, kinds(counter.Take()), "replay")
 	require.Equal(t, http.StatusUnprocessableEntity, serve(h, post("k", `{"other":1}`)).Code)
 	assert.Equal(t, []string{"acquire"}, kinds(counter.Take()), "422")
+	exec(t, pool, "UPDATE idempotency_keys SET expires_at = now()") // the record expired, not deleted yet
+	counter.Take()
+	require.Equal(t, http.StatusCreated, serve(h, post("k", `{"other":1}`)).Code)
+	assert.Equal(t, []string{"acquire", "takeover", "complete"}, kinds(counter.Take()), "first request on an expired record")
 
 	handler.hold = func() {
 		close(entered)
@@ -116,6 +121,20 @@ func TestRoundTrips(t *testing.T) {
 	require.Equal(t, http.StatusCreated, serve(inTx, r).Code)
 	assert.Equal(t, []string{"acquire", "begin", insert, "checkpoint", "commit", "begin+holds", insert, "complete", "commit"},
 		kinds(counter.Take()), "first request, a phase and Tx")
+
+	ctx := context.Background()
+	claim := idempotency.Record{Token: "a", Fingerprint: "fp", CreatedAt: time.Now()}
+	_, _, err := store.Acquire(ctx, "resume", claim, time.Minute)
+	require.NoError(t, err)
+	require.NoError(t, store.Checkpoint(ctx, "resume", "a", "step", nil, time.Minute))
+	require.NoError(t, store.Release(ctx, "resume", "a")) // suspended
+	counter.Take()
+	claim.Token = "b"
+	_, rec, err := store.Acquire(ctx, "resume", claim, time.Minute)
+	require.NoError(t, err)
+	require.NotNil(t, rec)
+	assert.Equal(t, "step", rec.RecoveryPoint)
+	assert.Equal(t, []string{"acquire", "takeover"}, kinds(counter.Take()), "a claim that resumes a suspended record")
 }
 
 func TestNewValidates(t *testing.T) {

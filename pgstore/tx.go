@@ -181,10 +181,20 @@ func (s *Store) open(ctx context.Context, t *claimTx) error {
 	// Nothing is written yet: on a broken connection, begin again on
 	// another one.
 	var tx pgx.Tx
-	begin := s.beginHolding(t.key, t.fence)
 	err := s.retry(ctx, func() error {
 		var err error
-		tx, err = s.beginWith(ctx, pgx.TxOptions{BeginQuery: begin})
+		tx, err = s.beginHolding(ctx, t.key, t.fence)
+		var pgErr *pgconn.PgError
+		if errors.As(err, &pgErr) && pgErr.Code == "26000" {
+			// invalid_sql_statement_name: the connection lost its
+			// prepared statements (a pooler between, say): BEGIN, then
+			// the check, in two round trips.
+			if tx, err = s.begin(ctx); err == nil {
+				if _, err = tx.Exec(ctx, s.sql.holds, []byte(t.key), int64(t.fence)); err != nil {
+					tx.Rollback(ctx)
+				}
+			}
+		}
 		return err
 	})
 	var pgErr *pgconn.PgError
@@ -200,25 +210,29 @@ func (s *Store) open(ctx context.Context, t *claimTx) error {
 	return nil
 }
 
-// notHoldingCode is the SQLSTATE of beginHolding's check when the claim
-// no longer holds its key (invalid_text_representation: its message cast
-// to an integer).
+// notHoldingCode is the SQLSTATE of the holds check when the claim no
+// longer holds its key (invalid_text_representation: its message cast to
+// an integer).
 const notHoldingCode = "22P02"
 
-// beginHolding is the query that begins a claim's transaction and checks
-// in it that the claim (its fence) holds key: in flight, its lease
-// unexpired. pgx sends a BeginQuery without arguments in the simple
-// protocol, so the check travels with BEGIN in one round trip; it reports
-// a claim that no longer holds by failing, with an error whose message
-// says so (notHoldingCode), since the simple protocol's Exec returns no
-// rows. The key is inlined hex-encoded and the fence as a number, so no
-// byte of either is read as SQL. It reads without locking, so lease
-// renewals go on.
-func (s *Store) beginHolding(key string, fence uint64) string {
-	return `BEGIN; SELECT (SELECT 'pgstore: the claim no longer holds its key'::text WHERE NOT EXISTS (
-    SELECT 1 FROM ` + s.sql.keys + ` AS k
-    WHERE k.key_hash = sha256(decode('` + hex.EncodeToString([]byte(key)) + `', 'hex')) AND k.fence = ` + strconv.FormatInt(int64(fence), 10) + `
-      AND k.status = 'in_flight' AND k.lease_expires_at > clock_timestamp()))::integer`
+// beginHolding begins a claim's transaction and checks in it that the
+// claim (its fence) holds key: in flight, its lease unexpired, read
+// without locking, so lease renewals go on. The check travels with BEGIN
+// in one round trip: pgx sends a BeginQuery without arguments in the
+// simple protocol, which returns no rows, so the check reports a claim
+// that no longer holds by failing, with an error whose message says so
+// (notHoldingCode). It runs as EXECUTE of the holds statement, prepared
+// on the connection once (a query of its own in the simple protocol would
+// be planned at every call); the key goes in hex-encoded and the fence as
+// a number, so no byte of either is read as SQL.
+func (s *Store) beginHolding(ctx context.Context, key string, fence uint64) (pgx.Tx, error) {
+	return s.beginWith(ctx, func(conn *pgx.Conn) (pgx.TxOptions, error) {
+		if _, err := conn.Prepare(ctx, s.sql.holdsName, s.sql.holds); err != nil {
+			return pgx.TxOptions{}, err
+		}
+		return pgx.TxOptions{BeginQuery: "BEGIN; EXECUTE " + s.sql.holdsName + "(decode('" + hex.EncodeToString([]byte(key)) + "', 'hex'), " +
+			strconv.FormatInt(int64(fence), 10) + ")"}, nil
+	})
 }
 
 // watch runs once the handler's context ended (ctx keeps its values):

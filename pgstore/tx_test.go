@@ -706,3 +706,31 @@ func TestResumeResent(t *testing.T) {
 	assert.Equal(t, "half", rec.RecoveryPoint)
 	assert.Empty(t, rec.Token)
 }
+
+// TestTxCheckUnprepared: the check that Tx sends with BEGIN runs a
+// statement prepared on the connection; a connection that lost it (a
+// pooler between, DEALLOCATE) still opens the transaction, sending the
+// check on its own.
+func TestTxCheckUnprepared(t *testing.T) {
+	env := newTxEnv(t, func(cfg *pgxpool.Config) { cfg.MaxConns = 1 })
+	var runs atomic.Int32
+	var lost atomic.Bool
+	h := env.middleware(t, nil, func(w http.ResponseWriter, r *http.Request) {
+		if lost.Load() {
+			// The one connection forgets the check's statement.
+			exec(t, env.pool, `DO $$ DECLARE n text; BEGIN
+    FOR n IN SELECT name FROM pg_prepared_statements WHERE name LIKE 'pgstore_holds_%' LOOP EXECUTE 'DEALLOCATE ' || n; END LOOP;
+END $$`)
+		}
+		env.insertVenue(t, &runs, nil)(w, r)
+	})
+	require.Equal(t, http.StatusCreated, serve(h, post("k1", `{}`)).Code)
+	env.report(t)
+	lost.Store(true)
+	w := serve(h, post("k2", `{}`))
+	require.Equal(t, http.StatusCreated, w.Code, w.Body.String())
+	assert.Equal(t, idempotency.OutcomeExecuted, env.report(t).Outcome)
+	assert.Equal(t, 2, env.venues(t))
+	assert.Zero(t, count(t, env.pool, "SELECT count(*) FROM pg_prepared_statements WHERE name LIKE 'pgstore_holds_%'"),
+		"(on the one connection) the check ran without its statement")
+}
