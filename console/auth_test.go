@@ -70,6 +70,7 @@ func TestAuthRefusals(t *testing.T) {
 	assert.Equal(t, http.SameSiteStrictMode, b.cookie.SameSite)
 	assert.Equal(t, testPrefix+"/", b.cookie.Path)
 	assert.False(t, b.cookie.Secure, "plain HTTP on a loopback address: development")
+	assert.Equal(t, 8*60*60, b.cookie.MaxAge, "8 hours by default")
 
 	page := b.get(testPrefix + "/records")
 	require.Equal(t, http.StatusOK, page.status)
