@@ -120,6 +120,8 @@ func assertSecurityHeaders(t *testing.T, r answer) {
 	assert.NotContains(t, csp, "script-src", "no script is allowed at all")
 	assert.Equal(t, "nosniff", r.header.Get("X-Content-Type-Options"))
 	assert.Equal(t, "no-store", r.header.Get("Cache-Control"))
+	assert.Equal(t, "no-referrer", r.header.Get("Referrer-Policy"))
+	assert.Contains(t, csp, "style-src 'self'")
 }
 
 // TestSessionExpires: a session cookie stops working at its expiry, and
@@ -137,6 +139,21 @@ func TestSessionExpires(t *testing.T) {
 	require.Equal(t, http.StatusSeeOther, b2.login("another key").status)
 	b2.h = newConsole(t, Options{})
 	assert.Equal(t, http.StatusSeeOther, b2.get(testPrefix+"/").status, "another key's cookie")
+}
+
+// TestSecureCookie: the session cookie is Secure but over plain HTTP to
+// a loopback address, where a browser would not send it back.
+func TestSecureCookie(t *testing.T) {
+	for target, want := range map[string]bool{
+		"http://127.0.0.1:8080/":  false,
+		"http://localhost:8080/":  false,
+		"http://[::1]/":           false,
+		"http://ops.example.com/": true,
+		"http://10.0.0.5:8080/":   true,
+		"https://127.0.0.1:8443/": true,
+	} {
+		assert.Equal(t, want, secureCookie(httptest.NewRequest(http.MethodPost, target, nil)), target)
+	}
 }
 
 // TestLoginNext: a login goes on to the page asked for, only if it is
