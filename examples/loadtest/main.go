@@ -764,13 +764,25 @@ func post(ctx context.Context, client *http.Client, u, key string, block bool) (
 	return resp.StatusCode, resp.Header.Get(replayHeader) == "true", nil
 }
 
+// printTable prints the rows, each row's p50 also as a ratio to the bare
+// handler's p50 of the same run.
 func printTable(w io.Writer, rows []row) {
-	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "server\tscenario\trequests\tsent/s\tsuccess\tthroughput/s\tp50\tp99\tstatus codes")
+	var bare time.Duration
 	for _, r := range rows {
-		fmt.Fprintf(tw, "%s\t%s\t%d\t%.1f\t%.2f%%\t%.1f\t%s\t%s\t%s\n",
+		if r.server == "bare" {
+			bare = r.p50
+		}
+	}
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "server\tscenario\trequests\tsent/s\tsuccess\tthroughput/s\tp50\tp99\tp50×bare\tstatus codes")
+	for _, r := range rows {
+		ratio := "—"
+		if bare > 0 {
+			ratio = strconv.FormatFloat(float64(r.p50)/float64(bare), 'f', 2, 64)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%.1f\t%.2f%%\t%.1f\t%s\t%s\t%s\t%s\n",
 			r.server, r.scenario, r.requests, r.rate, 100*r.success, r.throughput,
-			round(r.p50), round(r.p99), formatCodes(r.codes))
+			round(r.p50), round(r.p99), ratio, formatCodes(r.codes))
 	}
 	_ = tw.Flush()
 	for _, r := range rows {

@@ -66,9 +66,10 @@ func TestRunPostgres(t *testing.T) {
 }
 
 // TestSaturate: the search reports, for each server, a rate it passed
-// and its ratio to the bare handler's; -max-rate keeps it short.
+// and its ratio to the bare handler's; -max-rate keeps it short, and a
+// p99 bound of 10 s lets every step pass on a loaded machine.
 func TestSaturate(t *testing.T) {
-	out := runOK(t, append(short, "-redis=", "-saturate", "-max-rate=800"))
+	out := runOK(t, append(short, "-redis=", "-saturate", "-p99=10s", "-max-rate=800"))
 	var rows []string
 	inTable := false
 	for line := range strings.Lines(out) {
@@ -81,12 +82,9 @@ func TestSaturate(t *testing.T) {
 		case inTable:
 			rows = append(rows, f[0])
 			// "bare 800/s 1.00 …" or "memory ≥ 800/s 0.50 …"
-			rate := f[1]
-			if rate == "≥" {
-				rate = f[2]
-			}
-			if !strings.HasSuffix(rate, "/s") || rate == "0/s" {
-				t.Errorf("row %q: no passing rate", line)
+			// Every step passed: the search stopped at -max-rate.
+			if len(f) < 3 || f[1] != "≥" || f[2] != "800/s" {
+				t.Errorf("row %q: want ≥ 800/s", line)
 			}
 			if f[0] == "bare" && !strings.Contains(line, " 1.00 ") {
 				t.Errorf("bare row %q: ratio to itself is not 1.00", line)
@@ -96,9 +94,27 @@ func TestSaturate(t *testing.T) {
 	if strings.Join(rows, ",") != "bare,memory" {
 		t.Errorf("rows %q, want bare and memory:\n%s", rows, out)
 	}
-	for _, want := range []string{"load: ", "bare     steps: 200✓", "memory   steps: 200✓", "-saturate -p99=10ms -max-rate=800"} {
+	for _, want := range []string{"load: ", "bare     steps: 200✓ 400✓ 800✓\n", "memory   steps: 200✓ 400✓ 800✓\n", "-saturate -p99=10s -max-rate=800"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("output lacks %q:\n%s", want, out)
+		}
+	}
+}
+
+// TestNextRate: the search doubles until a step fails, halves while
+// nothing passed, then bisects until the bounds are within 5 %.
+func TestNextRate(t *testing.T) {
+	for _, tc := range []struct{ lo, hi, want int }{
+		{500, 0, 1000},     // doubling
+		{1 << 20, 0, 0},    // past -max-rate: done
+		{0, 500, 250},      // the first step failed: halving
+		{0, 150, 0},        // below the fewest requests a step may send: done
+		{1000, 2000, 1500}, // bisecting
+		{1000, 1040, 0},    // within 5 %: done
+		{1000, 1060, 1030}, // not yet
+	} {
+		if got := nextRate(tc.lo, tc.hi, 1<<20, 100); got != tc.want {
+			t.Errorf("nextRate(%d, %d) = %d, want %d", tc.lo, tc.hi, got, tc.want)
 		}
 	}
 }
@@ -146,12 +162,15 @@ func wantRows(t *testing.T, out string, rows ...string) {
 			inTable = true
 		case len(f) == 0 || f[0] == "note:":
 			inTable = false
-		case inTable && (f[0] == "errors" || len(f) < 9):
+		case inTable && (f[0] == "errors" || len(f) < 10):
 			t.Errorf("unexpected line in the table: %q", line)
 		case inTable:
 			got = append(got, f[0]+" "+f[1])
 			if f[4] != "100.00%" {
 				t.Errorf("row %s %s: success %s, want 100.00%%", f[0], f[1], f[4])
+			}
+			if f[0] == "bare" && f[8] != "1.00" {
+				t.Errorf("bare row: p50×bare %s, want 1.00", f[8])
 			}
 		}
 	}

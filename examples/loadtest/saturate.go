@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"math"
 	"os"
 	"runtime"
 	"strconv"
@@ -127,20 +128,28 @@ func (s *search) step(ctx context.Context, tag string) error {
 	} else if s.hi == 0 || rate < s.hi {
 		s.hi = rate
 	}
-	switch {
-	case s.hi == 0 && s.lo*2 <= s.cfg.maxRate:
-		s.next = s.lo * 2
-	case s.hi == 0:
-		s.next = 0 // reached -max-rate
-	case s.lo == 0 && float64(s.hi/2)*s.cfg.duration.Seconds() >= minSamples:
-		s.next = s.hi / 2
-	case s.lo == 0 || s.hi-s.lo <= s.lo/20:
-		s.next = 0
-	default:
-		s.next = (s.lo + s.hi) / 2
-	}
+	s.next = nextRate(s.lo, s.hi, s.cfg.maxRate, int(math.Ceil(minSamples/s.cfg.duration.Seconds())))
 	s.res.bounded = s.hi > 0
 	return nil
+}
+
+// nextRate is the search's next rate after the highest rate that passed
+// (lo) and the lowest that failed (hi), 0 meaning none yet; it returns 0
+// when the search is done: it doubles up to maxRate, halves down to
+// minRate, then bisects to within 5 %.
+func nextRate(lo, hi, maxRate, minRate int) int {
+	switch {
+	case hi == 0 && lo*2 <= maxRate:
+		return lo * 2
+	case hi == 0:
+		return 0
+	case lo == 0 && hi/2 >= minRate && hi > 1:
+		return hi / 2
+	case lo == 0 || hi-lo <= lo/20:
+		return 0
+	default:
+		return (lo + hi) / 2
+	}
 }
 
 // try attacks at rate; a failing step gets a second try before it
