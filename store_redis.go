@@ -13,6 +13,7 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unsafe"
 
 	"github.com/redis/go-redis/v9"
 	"github.com/seed70ea8305/idempotency/internal/wire"
@@ -92,6 +93,11 @@ type RedisStore struct {
 	// the store cannot place (a Ring), whose waiters re-read on timers.
 	publish string
 	hub     redisHub
+
+	// hashed remembers the keys hashed last (see appendRedisKey).
+	hashed keyMemo
+	// onHash, when set (by tests), is called for each key hashed.
+	onHash func()
 }
 
 // RedisOptions configures a [RedisStore] ([NewRedisStore]). The zero value
@@ -190,12 +196,64 @@ func (s *RedisStore) redisKey(key string) string {
 }
 
 func (s *RedisStore) appendRedisKey(b []byte, key string) []byte {
-	sum := sha256.Sum256([]byte(key))
 	b = append(b, s.prefix...)
+	if tagged, ok := s.hashed.find(b, key); ok {
+		return tagged
+	}
+	if s.onHash != nil {
+		s.onHash()
+	}
+	sum := sha256.Sum256([]byte(key))
+	start := len(b)
 	b = append(b, '{')
 	b = hex.AppendEncode(b, sum[:2])
 	b = append(b, '}')
-	return hex.AppendEncode(b, sum[2:16])
+	b = hex.AppendEncode(b, sum[2:16])
+	s.hashed.keep(key, b[start:])
+	return b
+}
+
+// keyMemo remembers the hashed part of the Redis keys of the record keys
+// hashed last, so that a request hashes its key once: the engine passes
+// its Acquire, and then its Complete (or Release, Extend...), the same
+// string. A key's slot is picked by the address of its bytes, which costs
+// nothing to compute, and a slot answers only for a key of the same
+// content, so that the memo never changes a key's mapping; another key
+// that takes the slot meanwhile costs a hash again, nothing more.
+type keyMemo struct {
+	slots [64]keySlot
+}
+
+type keySlot struct {
+	mu     sync.Mutex
+	key    string
+	tagged [redisTaggedLen]byte // "{tag}" and the rest of the hash
+}
+
+// redisTaggedLen is the length of a Redis key after the prefix.
+const redisTaggedLen = 1 + 4 + 1 + 28
+
+func (m *keyMemo) slot(key string) *keySlot {
+	return &m.slots[uintptr(unsafe.Pointer(unsafe.StringData(key)))>>4%uintptr(len(m.slots))]
+}
+
+// find appends the hashed part of key's Redis key to b if remembered.
+func (m *keyMemo) find(b []byte, key string) ([]byte, bool) {
+	sl := m.slot(key)
+	sl.mu.Lock()
+	defer sl.mu.Unlock()
+	if sl.key != key || key == "" {
+		return b, false
+	}
+	return append(b, sl.tagged[:]...), true
+}
+
+func (m *keyMemo) keep(key string, tagged []byte) {
+	sl := m.slot(key)
+	sl.mu.Lock()
+	sl.key = key
+	copy(sl.tagged[:], tagged)
+	sl.mu.Unlock()
 }
 
 // fenceKey is the counter of the fences of every key sharing rkey's tag.

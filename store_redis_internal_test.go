@@ -2,15 +2,22 @@ package idempotency
 
 import (
 	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"net/http"
+	"net/http/httptest"
 	"reflect"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/alicebob/miniredis/v2"
 	"github.com/redis/go-redis/v9"
+	"github.com/redis/go-redis/v9/maintnotifications"
 	"github.com/seed70ea8305/idempotency/internal/wire"
 )
 
@@ -208,6 +215,76 @@ func TestDecodeRedisReply(t *testing.T) {
 		}
 		if err != nil || fence != tc.fence || !reflect.DeepEqual(rec, tc.want) {
 			t.Errorf("%q: got %d, %+v, %v; want %d, %+v", tc.reply, fence, rec, err, tc.fence, tc.want)
+		}
+	}
+}
+
+// sha256Key is the Redis key of key under prefix, computed without the
+// store's memo.
+func sha256Key(prefix, key string) string {
+	sum := sha256.Sum256([]byte(key))
+	return prefix + "{" + hex.EncodeToString(sum[:2]) + "}" + hex.EncodeToString(sum[2:16])
+}
+
+// The memo of hashed keys never changes a key's mapping: not for a copy
+// of a key (another address, the same content), not for keys that share
+// a slot, not while goroutines map keys concurrently.
+func TestRedisKeyMemoKeepsTheMapping(t *testing.T) {
+	s := &RedisStore{prefix: "app:"}
+	keys := []string{"", "a", `http:"":k`, `http:"tenant {a}":` + strings.Repeat("k", 300), "\x00\xff"}
+	for i := range 500 { // far more than the memo's slots
+		keys = append(keys, `http:"":key-`+strconv.Itoa(i))
+	}
+	var wg sync.WaitGroup
+	for range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range 3 {
+				for _, key := range keys {
+					for _, k := range []string{key, strings.Clone(key), key + ""} {
+						if got, want := s.redisKey(k), sha256Key("app:", key); got != want {
+							t.Errorf("redisKey(%q) = %q, want %q", key, got, want)
+							return
+						}
+					}
+				}
+			}
+		}()
+	}
+	wg.Wait()
+}
+
+// A first request hashes its key once: Complete finds the key that
+// Acquire hashed, since the engine passes both the same string.
+func TestRedisHashesARequestsKeyOnce(t *testing.T) {
+	mr := miniredis.RunT(t)
+	client := redis.NewClient(&redis.Options{Addr: mr.Addr(), MaintNotificationsConfig: &maintnotifications.Config{Mode: maintnotifications.ModeDisabled}})
+	defer client.Close()
+	s, err := NewRedisStore(client, RedisOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var hashes atomic.Int64
+	s.onHash = func() { hashes.Add(1) }
+	m, err := New(s, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := m.Handler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(http.StatusCreated)
+	}))
+	for i, want := range []int{http.StatusCreated, http.StatusCreated} { // a first request, then its replay
+		r := httptest.NewRequest(http.MethodPost, "/", strings.NewReader("{}"))
+		r.Header.Set("Idempotency-Key", "key-1")
+		w := httptest.NewRecorder()
+		hashes.Store(0)
+		h.ServeHTTP(w, r)
+		if w.Code != want {
+			t.Fatalf("request %d: status %d", i, w.Code)
+		}
+		if n := hashes.Load(); n != 1 {
+			t.Errorf("request %d hashed its key %d times, want once", i, n)
 		}
 	}
 }
