@@ -20,6 +20,7 @@ import (
 	"github.com/seed70ea8305/idempotency"
 	"github.com/seed70ea8305/idempotency/internal/faultproxy"
 	"github.com/seed70ea8305/idempotency/internal/redistest"
+	"github.com/seed70ea8305/idempotency/storetest"
 )
 
 // commandCounter is a go-redis hook that records every command sent.
@@ -316,4 +317,20 @@ func TestRedisReadsRecordsOfThePreviousVersion(t *testing.T) {
 			assert.Equal(t, []byte("data-1"), got.RecoveryData)
 		})
 	}
+}
+
+// scripterOnly is a RedisClient that is not one of go-redis' own: it has
+// only the methods of the interface, so the store sends its scripts
+// through EvalSha and Eval, and runs each call in a goroutine that it
+// leaves at the deadline.
+type scripterOnly struct{ idempotency.RedisClient }
+
+// The store keeps its contract through a client of another kind.
+func TestRedisStoreConformanceThroughAnotherClient(t *testing.T) {
+	storetest.Run(t, func(t *testing.T) storetest.Harness {
+		mr, client := redistest.Miniredis(t)
+		store, err := idempotency.NewRedisStore(scripterOnly{client}, idempotency.RedisOptions{})
+		require.NoError(t, err)
+		return storetest.Harness{Store: store, Advance: mr.FastForward}
+	})
 }
