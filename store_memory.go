@@ -28,11 +28,11 @@ import (
 // so that requests for different keys seldom wait for each other. Expired
 // records are purged as the store is used, at most 1,000 per hold of a
 // shard's lock, so a purge never stalls the requests for long: a claim
-// purges a batch of what has expired in its own shard, and starts a
-// background pass over every shard when its shard has more due, and
-// otherwise at most every 100 ms. At a limit, what has expired in any
-// shard makes room before a claim is refused. A MemoryStore is safe for
-// concurrent use; create it with [NewMemoryStore].
+// purges a batch of what has expired in its own shard, unless a
+// background pass over every shard runs; it starts one when its shard has
+// more due, and otherwise at most every 100 ms. At a limit, what has
+// expired in any shard makes room before a claim is refused. A
+// MemoryStore is safe for concurrent use; create it with [NewMemoryStore].
 type MemoryStore struct {
 	// clock reads the monotonic clock, in nanoseconds since the store was
 	// made: every lease and TTL runs on it, so a step of the wall clock
@@ -640,11 +640,11 @@ func (s *MemoryStore) settleLocked(sh *memoryShard, e *memoryEntry) {
 // time, so sifting reads no entry), and the heap about one 16-byte slot
 // per entry.
 //
-// A claim pays for one batch of its own shard's purge; the rest of that
-// shard, and every other shard, is taken by a background pass (sweep),
-// which a claim starts when its shard has more than a batch due, and at
-// most every memorySweepEvery otherwise: so a shard that no request
-// touches is purged too.
+// A claim pays for one batch of its own shard's purge, when no background
+// pass (sweep) runs; the rest of that shard, and every other shard, is
+// taken by a pass, which a claim starts when its shard has more than a
+// batch due, and at most every memorySweepEvery otherwise: so a shard
+// that no request touches is purged too.
 
 // memorySweepEvery is the least time, on the store's clock, between two
 // background passes over every shard that no shard asked for.
@@ -659,10 +659,15 @@ type memorySlot struct {
 
 // purgeDueLocked purges a batch of sh when something in it has expired,
 // and starts a background pass over every shard when more is due there,
-// or when the last pass is memorySweepEvery old.
+// or when the last pass is memorySweepEvery old. While a pass runs, it
+// leaves the purge to it: when much expires at once, a claim then waits
+// at most for the one batch the pass holds a lock for, and does none.
 func (s *MemoryStore) purgeDueLocked(sh *memoryShard, now int64) {
-	more := len(sh.expiry) > 0 && sh.expiry[0].at <= now && s.purgeLocked(sh, now) > 0 && sh.dueLocked(now)
-	if (more || now >= s.nextSweep.Load()) && !s.sweeping.Load() && s.sweeping.CompareAndSwap(false, true) {
+	if s.sweeping.Load() {
+		return
+	}
+	more := sh.dueLocked(now) && s.purgeLocked(sh, now) > 0 && sh.dueLocked(now)
+	if (more || now >= s.nextSweep.Load()) && s.sweeping.CompareAndSwap(false, true) {
 		s.nextSweep.Store(now + memorySweepEvery)
 		done := make(chan struct{})
 		s.sweepMu.Lock()
