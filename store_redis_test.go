@@ -334,3 +334,16 @@ func TestRedisStoreConformanceThroughAnotherClient(t *testing.T) {
 		return storetest.Harness{Store: store, Advance: mr.FastForward}
 	})
 }
+
+// Through a Ring of two servers, every call of a key goes to the shard
+// of its hash tag.
+func TestRedisStoreConformanceThroughARing(t *testing.T) {
+	storetest.Run(t, func(t *testing.T) storetest.Harness {
+		a, b := miniredis.RunT(t), miniredis.RunT(t)
+		ring := redis.NewRing(&redis.RingOptions{Addrs: map[string]string{"a": a.Addr(), "b": b.Addr()}})
+		t.Cleanup(func() { ring.Close() })
+		store, err := idempotency.NewRedisStore(ring, idempotency.RedisOptions{})
+		require.NoError(t, err)
+		return storetest.Harness{Store: store, Advance: func(d time.Duration) { a.FastForward(d); b.FastForward(d) }}
+	})
+}
