@@ -211,7 +211,7 @@ ON CONFLICT (scope, provider, event_id) DO NOTHING`, v.Provider(), ev.ID, ev.Typ
 // events per second of both and the ratio.
 func TestFiguresWorkerFloor(t *testing.T) {
 	skipFigures(t)
-	const rounds, m = 4, 300
+	const rounds, m = 10, 100
 	env := newInboxEnv(t)
 	ctx := context.Background()
 	raw := env.newInbox(t, stripeVerifier(t, whSecret), inbox.Options{Scope: "raw"})
