@@ -32,6 +32,22 @@ PASS
 	}
 }
 
+// pgstore/inbox's result lines are picked out of go test -v's output.
+func TestInboxFigureLine(t *testing.T) {
+	out := `=== RUN   TestFiguresAckFloor
+    figures_test.go:201: acknowledgement: inbox 1.2ms; floor, primary key alone 1ms (inbox 1.20 × it)
+--- PASS: TestFiguresAckFloor (3.00s)
+=== RUN   TestFiguresWorkerFloor
+    figures_test.go:257: one worker 148 events/s, raw claim-and-complete loop 156 events/s: 0.95 × the loop
+--- PASS: TestFiguresWorkerFloor (9.00s)
+`
+	m := inboxFigureLine.FindAllStringSubmatch(out, -1)
+	if len(m) != 2 || m[0][1] != "acknowledgement: inbox 1.2ms; floor, primary key alone 1ms (inbox 1.20 × it)" ||
+		!strings.HasPrefix(m[1][1], "one worker 148 events/s") {
+		t.Errorf("matches %q", m)
+	}
+}
+
 // The model's table follows from the measured inputs: 10k requests/s of
 // 1,000-byte records kept 24 h are 805 GiB, 33 primaries of 25 GiB, and
 // 10 µs of CPU each need 1 primary at half a thread.

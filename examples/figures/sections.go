@@ -158,7 +158,7 @@ func (r *report) inbox(ctx context.Context) {
 }
 
 // inboxFigureLine is a result line of pgstore/inbox's own figures tests.
-var inboxFigureLine = regexp.MustCompile(`(acknowledgement: .*× the floor|one worker .*× the loop)`)
+var inboxFigureLine = regexp.MustCompile(`(?m)^\s+figures_test\.go:\d+: ((?:acknowledgement|one worker).*)$`)
 
 // inboxTests runs pgstore/inbox's figures tests against their floors (an
 // INSERT into a table with the indexes any inbox needs; a raw
@@ -171,14 +171,14 @@ func (r *report) inboxTests(ctx context.Context, url string) {
 		r.fail("pgstore/inbox figures tests", err)
 		return
 	}
-	lines := inboxFigureLine.FindAllString(out, -1)
+	lines := inboxFigureLine.FindAllStringSubmatch(out, -1)
 	if len(lines) == 0 {
 		r.skip("pgstore/inbox's floors", "this tree has no TestFiguresAckFloor or TestFiguresWorkerFloor")
 		return
 	}
 	r.note("\npgstore/inbox's own figures against its floors:\n\n")
 	for _, l := range lines {
-		r.note("- " + l + "\n")
+		r.note("- " + l[1] + "\n")
 	}
 	r.note("\ncommand: PGSTORE_INBOX_FIGURES=1 " + databaseURLEnv + "='" + url + "' go test " + join(args) + "\n")
 }
