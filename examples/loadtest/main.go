@@ -301,6 +301,7 @@ func run(ctx context.Context, cfg config, out io.Writer) (bool, error) {
 	if cfg.saturate {
 		return saturate(ctx, cfg, servers, notes, runID, out)
 	}
+	loadBefore := loadavg()
 
 	var rows []row
 	var checks []check
@@ -319,6 +320,7 @@ func run(ctx context.Context, cfg config, out io.Writer) (bool, error) {
 	for _, n := range notes {
 		fmt.Fprintln(out, "note:", n)
 	}
+	fmt.Fprintf(out, "load before: %s; at the end: %s\n", loadBefore, loadavg())
 	fmt.Fprintln(out)
 	ok := true
 	for _, c := range checks {

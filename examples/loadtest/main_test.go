@@ -160,7 +160,7 @@ func wantRows(t *testing.T, out string, rows ...string) {
 		switch {
 		case len(f) > 0 && f[0] == "server":
 			inTable = true
-		case len(f) == 0 || f[0] == "note:":
+		case len(f) == 0 || f[0] == "note:" || f[0] == "load":
 			inTable = false
 		case inTable && (f[0] == "errors" || len(f) < 10):
 			t.Errorf("unexpected line in the table: %q", line)
