@@ -7,7 +7,7 @@
 # the scenarios at a constant rate, and each server's highest rate with p99
 # under 10 ms against the bare handler's (-saturate).
 #
-#   bash scripts/figures.sh          the published figures (about 15 minutes)
+#   bash scripts/figures.sh          the published figures (10.5 minutes on a 2-core machine)
 #   bash scripts/figures.sh -short   every row once and briefly: CI runs it so it cannot rot
 #
 # Servers, as for the tests: IDEMPOTENCY_TEST_REDIS_URL (Redis),
