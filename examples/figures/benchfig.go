@@ -41,7 +41,7 @@ func (r *report) memory(ctx context.Context) {
 		{"replay", bare.format(2, " µs"), zip(bare, replayOver, plus).format(2, " µs"),
 			zip(zip(bare, replayOver, plus), bare, ratio).format(2, ""), replayOver.format(2, " µs"), allocsOver("BenchmarkMemory/replay")},
 	}
-	rounds, k := 10, 5000
+	rounds, k := 40, 1000
 	if r.cfg.short {
 		rounds, k = 2, 200
 	}
