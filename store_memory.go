@@ -764,27 +764,36 @@ func (s *MemoryStore) sweep(done chan struct{}) {
 // more records than are left (Go maps never shrink), only while that is
 // cheap, so the lock is never held for long. The map is rebuilt from the
 // heap's live slots, one per entry, because ranging over a map costs its
-// size at its peak, not its length.
+// size at its peak, not its length. Each shrinks when an eighth (the map)
+// or a quarter (the heap) of it is used, so that what a shard keeps after
+// a mass expiry is in proportion to what it still holds: with 64 shards,
+// fixed floors of a batch each would keep megabytes.
 func (sh *memoryShard) compactLocked() {
-	if n := len(sh.expiry); n > 4*memoryPurgeBatch {
+	n := len(sh.expiry)
+	if n > 4*memoryPurgeBatch {
 		return
 	}
-	if cap(sh.expiry) >= 8*max(len(sh.expiry), memoryPurgeBatch) {
+	if c := cap(sh.expiry); c >= memoryCompactMin && c >= 4*n {
 		sh.expiry = append(memoryHeap(nil), sh.expiry...)
 	}
-	if n := len(sh.records); n <= memoryPurgeBatch && sh.peak >= 8*memoryPurgeBatch {
-		m := make(map[string]*memoryEntry, n)
+	if r := len(sh.records); r <= memoryPurgeBatch && sh.peak >= memoryCompactMin && sh.peak >= 8*r {
+		m := make(map[string]*memoryEntry, r)
 		for _, slot := range sh.expiry {
 			if e := slot.e; slot.at == e.at {
 				m[e.key] = e
 			}
 		}
-		if len(m) == n { // else an entry without a slot: keep the map
+		if len(m) == r { // else an entry without a slot: keep the map
 			sh.records = m
 		}
-		sh.peak = n
+		sh.peak = r
 	}
 }
+
+// memoryCompactMin is the smallest map (in entries held at its peak) or
+// heap (in slots) compactLocked shrinks: below it, shrinking saves too
+// little to be worth its copy.
+const memoryCompactMin = 64
 
 // inFlight reports whether e's record is a claim whose owner's lease runs.
 func (e *memoryEntry) inFlight(now int64) bool {
