@@ -48,7 +48,10 @@ type Store interface {
 
 	// Complete replaces the in-flight record that token owns with rec, which
 	// must carry a Response, and keeps it for ttl. The store may keep rec
-	// itself; the caller must not modify it afterwards. Repeating the call
+	// itself; the caller must not modify it afterwards, and the store must
+	// not modify it either: records may share their Response.Header map
+	// (the middleware reuses the previous response's map when the headers
+	// are the same, to save an allocation per request). Repeating the call
 	// with the same token after it succeeded succeeds again and changes
 	// nothing: a client library may re-send a call whose reply it lost.
 	Complete(ctx context.Context, key, token string, rec *Record, ttl time.Duration) error
