@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# A Redis Cluster of N primaries and no replicas on loopback, keeping
-# nothing on disk: the shards of the capacity check (docs/capacity.md).
-# .ci/cluster.sh starts the tests' cluster (3 primaries, 3 replicas).
+# A Redis Cluster of N nodes on loopback, keeping nothing on disk: N
+# primaries (the shards of the capacity check, docs/capacity.md), or with
+# REDIS_CLUSTER_REPLICAS=R, N/(R+1) primaries with R replicas each (the
+# tests' cluster, .ci/cluster.sh).
 #
 #   scripts/cluster.sh start N DIR   start it; print the node addresses, comma-separated
 #   scripts/cluster.sh stop DIR      stop the nodes started in DIR
@@ -31,8 +32,25 @@ stop)
 esac
 server=${REDIS_SERVER:-${IDEMPOTENCY_TEST_REDIS_SERVER:-$(command -v redis-server || true)}}
 cli=${REDIS_CLI:-$(command -v redis-cli || true)}
+replicas=${REDIS_CLUSTER_REPLICAS:-0}
+if [ "$cmd" = start ] && { ! [[ "$replicas" =~ ^[0-9]+$ ]] || [ $((n % (replicas + 1))) -ne 0 ]; }; then
+	echo "N ($n) must be a multiple of REDIS_CLUSTER_REPLICAS+1 ($((replicas + 1)))" >&2
+	exit 2
+fi
 
 in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+healthy() {
+	local info nodes
+	info=$("$cli" -p "$1" cluster info 2>/dev/null | tr -d '\r') || return 1
+	nodes=$("$cli" -p "$1" cluster nodes 2>/dev/null) || return 1
+	grep -q '^cluster_state:ok$' <<<"$info" &&
+		[ "$(awk '$3 ~ /master/' <<<"$nodes" | wc -l)" = $((n / (replicas + 1))) ] &&
+		[ "$(awk '$3 ~ /slave/' <<<"$nodes" | wc -l)" = $((n - n / (replicas + 1))) ] || return 1
+	if "$cli" -p "$1" role 2>/dev/null | head -1 | grep -q slave; then
+		"$cli" -p "$1" info replication | tr -d '\r' | grep -q '^master_link_status:up$' || return 1
+	fi
+}
 
 stop() {
 	[ -f "$dir/ports" ] || return 0
@@ -85,17 +103,18 @@ start() {
 		# every slot by hand.
 		"$cli" -p "${ports[0]}" cluster addslotsrange 0 16383 >/dev/null
 	else
-		"$cli" --cluster create "${addrs[@]}" --cluster-replicas 0 --cluster-yes >"$dir/create.log" 2>&1 || {
+		"$cli" --cluster create "${addrs[@]}" --cluster-replicas "$replicas" --cluster-yes >"$dir/create.log" 2>&1 || {
 			cat "$dir/create.log" >&2
 			exit 1
 		}
 	fi
-	# Every node must see every slot served before the caller starts.
+	# Every node must see the whole cluster healthy (every slot served,
+	# every replica known) and every replica must be in sync before the
+	# caller starts.
 	for p in "${ports[@]}"; do
 		local ok=
 		for _ in $(seq 300); do
-			if "$cli" -p "$p" cluster info 2>/dev/null | tr -d '\r' | grep -q '^cluster_state:ok$' &&
-				[ "$("$cli" -p "$p" cluster nodes 2>/dev/null | grep -c master)" = "$n" ]; then
+			if healthy "$p"; then
 				ok=1
 				break
 			fi
@@ -104,6 +123,7 @@ start() {
 		if [ -z "$ok" ]; then
 			echo "node $p: cluster not ready after 30 s" >&2
 			"$cli" -p "$p" cluster info >&2 || true
+			"$cli" -p "$p" cluster nodes >&2 || true
 			exit 1
 		fi
 	done
