@@ -12,6 +12,7 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/seed70ea8305/idempotency/internal/benchtest"
+	"github.com/seed70ea8305/idempotency/internal/pgtest"
 )
 
 // Benchmarks of the middleware on PostgreSQL. Run:
@@ -104,27 +105,8 @@ func BenchmarkPostgres(b *testing.B) {
 	})
 }
 
-// The floor: the raw statements a minimal correct store needs, on a
-// table of the columns it needs (the key, its owner, the request's
-// fingerprint, a state, an expiry and the response), with its primary key
-// alone. A first request is a claim (INSERT … ON CONFLICT DO NOTHING) and
-// a completion (an owner-checked UPDATE that stores the response); a
-// replay one SELECT of the live row.
-const (
-	floorTable = `CREATE TABLE bench_floor (
-    key bytea PRIMARY KEY, token bytea NOT NULL, fingerprint bytea NOT NULL, status text NOT NULL,
-    expires_at timestamptz NOT NULL, response_status integer, response_headers bytea, response_body bytea)`
-	floorClaim = `INSERT INTO bench_floor (key, token, fingerprint, status, expires_at)
-VALUES ($1, $2, $3, 'in_flight', clock_timestamp() + interval '1 minute') ON CONFLICT (key) DO NOTHING`
-	floorComplete = `UPDATE bench_floor SET status = 'completed', expires_at = clock_timestamp() + interval '1 day',
-    response_status = $3, response_headers = $4, response_body = $5
-WHERE key = $1 AND token = $2 AND status = 'in_flight'`
-	floorReplay = `SELECT status, token, fingerprint, response_status, response_headers, response_body
-FROM bench_floor WHERE key = $1 AND expires_at > clock_timestamp()`
-)
-
 // BenchmarkPostgresOverhead reports, per request, how far the middleware
-// on PostgreSQL is from the floor's statements (above) on the same pool,
+// on PostgreSQL is from the floor's statements ([pgtest.FloorClaim] and the others) on the same pool,
 // both run in every iteration: a first request against a claim and a
 // completion, a replay against one SELECT, and a first request whose
 // handler inserts a row in the claim's transaction ([pgstore.Store.Tx])
@@ -133,7 +115,7 @@ FROM bench_floor WHERE key = $1 AND expires_at > clock_timestamp()`
 func BenchmarkPostgresOverhead(b *testing.B) {
 	ctx := context.Background()
 	pool := testPool(b)
-	exec(b, pool, floorTable)
+	exec(b, pool, pgtest.FloorTable)
 	exec(b, pool, "CREATE TABLE bench_venues (key text, body bytea)")
 	const insert = "INSERT INTO bench_venues (key, body) VALUES ($1, $2)"
 	store := newStore(b, pool)
@@ -160,8 +142,8 @@ func BenchmarkPostgresOverhead(b *testing.B) {
 		}
 	}
 	floorFirst := func(key []byte) {
-		bare(pool, floorClaim, key, token, fingerprint)
-		bare(pool, floorComplete, key, token, int32(http.StatusCreated), header, benchBody)
+		bare(pool, pgtest.FloorClaim, key, token, fingerprint)
+		bare(pool, pgtest.FloorComplete, key, token, int32(http.StatusCreated), header, benchBody)
 	}
 	floorReplayOnce := func() {
 		var (
@@ -169,18 +151,18 @@ func BenchmarkPostgresOverhead(b *testing.B) {
 			tok, fp, hd, bd []byte
 			code            int32
 		)
-		if err := pool.QueryRow(ctx, floorReplay, []byte("replay")).Scan(&status, &tok, &fp, &code, &hd, &bd); err != nil {
+		if err := pool.QueryRow(ctx, pgtest.FloorReplay, []byte("replay")).Scan(&status, &tok, &fp, &code, &hd, &bd); err != nil {
 			b.Fatal(err)
 		}
 	}
 	floorTx := func(key []byte) {
-		bare(pool, floorClaim, key, token, fingerprint)
+		bare(pool, pgtest.FloorClaim, key, token, fingerprint)
 		tx, err := pool.Begin(ctx)
 		if err != nil {
 			b.Fatal(err)
 		}
 		bare(tx, insert, string(key), benchBody)
-		bare(tx, floorComplete, key, token, int32(http.StatusCreated), header, benchBody)
+		bare(tx, pgtest.FloorComplete, key, token, int32(http.StatusCreated), header, benchBody)
 		if err := tx.Commit(ctx); err != nil {
 			b.Fatal(err)
 		}

@@ -15,6 +15,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/seed70ea8305/idempotency"
+	"github.com/seed70ea8305/idempotency/internal/pgtest"
 	"github.com/seed70ea8305/idempotency/pgstore"
 )
 
@@ -181,22 +182,7 @@ func (e *pgEnv) measure(ctx context.Context, n int, do func(i int) error) (pgCos
 	return c, nil
 }
 
-// The floor: the raw statements a minimal correct store needs, on a table
-// of the columns it needs with its primary key alone (as in pgstore's
-// BenchmarkPostgresOverhead): a first request is a claim and an
-// owner-checked completion that stores the response, a replay one SELECT.
-const (
-	pgFloorTable = `CREATE TABLE floor_records (
-    key bytea PRIMARY KEY, token bytea NOT NULL, fingerprint bytea NOT NULL, status text NOT NULL,
-    expires_at timestamptz NOT NULL, response_status integer, response_headers bytea, response_body bytea)`
-	pgFloorClaim = `INSERT INTO floor_records (key, token, fingerprint, status, expires_at)
-VALUES ($1, $2, $3, 'in_flight', clock_timestamp() + interval '1 minute') ON CONFLICT (key) DO NOTHING`
-	pgFloorComplete = `UPDATE floor_records SET status = 'completed', expires_at = clock_timestamp() + interval '1 day',
-    response_status = $3, response_headers = $4, response_body = $5
-WHERE key = $1 AND token = $2 AND status = 'in_flight'`
-	pgFloorRead = `SELECT status, token, fingerprint, response_status, response_headers, response_body
-FROM floor_records WHERE key = $1 AND expires_at > clock_timestamp()`
-)
+// The floor is pgtest's (the statements of pgstore's BenchmarkPostgresOverhead).
 
 // measurePGCosts measures first requests and replays through the
 // middleware on a pgstore.Store, and the floor's statements, reps times
@@ -214,7 +200,7 @@ func measurePGCosts(ctx context.Context, rawURL string, n, reps int) (pgCosts, e
 	if err := pgstore.Migrate(ctx, e.pool, pgstore.MigrateOptions{Schema: e.schema}); err != nil {
 		return out, err
 	}
-	if _, err := e.pool.Exec(ctx, pgFloorTable); err != nil {
+	if _, err := e.pool.Exec(ctx, pgtest.FloorTable); err != nil {
 		return out, err
 	}
 	store, err := pgstore.New(ctx, e.pool, pgstore.Options{Schema: e.schema})
@@ -233,10 +219,10 @@ func measurePGCosts(ctx context.Context, rawURL string, n, reps int) (pgCosts, e
 	token, fingerprint := []byte("0123456789abcdef0123456789abcdef"), make([]byte, 32)
 	header := []byte("\x00\x01Content-Type\x00\x10application/json")
 	floorFirst := func(key []byte) error {
-		if err := exec(pgFloorClaim, key, token, fingerprint); err != nil {
+		if err := exec(pgtest.FloorClaim, key, token, fingerprint); err != nil {
 			return err
 		}
-		return exec(pgFloorComplete, key, token, int32(http.StatusCreated), header, responseBody)
+		return exec(pgtest.FloorComplete, key, token, int32(http.StatusCreated), header, responseBody)
 	}
 	floorReplay := func() error {
 		var (
@@ -244,7 +230,7 @@ func measurePGCosts(ctx context.Context, rawURL string, n, reps int) (pgCosts, e
 			tok, fp, hd, bd []byte
 			code            int32
 		)
-		return e.pool.QueryRow(ctx, pgFloorRead, []byte("replay")).Scan(&status, &tok, &fp, &code, &hd, &bd)
+		return e.pool.QueryRow(ctx, pgtest.FloorReplay, []byte("replay")).Scan(&status, &tok, &fp, &code, &hd, &bd)
 	}
 	for i := range 10 {
 		if err := serve(h, "warm-"+strconv.Itoa(i)); err != nil {
