@@ -12,3 +12,12 @@ func (s *Store) OpenTxs() int {
 	defer s.txMu.Unlock()
 	return len(s.txs)
 }
+
+// CleanupStatements returns the statements DeleteExpired sends, each with
+// its arguments for a batch of batch rows.
+func (s *Store) CleanupStatements(batch int) map[string][]any {
+	return map[string][]any{
+		s.sql.deleteKeys:     {batch, cleanupGrace.Microseconds()},
+		s.sql.deleteFailures: {batch},
+	}
+}
