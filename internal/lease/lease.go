@@ -15,10 +15,11 @@
 // (SIGSTOP, a long GC pause, a frozen VM) sees the lease gone before any
 // timer has run.
 //
-// One timer serves every lease of a Keeper, armed for the earliest due
-// one, and a goroutine is started only for a renewal that is due: work
-// that ends within a third of its lease costs a heap push and pop under a
-// mutex, nothing more.
+// A Keeper spreads its leases over shards, each with its own mutex, heap
+// and timer (armed for the shard's earliest due lease), so that
+// concurrent requests do not queue on one lock. A goroutine is started
+// only for a renewal that is due: work that ends within a third of its
+// lease costs a heap push and pop under its shard's mutex, nothing more.
 package lease
 
 import (
@@ -53,11 +54,24 @@ type Keeper struct {
 	// deadline passes without a successful renewal.
 	LostCause, ExpiredCause error
 
+	next   atomic.Uint32 // picks the shard of the next lease, round robin
+	shards [shardCount]shard
+}
+
+// shardCount is the number of shards of a Keeper: enough that a few dozen
+// cores rarely meet on one mutex, few enough that their idle timers cost
+// nothing.
+const shardCount = 16
+
+// shard keeps some of a Keeper's leases.
+type shard struct {
+	keeper   *Keeper
 	mu       sync.Mutex
 	queue    leaseQueue
 	timer    *time.Timer // made on first use; fires at armed
 	armed    time.Time   // zero when the timer is not armed
 	shutdown error       // set once Shutdown was called
+	_        [64]byte    // keeps neighbouring shards' mutexes off one cache line
 }
 
 // Lease is one lease a Keeper keeps, with its work's context. Its zero
@@ -65,6 +79,7 @@ type Keeper struct {
 // that keeping it allocates nothing.
 type Lease struct {
 	keeper  *Keeper
+	shard   *shard
 	renewer Renewer
 	calls   context.Context // the base of renewal calls: never cancelled
 	cancel  context.CancelCauseFunc
@@ -75,7 +90,7 @@ type Lease struct {
 	// the lease no longer bounds the work.
 	expires atomic.Int64
 
-	// Guarded by keeper.mu.
+	// Guarded by shard.mu.
 	deadline time.Time // cancel the work then unless renewed
 	due      time.Time // the next renewal, or the deadline while one runs
 	index    int       // in the queue; -1 when not queued
@@ -105,19 +120,21 @@ func Margin(lease, callTimeout time.Duration) time.Duration {
 // cancellation (context.WithoutCancel of the caller's context).
 func (k *Keeper) Start(l *Lease, work, calls context.Context, sent time.Time, r Renewer) context.Context {
 	ctx, cancel := context.WithCancelCause(work)
-	*l = Lease{keeper: k, renewer: r, calls: calls, cancel: cancel, index: -1}
+	s := &k.shards[k.next.Add(1)%shardCount]
+	*l = Lease{keeper: k, shard: s, renewer: r, calls: calls, cancel: cancel, index: -1}
 	l.expires.Store(noExpiry)
 	l.work = workContext{Context: ctx, l: l}
 
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	if k.shutdown != nil {
-		cancel(k.shutdown)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.keeper = k
+	if s.shutdown != nil {
+		cancel(s.shutdown)
 	}
 	l.setDeadline(k.deadline(sent))
 	l.due = sent.Add(k.renewInterval())
-	heap.Push(&k.queue, l)
-	k.armLocked(l.due)
+	heap.Push(&s.queue, l)
+	s.armLocked(l.due)
 	return &l.work
 }
 
@@ -133,13 +150,13 @@ func (l *Lease) Cancel(cause error) { l.cancel(cause) }
 // without a lease (its outcome is stored). A renewal in flight finishes
 // on its own and changes nothing.
 func (l *Lease) Release() {
-	k := l.keeper
-	k.mu.Lock()
-	defer k.mu.Unlock()
+	s := l.shard
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	l.ended = true
 	l.expires.Store(noExpiry)
 	if l.index >= 0 {
-		heap.Remove(&k.queue, l.index)
+		heap.Remove(&s.queue, l.index)
 	}
 }
 
@@ -152,11 +169,14 @@ func (l *Lease) End() {
 // Shutdown ends the work of every lease, and of every one started after,
 // with cause.
 func (k *Keeper) Shutdown(cause error) {
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	k.shutdown = cause
-	for _, l := range k.queue {
-		l.cancel(cause)
+	for i := range k.shards {
+		s := &k.shards[i]
+		s.mu.Lock()
+		s.shutdown = cause
+		for _, l := range s.queue {
+			l.cancel(cause)
+		}
+		s.mu.Unlock()
 	}
 }
 
@@ -166,7 +186,7 @@ func (k *Keeper) deadline(sent time.Time) time.Time {
 	return sent.Add(k.Duration - Margin(k.Duration, k.Timeout))
 }
 
-// setDeadline moves l's deadline to t; called with the keeper's lock
+// setDeadline moves l's deadline to t; called with its shard's lock
 // held, or before l is shared.
 func (l *Lease) setDeadline(t time.Time) {
 	l.deadline = t
@@ -182,56 +202,58 @@ func (l *Lease) check() {
 	}
 }
 
-// armLocked makes the timer fire by t.
-func (k *Keeper) armLocked(t time.Time) {
-	if !k.armed.IsZero() && !t.Before(k.armed) {
+// armLocked makes the shard's timer fire by t.
+func (s *shard) armLocked(t time.Time) {
+	if !s.armed.IsZero() && !t.Before(s.armed) {
 		return
 	}
-	k.armed = t
+	s.armed = t
 	d := time.Until(t)
-	if k.timer == nil {
-		k.timer = time.AfterFunc(d, k.fire)
+	if s.timer == nil {
+		s.timer = time.AfterFunc(d, s.fire)
 	} else {
-		k.timer.Reset(d)
+		s.timer.Reset(d)
 	}
 }
 
-// fire handles every lease that is due: ends the work of those past their
-// deadline and starts a renewal for the others.
-func (k *Keeper) fire() {
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	k.armed = time.Time{}
+// fire handles every lease of the shard that is due: ends the work of
+// those past their deadline and starts a renewal for the others.
+func (s *shard) fire() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	k := s.keeper
+	s.armed = time.Time{}
 	now := time.Now()
-	for len(k.queue) > 0 && !k.queue[0].due.After(now) {
-		l := k.queue[0]
+	for len(s.queue) > 0 && !s.queue[0].due.After(now) {
+		l := s.queue[0]
 		if !now.Before(l.deadline) {
-			heap.Pop(&k.queue)
+			heap.Pop(&s.queue)
 			l.cancel(k.ExpiredCause)
 			continue
 		}
 		// Until the renewal succeeds, the next thing due is the deadline.
 		l.due = l.deadline
-		heap.Fix(&k.queue, l.index)
+		heap.Fix(&s.queue, l.index)
 		if !l.renewing {
 			l.renewing = true
-			go k.renew(l, now, l.deadline)
+			go s.renew(l, now, l.deadline)
 		}
 	}
-	if len(k.queue) > 0 {
-		k.armLocked(k.queue[0].due)
+	if len(s.queue) > 0 {
+		s.armLocked(s.queue[0].due)
 	}
 }
 
 // renew sends one renewal of l at sent; its reply counts only if it
 // arrives before deadline.
-func (k *Keeper) renew(l *Lease, sent, deadline time.Time) {
+func (s *shard) renew(l *Lease, sent, deadline time.Time) {
+	k := l.keeper
 	ctx, cancel := context.WithDeadline(l.calls, earliest(deadline, sent.Add(k.Timeout)))
 	err := l.renewer.Renew(ctx)
 	cancel()
 
-	k.mu.Lock()
-	defer k.mu.Unlock()
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	l.renewing = false
 	if l.ended || l.index < 0 {
 		return
@@ -241,15 +263,15 @@ func (k *Keeper) renew(l *Lease, sent, deadline time.Time) {
 		l.setDeadline(k.deadline(sent))
 		l.due = sent.Add(k.renewInterval())
 	case k.Lost(err):
-		heap.Remove(&k.queue, l.index)
+		heap.Remove(&s.queue, l.index)
 		l.cancel(k.LostCause)
 		return
 	default:
 		// Try again one interval after this try, if the deadline allows.
 		l.due = earliest(sent.Add(k.renewInterval()), l.deadline)
 	}
-	heap.Fix(&k.queue, l.index)
-	k.armLocked(k.queue[0].due)
+	heap.Fix(&s.queue, l.index)
+	s.armLocked(s.queue[0].due)
 }
 
 // workContext is the context the work runs in. It checks the lease's

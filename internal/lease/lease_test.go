@@ -35,8 +35,8 @@ func newKeeper(d time.Duration) *Keeper {
 // pastDeadline moves l's deadline into the past without any timer firing,
 // as a process resumed from a pause longer than its lease finds it.
 func pastDeadline(l *Lease) {
-	l.keeper.mu.Lock()
-	defer l.keeper.mu.Unlock()
+	l.shard.mu.Lock()
+	defer l.shard.mu.Unlock()
 	l.setDeadline(time.Now().Add(-time.Nanosecond))
 }
 
@@ -130,19 +130,66 @@ func TestRenewalsKeepTheLeaseAndALostOneEndsIt(t *testing.T) {
 	}
 }
 
-// TestShutdownEndsEveryLease: running work and work started after.
+// TestShutdownEndsEveryLease: running work in every shard, and work
+// started after.
 func TestShutdownEndsEveryLease(t *testing.T) {
 	k := newKeeper(time.Hour)
-	var a, b Lease
-	ctxA := k.Start(&a, context.Background(), context.Background(), time.Now(), &renewer{})
-	defer a.End()
+	running := make([]Lease, 2*shardCount)
+	var ctxs []context.Context
+	for i := range running {
+		ctxs = append(ctxs, k.Start(&running[i], context.Background(), context.Background(), time.Now(), &renewer{}))
+		defer running[i].End()
+	}
 	errShutdown := errors.New("shutdown")
 	k.Shutdown(errShutdown)
-	ctxB := k.Start(&b, context.Background(), context.Background(), time.Now(), &renewer{})
-	defer b.End()
-	for _, ctx := range []context.Context{ctxA, ctxB} {
+	for range shardCount {
+		var l Lease
+		ctxs = append(ctxs, k.Start(&l, context.Background(), context.Background(), time.Now(), &renewer{}))
+		defer l.End()
+	}
+	for i, ctx := range ctxs {
 		if context.Cause(ctx) != errShutdown {
-			t.Errorf("Cause = %v, want the shutdown cause", context.Cause(ctx))
+			t.Errorf("lease %d: Cause = %v, want the shutdown cause", i, context.Cause(ctx))
+		}
+	}
+}
+
+// signaller renews every lease it is asked to, and says so on renewed.
+type signaller struct{ renewed chan struct{} }
+
+func (s *signaller) Renew(context.Context) error {
+	select {
+	case s.renewed <- struct{}{}:
+	default: // one signal is all the test waits for
+	}
+	return nil
+}
+
+// TestLeasesSpreadOverShardsAndEachIsRenewed: consecutive leases land in
+// different shards (no one mutex for all), and every shard's timer sends
+// its leases' renewals.
+func TestLeasesSpreadOverShardsAndEachIsRenewed(t *testing.T) {
+	k := newKeeper(3 * time.Second) // renewals 1 s in; the deadline is far behind them
+	leases := make([]Lease, shardCount)
+	renewers := make([]*signaller, shardCount)
+	shards := make(map[*shard]bool)
+	for i := range leases {
+		renewers[i] = &signaller{renewed: make(chan struct{}, 1)}
+		k.Start(&leases[i], context.Background(), context.Background(), time.Now(), renewers[i])
+		defer leases[i].End()
+		shards[leases[i].shard] = true
+	}
+	if len(shards) != shardCount {
+		t.Fatalf("%d leases landed in %d shards, want %d", shardCount, len(shards), shardCount)
+	}
+	for i, r := range renewers {
+		select {
+		case <-r.renewed:
+		case <-time.After(10 * time.Second):
+			t.Fatalf("lease %d: no renewal came", i)
+		}
+		if err := leases[i].Context().Err(); err != nil {
+			t.Fatalf("lease %d ended although its renewals succeed: %v", i, context.Cause(leases[i].Context()))
 		}
 	}
 }
