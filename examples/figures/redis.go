@@ -122,6 +122,10 @@ type redisCost struct {
 	cpuMicros  float64 // the server process's CPU, user and system (INFO cpu): commands, networking and the event loop
 	bytes      float64 // used_memory growth (INFO memory), hash tables included: it moves in steps when they grow
 	keys       float64 // keys added
+	// topMicros is the time of the commands the client sent: a script
+	// once, with the commands it calls, which commandstats also count on
+	// their own (cmdMicros counts them twice).
+	topMicros float64
 	// What one more record costs once the store's fence counters (one per
 	// hash tag, 65,536 at most, never expiring) all exist, as they soon
 	// do: a few thousand requests still add one each.
@@ -223,9 +227,12 @@ var (
 	floorDone  = "\x01C\x1aTOKEN-TOKEN-TOKEN-TOKEN-TO" + string(responseBody)
 )
 
-// redisCosts are the per-request costs of the store and of the floor.
+// redisCosts are the per-request costs of the store and of the floor
+// (the script floor; plain is the floor of plain commands, measured for
+// topMicros alone).
 type redisCosts struct {
 	storeFirst, storeReplay, floorFirst, floorReplay redisCost
+	plainFirst, plainReplay                          redisCost
 }
 
 // measureRedisCosts measures, on a server of its own at addr, first
@@ -271,10 +278,11 @@ func measureRedisCosts(ctx context.Context, addr string, n int) (redisCosts, err
 	if err := floorFirst(-1); err != nil {
 		return out, err
 	}
-	phases := []struct {
+	type phase struct {
 		cost *redisCost
 		do   func(i int) error
-	}{
+	}
+	phases := []phase{
 		{&out.storeFirst, func(i int) error { return serve(h, "first-"+strconv.Itoa(i)) }},
 		{&out.storeReplay, func(int) error { return serve(h, "replay") }},
 		{&out.floorFirst, floorFirst},
@@ -295,10 +303,92 @@ func measureRedisCosts(ctx context.Context, addr string, n int) (redisCosts, err
 			return out, err
 		}
 	}
+	// Each command the client sent, counted once: scripts by EVALSHA's
+	// time, which includes the commands they call. The script floor's
+	// first request sends SET, and its script calls SET, so its two
+	// commands are measured apart. The plain floor: SET NX PX then SET
+	// (first), GET (replay).
+	scripts := []string{"evalsha", "eval"}
+	top := []struct {
+		micros *float64
+		names  []string
+		do     func(i int) error
+	}{
+		{&out.storeFirst.topMicros, scripts, func(i int) error { return serve(h, "top-"+strconv.Itoa(i)) }},
+		{&out.storeReplay.topMicros, scripts, func(int) error { return serve(h, "replay") }},
+		{&out.plainFirst.topMicros, []string{"set"}, func(i int) error {
+			key := "plain:" + strconv.Itoa(i)
+			if err := client.SetArgs(ctx, key, floorClaim, redis.SetArgs{Mode: "NX", TTL: ttl}).Err(); err != nil {
+				return fmt.Errorf("plain floor claim: %v", err)
+			}
+			return client.Set(ctx, key, floorDone, ttl).Err()
+		}},
+		{&out.plainReplay.topMicros, []string{"get"}, func(int) error { return client.Get(ctx, "plain:0").Err() }},
+		{&out.floorFirst.topMicros, []string{"set"}, func(i int) error {
+			err := client.SetArgs(ctx, "top:"+strconv.Itoa(i), floorClaim, redis.SetArgs{Mode: "NX", TTL: ttl, Get: true}).Err()
+			if !errors.Is(err, redis.Nil) {
+				return fmt.Errorf("floor claim: %v", err)
+			}
+			return nil
+		}},
+		{&out.floorFirst.topMicros, scripts, func(i int) error {
+			return rawComplete.EvalSha(ctx, client, []string{"top:" + strconv.Itoa(i)}, floorClaim[:29], floorDone, ttl.Milliseconds()).Err()
+		}},
+		{&out.floorReplay.topMicros, []string{"set"}, phases[3].do},
+	}
+	for _, p := range top {
+		micros, err := measureTopLevel(ctx, meter, n, p.names, p.do)
+		if err != nil {
+			return out, err
+		}
+		*p.micros += micros
+	}
 	out.floorFirst.recordBytes, out.floorFirst.recordUsage = out.floorFirst.bytes, out.floorFirst.bytes
 	u, err := averageUsage(ctx, meter, "floor:*", 1000, false)
 	out.floorFirst.recordUsage = u * out.floorFirst.keys
 	return out, err
+}
+
+// measureTopLevel runs n requests, do(i) for each, and returns the
+// microseconds per request that INFO commandstats counts under names:
+// the commands the client sent. A script's calls count inside its own
+// time and under their names too, so names leave them out, and a phase
+// whose client sends a command of the same name as one its scripts call
+// must run as two (see measureRedisCosts).
+func measureTopLevel(ctx context.Context, meter redis.Cmdable, n int, names []string, do func(i int) error) (float64, error) {
+	usec := func() (float64, error) {
+		info, err := meter.Info(ctx, "commandstats").Result()
+		if err != nil {
+			return 0, err
+		}
+		var total float64
+		for _, line := range strings.Split(info, "\n") {
+			k, v, _ := strings.Cut(strings.TrimSpace(line), ":")
+			for _, name := range names {
+				if k != "cmdstat_"+name {
+					continue
+				}
+				for _, f := range strings.Split(v, ",") {
+					if val, ok := strings.CutPrefix(f, "usec="); ok {
+						x, _ := strconv.ParseFloat(val, 64)
+						total += x
+					}
+				}
+			}
+		}
+		return total, nil
+	}
+	before, err := usec()
+	if err != nil {
+		return 0, err
+	}
+	for i := range n {
+		if err := do(i); err != nil {
+			return 0, err
+		}
+	}
+	after, err := usec()
+	return (after - before) / float64(n), err
 }
 
 // storeFirstPhase measures first requests and splits off what the fence
