@@ -260,7 +260,9 @@ func TestFiguresWorkerFloor(t *testing.T) {
 }
 
 // completionCounter is a pgx tracer that signals done once want
-// statements sql ended.
+// statements sql ended without an error: sent alone, or in a batch (a
+// pipeline, one transaction), where they count once the batch ended
+// without an error, committed.
 type completionCounter struct {
 	sql  string
 	done chan struct{}
@@ -274,22 +276,45 @@ func (c *completionCounter) reset(want int) {
 	c.mu.Unlock()
 }
 
+// ended counts n statements that ended.
+func (c *completionCounter) ended(n int) {
+	if n == 0 {
+		return
+	}
+	c.mu.Lock()
+	c.want -= n
+	last := c.want == 0
+	c.mu.Unlock()
+	if last {
+		c.done <- struct{}{}
+	}
+}
+
 func (c *completionCounter) TraceQueryStart(ctx context.Context, _ *pgx.Conn, data pgx.TraceQueryStartData) context.Context {
 	if data.SQL == c.sql {
-		return context.WithValue(ctx, c, true)
+		return context.WithValue(ctx, c, new(int))
 	}
 	return ctx
 }
 
 func (c *completionCounter) TraceQueryEnd(ctx context.Context, _ *pgx.Conn, data pgx.TraceQueryEndData) {
-	if ctx.Value(c) == nil || data.Err != nil {
-		return
+	if ctx.Value(c) != nil && data.Err == nil {
+		c.ended(1)
 	}
-	c.mu.Lock()
-	c.want--
-	last := c.want == 0
-	c.mu.Unlock()
-	if last {
-		c.done <- struct{}{}
+}
+
+func (c *completionCounter) TraceBatchStart(ctx context.Context, _ *pgx.Conn, _ pgx.TraceBatchStartData) context.Context {
+	return context.WithValue(ctx, c, new(int))
+}
+
+func (c *completionCounter) TraceBatchQuery(ctx context.Context, _ *pgx.Conn, data pgx.TraceBatchQueryData) {
+	if n, _ := ctx.Value(c).(*int); n != nil && data.SQL == c.sql && data.Err == nil {
+		*n++
+	}
+}
+
+func (c *completionCounter) TraceBatchEnd(ctx context.Context, _ *pgx.Conn, data pgx.TraceBatchEndData) {
+	if n, _ := ctx.Value(c).(*int); n != nil && data.Err == nil {
+		c.ended(*n)
 	}
 }

@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"log/slog"
 	mrand "math/rand/v2"
-	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -217,7 +216,7 @@ func newWorkerStatements(schema string, ordered bool) workerStatements {
 	return workerStatements{
 		// $1 scope, $2 how many, $3 token, $4 lease in ms.
 		claim: `WITH due AS (
-    SELECT e.provider, e.event_id FROM ` + t + ` e
+    SELECT e.ctid, e.provider, e.event_id FROM ` + t + ` e
     WHERE e.scope = $1 AND e.status IN ('pending', 'processing') AND e.next_attempt_at <= clock_timestamp()` + order + `
     ORDER BY e.next_attempt_at
     LIMIT $2
@@ -225,7 +224,7 @@ func newWorkerStatements(schema string, ordered bool) workerStatements {
 )
 UPDATE ` + t + ` e SET status = 'processing', attempts = e.attempts + 1, lease_token = $3,
     next_attempt_at = clock_timestamp() + $4::bigint * interval '1 millisecond'
-FROM due WHERE e.scope = $1 AND e.provider = due.provider AND e.event_id = due.event_id
+FROM due WHERE e.ctid = due.ctid AND e.scope = $1 AND e.provider = due.provider AND e.event_id = due.event_id
 RETURNING e.provider, e.event_id, e.type, coalesce(e.object_id, ''), e.api_version, e.created, e.payload, e.attempts`,
 		// $5 lease in ms.
 		extend: `UPDATE ` + t + ` SET next_attempt_at = clock_timestamp() + $5::bigint * interval '1 millisecond' ` + held,
@@ -293,97 +292,207 @@ func (a *attempt) Renew(ctx context.Context) error {
 // an error at once, once the running functions finished, wrapping
 // pgstore.ErrNotMigrated where the tables are missing or old. Run may be
 // called several times at once, in one process or many.
+//
+// The successes of the functions that returned meanwhile are recorded in
+// the round trip that claims the next events, so a busy worker sends one
+// round trip per event.
 func (w *Worker) Run(ctx context.Context) error {
 	if w == nil || w.pool == nil {
 		return errors.New("inbox: worker not made by NewWorker")
 	}
-	var wg sync.WaitGroup
-	defer wg.Wait()
-	done := make(chan struct{}, w.o.Concurrency)
+	// finished receives each attempt whose goroutine ended: the attempt
+	// when its function succeeded and its completion is still to be
+	// sent, nil when its outcome is recorded.
+	finished := make(chan *attempt, w.o.Concurrency)
 	running := 0
+	var succeeded []*attempt
 	timer := time.NewTimer(w.o.PollInterval) // Go 1.23 timers: Reset drops a stale tick
 	defer timer.Stop()
 	for {
-		busy := false
-		if free := w.o.Concurrency - running; free > 0 {
-			events, err := w.claim(ctx, free)
-			switch {
-			case err != nil && pg.Missing(err):
-				return fmt.Errorf("%w: %w: run pgstore.Migrate", pg.ErrNotMigrated, err)
-			case err != nil && pg.Permanent(err):
-				return err
-			case err != nil && ctx.Err() == nil:
-				w.log(ctx, slog.LevelWarn, "idempotency: inbox: worker could not claim events", nil, err)
-			}
-			for _, a := range events {
-				running++
-				wg.Add(1)
-				go func() {
-					defer wg.Done()
-					w.process(ctx, a)
-					done <- struct{}{}
-				}()
-			}
-			busy = len(events) == free
+		free := w.o.Concurrency - running
+		if ctx.Err() != nil {
+			free = 0
 		}
-		if !busy {
+		var events []*attempt
+		var err error
+		if free > 0 || len(succeeded) > 0 {
+			events, err = w.send(ctx, succeeded, free)
+			succeeded = succeeded[:0]
+		}
+		for _, a := range events {
+			running++
+			go func() {
+				if !w.process(ctx, a) {
+					a = nil
+				}
+				finished <- a
+			}()
+		}
+		switch {
+		case err != nil && pg.Missing(err):
+			return w.drain(ctx, finished, running, fmt.Errorf("%w: %w: run pgstore.Migrate", pg.ErrNotMigrated, err))
+		case err != nil && pg.Permanent(err):
+			return w.drain(ctx, finished, running, err)
+		case err != nil && ctx.Err() == nil:
+			w.log(ctx, slog.LevelWarn, "idempotency: inbox: worker could not claim events", nil, err)
+		case ctx.Err() != nil:
+			return w.drain(ctx, finished, running, nil)
+		}
+		if free == 0 || len(events) < free {
 			timer.Reset(w.o.PollInterval)
 		}
 		select {
 		case <-ctx.Done():
-			return nil
-		case <-done:
+		case a := <-finished:
 			running--
+			succeeded = appendSucceeded(succeeded, a)
+			// Every attempt that finished by now shares the round trip.
+			for more := true; more && running > 0; {
+				select {
+				case a := <-finished:
+					running--
+					succeeded = appendSucceeded(succeeded, a)
+				default:
+					more = false
+				}
+			}
 		case <-timer.C:
 		}
 	}
 }
 
-// claim takes up to n due events. The statement is not abandoned when ctx
-// ends (within one lease): an abandoned claim might have committed, and
-// its events would wait for their leases to lapse.
-func (w *Worker) claim(ctx context.Context, n int) ([]*attempt, error) {
-	if ctx.Err() != nil {
-		return nil, nil
+// appendSucceeded appends a to succeeded unless it is nil.
+func appendSucceeded(succeeded []*attempt, a *attempt) []*attempt {
+	if a != nil {
+		succeeded = append(succeeded, a)
 	}
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), w.o.Lease)
-	defer cancel()
-	token := rand.Text()
-	var out []*attempt
-	err := pg.Resend(ctx, w.pool, func() error {
-		sent := time.Now()
-		rows, err := w.pool.Query(ctx, w.sql.claim, w.o.Scope, n, token, w.o.Lease.Milliseconds())
-		if err != nil {
-			return err
-		}
-		out, err = pgx.CollectRows(rows, func(row pgx.CollectableRow) (*attempt, error) {
-			a := &attempt{w: w, token: token, sent: sent}
-			err := row.Scan(&a.provider, &a.id, &a.typ, &a.object, &a.version, &a.created, &a.payload, &a.number)
-			return a, err
-		})
-		return err
-	})
-	if err != nil {
-		return nil, fmt.Errorf("inbox: worker: claim: %w", err)
-	}
-	return out, nil
+	return succeeded
 }
 
-// process runs one attempt of one claimed event and records its outcome.
-func (w *Worker) process(ctx context.Context, a *attempt) {
+// drain waits for the running attempts, recording the successes among
+// them, and returns err.
+func (w *Worker) drain(ctx context.Context, finished <-chan *attempt, running int, err error) error {
+	for running > 0 {
+		succeeded := appendSucceeded(nil, <-finished)
+		running--
+		for more := true; more && running > 0; {
+			select {
+			case a := <-finished:
+				running--
+				succeeded = appendSucceeded(succeeded, a)
+			default:
+				more = false
+			}
+		}
+		if len(succeeded) > 0 {
+			_, _ = w.send(ctx, succeeded, 0)
+		}
+	}
+	return err
+}
+
+// send records the successes of succeeded (owner-checked, each with its
+// own statement) and claims up to n due events, in one round trip: the
+// statements go in one pipeline, and PostgreSQL runs them in one
+// transaction, so that the claim sees the events just completed (an
+// ordered claim can take an object's next event). It returns the claimed
+// events, or the claim's error. A completion is recorded, or logged as
+// not recorded, whatever happened to the claim: when the round trip fails,
+// the completions are sent again on their own.
+//
+// The round trip is not abandoned when ctx ends (within one lease): an
+// abandoned claim might have committed, and its events would wait for
+// their leases to lapse; and an outcome is recorded also when the worker
+// stops.
+func (w *Worker) send(ctx context.Context, succeeded []*attempt, n int) ([]*attempt, error) {
+	rec, cancel := w.recording(ctx)
+	defer cancel()
+	token := ""
+	if n > 0 {
+		token = rand.Text()
+	}
+	completed := make([]int64, len(succeeded))
+	var out []*attempt
+	err := pg.Resend(rec, w.pool, func() error {
+		b := &pgx.Batch{}
+		for _, a := range succeeded {
+			b.Queue(w.sql.complete, a.key()...)
+		}
+		if n > 0 {
+			b.Queue(w.sql.claim, w.o.Scope, n, token, w.o.Lease.Milliseconds())
+		}
+		sent := time.Now()
+		br := w.pool.SendBatch(rec, b)
+		err := func() error {
+			for i := range succeeded {
+				tag, err := br.Exec()
+				if err != nil {
+					return err
+				}
+				completed[i] = tag.RowsAffected()
+			}
+			if n == 0 {
+				return nil
+			}
+			rows, _ := br.Query() // CollectRows returns its error
+			var err error
+			out, err = pgx.CollectRows(rows, func(row pgx.CollectableRow) (*attempt, error) {
+				a := &attempt{w: w, token: token, sent: sent}
+				err := row.Scan(&a.provider, &a.id, &a.typ, &a.object, &a.version, &a.created, &a.payload, &a.number)
+				return a, err
+			})
+			return err
+		}()
+		// Close reads the end of the transaction: it committed when
+		// Close returns no error.
+		if closeErr := br.Close(); err == nil {
+			err = closeErr
+		}
+		if err != nil {
+			out = nil
+		}
+		return err
+	})
+	switch {
+	case err == nil:
+		for i, a := range succeeded {
+			if completed[i] == 0 {
+				w.log(ctx, slog.LevelWarn, "idempotency: inbox: worker lost an event's lease before recording its outcome (complete)", a, nil)
+			}
+		}
+		return out, nil
+	case len(succeeded) > 0 && n > 0:
+		// The completions were rolled back with the claim, or failed
+		// themselves: send them again, on their own.
+		_, _ = w.send(ctx, succeeded, 0)
+	default:
+		for _, a := range succeeded {
+			w.log(ctx, slog.LevelWarn, "idempotency: inbox: worker could not record an event's outcome (complete)", a, err)
+		}
+	}
+	if n == 0 {
+		return nil, nil
+	}
+	return nil, fmt.Errorf("inbox: worker: claim: %w", err)
+}
+
+// process runs one attempt of one claimed event and records its outcome,
+// but for a success: it reports a success, whose completion the caller
+// sends.
+func (w *Worker) process(ctx context.Context, a *attempt) (succeeded bool) {
 	ev, err := a.event()
 	if err != nil {
 		w.record(ctx, "dead letter", w.sql.deadLetter, a, err.Error())
-		return
+		return false
 	}
 	if ctx.Err() != nil { // stopped while claiming
 		w.record(ctx, "release", w.sql.release, a, "worker stopped before the attempt")
-		return
+		return false
 	}
 	if a.number > w.o.MaxAttempts { // the last attempt's worker died
 		w.record(ctx, "dead letter", w.sql.deadLetter, a,
 			fmt.Sprintf("attempt %d of %d: the worker lost the event's lease", a.number-1, w.o.MaxAttempts))
-		return
+		return false
 	}
 	fnCtx := w.leases.Start(&a.lease, ctx, context.WithoutCancel(ctx), a.sent, a)
 	err = w.call(fnCtx, ev)
@@ -395,7 +504,7 @@ func (w *Worker) process(ctx context.Context, a *attempt) {
 	switch {
 	case err == nil:
 		// Owner-checked: recorded unless another attempt holds the event.
-		w.record(ctx, "complete", w.sql.complete, a)
+		return true
 	case leaseLost:
 		// Another worker may hold the event by now; its lease lapses
 		// otherwise, and the attempt counts.
@@ -405,6 +514,7 @@ func (w *Worker) process(ctx context.Context, a *attempt) {
 	default:
 		w.fail(ctx, a, err)
 	}
+	return false
 }
 
 // fail records a failed attempt: a retry after a backoff, or a dead

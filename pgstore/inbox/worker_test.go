@@ -12,10 +12,13 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/stretchr/testify/require"
 	"github.com/stripe/stripe-go/v76"
 
 	"github.com/seed70ea8305/idempotency"
+	"github.com/seed70ea8305/idempotency/pgstore"
 	"github.com/seed70ea8305/idempotency/pgstore/inbox"
 	"github.com/seed70ea8305/idempotency/pgstore/inbox/admin"
 	"github.com/seed70ea8305/idempotency/stripefake"
@@ -222,4 +225,98 @@ func TestBackfill(t *testing.T) {
 	fake.Fail(stripefake.Failure{Method: "GET", Path: "/v1/events", Status: 500, Times: 10})
 	_, err = env.in.Backfill(ctx, sc, time.Time{})
 	require.Error(t, err)
+}
+
+// roundTrips is a pgx tracer that records the statements of every round
+// trip: one statement sent alone, or the statements of a batch (one
+// pipeline).
+type roundTrips struct {
+	mu    sync.Mutex
+	trips [][]string
+}
+
+func (r *roundTrips) TraceQueryStart(ctx context.Context, _ *pgx.Conn, data pgx.TraceQueryStartData) context.Context {
+	r.mu.Lock()
+	r.trips = append(r.trips, []string{data.SQL})
+	r.mu.Unlock()
+	return ctx
+}
+
+func (r *roundTrips) TraceQueryEnd(context.Context, *pgx.Conn, pgx.TraceQueryEndData) {}
+
+func (r *roundTrips) TraceBatchStart(ctx context.Context, _ *pgx.Conn, data pgx.TraceBatchStartData) context.Context {
+	var sql []string
+	for _, q := range data.Batch.QueuedQueries {
+		sql = append(sql, q.SQL)
+	}
+	r.mu.Lock()
+	r.trips = append(r.trips, sql)
+	r.mu.Unlock()
+	return ctx
+}
+
+func (r *roundTrips) TraceBatchQuery(context.Context, *pgx.Conn, pgx.TraceBatchQueryData) {}
+
+func (r *roundTrips) TraceBatchEnd(context.Context, *pgx.Conn, pgx.TraceBatchEndData) {}
+
+// take returns the round trips recorded since the last take.
+func (r *roundTrips) take() [][]string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := r.trips
+	r.trips = nil
+	return out
+}
+
+// TestWorkerOneRoundTripPerEvent: a busy worker records each success in
+// the round trip that claims the next event, so n events due at its start
+// take n+1 round trips (the first claim, then a completion and a claim
+// each), not a claim and a completion apart (2n).
+func TestWorkerOneRoundTripPerEvent(t *testing.T) {
+	const n = 20
+	env := newInboxEnv(t)
+	for i := range n {
+		payload := eventPayload(fmt.Sprintf("evt_%d", i), "account.updated", fmt.Sprintf("acct_%d", i), time.Now().Unix())
+		require.Equal(t, http.StatusOK, deliver(env.in, payload, sign(payload, whSecret, time.Now())).Code)
+	}
+	trips := &roundTrips{}
+	w := newWorker(t, env.newPool(t, func(cfg *pgxpool.Config) { cfg.ConnConfig.Tracer = trips }),
+		func(context.Context, idempotency.WebhookEvent) error { return nil },
+		inbox.WorkerOptions{PollInterval: time.Hour}) // no idle polls: only the claims of a busy worker
+	trips.take() // NewWorker's check of the tables
+	stop := runWorker(t, w)
+	waitFor(t, 20*time.Second, "every event processed", func() bool { return stats(t, env.in).Processed == n })
+	stop()
+	claim, complete := inbox.WorkerStatements()
+	got := trips.take()
+	require.Equal(t, n+1, len(got), "round trips")
+	require.Equal(t, []string{claim}, got[0])
+	for _, trip := range got[1:] {
+		require.Equal(t, []string{complete, claim}, trip)
+	}
+}
+
+// TestWorkerCompletionOutlivesItsClaim: a success is recorded with the
+// next claim, in one transaction; when that claim fails (here: a column
+// it reads was dropped while the function ran), the completion is sent
+// again on its own, and Run returns the claim's error.
+func TestWorkerCompletionOutlivesItsClaim(t *testing.T) {
+	env := newInboxEnv(t)
+	payload := eventPayload("evt_a", "account.updated", "acct_1", time.Now().Unix())
+	require.Equal(t, http.StatusOK, deliver(env.in, payload, sign(payload, whSecret, time.Now())).Code)
+	started, release := make(chan struct{}), make(chan struct{})
+	w := newWorker(t, env.newPool(t), func(context.Context, idempotency.WebhookEvent) error {
+		close(started)
+		<-release
+		return nil
+	}, inbox.WorkerOptions{PollInterval: time.Hour})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- w.Run(ctx) }()
+	<-started
+	exec(t, env.pool, "ALTER TABLE webhook_events DROP COLUMN api_version")
+	close(release)
+	require.ErrorIs(t, <-done, pgstore.ErrNotMigrated)
+	require.Equal(t, 1, count(t, env.pool, "SELECT count(*) FROM webhook_events WHERE event_id = 'evt_a' AND status = 'processed'"))
 }
