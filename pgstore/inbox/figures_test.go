@@ -206,9 +206,11 @@ ON CONFLICT (scope, provider, event_id) DO NOTHING`, v.Provider(), ev.ID, ev.Typ
 // TestFiguresWorkerFloor measures one worker (concurrency 1, a function
 // that does nothing) against a raw loop of the worker's own statements
 // (claim one due event, complete it) on the same table, in alternating
-// rounds over events of two scopes. The worker's round ends when its
-// last completion returns (seen by a tracer on its pool). It reports
-// events per second of both and the ratio.
+// rounds over events of two scopes. The loop sends the two statements
+// apart; the worker sends each completion with its next claim, in one
+// round trip. The worker's round ends when its last completion is
+// committed (seen by a tracer on its pool). It reports events per second
+// of both and the ratio.
 func TestFiguresWorkerFloor(t *testing.T) {
 	skipFigures(t)
 	const rounds, m = 10, 100

@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/seed70ea8305/idempotency"
@@ -321,9 +322,11 @@ func (in *Inbox) store(ctx context.Context, events []idempotency.WebhookEvent) (
 	}
 	var stored int64
 	err := pg.Resend(ctx, in.pool, func() error {
-		tag, err := in.pool.Exec(ctx, sql, args...)
-		stored = tag.RowsAffected()
-		return err
+		return withConn(ctx, in.pool, func(ctx context.Context, conn *pgx.Conn) error {
+			tag, err := conn.Exec(ctx, sql, args...)
+			stored = tag.RowsAffected()
+			return err
+		})
 	})
 	if err != nil {
 		return 0, fmt.Errorf("inbox: storing events: %w", err)

@@ -456,6 +456,64 @@ func TestWorkerCrashLoop(t *testing.T) {
 	require.Zero(t, calls.Load())
 }
 
+// TestInboxBoundsAStalledStatement: a delivery whose statement waits (a
+// lock on the table) ends at the inbox's timeout, or when its caller's
+// context ends, with an error that says which (503 either way); the
+// inbox's connections work again once the table is free.
+func TestInboxBoundsAStalledStatement(t *testing.T) {
+	env := newInboxEnv(t)
+	app := pgtest.Schema(env.cfg) + "_stalled"
+	pool := env.newPool(t, func(c *pgxpool.Config) { c.ConnConfig.RuntimeParams["application_name"] = app })
+	quick, err := inbox.NewInbox(context.Background(), pool, stripeVerifier(t, whSecret), inbox.Options{Timeout: 200 * time.Millisecond})
+	require.NoError(t, err)
+	patient, err := inbox.NewInbox(context.Background(), pool, stripeVerifier(t, whSecret), inbox.Options{Timeout: time.Minute})
+	require.NoError(t, err)
+	receive := func(ctx context.Context, in *inbox.Inbox, id string) (bool, error) {
+		payload := eventPayload(id, "account.updated", "acct_1", time.Now().Unix())
+		return in.Receive(ctx, http.Header{"Stripe-Signature": {sign(payload, whSecret, time.Now())}}, payload)
+	}
+	tx, err := env.pool.Begin(context.Background())
+	require.NoError(t, err)
+	defer func() { _ = tx.Rollback(context.Background()) }()
+	_, err = tx.Exec(context.Background(), "LOCK TABLE webhook_events IN SHARE MODE")
+	require.NoError(t, err)
+
+	_, err = receive(context.Background(), quick, "evt_timeout")
+	require.ErrorIs(t, err, idempotency.ErrStoreUnavailable)
+	require.ErrorIs(t, err, context.DeadlineExceeded)
+	require.Equal(t, http.StatusServiceUnavailable, idempotency.StatusCode(err))
+
+	// Cancelled once its statement waits for the lock.
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() {
+		defer cancel()
+		for ctx.Err() == nil {
+			var waiting int
+			err := env.pool.QueryRow(context.Background(),
+				"SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND wait_event_type = 'Lock'", app).Scan(&waiting)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			if waiting == 1 {
+				return
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}()
+	_, err = receive(ctx, patient, "evt_cancelled")
+	require.ErrorIs(t, err, idempotency.ErrStoreUnavailable)
+	require.ErrorIs(t, err, context.Canceled)
+
+	require.NoError(t, tx.Rollback(context.Background()))
+	for i := range 3 { // more than one connection of the pool
+		stored, err := receive(context.Background(), quick, fmt.Sprintf("evt_after_%d", i))
+		require.NoError(t, err)
+		require.True(t, stored)
+	}
+}
+
 // TestInboxOneRoundTrip pins the acknowledgement's cost: one statement
 // per delivery, new or repeated, and none for a rejected one.
 func TestInboxOneRoundTrip(t *testing.T) {

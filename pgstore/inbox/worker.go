@@ -421,37 +421,39 @@ func (w *Worker) send(ctx context.Context, succeeded []*attempt, n int) ([]*atte
 		if n > 0 {
 			b.Queue(w.sql.claim, w.o.Scope, n, token, w.o.Lease.Milliseconds())
 		}
-		sent := time.Now()
-		br := w.pool.SendBatch(rec, b)
-		err := func() error {
-			for i := range succeeded {
-				tag, err := br.Exec()
-				if err != nil {
-					return err
+		return withConn(rec, w.pool, func(ctx context.Context, conn *pgx.Conn) error {
+			sent := time.Now()
+			br := conn.SendBatch(ctx, b)
+			err := func() error {
+				for i := range succeeded {
+					tag, err := br.Exec()
+					if err != nil {
+						return err
+					}
+					completed[i] = tag.RowsAffected()
 				}
-				completed[i] = tag.RowsAffected()
+				if n == 0 {
+					return nil
+				}
+				rows, _ := br.Query() // CollectRows returns its error
+				var err error
+				out, err = pgx.CollectRows(rows, func(row pgx.CollectableRow) (*attempt, error) {
+					a := &attempt{w: w, token: token, sent: sent}
+					err := row.Scan(&a.provider, &a.id, &a.typ, &a.object, &a.version, &a.created, &a.payload, &a.number)
+					return a, err
+				})
+				return err
+			}()
+			// Close reads the end of the transaction: it committed when
+			// Close returns no error.
+			if closeErr := br.Close(); err == nil {
+				err = closeErr
 			}
-			if n == 0 {
-				return nil
+			if err != nil {
+				out = nil
 			}
-			rows, _ := br.Query() // CollectRows returns its error
-			var err error
-			out, err = pgx.CollectRows(rows, func(row pgx.CollectableRow) (*attempt, error) {
-				a := &attempt{w: w, token: token, sent: sent}
-				err := row.Scan(&a.provider, &a.id, &a.typ, &a.object, &a.version, &a.created, &a.payload, &a.number)
-				return a, err
-			})
 			return err
-		}()
-		// Close reads the end of the transaction: it committed when
-		// Close returns no error.
-		if closeErr := br.Close(); err == nil {
-			err = closeErr
-		}
-		if err != nil {
-			out = nil
-		}
-		return err
+		})
 	})
 	switch {
 	case err == nil:
