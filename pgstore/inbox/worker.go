@@ -405,6 +405,13 @@ func (w *Worker) drain(ctx context.Context, finished <-chan *attempt, running in
 // their leases to lapse; and an outcome is recorded also when the worker
 // stops.
 func (w *Worker) send(ctx context.Context, succeeded []*attempt, n int) ([]*attempt, error) {
+	// The successes' leases were kept until now (see process); End is
+	// idempotent, so the resend below may end them first.
+	defer func() {
+		for _, a := range succeeded {
+			a.lease.End()
+		}
+	}()
 	rec, cancel := w.recording(ctx)
 	defer cancel()
 	token := ""
@@ -480,7 +487,7 @@ func (w *Worker) send(ctx context.Context, succeeded []*attempt, n int) ([]*atte
 
 // process runs one attempt of one claimed event and records its outcome,
 // but for a success: it reports a success, whose completion the caller
-// sends.
+// sends (and whose lease the caller ends, see send).
 func (w *Worker) process(ctx context.Context, a *attempt) (succeeded bool) {
 	ev, err := a.event()
 	if err != nil {
@@ -502,11 +509,15 @@ func (w *Worker) process(ctx context.Context, a *attempt) (succeeded bool) {
 	// the monotonic clock: a lease that lapsed while the function ran
 	// counts, timer or not.
 	leaseLost := errors.Is(context.Cause(fnCtx), idempotency.ErrLeaseLost)
+	if err == nil {
+		// Run records the completion (owner-checked: unless another
+		// attempt holds the event) with its next round trip, and ends
+		// the lease then: until then it is renewed, so the wait for that
+		// round trip cannot let it lapse.
+		return true
+	}
 	a.lease.End()
 	switch {
-	case err == nil:
-		// Owner-checked: recorded unless another attempt holds the event.
-		return true
 	case leaseLost:
 		// Another worker may hold the event by now; its lease lapses
 		// otherwise, and the attempt counts.
