@@ -57,6 +57,9 @@ fi
 echo "# before ($(git -C "$root" rev-parse --short "$base")) and after ($(git -C "$root" rev-parse --short HEAD)$(git -C "$root" diff --quiet HEAD || echo ', with uncommitted changes')), $rounds rounds in turns"
 echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), nproc $(nproc), $(go env GOVERSION)"
 echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)"
+# A benchmark whose code changed may measure something else after.
+changed=$(git -C "$root" diff --name-only "$base" -- 'bench*_test.go' 'pgstore/bench*_test.go' | tr '\n' ' ')
+[ -z "$changed" ] || echo "benchmark files changed since $base (compare their rows with care): $changed"
 for ((r = 1; r <= rounds; r++)); do
 	for side in before after; do
 		for run in "${runs[@]}"; do
