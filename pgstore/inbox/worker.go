@@ -344,46 +344,37 @@ func (w *Worker) Run(ctx context.Context) error {
 		select {
 		case <-ctx.Done():
 		case a := <-finished:
-			running--
-			succeeded = appendSucceeded(succeeded, a)
-			// Every attempt that finished by now shares the round trip.
-			for more := true; more && running > 0; {
-				select {
-				case a := <-finished:
-					running--
-					succeeded = appendSucceeded(succeeded, a)
-				default:
-					more = false
-				}
-			}
+			succeeded = collect(succeeded, a, finished, &running)
 		case <-timer.C:
 		}
 	}
 }
 
-// appendSucceeded appends a to succeeded unless it is nil.
-func appendSucceeded(succeeded []*attempt, a *attempt) []*attempt {
-	if a != nil {
-		succeeded = append(succeeded, a)
+// collect counts a, which just finished, and every attempt that has
+// finished by now off running, and appends the successes among them to
+// succeeded: their completions share one round trip.
+func collect(succeeded []*attempt, a *attempt, finished <-chan *attempt, running *int) []*attempt {
+	for {
+		*running--
+		if a != nil {
+			succeeded = append(succeeded, a)
+		}
+		if *running == 0 {
+			return succeeded
+		}
+		select {
+		case a = <-finished:
+		default:
+			return succeeded
+		}
 	}
-	return succeeded
 }
 
 // drain waits for the running attempts, recording the successes among
 // them, and returns err.
 func (w *Worker) drain(ctx context.Context, finished <-chan *attempt, running int, err error) error {
 	for running > 0 {
-		succeeded := appendSucceeded(nil, <-finished)
-		running--
-		for more := true; more && running > 0; {
-			select {
-			case a := <-finished:
-				running--
-				succeeded = appendSucceeded(succeeded, a)
-			default:
-				more = false
-			}
-		}
+		succeeded := collect(nil, <-finished, finished, &running)
 		if len(succeeded) > 0 {
 			_, _ = w.send(ctx, succeeded, 0)
 		}
