@@ -267,7 +267,10 @@ func (v *standardWebhooksVerifier) matches(signed []byte, sigs string) bool {
 		if !ok || version != "v1" {
 			continue
 		}
-		got, err := base64.StdEncoding.DecodeString(encoded)
+		// Strict: a signature's last character may not carry bits the
+		// MAC does not have, so only the one encoding of a MAC matches
+		// (as the reference libraries, which compare the base64 text).
+		got, err := base64.StdEncoding.Strict().DecodeString(encoded)
 		if err != nil {
 			continue
 		}
