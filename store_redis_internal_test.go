@@ -255,8 +255,8 @@ func TestRedisKeyMemoKeepsTheMapping(t *testing.T) {
 	wg.Wait()
 }
 
-// A first request hashes its key once: Complete finds the key that
-// Acquire hashed, since the engine passes both the same string.
+// A first request hashes its key at most once: Complete finds the key
+// that Acquire hashed, since the engine passes both the same string.
 func TestRedisHashesARequestsKeyOnce(t *testing.T) {
 	mr := miniredis.RunT(t)
 	client := redis.NewClient(&redis.Options{Addr: mr.Addr(), MaintNotificationsConfig: &maintnotifications.Config{Mode: maintnotifications.ModeDisabled}})
@@ -283,8 +283,12 @@ func TestRedisHashesARequestsKeyOnce(t *testing.T) {
 		if w.Code != want {
 			t.Fatalf("request %d: status %d", i, w.Code)
 		}
-		if n := hashes.Load(); n != 1 {
-			t.Errorf("request %d hashed its key %d times, want once", i, n)
+		// At most once: the memo may still hold the key from the request
+		// before (its string can land at the same address), and then
+		// the request hashes nothing. Without the memo a first request
+		// hashes twice (Acquire, then Complete).
+		if n := hashes.Load(); n > 1 {
+			t.Errorf("request %d hashed its key %d times, want at most once", i, n)
 		}
 	}
 }
