@@ -92,17 +92,24 @@ done
 echo "example at $venue"
 
 step "start Prometheus"
-# A free port on the loopback: nothing answers on it.
-prom_port=
-for _ in $(seq 50); do
-	port=$((20000 + RANDOM % 30000))
-	if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-		prom_port=$port
-		break
-	fi
-done
-[ -n "$prom_port" ] || fail "no free port"
-cat >"$tmp/prom.yml" <<EOF
+# A free port on the loopback, below the kernel's ephemeral range, where
+# the tests' client sockets and their servers' ":0" ports land (a port
+# that nothing answers on may still be bound by one of those): nothing
+# answers on it. Prometheus starts again on another port if its bind
+# fails all the same.
+low=$(awk '{ print $1 }' /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+free_port() {
+	local port
+	for _ in $(seq 50); do
+		port=$((10000 + RANDOM % (low - 10000)))
+		if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+			echo "$port"
+			return
+		fi
+	done
+	fail "no free port"
+}
+cat >"$tmp/prom.yml" <<YML
 global:
   scrape_interval: 1s
   scrape_timeout: 1s
@@ -113,16 +120,28 @@ scrape_configs:
   - job_name: venue-service
     static_configs:
       - targets: ["${venue#http://}"]
-EOF
-prometheus --config.file="$tmp/prom.yml" --storage.tsdb.path="$tmp/data" \
-	--web.listen-address="127.0.0.1:$prom_port" >"$tmp/prometheus.log" 2>&1 &
-prom_pid=$!
-prom=http://127.0.0.1:$prom_port
-until curl -fsS --max-time 1 "$prom/-/ready" >/dev/null 2>&1; do
-	kill -0 "$prom_pid" 2>/dev/null || fail "prometheus exited"
-	in_time || fail "prometheus not ready"
-	sleep 0.2
+YML
+prom=
+for attempt in 1 2 3; do
+	prom_port=$(free_port)
+	prometheus --config.file="$tmp/prom.yml" --storage.tsdb.path="$tmp/data" \
+		--web.listen-address="127.0.0.1:$prom_port" >"$tmp/prometheus.log" 2>&1 &
+	prom_pid=$!
+	until curl -fsS --max-time 1 "http://127.0.0.1:$prom_port/-/ready" >/dev/null 2>&1; do
+		if ! kill -0 "$prom_pid" 2>/dev/null; then
+			wait "$prom_pid" 2>/dev/null || true
+			if [ "$attempt" -lt 3 ] && grep -q 'address already in use' "$tmp/prometheus.log"; then
+				continue 2
+			fi
+			fail "prometheus exited"
+		fi
+		in_time || fail "prometheus not ready"
+		sleep 0.2
+	done
+	prom=http://127.0.0.1:$prom_port
+	break
 done
+[ -n "$prom" ] || fail "prometheus did not start"
 echo "prometheus at $prom ($(prometheus --version 2>&1 | head -1))"
 
 step "load: 20 creates, 10 replays, 3 mismatches, a webhook delivered twice"
