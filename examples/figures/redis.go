@@ -137,13 +137,14 @@ type redisCost struct {
 // redisSnapshot is the server's counters at one moment.
 type redisSnapshot struct {
 	calls, usec, cpu, mem, keys float64
+	usecOf                      map[string]float64 // usec by command
 }
 
 // metaCommands are the ones this program sends to read the counters.
 var metaCommands = map[string]bool{"info": true, "dbsize": true, "config": true, "hello": true, "client": true, "memory": true, "scan": true, "ping": true, "command": true, "cluster": true}
 
 func snapshotRedis(ctx context.Context, c redis.Cmdable) (redisSnapshot, error) {
-	var s redisSnapshot
+	s := redisSnapshot{usecOf: make(map[string]float64)}
 	info, err := c.Info(ctx, "commandstats", "cpu", "memory").Result()
 	if err != nil {
 		return s, err
@@ -167,6 +168,7 @@ func snapshotRedis(ctx context.Context, c redis.Cmdable) (redisSnapshot, error) 
 					s.calls += x
 				case "usec":
 					s.usec += x
+					s.usecOf[strings.TrimPrefix(k, "cmdstat_")] += x
 				}
 			}
 		case k == "used_cpu_sys" || k == "used_cpu_user":
@@ -356,29 +358,7 @@ func measureRedisCosts(ctx context.Context, addr string, n int) (redisCosts, err
 // whose client sends a command of the same name as one its scripts call
 // must run as two (see measureRedisCosts).
 func measureTopLevel(ctx context.Context, meter redis.Cmdable, n int, names []string, do func(i int) error) (float64, error) {
-	usec := func() (float64, error) {
-		info, err := meter.Info(ctx, "commandstats").Result()
-		if err != nil {
-			return 0, err
-		}
-		var total float64
-		for _, line := range strings.Split(info, "\n") {
-			k, v, _ := strings.Cut(strings.TrimSpace(line), ":")
-			for _, name := range names {
-				if k != "cmdstat_"+name {
-					continue
-				}
-				for _, f := range strings.Split(v, ",") {
-					if val, ok := strings.CutPrefix(f, "usec="); ok {
-						x, _ := strconv.ParseFloat(val, 64)
-						total += x
-					}
-				}
-			}
-		}
-		return total, nil
-	}
-	before, err := usec()
+	before, err := snapshotRedis(ctx, meter)
 	if err != nil {
 		return 0, err
 	}
@@ -387,8 +367,12 @@ func measureTopLevel(ctx context.Context, meter redis.Cmdable, n int, names []st
 			return 0, err
 		}
 	}
-	after, err := usec()
-	return (after - before) / float64(n), err
+	after, err := snapshotRedis(ctx, meter)
+	var total float64
+	for _, name := range names {
+		total += after.usecOf[name] - before.usecOf[name]
+	}
+	return total / float64(n), err
 }
 
 // storeFirstPhase measures first requests and splits off what the fence
