@@ -7,8 +7,10 @@
 #   scripts/cluster.sh start N DIR   start it; print the node addresses, comma-separated
 #   scripts/cluster.sh stop DIR      stop the nodes started in DIR
 #
-# Ports: N free ports from REDIS_CLUSTER_BASE_PORT (default 31001) up,
-# each with its cluster bus port (port + 10000) free too. The binaries:
+# Ports: N free ports from REDIS_CLUSTER_BASE_PORT (default 21001) up,
+# each with its cluster bus port (port + 10000) free too, all below the
+# kernel's ephemeral range (32768 up), where the tests' client sockets
+# can hold a port that nothing answers on. The binaries:
 # REDIS_SERVER (else IDEMPOTENCY_TEST_REDIS_SERVER, else redis-server on
 # the PATH) and REDIS_CLI (else redis-cli).
 set -euo pipefail
@@ -74,9 +76,9 @@ start() {
 	mkdir -p "$dir"
 	stop
 	rm -f "$dir"/nodes-*.conf "$dir"/redis-*.log "$dir"/redis-*.pid
-	local port=${REDIS_CLUSTER_BASE_PORT:-31001} ports=()
+	local port=${REDIS_CLUSTER_BASE_PORT:-21001} ports=()
 	while [ ${#ports[@]} -lt "$n" ]; do
-		if [ "$port" -gt 39999 ]; then
+		if [ "$port" -gt 22767 ]; then
 			echo "no free ports for the cluster" >&2
 			exit 1
 		fi
