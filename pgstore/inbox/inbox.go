@@ -322,7 +322,7 @@ func (in *Inbox) store(ctx context.Context, events []idempotency.WebhookEvent) (
 	}
 	var stored int64
 	err := pg.Resend(ctx, in.pool, func() error {
-		return withConn(ctx, in.pool, func(ctx context.Context, conn *pgx.Conn) error {
+		return pg.WithConn(ctx, in.pool, func(ctx context.Context, conn *pgx.Conn) error {
 			tag, err := conn.Exec(ctx, sql, args...)
 			stored = tag.RowsAffected()
 			return err

@@ -419,7 +419,7 @@ func (w *Worker) send(ctx context.Context, succeeded []*attempt, n int) ([]*atte
 		if n > 0 {
 			b.Queue(w.sql.claim, w.o.Scope, n, token, w.o.Lease.Milliseconds())
 		}
-		return withConn(rec, w.pool, func(ctx context.Context, conn *pgx.Conn) error {
+		return pg.WithConn(rec, w.pool, func(ctx context.Context, conn *pgx.Conn) error {
 			sent := time.Now()
 			br := conn.SendBatch(ctx, b)
 			err := func() error {
