@@ -540,7 +540,7 @@ func TestInboxOneRoundTrip(t *testing.T) {
 // context stays live), and its success is recorded once it returns: the
 // event is processed once, in one attempt.
 func TestWorkerLongFunctionKeepsItsLease(t *testing.T) {
-	const lease = 300 * time.Millisecond
+	const lease = time.Second // a renewal may come late on a loaded machine
 	env := newInboxEnv(t)
 	payload := eventPayload("evt_long", "account.updated", "acct_1", time.Now().Unix())
 	require.Equal(t, http.StatusOK, deliver(env.in, payload, sign(payload, whSecret, time.Now())).Code)
