@@ -47,13 +47,13 @@ func (s *Store) exec(ctx context.Context, sql string, args ...any) (pgconn.Comma
 
 // begin begins a transaction, as pool.Begin does, on a connection that its
 // Commit or Rollback gives back with pg.GiveBack.
-func (s *Store) begin(ctx context.Context) (pgx.Tx, error) {
+func (s *Store) begin(ctx context.Context) (*connTx, error) {
 	return s.beginWith(ctx, func(*pgx.Conn) (pgx.TxOptions, error) { return pgx.TxOptions{}, nil })
 }
 
 // beginWith is begin with the options that opts returns for the
 // connection acquired.
-func (s *Store) beginWith(ctx context.Context, opts func(*pgx.Conn) (pgx.TxOptions, error)) (pgx.Tx, error) {
+func (s *Store) beginWith(ctx context.Context, opts func(*pgx.Conn) (pgx.TxOptions, error)) (*connTx, error) {
 	conn, err := s.pool.Acquire(ctx)
 	if err != nil {
 		return nil, err
@@ -63,7 +63,12 @@ func (s *Store) beginWith(ctx context.Context, opts func(*pgx.Conn) (pgx.TxOptio
 		pg.GiveBack(conn)
 		return nil, err
 	}
-	tx, err := conn.BeginTx(ctx, o)
+	var tx pgx.Tx
+	err = pg.Bound(ctx, conn.Conn(), func(ctx context.Context) error {
+		var err error
+		tx, err = conn.BeginTx(ctx, o)
+		return err
+	})
 	if err != nil {
 		pg.GiveBack(conn)
 		return nil, err
@@ -72,19 +77,30 @@ func (s *Store) beginWith(ctx context.Context, opts func(*pgx.Conn) (pgx.TxOptio
 }
 
 // connTx is a transaction that gives its connection back when it ends.
+// The store's own statements in it (its BEGIN, Commit and Rollback, and
+// those sent through bound) are bounded by the connection's deadline
+// (pg.Bound); a handler's, by the context it passes to pgx.
 type connTx struct {
 	pgx.Tx
 	conn *pgxpool.Conn // nil once given back
 }
 
+// bound runs f, which sends statements in t, as pg.Bound does.
+func (t *connTx) bound(ctx context.Context, f func(ctx context.Context) error) error {
+	if t.conn == nil { // ended: pgx refuses what f sends
+		return f(ctx)
+	}
+	return pg.Bound(ctx, t.conn.Conn(), f)
+}
+
 func (t *connTx) Commit(ctx context.Context) error {
-	err := t.Tx.Commit(ctx)
+	err := t.bound(ctx, t.Tx.Commit)
 	t.end()
 	return err
 }
 
 func (t *connTx) Rollback(ctx context.Context) error {
-	err := t.Tx.Rollback(ctx)
+	err := t.bound(ctx, t.Tx.Rollback)
 	t.end()
 	return err
 }

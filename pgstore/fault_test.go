@@ -264,6 +264,64 @@ func TestFaultSlowServer(t *testing.T) {
 	assert.Equal(t, int32(3), handler.calls.Load())
 }
 
+// TestFaultSlowServerInTx: the server turns slow (every reply 2 s) after
+// the handler wrote its row in the claim's transaction, before the
+// completion. The completion and the transaction's end are bounded by the
+// store timeout: the client gets 503 within the bound, never the
+// handler's 201, and neither the handler's row nor the response is
+// stored. After the network heals and the lease lapses, the key runs
+// again, and only that execution's row is there.
+func TestFaultSlowServerInTx(t *testing.T) {
+	pool, direct, proxy := proxied(t, 4)
+	exec(t, direct, "CREATE TABLE venues (key text NOT NULL)")
+	const lease = time.Second
+	store := newStore(t, pool)
+	var calls atomic.Int32
+	var slowAfterWrite atomic.Bool
+	handler := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		calls.Add(1)
+		tx, err := store.Tx(r.Context())
+		if err == nil {
+			_, err = tx.Exec(r.Context(), "INSERT INTO venues (key) VALUES ($1)", r.Header.Get("Idempotency-Key"))
+		}
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		if slowAfterWrite.Load() {
+			proxy.SetLatency(2 * time.Second)
+		}
+		w.WriteHeader(http.StatusCreated)
+	})
+	fast := newMiddleware(t, store, idempotency.Options{Lease: lease, StoreTimeout: faultStoreTimeout}).Handler(handler)
+	patient := newMiddleware(t, store, idempotency.Options{Lease: lease, StoreTimeout: 5 * time.Second}).Handler(handler)
+	require.Equal(t, http.StatusCreated, serve(patient, post("warm-up", `{}`)).Code)
+
+	slowAfterWrite.Store(true)
+	w, took := timedServe(fast, post("k", `{}`))
+	requireUnavailable(t, w, took)
+	t.Logf("503 after %v (store timeout %v, replies delayed 2s from the completion on)", took, faultStoreTimeout)
+	assert.Equal(t, int32(2), calls.Load())
+
+	slowAfterWrite.Store(false)
+	healed := time.Now()
+	proxy.Heal()
+	assert.Zero(t, count(t, direct, "SELECT count(*) FROM venues WHERE key = 'k'"), "the handler's row did not commit")
+	assert.Zero(t, count(t, direct, "SELECT count(*) FROM idempotency_keys WHERE status = 'completed' AND key = 'k'::bytea"), "no response was stored")
+	for {
+		w := serve(patient, post("k", `{}`))
+		if w.Code != http.StatusConflict {
+			require.Equal(t, http.StatusCreated, w.Code, w.Body.String())
+			assert.Empty(t, w.Header().Get("X-Idempotent-Replayed"), "the key ran again")
+			break
+		}
+		require.Less(t, time.Since(healed), lease+5*time.Second, "k still claimed long past its lease")
+		time.Sleep(20 * time.Millisecond)
+	}
+	assert.Equal(t, int32(3), calls.Load())
+	assert.Equal(t, 1, count(t, direct, "SELECT count(*) FROM venues WHERE key = 'k'"), "one execution's row")
+}
+
 // TestFaultPartitionHealed: a silent partition (nothing goes through,
 // either way) outlasts two calls that hold both connections of the pool;
 // then the network heals, with no connection reset. pgx closes each

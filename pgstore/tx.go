@@ -72,7 +72,7 @@ type claimTx struct {
 	// whoever takes it from the registry waits for the opening.
 	mu     sync.Mutex
 	state  txState
-	tx     pgx.Tx // the pool's transaction: ending it releases the connection
+	tx     *connTx // the pool's transaction: ending it releases the connection
 	handle *heldTx
 	err    error         // why it did not open
 	done   chan struct{} // closed when it leaves the registry normally
@@ -180,7 +180,7 @@ func (s *Store) open(ctx context.Context, t *claimTx) error {
 	}
 	// Nothing is written yet: on a broken connection, begin again on
 	// another one.
-	var tx pgx.Tx
+	var tx *connTx
 	err := s.retry(ctx, func() error {
 		var err error
 		tx, err = s.beginHolding(ctx, t.key, t.fence)
@@ -225,7 +225,7 @@ const notHoldingCode = "22P02"
 // on the connection once (a query of its own in the simple protocol would
 // be planned at every call); the key goes in hex-encoded and the fence as
 // a number, so no byte of either is read as SQL.
-func (s *Store) beginHolding(ctx context.Context, key string, fence uint64) (pgx.Tx, error) {
+func (s *Store) beginHolding(ctx context.Context, key string, fence uint64) (*connTx, error) {
 	return s.beginWith(ctx, func(conn *pgx.Conn) (pgx.TxOptions, error) {
 		if _, err := conn.Prepare(ctx, s.sql.holdsName, s.sql.holds); err != nil {
 			return pgx.TxOptions{}, err
@@ -362,7 +362,9 @@ func (s *Store) completeInTx(ctx context.Context, t *claimTx, token string, args
 		return idempotency.ErrLeaseLost
 	}
 	var done bool
-	err := t.tx.QueryRow(ctx, s.sql.complete, args...).Scan(&done)
+	err := t.tx.bound(ctx, func(ctx context.Context) error {
+		return t.tx.QueryRow(ctx, s.sql.complete, args...).Scan(&done)
+	})
 	switch {
 	case err != nil:
 		t.tx.Rollback(ctx)
@@ -478,7 +480,7 @@ func (s *Store) Phase(ctx context.Context, point string, data []byte, fn func(tx
 	if s.txOpenFor(ctx, key) {
 		return errTxOpen
 	}
-	var tx pgx.Tx
+	var tx *connTx
 	err := s.retry(ctx, func() error { // nothing is written yet
 		var err error
 		tx, err = s.begin(ctx)

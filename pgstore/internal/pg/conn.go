@@ -10,19 +10,8 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
-// WithConn runs f on a connection of pool, bounded by ctx: by its
-// deadline, and by its end; then gives the connection back with GiveBack.
-//
-// pgx bounds a statement by its context by watching the context in a
-// goroutine that it starts for every statement and wakes when the
-// statement returns: 10-15 µs of a 60 µs SELECT on this project's 2-core
-// machine (pgstore's BenchmarkPostgresOverhead). So f gets a context
-// that pgx need not watch, and the connection's own deadline bounds the
-// statement instead: ctx's deadline from the start, and the present
-// moment once ctx ends, as pgx's default handling of an ended context
-// sets it. A statement that runs into the deadline fails with a timeout
-// and closes its connection, which asks the server to cancel it; the
-// error then wraps ctx's.
+// WithConn runs f on a connection of pool, bounded by ctx as Bound
+// bounds it, then gives the connection back with GiveBack.
 func WithConn(ctx context.Context, pool *pgxpool.Pool, f func(ctx context.Context, conn *pgx.Conn) error) error {
 	pc, err := pool.Acquire(ctx)
 	if err != nil {
@@ -30,8 +19,27 @@ func WithConn(ctx context.Context, pool *pgxpool.Pool, f func(ctx context.Contex
 	}
 	defer GiveBack(pc)
 	conn := pc.Conn()
-	if ctx.Done() == nil { // nothing to bound the statement by
-		return f(ctx, conn)
+	return Bound(ctx, conn, func(ctx context.Context) error { return f(ctx, conn) })
+}
+
+// Bound runs f, which sends statements on conn, bounded by ctx: by its
+// deadline, and by its end.
+//
+// pgx bounds a statement by its context by watching the context in a
+// goroutine that it starts for every statement and that must receive
+// from the statement when it returns (pgconn/ctxwatch): on a loaded
+// 2-core machine, where that goroutine waits for a core, this cost the
+// middleware's first request on PostgreSQL about 100 µs in two
+// statements (docs/performance.md). So f gets a context that pgx need
+// not watch, and the connection's own deadline bounds the statements
+// instead: ctx's deadline from the start, and the present moment once
+// ctx ends, as pgx's default handling of an ended context sets it. A
+// statement that runs into the deadline fails with a timeout and closes
+// its connection, which asks the server to cancel it; the error then
+// wraps ctx's.
+func Bound(ctx context.Context, conn *pgx.Conn, f func(ctx context.Context) error) error {
+	if ctx.Done() == nil { // nothing to bound the statements by
+		return f(ctx)
 	}
 	nc := conn.PgConn().Conn()
 	deadline, _ := ctx.Deadline() // the zero time: none
@@ -47,7 +55,7 @@ func WithConn(ctx context.Context, pool *pgxpool.Pool, f func(ctx context.Contex
 			_ = nc.SetDeadline(time.Now())
 		}
 	})
-	err = f(context.WithoutCancel(ctx), conn)
+	err := f(context.WithoutCancel(ctx))
 	if !stop() { // the deadline may have been moved: no more
 		mu.Lock()
 		done = true
