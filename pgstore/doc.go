@@ -86,9 +86,14 @@
 //
 // # Deadlines and failures
 //
-// pgx honours each call's context: when the deadline passes, the statement
-// is abandoned and its connection closed, so a call returns by its
-// deadline, also when the server or the network stalls. A claim whose
+// Each call honours its context: its statements run under their
+// connection's deadline, set to the context's deadline and moved to the
+// present when the context ends (rather than under pgx's watcher of the
+// context, a goroutine per statement). When the deadline passes, the
+// statement is abandoned and its connection closed, so a call returns by
+// its deadline, also when the server or the network stalls. A handler's
+// own statements in the claim's transaction ([Store.Tx]) are bounded by
+// the context the handler gives pgx. A claim whose
 // statement reaches the server only after the deadline (by the server's
 // clock) is refused by the statement itself, so it cannot land after the
 // middleware answered 503. Each statement waits at most
@@ -116,8 +121,8 @@
 // goes on closing it. For those seconds the pool may have more
 // connections open than its MaxConns, the extra ones waiting for the
 // server to acknowledge that their statement is cancelled. The pool's
-// configuration is left as the caller made it. (The inbox's statements
-// use the pool as pgx does.)
+// configuration is left as the caller made it. The inbox gives its
+// connections back the same way.
 //
 // A live record that cannot be decoded (a stored status outside 200 to
 // 999, a corrupt header, a row no version of the store writes) makes
