@@ -21,3 +21,7 @@ func (s *Store) CleanupStatements(batch int) map[string][]any {
 		s.sql.deleteFailures: {batch},
 	}
 }
+
+// ClaimStatement returns the claim statement Acquire sends first, for the
+// tables of schema ("" for the search path).
+func ClaimStatement(schema string) string { return newStatements(schema).claim }
