@@ -423,14 +423,27 @@ func TestFaultAllBackendsTerminated(t *testing.T) {
 		held := make([]*pgxpool.Conn, conns)
 		pids := make([]uint32, conns)
 		for i := range held {
-			c, err := pool.Acquire(ctx)
-			require.NoError(t, err)
-			held[i], pids[i] = c, c.Conn().PgConn().PID()
+			// The previous step may have left a killed connection idle
+			// (it reached a live one before it tried them all): pgx
+			// finds it dead when it is used, and it is then destroyed.
+			for held[i] == nil {
+				c, err := pool.Acquire(ctx)
+				require.NoError(t, err)
+				if c.Ping(ctx) != nil {
+					c.Release()
+					continue
+				}
+				held[i], pids[i] = c, c.Conn().PgConn().PID()
+			}
 		}
 		for _, c := range held {
 			c.Release()
 		}
-		require.EqualValues(t, conns, pool.Stat().IdleConns())
+		// pgxpool's health check, which it runs 500 ms after it
+		// destroyed a dead connection, takes every idle connection for
+		// a moment: wait until it gave them back.
+		require.Eventually(t, func() bool { return pool.Stat().IdleConns() == conns }, 10*time.Second, time.Millisecond,
+			"the pool's %d connections idle", conns)
 		var terminated int
 		require.NoError(t, killer.QueryRow(ctx,
 			`SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM unnest($1::int[]) AS pid`, pids).Scan(&terminated))
